@@ -1,0 +1,93 @@
+"""Shared pieces of the kubeloop.dev/v1alpha1 API: the base model, metadata, conditions, quantities."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubeloop.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    if not _QUANTITY.match(value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (examples: 500m, 2, 4Gi)")
+    return value
+
+
+# Kubernetes resource quantities: 2, "500m", "4Gi" (x-kubernetes-int-or-string in the CRD).
+Quantity = Annotated[
+    int | str,
+    Field(union_mode="left_to_right"),
+    AfterValidator(_check_quantity),
+    WithJsonSchema({"x-kubernetes-int-or-string": True}),
+]
+
+# Go-style durations as Kubernetes uses them: "30s", "5m", "1h30m".
+Duration = Annotated[str, Field(pattern=r"^([0-9]+(ms|s|m|h))+$", examples=["30s", "5m"])]
+
+DnsLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=_DNS_LABEL)]
+
+
+class KubeModel(BaseModel):
+    """camelCase on the wire (as in every Kubernetes API), snake_case in Python; unknown fields rejected."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class ObjectMeta(BaseModel):
+    # Read back from a cluster, metadata carries server fields (uid, resourceVersion, …): keep them.
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+    namespace: str = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class Condition(KubeModel):
+    """metav1.Condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: datetime | None = None
+    observed_generation: int | None = None
+
+
+class PrinterColumn(BaseModel):
+    name: str
+    type: Literal["string", "integer", "number", "boolean", "date"]
+    json_path: str
+    priority: int = 0
+    description: str = ""
+
+
+class Resource(KubeModel):
+    """A kubeloop custom resource: apiVersion, kind, metadata, spec, status."""
+
+    KIND: ClassVar[str]
+    PLURAL: ClassVar[str]
+    SHORT_NAMES: ClassVar[list[str]] = []
+    PRINTER_COLUMNS: ClassVar[list[PrinterColumn]] = []
+
+    api_version: Literal["kubeloop.dev/v1alpha1"] = API_VERSION
+    kind: str
+    metadata: ObjectMeta
+
+    def to_manifest(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+

@@ -1,0 +1,183 @@
+"""ModelDeployment: which model version serves, with canary analysis, autoscaling, drift monitoring, retraining."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from kubeloop.api.common import Condition, DnsLabel, Duration, KubeModel, PrinterColumn, Quantity, Resource
+
+
+class CanaryChecks(KubeModel):
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.01
+    max_p99_latency_ratio: Annotated[float, Field(gt=0, description="Candidate p99 / stable p99.")] = 1.5
+    max_prediction_shift: Annotated[
+        float, Field(ge=0, le=1, description="KS distance between candidate and stable predictions.")
+    ] = 0.2
+    fail_on_drift: bool = True
+
+
+class CanaryAnalysis(KubeModel):
+    steps: Annotated[list[Annotated[int, Field(ge=1, le=100)]], Field(min_length=1)] = Field(
+        default_factory=lambda: [10, 25, 50, 100], description="Traffic percent to the candidate, in order."
+    )
+    interval: Duration = "30s"
+    max_failed_checks: Annotated[int, Field(ge=1)] = 2
+    checks: CanaryChecks = Field(default_factory=CanaryChecks)
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, steps: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+            raise ValueError(f"steps must increase strictly, got {steps}")
+        return steps
+
+
+class Canary(KubeModel):
+    version: Annotated[int, Field(ge=1)]
+    traffic_percent: Annotated[int, Field(ge=0, le=100)] = 10
+    analysis: CanaryAnalysis | None = None
+
+
+class Autoscaling(KubeModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.maxReplicas) || !has(self.minReplicas) || self.maxReplicas >= self.minReplicas",
+                    "message": "maxReplicas must be >= minReplicas",
+                    "fieldPath": ".maxReplicas",
+                    "reason": "FieldValueInvalid",
+                }
+            ]
+        }
+    )
+
+    min_replicas: Annotated[int, Field(ge=0, le=1000)] = 1
+    max_replicas: Annotated[int, Field(ge=1, le=1000)] = 1
+    metric: Literal["cpu", "memory", "concurrency", "rps"] = "cpu"
+    target: Annotated[int, Field(ge=1)] = 80
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"spec.autoscaling.maxReplicas ({self.max_replicas}) must be >= minReplicas ({self.min_replicas})"
+            )
+        return self
+
+
+class Resources(KubeModel):
+    cpu: Quantity = 1
+    memory: Quantity = "1Gi"
+    gpu: Annotated[int, Field(ge=0, le=16)] = 0
+
+
+class DriftMonitor(KubeModel):
+    enabled: bool = True
+    detector: Literal["ks", "mmd"] = Field(
+        default="ks", description="ks: Kolmogorov-Smirnov (numeric) + Chi-square (categorical); mmd: multivariate."
+    )
+    window: Annotated[int, Field(ge=20, le=100_000, description="Requests per detection window.")] = 500
+    p_value: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    reference_size: Annotated[int, Field(ge=50, le=1_000_000)] = 2000
+
+
+class Retrain(KubeModel):
+    enabled: bool = False
+    sustained_for: Duration = "5m"
+    min_interval: Duration = "1h"
+    training_job: DnsLabel | None = Field(
+        default=None, description="TrainingJob to copy (with fresh data) when drift persists."
+    )
+
+
+class ModelDeploymentSpec(KubeModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.canary) || self.canary.version != self.version",
+                    "message": "canary.version must differ from the stable version",
+                    "fieldPath": ".canary.version",
+                    "reason": "FieldValueInvalid",
+                },
+                {
+                    "rule": "self.deploymentMode == 'Knative' || !has(self.autoscaling) || "
+                    "((!has(self.autoscaling.metric) || self.autoscaling.metric in ['cpu', 'memory']) && "
+                    "(!has(self.autoscaling.minReplicas) || self.autoscaling.minReplicas >= 1))",
+                    "message": "scaling on concurrency or rps, and scale to zero, need deploymentMode Knative",
+                    "fieldPath": ".autoscaling",
+                    "reason": "FieldValueInvalid",
+                },
+            ]
+        }
+    )
+
+    model: DnsLabel
+    version: Annotated[int, Field(ge=1, description="The stable version.")]
+    deployment_mode: Literal["Standard", "Knative"] = "Standard"
+    canary: Canary | None = None
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    resources: Resources = Field(default_factory=Resources)
+    drift: DriftMonitor = Field(default_factory=DriftMonitor)
+    retrain: Retrain = Field(default_factory=Retrain)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> ModelDeploymentSpec:
+        if self.canary is not None and self.canary.version == self.version:
+            raise ValueError("spec.canary.version must differ from the stable spec.version")
+        if self.deployment_mode != "Knative":
+            if self.autoscaling.metric in ("concurrency", "rps"):
+                raise ValueError(
+                    f"spec.autoscaling.metric {self.autoscaling.metric} needs deploymentMode Knative"
+                )
+            if self.autoscaling.min_replicas == 0:
+                raise ValueError("spec.autoscaling.minReplicas 0 (scale to zero) needs deploymentMode Knative")
+        return self
+
+
+class TrafficTarget(KubeModel):
+    version: int
+    percent: Annotated[int, Field(ge=0, le=100)]
+    role: Literal["stable", "canary"]
+
+
+class DriftStatus(KubeModel):
+    state: Literal["Unknown", "NoDrift", "Drift"] = "Unknown"
+    min_p_value: float | None = None
+    events: int | None = None
+    last_checked: datetime | None = None
+
+
+class ModelDeploymentStatus(KubeModel):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+    url: str | None = None
+    ready: bool | None = None
+    traffic: list[TrafficTarget] = Field(default_factory=list)
+    canary_phase: Literal["None", "Progressing", "Promoted", "RolledBack"] | None = None
+    drift: DriftStatus | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+
+
+class ModelDeployment(Resource):
+    KIND: ClassVar[str] = "ModelDeployment"
+    PLURAL: ClassVar[str] = "modeldeployments"
+    SHORT_NAMES: ClassVar[list[str]] = ["md"]
+    PRINTER_COLUMNS: ClassVar[list[PrinterColumn]] = [
+        PrinterColumn(name="Model", type="string", json_path=".spec.model"),
+        PrinterColumn(name="Stable", type="integer", json_path=".spec.version"),
+        PrinterColumn(name="Canary", type="integer", json_path=".spec.canary.version"),
+        PrinterColumn(name="Traffic", type="integer", json_path=".spec.canary.trafficPercent"),
+        PrinterColumn(name="Drift", type="string", json_path=".status.drift.state"),
+        PrinterColumn(name="Ready", type="boolean", json_path=".status.ready"),
+        PrinterColumn(name="URL", type="string", json_path=".status.url"),
+    ]
+
+    kind: Literal["ModelDeployment"] = "ModelDeployment"
+    spec: ModelDeploymentSpec
+    status: ModelDeploymentStatus | None = None

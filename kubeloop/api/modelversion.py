@@ -1,0 +1,119 @@
+"""ModelVersion: a registry entry produced by a training run, with its lineage, metrics and signature."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field
+
+from kubeloop.api.common import Condition, DnsLabel, KubeModel, PrinterColumn, Resource
+
+Stage = Literal["Candidate", "Production", "Archived", "Rejected"]
+FeatureType = Literal["float", "int", "bool", "string"]
+
+
+class Metrics(KubeModel):
+    rows: Annotated[int, Field(ge=0)]
+    positive_rate: Annotated[float, Field(ge=0, le=1)]
+    accuracy: Annotated[float, Field(ge=0, le=1)]
+    precision: Annotated[float, Field(ge=0, le=1)]
+    recall: Annotated[float, Field(ge=0, le=1)]
+    roc_auc: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="Undefined (null) when the rows hold a single class."
+    )
+    log_loss: Annotated[float, Field(ge=0)]
+
+
+class SliceMetrics(KubeModel):
+    column: str
+    values: dict[str, Metrics]
+
+
+class Evaluation(KubeModel):
+    overall: Metrics
+    slices: SliceMetrics | None = None
+    per_epoch: list[dict[str, float]] = Field(
+        default_factory=list, description="Training curves: one entry per epoch (loss, validation metrics)."
+    )
+
+
+class Feature(KubeModel):
+    name: str
+    dtype: FeatureType
+    categories: list[str] | None = None
+    nullable: bool = True
+
+
+class Signature(KubeModel):
+    inputs: Annotated[list[Feature], Field(min_length=1)]
+    label: str
+    positive_class: str
+
+
+class Lineage(KubeModel):
+    dataset_uri: str
+    dataset_digest: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
+    dataset_rows: Annotated[int, Field(ge=0)]
+    training_job: str
+    code_version: str
+    builder: str
+    image: str | None = None
+    hyperparameters: Annotated[
+        dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    ] = Field(default_factory=dict)
+    workers: Annotated[int, Field(ge=1)]
+    backend: Literal["gloo", "nccl"]
+
+
+class GateDecision(KubeModel):
+    passed: bool
+    reasons: list[str] = Field(default_factory=list)
+    compared_with: str | None = Field(default=None, description="The Production version it was compared with.")
+
+
+class ModelVersionSpec(KubeModel):
+    model: DnsLabel
+    version: Annotated[int, Field(ge=1)]
+    artifact_uri: Annotated[str, Field(min_length=1)]
+    lineage: Lineage
+    metrics: Evaluation
+    signature: Signature
+    gate: GateDecision | None = None
+    stage: Stage = "Candidate"
+    stage_reason: str | None = None
+
+
+class StageChange(KubeModel):
+    stage: Stage
+    time: datetime
+    reason: str = ""
+
+
+class ModelVersionStatus(KubeModel):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+    stage_history: list[StageChange] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class ModelVersion(Resource):
+    KIND: ClassVar[str] = "ModelVersion"
+    PLURAL: ClassVar[str] = "modelversions"
+    SHORT_NAMES: ClassVar[list[str]] = ["mv"]
+    PRINTER_COLUMNS: ClassVar[list[PrinterColumn]] = [
+        PrinterColumn(name="Model", type="string", json_path=".spec.model"),
+        PrinterColumn(name="Version", type="integer", json_path=".spec.version"),
+        PrinterColumn(name="Stage", type="string", json_path=".spec.stage"),
+        PrinterColumn(name="AUC", type="number", json_path=".spec.metrics.overall.rocAuc"),
+        PrinterColumn(name="Dataset", type="string", json_path=".spec.lineage.datasetDigest", priority=1),
+        PrinterColumn(name="Age", type="date", json_path=".metadata.creationTimestamp"),
+    ]
+
+    kind: Literal["ModelVersion"] = "ModelVersion"
+    spec: ModelVersionSpec
+    status: ModelVersionStatus | None = None
+
+    @staticmethod
+    def resource_name(model: str, version: int) -> str:
+        return f"{model}-v{version}"

@@ -1,0 +1,160 @@
+"""TrainingJob: train a model on a dataset snapshot with Ray Train (DDP allreduce), then evaluate and gate it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from kubeloop.api.common import Condition, DnsLabel, KubeModel, PrinterColumn, Quantity, Resource
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
+Backend = Literal["auto", "gloo", "nccl"]
+
+
+class ModelSpec(KubeModel):
+    name: Annotated[DnsLabel, Field(description="Registry name of the model; versions are numbered under it.")]
+    builder: Annotated[
+        str,
+        Field(
+            pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$",
+            description="module:function that returns a torch.nn.Module given (input_dim, params).",
+        ),
+    ] = "kubeloop.training.models:mlp"
+    params: Annotated[
+        dict[str, Any],
+        Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}),
+    ] = Field(default_factory=dict, description="Passed to the builder as keyword arguments.")
+
+
+class DatasetSpec(KubeModel):
+    uri: Annotated[
+        str, Field(min_length=1, description="Path or fsspec URI of a CSV/Parquet file, or bundled://NAME.")
+    ]
+    digest: Annotated[
+        str | None,
+        Field(pattern=r"^sha256:[0-9a-f]{64}$", description="Expected content digest; the run fails on mismatch."),
+    ] = None
+    label: Annotated[str, Field(min_length=1)]
+    positive_class: Annotated[str, Field(min_length=1)]
+    slice_column: str | None = Field(default=None, description="Categorical column to evaluate metrics per value.")
+    schema_uri: str | None = Field(default=None, description="YAML DatasetSchema the data must satisfy.")
+    baseline: Literal["production", "none"] = Field(
+        default="production",
+        description="Validate against the training snapshot of the model's Production version.",
+    )
+
+
+class Hyperparameters(KubeModel):
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 10
+    batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 256
+    learning_rate: Annotated[float, Field(gt=0, le=10)] = 0.01
+    seed: Annotated[int, Field(ge=0)] = 0
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+
+
+class Workers(KubeModel):
+    replicas: Annotated[int, Field(ge=1, le=512, description="Ray Train workers (DDP ranks).")] = 2
+    cpu: Quantity = 1
+    memory: Quantity = "2Gi"
+    gpu: Annotated[int, Field(ge=0, le=16, description="nvidia.com/gpu per worker.")] = 0
+    allow_cpu_fallback: bool = Field(
+        default=False, description="Run on CPU (gloo) when GPUs are asked for but none is present."
+    )
+
+
+class Checkpointing(KubeModel):
+    every_epochs: Annotated[int, Field(ge=1)] = 1
+    keep: Annotated[int, Field(ge=1, le=100)] = 2
+
+
+class GateMetrics(KubeModel):
+    """Bounds on evaluation metrics: a floor for accuracy/precision/recall/rocAuc, a ceiling for logLoss."""
+
+    accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    precision: Annotated[float, Field(ge=0, le=1)] | None = None
+    recall: Annotated[float, Field(ge=0, le=1)] | None = None
+    roc_auc: Annotated[float, Field(ge=0, le=1)] | None = None
+    log_loss: Annotated[float, Field(ge=0)] | None = None
+
+
+class Gate(KubeModel):
+    thresholds: GateMetrics = Field(default_factory=GateMetrics)
+    max_regression: GateMetrics = Field(
+        default_factory=GateMetrics,
+        description="How much worse than the Production version each metric may be (absolute).",
+    )
+
+
+class TrainingJobSpec(KubeModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.backend) || self.backend != 'nccl' || "
+                    "(has(self.workers) && has(self.workers.gpu) && self.workers.gpu > 0)",
+                    "message": "backend nccl needs GPUs: set spec.workers.gpu >= 1, or use backend auto or gloo",
+                    "fieldPath": ".backend",
+                    "reason": "FieldValueInvalid",
+                }
+            ]
+        }
+    )
+
+    model: ModelSpec
+    dataset: DatasetSpec
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    workers: Workers = Field(default_factory=Workers)
+    backend: Backend = Field(default="auto", description="Allreduce backend; auto is nccl with GPUs, else gloo.")
+    checkpoint: Checkpointing = Field(default_factory=Checkpointing)
+    max_failures: Annotated[int, Field(ge=0, le=100, description="Worker failures survived from checkpoint.")] = 1
+    gate: Gate = Field(default_factory=Gate)
+
+    @model_validator(mode="after")
+    def _nccl_needs_gpu(self) -> TrainingJobSpec:
+        if self.backend == "nccl" and self.workers.gpu == 0:
+            raise ValueError(
+                "spec.backend: nccl needs GPUs: set spec.workers.gpu >= 1, or use backend auto or gloo"
+            )
+        return self
+
+    def resolved_backend(self) -> Literal["gloo", "nccl"]:
+        if self.backend == "auto":
+            return "nccl" if self.workers.gpu > 0 else "gloo"
+        return self.backend
+
+
+class TrainingJobStatus(KubeModel):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+    phase: Phase | None = None
+    message: str | None = None
+    ray_job_name: str | None = None
+    job_status: str | None = None
+    job_deployment_status: str | None = None
+    dashboard_url: str | None = None
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+    epochs_completed: int | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    model_version: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+
+
+class TrainingJob(Resource):
+    KIND: ClassVar[str] = "TrainingJob"
+    PLURAL: ClassVar[str] = "trainingjobs"
+    SHORT_NAMES: ClassVar[list[str]] = ["tj"]
+    PRINTER_COLUMNS: ClassVar[list[PrinterColumn]] = [
+        PrinterColumn(name="Phase", type="string", json_path=".status.phase"),
+        PrinterColumn(name="Workers", type="integer", json_path=".spec.workers.replicas"),
+        PrinterColumn(name="GPUs", type="integer", json_path=".spec.workers.gpu"),
+        PrinterColumn(name="Model Version", type="string", json_path=".status.modelVersion"),
+        PrinterColumn(name="Age", type="date", json_path=".metadata.creationTimestamp"),
+    ]
+
+    kind: Literal["TrainingJob"] = "TrainingJob"
+    spec: TrainingJobSpec
+    status: TrainingJobStatus | None = None
