@@ -27,12 +27,13 @@ def _check_quantity(value: int | str) -> int | str:
     return value
 
 
-# Kubernetes resource quantities: 2, "500m", "4Gi" (x-kubernetes-int-or-string in the CRD).
+# Kubernetes resource quantities: 2, "500m", "4Gi" (x-kubernetes-int-or-string in the CRD, where the
+# pattern applies to strings only and the minimum to integers only, as controller-gen does for Quantity).
 Quantity = Annotated[
     int | str,
     Field(union_mode="left_to_right"),
     AfterValidator(_check_quantity),
-    WithJsonSchema({"x-kubernetes-int-or-string": True}),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "pattern": _QUANTITY.pattern, "minimum": 0}),
 ]
 
 # Go-style durations as Kubernetes uses them: "30s", "5m", "1h30m".
@@ -90,4 +91,3 @@ class Resource(KubeModel):
 
     def to_manifest(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
-

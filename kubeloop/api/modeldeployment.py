@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from itertools import pairwise
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -30,7 +31,7 @@ class CanaryAnalysis(KubeModel):
     @field_validator("steps")
     @classmethod
     def _increasing(cls, steps: list[int]) -> list[int]:
-        if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        if any(b <= a for a, b in pairwise(steps)):
             raise ValueError(f"steps must increase strictly, got {steps}")
         return steps
 
@@ -78,7 +79,8 @@ class Resources(KubeModel):
 class DriftMonitor(KubeModel):
     enabled: bool = True
     detector: Literal["ks", "mmd"] = Field(
-        default="ks", description="ks: Kolmogorov-Smirnov (numeric) + Chi-square (categorical); mmd: multivariate."
+        default="ks",
+        description="ks: Kolmogorov-Smirnov (numeric) + Chi-square (categorical); mmd: multivariate.",
     )
     window: Annotated[int, Field(ge=20, le=100_000, description="Requests per detection window.")] = 500
     p_value: Annotated[float, Field(gt=0, lt=1)] = 0.05
@@ -131,9 +133,7 @@ class ModelDeploymentSpec(KubeModel):
             raise ValueError("spec.canary.version must differ from the stable spec.version")
         if self.deployment_mode != "Knative":
             if self.autoscaling.metric in ("concurrency", "rps"):
-                raise ValueError(
-                    f"spec.autoscaling.metric {self.autoscaling.metric} needs deploymentMode Knative"
-                )
+                raise ValueError(f"spec.autoscaling.metric {self.autoscaling.metric} needs deploymentMode Knative")
             if self.autoscaling.min_replicas == 0:
                 raise ValueError("spec.autoscaling.minReplicas 0 (scale to zero) needs deploymentMode Knative")
         return self

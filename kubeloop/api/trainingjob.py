@@ -29,12 +29,13 @@ class ModelSpec(KubeModel):
 
 
 class DatasetSpec(KubeModel):
-    uri: Annotated[
-        str, Field(min_length=1, description="Path or fsspec URI of a CSV/Parquet file, or bundled://NAME.")
-    ]
+    uri: Annotated[str, Field(min_length=1, description="Path or fsspec URI of a CSV/Parquet file, or bundled://NAME.")]
     digest: Annotated[
         str | None,
-        Field(pattern=r"^sha256:[0-9a-f]{64}$", description="Expected content digest; the run fails on mismatch."),
+        Field(
+            pattern=r"^sha256:[0-9a-f]{64}$",
+            description="Expected content digest; the run fails on mismatch.",
+        ),
     ] = None
     label: Annotated[str, Field(min_length=1)]
     positive_class: Annotated[str, Field(min_length=1)]
@@ -114,9 +115,7 @@ class TrainingJobSpec(KubeModel):
     @model_validator(mode="after")
     def _nccl_needs_gpu(self) -> TrainingJobSpec:
         if self.backend == "nccl" and self.workers.gpu == 0:
-            raise ValueError(
-                "spec.backend: nccl needs GPUs: set spec.workers.gpu >= 1, or use backend auto or gloo"
-            )
+            raise ValueError("spec.backend: nccl needs GPUs: set spec.workers.gpu >= 1, or use backend auto or gloo")
         return self
 
     def resolved_backend(self) -> Literal["gloo", "nccl"]:

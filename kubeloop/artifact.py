@@ -1,0 +1,53 @@
+"""The model artifact: network weights plus the fitted transform, loaded the same way by evaluation and serving."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from kubeloop.errors import KubeloopError
+from kubeloop.training.models import build_model
+from kubeloop.transform import TabularTransform
+
+WEIGHTS, MODEL_CONFIG, TRANSFORM = "model.pt", "model.json", "transform.json"
+
+
+def local_path(uri: str) -> Path:
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path if parsed.scheme else uri)
+    raise KubeloopError(f"artifact URI {uri!r}: only local paths and file:// URIs are supported here")
+
+
+class ModelArtifact:
+    def __init__(self, model: nn.Module, transform: TabularTransform, builder: str, params: dict[str, Any]):
+        self.model, self.transform, self.builder, self.params = model.eval(), transform, builder, params
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        features = torch.from_numpy(self.transform.transform(frame))
+        with torch.no_grad():
+            return torch.sigmoid(self.model(features).squeeze(1)).numpy()
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(self.model.state_dict(), directory / WEIGHTS)
+        config = {"builder": self.builder, "params": self.params, "input_dim": self.transform.output_dim}
+        (directory / MODEL_CONFIG).write_text(json.dumps(config, indent=2))
+        self.transform.save(directory / TRANSFORM)
+
+    @classmethod
+    def load(cls, uri: str) -> ModelArtifact:
+        directory = local_path(uri)
+        if not (directory / MODEL_CONFIG).is_file():
+            raise KubeloopError(f"{uri} is not a kubeloop model artifact: {MODEL_CONFIG} is missing")
+        config = json.loads((directory / MODEL_CONFIG).read_text())
+        model = build_model(config["builder"], config["input_dim"], config["params"])
+        model.load_state_dict(torch.load(directory / WEIGHTS, weights_only=True))
+        return cls(model, TabularTransform.load(directory / TRANSFORM), config["builder"], config["params"])

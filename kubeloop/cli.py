@@ -1,0 +1,150 @@
+"""The kubeloop command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from kubeloop.errors import KubeloopError, SpecError
+from kubeloop.log import setup
+
+log = logging.getLogger("kubeloop.cli")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kubeloop.runtime import run_file
+
+    return run_file(Path(args.file))
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from kubeloop.quickstart import quickstart
+
+    return quickstart(epochs=args.epochs, workers=args.workers)
+
+
+def _manifests(args: argparse.Namespace) -> int:
+    from kubeloop.manifests import check, generate
+
+    root = Path(args.root)
+    if args.action == "generate":
+        for path in generate(root):
+            print(f"wrote {path}")
+        return 0
+    stale = check(root)
+    for message in stale:
+        print(message, file=sys.stderr)
+    if not stale:
+        print("generated manifests are up to date")
+    return 1 if stale else 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from kubeloop import models_view
+    from kubeloop.registry import Registry, parse_ref
+
+    registry = Registry()
+    if args.action == "list":
+        print(models_view.table(registry.list(args.ref)))
+    elif args.action == "show":
+        record = registry.resolve(args.ref)
+        print(models_view.detail(record) if args.output == "text" else models_view.dump(record, args.output))
+    elif args.action == "promote":
+        name, version = parse_ref(args.ref)
+        if version is None:
+            raise SpecError("promote needs NAME:VERSION, e.g. kubeloop models promote arrests:2")
+        record = registry.promote(name, version, args.reason or "promoted by kubeloop models promote")
+        print(f"{record.metadata.name} is Production")
+    elif args.action == "rollback":
+        record = registry.rollback(parse_ref(args.ref)[0], args.reason or "rolled back by kubeloop models rollback")
+        print(f"{record.metadata.name} is Production again")
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kubeloop.data.snapshot import ingest, list_snapshots, load_snapshot
+    from kubeloop.data.validation import DatasetSchema, validate
+
+    if args.action == "list":
+        for snap in list_snapshots():
+            print(f"{snap.digest}  rows={snap.rows}  source={snap.source}")
+        return 0
+    if args.action == "show":
+        print(load_snapshot(args.target).model_dump_json(indent=2))
+        return 0
+    snapshot = ingest(args.target)
+    if args.action == "ingest":
+        print(f"{snapshot.digest}  rows={snapshot.rows}  columns={len(snapshot.columns)}")
+        return 0
+    schema = DatasetSchema.model_validate(yaml.safe_load(Path(args.schema).read_text())) if args.schema else None
+    baseline = load_snapshot(args.baseline) if args.baseline else None
+    report = validate(snapshot, schema, baseline, label=args.label)
+    print(report.to_json() if args.json else report.to_text())
+    return 0 if report.ok else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="kubeloop", description=__doc__)
+    root.add_argument("-v", "--verbose", action="store_true")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a TrainingJob (or other kubeloop resource) on this machine")
+    run.add_argument("-f", "--file", required=True, help="YAML file with kubeloop resources")
+    run.set_defaults(handler=_run)
+
+    quick = commands.add_parser("quickstart", help="the embedded loop on the bundled dataset, no cluster")
+    quick.add_argument("--epochs", type=int, default=8)
+    quick.add_argument("--workers", type=int, default=2)
+    quick.set_defaults(handler=_quickstart)
+
+    manifests = commands.add_parser("manifests", help="generate or check the CRDs made from kubeloop/api")
+    manifests.add_argument("action", choices=["generate", "check"])
+    manifests.add_argument("--root", default=str(REPO_ROOT), help="repository root (default: this checkout)")
+    manifests.set_defaults(handler=_manifests)
+
+    models = commands.add_parser("models", help="the model registry")
+    models.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    models.add_argument("ref", nargs="?", help="NAME or NAME:VERSION")
+    models.add_argument("-o", "--output", choices=["text", "yaml", "json"], default="text")
+    models.add_argument("--reason", help="recorded in the stage history")
+    models.set_defaults(handler=_models)
+
+    data = commands.add_parser("data", help="versioned snapshots and validation")
+    data.add_argument("action", choices=["ingest", "validate", "show", "list"])
+    data.add_argument("target", nargs="?", help="a path or URI (ingest, validate) or a digest (show)")
+    data.add_argument("--schema", help="YAML DatasetSchema to validate against")
+    data.add_argument("--baseline", help="digest of the baseline snapshot")
+    data.add_argument("--label", help="label column (for the balance check)")
+    data.add_argument("--json", action="store_true", help="print the validation report as JSON")
+    data.set_defaults(handler=_data)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup(args.verbose)
+    needs_ref = {"show", "promote", "rollback"}
+    if args.command == "models" and args.action in needs_ref and not args.ref:
+        parser().error(f"models {args.action} needs NAME or NAME:VERSION")
+    if args.command == "data" and args.action != "list" and not args.target:
+        parser().error(f"data {args.action} needs a path, URI or digest")
+    try:
+        return args.handler(args)
+    except SpecError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KubeloopError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

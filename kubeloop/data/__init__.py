@@ -1,0 +1,1 @@
+"""Data layer: content-addressed dataset snapshots, schema and drift validation, bundled datasets."""

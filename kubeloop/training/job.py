@@ -1,0 +1,225 @@
+"""A TrainingJob, end to end: snapshot → validate → transform → Ray DDP training → evaluate → gate → register.
+
+The same function runs for `kubeloop run -f trainingjob.yaml` on a laptop and as the RayJob entrypoint in a
+cluster (there RAY_ADDRESS names the RayJob's cluster).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+import kubeloop
+from kubeloop import config
+from kubeloop.api.modelversion import Feature, Lineage, ModelVersion, ModelVersionSpec, Signature
+from kubeloop.api.trainingjob import TrainingJob
+from kubeloop.artifact import ModelArtifact
+from kubeloop.data.snapshot import Snapshot, ingest, load_snapshot, read_frame
+from kubeloop.data.validation import DatasetSchema, ValidationFailed, ValidationReport, validate
+from kubeloop.errors import DataError, SpecError
+from kubeloop.evaluation import evaluate, gate
+from kubeloop.log import event
+from kubeloop.registry import Registry
+from kubeloop.training import ray_runner
+from kubeloop.training.models import build_model
+from kubeloop.training.worker import split_indices
+from kubeloop.transform import TabularTransform
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobOutcome:
+    model_version: ModelVersion
+    snapshot: Snapshot
+    validation: ValidationReport
+    epochs: int
+
+
+def code_version() -> str:
+    """kubeloop's version, plus the git commit when running from a checkout (recorded in lineage)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(kubeloop.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        return f"{kubeloop.__version__}+g{commit}"
+    except (OSError, subprocess.SubprocessError):
+        return kubeloop.__version__
+
+
+def _gpus(job: TrainingJob) -> int:
+    asked = job.spec.workers.gpu
+    if asked and not torch.cuda.is_available():
+        if not job.spec.workers.allow_cpu_fallback:
+            raise SpecError(
+                f"spec.workers.gpu: {asked} GPU(s) per worker asked for, but this machine has none; "
+                "set spec.workers.allowCpuFallback: true to train on CPU with gloo"
+            )
+        event(log, "train.cpu_fallback", reason="no CUDA device", gpus_asked=asked)
+        return 0
+    return asked
+
+
+def _snapshot(job: TrainingJob) -> Snapshot:
+    snapshot = ingest(job.spec.dataset.uri)
+    expected = job.spec.dataset.digest
+    if expected and snapshot.digest != expected:
+        raise DataError(
+            f"spec.dataset.digest: {job.spec.dataset.uri} has digest {snapshot.digest}, not {expected}; "
+            "the data changed since the digest was recorded"
+        )
+    event(log, "data.snapshot", digest=snapshot.digest, rows=snapshot.rows, columns=len(snapshot.columns))
+    return snapshot
+
+
+def _validate(job: TrainingJob, snapshot: Snapshot, registry: Registry) -> ValidationReport:
+    dataset = job.spec.dataset
+    schema = None
+    if dataset.schema_uri:
+        path = Path(dataset.schema_uri)
+        if not path.is_file():
+            raise SpecError(f"spec.dataset.schemaUri: no such file: {path}")
+        schema = DatasetSchema.model_validate(yaml.safe_load(path.read_text()))
+    baseline = None
+    production = registry.production(job.spec.model.name) if dataset.baseline == "production" else None
+    if production is not None:
+        baseline = load_snapshot(production.spec.lineage.dataset_digest)
+    report = validate(snapshot, schema, baseline, label=dataset.label)
+    event(
+        log,
+        "data.validated",
+        ok=report.ok,
+        findings=len(report.findings),
+        baseline=baseline.digest if baseline else "none",
+    )
+    if not report.ok:
+        raise ValidationFailed(report)
+    return report
+
+
+def run_training_job(job: TrainingJob, registry: Registry | None = None, events_path: Path | None = None) -> JobOutcome:
+    registry = registry or Registry()
+    spec = job.spec
+    gpus = _gpus(job)
+    snapshot = _snapshot(job)
+    report = _validate(job, snapshot, registry)
+
+    frame = read_frame(snapshot)
+    train_rows, test_rows = split_indices(len(frame), spec.hyperparameters.test_fraction, spec.hyperparameters.seed)
+    train, test = frame.iloc[train_rows], frame.iloc[test_rows]
+    transform = TabularTransform.fit(train, label=spec.dataset.label, positive_class=spec.dataset.positive_class)
+    backend = "nccl" if gpus and spec.resolved_backend() == "nccl" else "gloo"
+
+    run_dir = config.runs_dir() / job.metadata.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = ray_runner.TrainSettings(
+        name=job.metadata.name,
+        builder=spec.model.builder,
+        params=spec.model.params,
+        epochs=spec.hyperparameters.epochs,
+        batch_size=spec.hyperparameters.batch_size,
+        learning_rate=spec.hyperparameters.learning_rate,
+        seed=spec.hyperparameters.seed,
+        workers=spec.workers.replicas,
+        cpus_per_worker=1,
+        gpus_per_worker=gpus,
+        backend=backend,
+        max_failures=spec.max_failures,
+        checkpoint_every=spec.checkpoint.every_epochs,
+        checkpoints_kept=spec.checkpoint.keep,
+        storage=run_dir / "ray",
+        events_path=events_path or run_dir / "events.jsonl",
+    )
+    # a rerun of the same job starts fresh: Ray would otherwise restore the old run from its storage
+    shutil.rmtree(settings.storage, ignore_errors=True)
+    settings.events_path.unlink(missing_ok=True)
+    event(
+        log,
+        "train.start",
+        job=job.metadata.name,
+        workers=settings.workers,
+        backend=backend,
+        epochs=settings.epochs,
+        rows=len(train),
+    )
+    started_here = ray_runner.connect(settings.workers)
+    try:
+        output = ray_runner.fit(
+            settings,
+            transform.transform(train),
+            transform.encode_label(train),
+            transform.transform(test),
+            transform.encode_label(test),
+        )
+    finally:
+        if started_here:
+            import ray
+
+            ray.shutdown()
+
+    model = build_model(spec.model.builder, transform.output_dim, spec.model.params)
+    model.load_state_dict(output.model_state)
+    artifact = ModelArtifact(model, transform, spec.model.builder, spec.model.params)
+    slice_column = spec.dataset.slice_column
+    evaluation = evaluate(
+        transform.encode_label(test),
+        artifact.predict_proba(test),
+        slice_column,
+        test[slice_column].to_numpy() if slice_column else None,
+        per_epoch=output.history,
+    )
+    production = registry.production(spec.model.name)
+    decision = gate(evaluation, spec.gate, production)
+
+    version, directory = registry.allocate(spec.model.name)
+    artifact.save(directory / "artifact")
+    record = registry.save(
+        ModelVersionSpec(
+            model=spec.model.name,
+            version=version,
+            artifact_uri=(directory / "artifact").resolve().as_uri(),
+            lineage=Lineage(
+                dataset_uri=spec.dataset.uri,
+                dataset_digest=snapshot.digest,
+                dataset_rows=snapshot.rows,
+                training_job=f"{job.metadata.namespace}/{job.metadata.name}",
+                code_version=code_version(),
+                builder=spec.model.builder,
+                hyperparameters=spec.hyperparameters.model_dump(by_alias=True),
+                workers=spec.workers.replicas,
+                backend=backend,
+            ),
+            metrics=evaluation,
+            signature=Signature(
+                inputs=[Feature(**feature) for feature in transform.input_features()],
+                label=spec.dataset.label,
+                positive_class=spec.dataset.positive_class,
+            ),
+            gate=decision,
+            stage="Candidate" if decision.passed else "Rejected",
+            stage_reason=None if decision.passed else "; ".join(decision.reasons),
+        ),
+        reason="gate passed" if decision.passed else "gate failed",
+    )
+    overall = evaluation.overall
+    event(
+        log,
+        "registry.registered",
+        model_version=record.metadata.name,
+        stage=record.spec.stage,
+        roc_auc=overall.roc_auc,
+        accuracy=overall.accuracy,
+        log_loss=overall.log_loss,
+    )
+    return JobOutcome(model_version=record, snapshot=snapshot, validation=report, epochs=output.epochs)

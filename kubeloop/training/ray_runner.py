@@ -1,0 +1,162 @@
+"""The Ray side of a training run: connect to (or start) a Ray cluster and run the TorchTrainer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from kubeloop.log import event
+from kubeloop.training.worker import STATE_FILE, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+# Ray Train polls its workers at this interval; each report() waits up to one interval. Ray's 2 s default
+# doubles a short local run's time; 0.2 s is what its own tests use.
+_HEALTH_CHECK_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+@dataclass
+class TrainSettings:
+    name: str
+    builder: str
+    params: dict[str, Any]
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: int
+    backend: str
+    max_failures: int
+    checkpoint_every: int
+    checkpoints_kept: int
+    storage: Path
+    events_path: Path
+
+
+@dataclass
+class TrainOutput:
+    model_state: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    epochs: int
+
+
+def connect(workers: int) -> bool:
+    """Join the cluster named by RAY_ADDRESS (in a RayJob), or start a local one. True when we started it."""
+    if ray.is_initialized():
+        return False
+    env = dict(_HEALTH_CHECK_ENV) | {k: v for k, v in os.environ.items() if k in _HEALTH_CHECK_ENV}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env})
+        return False
+    cpus = max(os.cpu_count() or 1, workers)
+    event(log, "ray.start", cpus=cpus)
+    # worker output stays in Ray's session logs: progress comes from the events file, errors from fit()
+    ray.init(num_cpus=cpus, runtime_env={"env_vars": env}, log_to_driver=False)
+    return True
+
+
+class _Progress(threading.Thread):
+    """Prints rank 0's epoch lines and worker-group restarts from the events file while fit() blocks."""
+
+    def __init__(self, path: Path, epochs: int) -> None:
+        super().__init__(daemon=True)
+        self.path, self.epochs, self.done = path, epochs, threading.Event()
+
+    def run(self) -> None:
+        offset = 0
+        while not self.done.wait(0.25):
+            offset = self._drain(offset)
+        self._drain(offset)
+
+    def _drain(self, offset: int) -> int:
+        if not self.path.exists():
+            return offset
+        with self.path.open() as stream:
+            stream.seek(offset)
+            for line in stream:
+                if not line.endswith("\n"):
+                    break
+                offset += len(line)
+                item = json.loads(line)
+                if item["rank"] != 0:
+                    continue
+                if item["event"] == "start":
+                    event(
+                        log,
+                        "train.workers",
+                        world_size=item["world_size"],
+                        backend=item["backend"],
+                        resumed_from_epoch=item["resumed_from_epoch"],
+                    )
+                else:
+                    event(
+                        log,
+                        "train.epoch",
+                        epoch=f"{item['epoch']}/{self.epochs}",
+                        train_loss=item["train_loss"],
+                        val_loss=item["val_loss"],
+                        val_auc=item["val_auc"],
+                        seconds=item["epoch_seconds"],
+                    )
+        return offset
+
+
+def fit(
+    settings: TrainSettings, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
+) -> TrainOutput:
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "x_train": x_train,
+            "y_train": y_train,
+            "x_test": x_test,
+            "y_test": y_test,
+            "builder": settings.builder,
+            "params": settings.params,
+            "epochs": settings.epochs,
+            "batch_size": settings.batch_size,
+            "learning_rate": settings.learning_rate,
+            "seed": settings.seed,
+            "checkpoint_every": settings.checkpoint_every,
+            "events_path": str(settings.events_path),
+        },
+        torch_config=TorchConfig(backend=settings.backend),
+        scaling_config=ScalingConfig(
+            num_workers=settings.workers,
+            use_gpu=settings.gpus_per_worker > 0,
+            resources_per_worker={"CPU": settings.cpus_per_worker, "GPU": settings.gpus_per_worker}
+            if settings.gpus_per_worker
+            else {"CPU": settings.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=settings.name,
+            storage_path=str(settings.storage),
+            failure_config=FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=settings.checkpoints_kept),
+        ),
+    )
+    progress = _Progress(settings.events_path, settings.epochs)
+    progress.start()
+    try:
+        result = trainer.fit()
+    finally:
+        progress.done.set()
+        progress.join()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {settings.name} ended without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / STATE_FILE, weights_only=False)
+    return TrainOutput(model_state=state["model"], history=state["history"], epochs=state["epoch"])

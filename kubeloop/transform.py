@@ -1,0 +1,145 @@
+"""The feature transform fitted on training rows, saved as JSON inside the model artifact.
+
+The model server loads this very class from the artifact, so training and serving share one implementation.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pandas.api import types as ptypes
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kubeloop.data.snapshot import Dtype, dtype_of
+from kubeloop.errors import DataError
+
+TRANSFORM_FILE = "transform.json"
+
+
+class Feature(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    dtype: Dtype
+    # numeric (float, int, bool as 0/1): standardization; nulls become the mean, so 0 after scaling
+    mean: float | None = None
+    std: float | None = None
+    # string: one-hot over these, in this order; unseen values and nulls are all zeros
+    categories: list[str] | None = None
+
+    @property
+    def width(self) -> int:
+        return len(self.categories) if self.categories is not None else 1
+
+
+class TabularTransform(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    label: str
+    positive_class: str
+    features: list[Feature]
+
+    @classmethod
+    def fit(
+        cls, frame: pd.DataFrame, *, label: str, positive_class: str, exclude: Sequence[str] = ()
+    ) -> TabularTransform:
+        if frame.empty:
+            raise DataError("cannot fit a transform on an empty frame: the training split has no rows")
+        missing = [name for name in [label, *exclude] if name not in frame.columns]
+        if missing:
+            raise DataError(f"columns {missing} not in the training data (columns: {list(frame.columns)})")
+        features = [_fit_feature(str(name), frame[name]) for name in frame.columns if name not in {label, *exclude}]
+        if not features:
+            raise DataError(f"no feature columns left after excluding the label {label!r} and {list(exclude)}")
+        return cls(label=label, positive_class=positive_class, features=features)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    @property
+    def output_dim(self) -> int:
+        return sum(f.width for f in self.features)
+
+    def input_features(self) -> list[dict]:
+        """The model's input signature: one entry per input column."""
+        return [f.model_dump(include={"name", "dtype", "categories"}, exclude_none=True) for f in self.features]
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        missing = [name for name in self.feature_names if name not in frame.columns]
+        if missing:
+            raise DataError(f"missing feature columns {missing}: the model was trained on {self.feature_names}")
+        out = np.zeros((len(frame), self.output_dim), dtype=np.float64)
+        offset = 0
+        for feature in self.features:
+            series = frame[feature.name]
+            if feature.categories is None:
+                values = _numeric(feature.name, series)
+                out[:, offset] = (np.where(np.isnan(values), feature.mean, values) - feature.mean) / feature.std
+            else:
+                codes = pd.Categorical(_as_str(series), categories=feature.categories).codes
+                hit = codes >= 0
+                out[np.flatnonzero(hit), offset + codes[hit]] = 1.0
+            offset += feature.width
+        return out.astype(np.float32)
+
+    def encode_label(self, frame: pd.DataFrame) -> np.ndarray:
+        """1.0 where the label equals the positive class, else 0.0."""
+        if self.label not in frame.columns:
+            raise DataError(f"label column {self.label!r} is missing (columns: {list(frame.columns)})")
+        series = frame[self.label]
+        nulls = int(series.isna().sum())
+        if nulls:
+            raise DataError(f"label column {self.label!r} has {nulls} nulls: drop or fill those rows")
+        return (_as_str(series) == self.positive_class).to_numpy(dtype=np.float32)
+
+    def save(self, path: Path) -> Path:
+        """Write to ``path`` if it ends in .json, else to ``path/transform.json``; returns the file."""
+        file = _file(path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(self.model_dump_json(indent=2) + "\n")
+        return file
+
+    @classmethod
+    def load(cls, path: Path) -> TabularTransform:
+        file = _file(path)
+        try:
+            return cls.model_validate_json(file.read_text())
+        except (OSError, ValidationError) as e:
+            raise DataError(f"cannot load the transform from {file}: {e}") from e
+
+
+def _file(path: Path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".json" else path / TRANSFORM_FILE
+
+
+def _fit_feature(name: str, series: pd.Series) -> Feature:
+    dtype = dtype_of(series)
+    if dtype == "string":
+        return Feature(name=name, dtype=dtype, categories=sorted(_as_str(series).dropna().unique()))
+    values = _numeric(name, series)
+    present = values[~np.isnan(values)]
+    mean = float(present.mean()) if present.size else 0.0
+    std = float(present.std()) if present.size else 0.0
+    return Feature(name=name, dtype=dtype, mean=mean, std=std if std > 0 else 1.0)
+
+
+def _numeric(name: str, series: pd.Series) -> np.ndarray:
+    """float64 values with NaN for nulls; object columns (e.g. built from JSON) must hold only numbers."""
+    if not (ptypes.is_bool_dtype(series.dtype) or ptypes.is_numeric_dtype(series.dtype)):
+        present = series.dropna()
+        bad = present[~present.map(lambda v: isinstance(v, numbers.Number | np.bool_))]
+        if not ptypes.is_object_dtype(series.dtype) or len(bad):
+            example = f" (e.g. {bad.iloc[0]!r})" if len(bad) else ""
+            raise DataError(f"feature column {name!r} must be numeric, found {series.dtype}{example}")
+    return series.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _as_str(series: pd.Series) -> pd.Series:
+    """Values as str (nulls kept), so categories compare the same whatever dtype the frame arrived with."""
+    return series.astype(object).map(str, na_action="ignore")

@@ -1,0 +1,212 @@
+"""The kubeloop.dev/v1alpha1 pydantic models: loading resources, defaults, and errors that name the field.
+
+What the generated CRDs accept and reject (and their agreement with these models) is tested in test_crds.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubeloop.api import (
+    API_VERSION,
+    KINDS,
+    ModelDeployment,
+    ModelVersion,
+    TrainingJob,
+    load_resources,
+    parse_resource,
+)
+from kubeloop.errors import SpecError
+
+SAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "samples"
+
+
+def doc(name: str) -> dict[str, Any]:
+    return yaml.safe_load((SAMPLES / name).read_text())
+
+
+def error_of(obj: Any) -> str:
+    with pytest.raises(SpecError) as caught:
+        parse_resource(obj, "in.yaml")
+    return str(caught.value)
+
+
+def test_samples_load_with_their_values() -> None:
+    (job,) = load_resources(SAMPLES / "trainingjob.yaml")
+    assert isinstance(job, TrainingJob)
+    assert job.metadata.name == "arrests-mlp" and job.metadata.namespace == "default"
+    spec = job.spec
+    assert (spec.model.name, spec.dataset.uri, spec.dataset.label) == (
+        "arrests",
+        "bundled://arrests",
+        "released",
+    )
+    assert (spec.dataset.positive_class, spec.dataset.slice_column) == ("Yes", "colour")
+    h = spec.hyperparameters
+    assert (h.epochs, h.batch_size, h.learning_rate, h.seed, h.test_fraction) == (8, 128, 0.01, 7, 0.2)
+    assert (spec.workers.replicas, spec.workers.cpu, spec.workers.memory, spec.workers.gpu) == (
+        2,
+        1,
+        "2Gi",
+        0,
+    )
+    assert (spec.backend, spec.resolved_backend(), spec.checkpoint.every_epochs, spec.max_failures) == (
+        "auto",
+        "gloo",
+        1,
+        2,
+    )
+    assert (spec.gate.thresholds.roc_auc, spec.gate.thresholds.accuracy) == (0.6, 0.7)
+    assert spec.gate.max_regression.roc_auc == 0.02 and spec.gate.max_regression.accuracy is None
+
+    (deployment,) = load_resources(SAMPLES / "modeldeployment.yaml")
+    assert isinstance(deployment, ModelDeployment)
+    d = deployment.spec
+    assert (d.model, d.version, d.canary, d.deployment_mode) == ("arrests", 1, None, "Standard")
+    assert (d.drift.detector, d.drift.window) == ("ks", 200)
+    a = d.autoscaling
+    assert (a.min_replicas, a.max_replicas, a.metric, a.target) == (1, 3, "cpu", 80)
+
+    (version,) = load_resources(SAMPLES / "modelversion.yaml")
+    assert isinstance(version, ModelVersion)
+    assert version.metadata.name == ModelVersion.resource_name(version.spec.model, version.spec.version)
+    assert version.spec.lineage.dataset_rows == 5226 and version.spec.stage == "Production"
+    assert set(version.spec.metrics.slices.values) == {"Black", "White"}
+
+
+def test_commented_canary_in_the_sample_is_valid_when_uncommented() -> None:
+    text = (SAMPLES / "modeldeployment.yaml").read_text()
+    lines = text.splitlines()
+    start = lines.index("  # canary:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("  #"):
+            break
+        block.append("  " + line[4:])
+    obj = yaml.safe_load(text)
+    obj["spec"].update(yaml.safe_load("\n".join(block)))
+    canary = parse_resource(obj).spec.canary
+    assert canary is not None and canary.version == 2 and canary.analysis.steps == [10, 25, 50, 100]
+
+
+@pytest.mark.parametrize("name", ["trainingjob.yaml", "modeldeployment.yaml", "modelversion.yaml"])
+def test_to_manifest_round_trips(name: str) -> None:
+    resource = parse_resource(doc(name))
+    manifest = resource.to_manifest()
+    assert manifest["apiVersion"] == API_VERSION and manifest["kind"] == resource.KIND
+    assert parse_resource(manifest) == resource
+    assert "status" not in manifest  # None fields are left out, so a manifest can be applied as is
+
+
+def test_defaults_fill_a_minimal_trainingjob() -> None:
+    job = parse_resource(
+        {
+            "apiVersion": API_VERSION,
+            "kind": "TrainingJob",
+            "metadata": {"name": "tiny"},
+            "spec": {
+                "model": {"name": "m"},
+                "dataset": {"uri": "data.csv", "label": "y", "positiveClass": "1"},
+            },
+        }
+    )
+    assert isinstance(job, TrainingJob)
+    assert job.spec.workers.replicas == 2 and job.spec.backend == "auto" and job.spec.resolved_backend() == "gloo"
+    assert job.spec.model.builder == "kubeloop.training.models:mlp" and job.spec.model.params == {}
+
+
+def test_snake_case_names_are_accepted_too() -> None:
+    obj = doc("trainingjob.yaml")
+    obj["spec"]["hyperparameters"] = {"batch_size": 64}
+    assert parse_resource(obj).spec.hyperparameters.batch_size == 64
+
+
+@pytest.mark.parametrize(
+    ("gpu", "backend", "resolved"), [(0, "auto", "gloo"), (1, "auto", "nccl"), (2, "gloo", "gloo")]
+)
+def test_resolved_backend(gpu: int, backend: str, resolved: str) -> None:
+    obj = doc("trainingjob.yaml")
+    obj["spec"]["workers"]["gpu"] = gpu
+    obj["spec"]["backend"] = backend
+    assert parse_resource(obj).spec.resolved_backend() == resolved
+
+
+@pytest.mark.parametrize("value", [2, "500m", "4Gi", "1.5", "250M"])
+def test_quantities_accepted(value: int | str) -> None:
+    obj = doc("trainingjob.yaml")
+    obj["spec"]["workers"]["memory"] = value
+    assert parse_resource(obj).spec.workers.memory == value
+
+
+@pytest.mark.parametrize("value", ["2GB", "lots", "", "1 Gi", "-500m"])
+def test_quantities_rejected_naming_the_field(value: str) -> None:
+    obj = doc("trainingjob.yaml")
+    obj["spec"]["workers"]["memory"] = value
+    assert f"  spec.workers.memory: {value!r} is not a Kubernetes quantity" in error_of(obj)
+
+
+@pytest.mark.parametrize("value", [-1, "-1"])  # a numeric string is read as the integer
+def test_negative_quantities_rejected_naming_the_field(value: int | str) -> None:
+    obj = doc("trainingjob.yaml")
+    obj["spec"]["workers"]["cpu"] = value
+    assert "  spec.workers.cpu: must not be negative" in error_of(obj)
+
+
+def test_error_names_the_source_the_resource_and_every_bad_field() -> None:
+    obj = doc("trainingjob.yaml")
+    obj["spec"]["workers"]["replicas"] = 0
+    obj["spec"]["hyperparameters"]["learningRate"] = 0
+    obj["spec"]["dataset"].pop("label")
+    lines = error_of(obj).splitlines()
+    assert lines[0] == "in.yaml: TrainingJob arrests-mlp is invalid:"
+    assert sorted(lines[1:]) == [
+        "  spec.dataset.label: Field required",
+        "  spec.hyperparameters.learningRate: Input should be greater than 0",
+        "  spec.workers.replicas: Input should be greater than or equal to 1",
+    ]
+
+
+def test_cross_field_errors_are_reported_once_with_their_own_path() -> None:
+    obj = doc("trainingjob.yaml")
+    obj["spec"]["backend"] = "nccl"
+    assert error_of(obj).splitlines()[1:] == [
+        "  spec.backend: nccl needs GPUs: set spec.workers.gpu >= 1, or use backend auto or gloo"
+    ]
+    obj = doc("modeldeployment.yaml")
+    obj["spec"]["deploymentMode"] = "Knative"
+    obj["spec"]["autoscaling"] = {"minReplicas": 0, "maxReplicas": 2, "metric": "concurrency"}
+    assert parse_resource(obj).spec.autoscaling.min_replicas == 0  # scale to zero is fine on Knative
+
+
+def test_wrong_api_version_kind_or_shape() -> None:
+    obj = doc("trainingjob.yaml")
+    assert "apiVersion must be kubeloop.dev/v1alpha1, got 'kubeloop.dev/v1'" in error_of(
+        {**obj, "apiVersion": "kubeloop.dev/v1"}
+    )
+    assert f"unknown kind 'Pipeline'; known kinds: {', '.join(sorted(KINDS))}" in error_of({**obj, "kind": "Pipeline"})
+    assert "expected a mapping" in error_of(["not", "a", "mapping"])
+
+
+def test_load_resources_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="no such file"):
+        load_resources(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_resources(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    with pytest.raises(SpecError, match="holds no resource"):
+        load_resources(empty)
+
+
+def test_load_resources_reads_every_document(tmp_path: Path) -> None:
+    both = tmp_path / "both.yaml"
+    both.write_text(
+        (SAMPLES / "trainingjob.yaml").read_text() + "---\n" + (SAMPLES / "modeldeployment.yaml").read_text()
+    )
+    assert [r.KIND for r in load_resources(both)] == ["TrainingJob", "ModelDeployment"]
