@@ -65,7 +65,6 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    import yaml
 
     from kubeloop.data.snapshot import ingest, list_snapshots, load_snapshot
     from kubeloop.data.validation import DatasetSchema, validate
@@ -81,7 +80,7 @@ def _data(args: argparse.Namespace) -> int:
     if args.action == "ingest":
         print(f"{snapshot.digest}  rows={snapshot.rows}  columns={len(snapshot.columns)}")
         return 0
-    schema = DatasetSchema.model_validate(yaml.safe_load(Path(args.schema).read_text())) if args.schema else None
+    schema = DatasetSchema.from_yaml(Path(args.schema)) if args.schema else None
     baseline = load_snapshot(args.baseline) if args.baseline else None
     report = validate(snapshot, schema, baseline, label=args.label)
     print(report.to_json() if args.json else report.to_text())

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 import kubeloop
 from kubeloop import config
@@ -90,7 +89,7 @@ def _validate(job: TrainingJob, snapshot: Snapshot, registry: Registry) -> Valid
         path = Path(dataset.schema_uri)
         if not path.is_file():
             raise SpecError(f"spec.dataset.schemaUri: no such file: {path}")
-        schema = DatasetSchema.model_validate(yaml.safe_load(path.read_text()))
+        schema = DatasetSchema.from_yaml(path)
     baseline = None
     production = registry.production(job.spec.model.name) if dataset.baseline == "production" else None
     if production is not None:

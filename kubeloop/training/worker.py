@@ -1,6 +1,6 @@
 """The training function every Ray Train worker runs: DDP over the shard of each epoch, a checkpoint per epoch.
 
-Each completed epoch is also appended, one JSON line per rank, to an events file: the driver reads it to show
+Each completed (reported) epoch is also appended, one JSON line per rank, to an events file: the driver reads it to show
 progress, and tests read it to prove allreduce (equal parameters across ranks) and resumption.
 """
 
@@ -164,19 +164,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             metrics |= _validation(model, x_test, y_test)
             history.append(metrics)
-        _emit(
-            events,
-            {
-                "event": "epoch",
-                "rank": rank,
-                "pid": os.getpid(),
-                "backend": backend,
-                "world_size": world,
-                "params": _params_digest(model),
-                "shard": _digest(shard),
-                **metrics,
-            },
-        )
         if rank == 0 and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
             with tempfile.TemporaryDirectory() as directory:
                 unwrapped = model.module if hasattr(model, "module") else model
@@ -192,3 +179,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
+        _emit(
+            events,
+            {
+                "event": "epoch",
+                "rank": rank,
+                "pid": os.getpid(),
+                "backend": backend,
+                "world_size": world,
+                "params": _params_digest(model),
+                "shard": _digest(shard),
+                **metrics,
+            },
+        )
