@@ -68,6 +68,11 @@ class Registry:
             raise KubeloopError(f"{model} has no version {version}; versions: {sorted(versions)}")
         return ModelVersion.model_validate(yaml.safe_load(path.read_text()))
 
+    def record_path(self, model: str, version: int) -> Path:
+        """The ModelVersion YAML of a version: what the serving and drift processes are started with."""
+        self.get(model, version)
+        return self.root / model / f"v{version}" / RECORD
+
     def resolve(self, ref: str) -> ModelVersion:
         return self.get(*parse_ref(ref))
 
