@@ -23,5 +23,5 @@ def _format(value: Any) -> str:
     return repr(text) if (" " in text or not text) else text
 
 
-def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
+def event(logger: logging.Logger, name: str, /, level: int = logging.INFO, **fields: Any) -> None:
     logger.log(level, " ".join([name, *(f"{key}={_format(value)}" for key, value in fields.items())]))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from kubeloop.api import TrainingJob, load_resources
-from kubeloop.errors import GateFailed, SpecError
+from kubeloop.api import ModelDeployment, Resource, TrainingJob, load_resources
+from kubeloop.errors import GateFailed, KubeloopError, SpecError
 from kubeloop.models_view import detail
 
 
@@ -19,14 +20,38 @@ def run_trainingjob(job: TrainingJob) -> None:
         raise GateFailed(f"{record.metadata.name} did not pass the gate: " + "; ".join(record.spec.gate.reasons))
 
 
+def serve_modeldeployment(deployment: ModelDeployment) -> None:
+    """Serve until Ctrl-C (or until a process dies), then stop every process."""
+    from kubeloop.local_deployment import LocalDeployment
+
+    with LocalDeployment(deployment) as local:
+        endpoints = local.start()
+        spec = deployment.spec
+        print(f"{deployment.metadata.name}: {spec.model} v{spec.version} on {endpoints.url}")
+        print(f"  predict: curl -s {endpoints.url}/v1/models/{spec.model}:predict -d '{{\"instances\": [...]}}'")
+        for version, url in endpoints.servers.items():
+            print(f"  server v{version}: {url}   metrics: {url}/metrics")
+        if endpoints.splitter:
+            print(f"  splitter: {endpoints.splitter} ({spec.canary.traffic_percent}% to v{spec.canary.version})")
+        if endpoints.sidecar:
+            print(f"  drift sidecar: {endpoints.sidecar}/status   metrics: {endpoints.sidecar}/metrics")
+        print("Ctrl-C stops everything.")
+        while not (dead := local.processes.dead()):
+            time.sleep(0.5)
+        raise KubeloopError(f"{dead[0].name} exited with code {dead[0].process.returncode}:\n{dead[0].tail()}")
+
+
 def run_file(path: Path) -> int:
-    resources = load_resources(path)
+    resources: list[Resource] = load_resources(path)
     for resource in resources:
-        if not isinstance(resource, TrainingJob):
+        if not isinstance(resource, TrainingJob | ModelDeployment):
             raise SpecError(
-                f"{path}: {resource.kind} {resource.metadata.name}: running this kind locally is not built yet; "
-                "kubeloop run takes TrainingJob resources"
+                f"{path}: {resource.kind} {resource.metadata.name}: kubeloop run takes TrainingJob and "
+                "ModelDeployment resources (ModelVersions are written by training runs)"
             )
     for resource in resources:
-        run_trainingjob(resource)
+        if isinstance(resource, TrainingJob):
+            run_trainingjob(resource)
+        else:
+            serve_modeldeployment(resource)
     return 0

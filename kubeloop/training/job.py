@@ -1,7 +1,8 @@
 """A TrainingJob, end to end: snapshot → validate → transform → Ray DDP training → evaluate → gate → register.
 
-The same function runs for `kubeloop run -f trainingjob.yaml` on a laptop and as the RayJob entrypoint in a
-cluster (there RAY_ADDRESS names the RayJob's cluster).
+`run_training_job` runs for `kubeloop run -f trainingjob.yaml` on a laptop and as the RayJob entrypoint in a
+cluster (there RAY_ADDRESS names the RayJob's cluster). It composes the public step functions below, which the
+Kubeflow Pipelines components (pipelines/) call one per step: one implementation of each step.
 """
 
 from __future__ import annotations
@@ -12,11 +13,20 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 import kubeloop
 from kubeloop import config
-from kubeloop.api.modelversion import Feature, Lineage, ModelVersion, ModelVersionSpec, Signature
+from kubeloop.api.modelversion import (
+    Evaluation,
+    Feature,
+    GateDecision,
+    Lineage,
+    ModelVersion,
+    ModelVersionSpec,
+    Signature,
+)
 from kubeloop.api.trainingjob import TrainingJob
 from kubeloop.artifact import ModelArtifact
 from kubeloop.data.snapshot import Snapshot, ingest, load_snapshot, read_frame
@@ -57,7 +67,8 @@ def code_version() -> str:
         return kubeloop.__version__
 
 
-def _gpus(job: TrainingJob) -> int:
+def resolve_gpus(job: TrainingJob) -> int:
+    """GPUs per worker this machine can give the job: SpecError, or 0 with allowCpuFallback, when it has none."""
     asked = job.spec.workers.gpu
     if asked and not torch.cuda.is_available():
         if not job.spec.workers.allow_cpu_fallback:
@@ -70,7 +81,8 @@ def _gpus(job: TrainingJob) -> int:
     return asked
 
 
-def _snapshot(job: TrainingJob) -> Snapshot:
+def snapshot_dataset(job: TrainingJob) -> Snapshot:
+    """Ingest spec.dataset.uri into the snapshot store; DataError when it does not match spec.dataset.digest."""
     snapshot = ingest(job.spec.dataset.uri)
     expected = job.spec.dataset.digest
     if expected and snapshot.digest != expected:
@@ -82,7 +94,11 @@ def _snapshot(job: TrainingJob) -> Snapshot:
     return snapshot
 
 
-def _validate(job: TrainingJob, snapshot: Snapshot, registry: Registry) -> ValidationReport:
+def validate_snapshot(job: TrainingJob, snapshot: Snapshot, registry: Registry) -> ValidationReport:
+    """Check the snapshot against spec.dataset.schemaUri and the Production version's snapshot.
+
+    Raises ValidationFailed (its message lists the errors) when the report is not ok.
+    """
     dataset = job.spec.dataset
     schema = None
     if dataset.schema_uri:
@@ -107,17 +123,39 @@ def _validate(job: TrainingJob, snapshot: Snapshot, registry: Registry) -> Valid
     return report
 
 
-def run_training_job(job: TrainingJob, registry: Registry | None = None, events_path: Path | None = None) -> JobOutcome:
-    registry = registry or Registry()
-    spec = job.spec
-    gpus = _gpus(job)
-    snapshot = _snapshot(job)
-    report = _validate(job, snapshot, registry)
-
+def split_snapshot(job: TrainingJob, snapshot: Snapshot) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The snapshot's train and test rows: a seeded split, so the digest and the seed reproduce it."""
     frame = read_frame(snapshot)
-    train_rows, test_rows = split_indices(len(frame), spec.hyperparameters.test_fraction, spec.hyperparameters.seed)
-    train, test = frame.iloc[train_rows], frame.iloc[test_rows]
-    transform = TabularTransform.fit(train, label=spec.dataset.label, positive_class=spec.dataset.positive_class)
+    hyperparameters = job.spec.hyperparameters
+    train_rows, test_rows = split_indices(len(frame), hyperparameters.test_fraction, hyperparameters.seed)
+    return frame.iloc[train_rows], frame.iloc[test_rows]
+
+
+def fit_transform(job: TrainingJob, train: pd.DataFrame) -> TabularTransform:
+    """The feature transform, fitted on the training rows only."""
+    return TabularTransform.fit(train, label=job.spec.dataset.label, positive_class=job.spec.dataset.positive_class)
+
+
+@dataclass
+class TrainedModel:
+    artifact: ModelArtifact
+    history: list[dict[str, float]]
+    epochs: int
+    backend: str
+
+
+def train_model(
+    job: TrainingJob,
+    transform: TabularTransform,
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    *,
+    gpus: int | None = None,
+    events_path: Path | None = None,
+) -> TrainedModel:
+    """Ray Train DDP on the transformed rows (joins RAY_ADDRESS's cluster or starts a local one)."""
+    spec = job.spec
+    gpus = resolve_gpus(job) if gpus is None else gpus
     backend = "nccl" if gpus and spec.resolved_backend() == "nccl" else "gloo"
 
     run_dir = config.runs_dir() / job.metadata.name
@@ -170,17 +208,42 @@ def run_training_job(job: TrainingJob, registry: Registry | None = None, events_
     model = build_model(spec.model.builder, transform.output_dim, spec.model.params)
     model.load_state_dict(output.model_state)
     artifact = ModelArtifact(model, transform, spec.model.builder, spec.model.params)
-    slice_column = spec.dataset.slice_column
+    return TrainedModel(artifact=artifact, history=output.history, epochs=output.epochs, backend=backend)
+
+
+def evaluate_model(
+    job: TrainingJob,
+    artifact: ModelArtifact,
+    test: pd.DataFrame,
+    registry: Registry,
+    history: list[dict[str, float]] | None = None,
+) -> tuple[Evaluation, GateDecision]:
+    """Metrics on the test rows (overall and per slice), and the gate against spec.gate and Production."""
+    transform = artifact.transform
+    slice_column = job.spec.dataset.slice_column
     evaluation = evaluate(
         transform.encode_label(test),
         artifact.predict_proba(test),
         slice_column,
         test[slice_column].to_numpy() if slice_column else None,
-        per_epoch=output.history,
+        per_epoch=history,
     )
-    production = registry.production(spec.model.name)
-    decision = gate(evaluation, spec.gate, production)
+    production = registry.production(job.spec.model.name)
+    return evaluation, gate(evaluation, job.spec.gate, production)
 
+
+def register_model(
+    job: TrainingJob,
+    snapshot: Snapshot,
+    artifact: ModelArtifact,
+    evaluation: Evaluation,
+    decision: GateDecision,
+    backend: str,
+    registry: Registry,
+    image: str | None = None,
+) -> ModelVersion:
+    """A new version in the registry: Candidate when the gate passed, else Rejected (with the reasons)."""
+    spec = job.spec
     version, directory = registry.allocate(spec.model.name)
     artifact.save(directory / "artifact")
     record = registry.save(
@@ -195,13 +258,14 @@ def run_training_job(job: TrainingJob, registry: Registry | None = None, events_
                 training_job=f"{job.metadata.namespace}/{job.metadata.name}",
                 code_version=code_version(),
                 builder=spec.model.builder,
+                image=image,
                 hyperparameters=spec.hyperparameters.model_dump(by_alias=True),
                 workers=spec.workers.replicas,
                 backend=backend,
             ),
             metrics=evaluation,
             signature=Signature(
-                inputs=[Feature(**feature) for feature in transform.input_features()],
+                inputs=[Feature(**feature) for feature in artifact.transform.input_features()],
                 label=spec.dataset.label,
                 positive_class=spec.dataset.positive_class,
             ),
@@ -221,4 +285,17 @@ def run_training_job(job: TrainingJob, registry: Registry | None = None, events_
         accuracy=overall.accuracy,
         log_loss=overall.log_loss,
     )
-    return JobOutcome(model_version=record, snapshot=snapshot, validation=report, epochs=output.epochs)
+    return record
+
+
+def run_training_job(job: TrainingJob, registry: Registry | None = None, events_path: Path | None = None) -> JobOutcome:
+    registry = registry or Registry()
+    gpus = resolve_gpus(job)
+    snapshot = snapshot_dataset(job)
+    report = validate_snapshot(job, snapshot, registry)
+    train, test = split_snapshot(job, snapshot)
+    transform = fit_transform(job, train)
+    trained = train_model(job, transform, train, test, gpus=gpus, events_path=events_path)
+    evaluation, decision = evaluate_model(job, trained.artifact, test, registry, trained.history)
+    record = register_model(job, snapshot, trained.artifact, evaluation, decision, trained.backend, registry)
+    return JobOutcome(model_version=record, snapshot=snapshot, validation=report, epochs=trained.epochs)

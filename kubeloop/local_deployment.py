@@ -1,0 +1,92 @@
+"""A ModelDeployment on this machine: the same processes a cluster runs, on loopback.
+
+Per version a KServe model server (`serving.server`), one drift sidecar (`monitoring.sidecar`) fed by their
+payload loggers, and with a canary the traffic splitter (`serving.splitter`) in front. The cluster runs the
+same modules in the InferenceService's predictor pod (server + sidecar) and splits with KServe/Gateway API.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from kubeloop.api import ModelDeployment
+from kubeloop.log import event
+from kubeloop.processes import ProcessGroup, free_port
+from kubeloop.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Endpoints:
+    url: str
+    servers: dict[int, str]
+    sidecar: str | None
+    splitter: str | None
+
+
+class LocalDeployment:
+    def __init__(self, deployment: ModelDeployment, registry: Registry | None = None) -> None:
+        self.deployment = deployment
+        self.registry = registry or Registry()
+        self.processes = ProcessGroup()
+
+    def versions(self) -> list[tuple[int, str]]:
+        spec = self.deployment.spec
+        pairs = [(spec.version, "default")]
+        if spec.canary is not None:
+            pairs.append((spec.canary.version, "canary"))
+        return pairs
+
+    def start(self) -> Endpoints:
+        spec, name = self.deployment.spec, self.deployment.metadata.name
+        records = {version: self.registry.record_path(spec.model, version) for version, _ in self.versions()}
+        sidecar = None
+        if spec.drift.enabled:
+            port = free_port()
+            sidecar = f"http://127.0.0.1:{port}"
+            args = ["--host", "127.0.0.1", "--port", str(port), "--default-version", str(spec.version)]
+            for path in records.values():
+                args += ["--model-version", str(path)]
+            args += ["--detector", spec.drift.detector, "--window", str(spec.drift.window)]
+            args += ["--p-value", str(spec.drift.p_value), "--reference-size", str(spec.drift.reference_size)]
+            self.processes.start("drift-sidecar", "monitoring.sidecar", args, f"{sidecar}/healthz")
+        servers: dict[int, str] = {}
+        for version, endpoint in self.versions():
+            port = free_port()
+            args = ["--model-version", str(records[version]), "--host", "127.0.0.1", "--http-port", str(port)]
+            args += [
+                "--endpoint",
+                endpoint,
+                "--inference-service",
+                name,
+                "--namespace",
+                self.deployment.metadata.namespace,
+            ]
+            if sidecar:
+                args += ["--logger-url", f"{sidecar}/"]
+            servers[version] = f"http://127.0.0.1:{port}"
+            self.processes.start(f"server-v{version}", "serving.server", args, f"{servers[version]}/v2/health/ready")
+        splitter = None
+        if spec.canary is not None:
+            port = free_port()
+            splitter = f"http://127.0.0.1:{port}"
+            args = ["--host", "127.0.0.1", "--port", str(port), "--percent", str(spec.canary.traffic_percent)]
+            args += ["--stable", servers[spec.version], "--stable-version", str(spec.version)]
+            args += ["--candidate", servers[spec.canary.version], "--candidate-version", str(spec.canary.version)]
+            self.processes.start("splitter", "serving.splitter", args, f"{splitter}/v2/health/ready")
+        endpoints = Endpoints(
+            url=splitter or servers[spec.version], servers=servers, sidecar=sidecar, splitter=splitter
+        )
+        event(log, "deployment.ready", name=name, model=spec.model, url=endpoints.url, sidecar=sidecar or "off")
+        return endpoints
+
+    def stop(self) -> None:
+        self.processes.stop()
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
