@@ -27,14 +27,17 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _manifests(args: argparse.Namespace) -> int:
-    from kubeloop.manifests import check, generate
+    from kubeloop import manifests
+
+    # the kustomize base is rendered from the chart by helm; the operators package owns that rendering
+    from operators import chart
 
     root = Path(args.root)
     if args.action == "generate":
-        for path in generate(root):
+        for path in manifests.generate(root) + chart.generate(root):
             print(f"wrote {path}")
         return 0
-    stale = check(root)
+    stale = manifests.check(root) + chart.check(root)
     for message in stale:
         print(message, file=sys.stderr)
     if not stale:

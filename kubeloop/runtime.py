@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kubeloop.api import ModelDeployment, Resource, TrainingJob, load_resources
 from kubeloop.errors import GateFailed, KubeloopError, SpecError
+from kubeloop.in_cluster import publish_result
 from kubeloop.models_view import detail
 
 
@@ -15,6 +16,7 @@ def run_trainingjob(job: TrainingJob) -> None:
 
     outcome = run_training_job(job)
     record = outcome.model_version
+    publish_result(record)
     print(detail(record))
     if record.spec.gate and not record.spec.gate.passed:
         raise GateFailed(f"{record.metadata.name} did not pass the gate: " + "; ".join(record.spec.gate.reasons))

@@ -12,7 +12,6 @@
 # the Go module proxy. Set GOMAXPROCS / run under nice to share a machine.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-# shellcheck source=versions.env
 while IFS='=' read -r key value; do
     case "$key" in ''|'#'*) continue ;; esac
     [ -n "${!key:-}" ] || export "$key=$value"     # the environment wins over versions.env

@@ -157,9 +157,12 @@ class ControlPlane:
         return self
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the process group, SIGKILL what is left after ``grace`` seconds, remove a temp workdir."""
+        """Stop the components clients-first (kwok, scheduler, controller-manager, apiserver, etcd last, so none
+        waits on a store that is gone), SIGKILL whatever outlives ``grace`` seconds, then the whole process group;
+        remove a temp workdir."""
         if self.pgid is not None:
-            _kill_group(self.pgid, list(self.procs.values()), grace)
+            order = [(proc.pid, proc.poll) for proc in reversed(self.procs.values())]
+            _stop_in_order(self.pgid, order, grace)
             self.pgid = None
         self.procs.clear()
         if self._own_workdir:
@@ -273,11 +276,13 @@ class ControlPlane:
                 "--v=1",
             ],
         )
-        self._wait(deadline, "kube-apiserver serving certificate", lambda: (pki / "apiserver.crt").exists())
+        self._wait(
+            deadline, "kube-apiserver serving certificate", lambda: _split_ca(pki / "apiserver.crt", pki / "ca.crt")
+        )
         self._wait(deadline, "kube-apiserver /readyz", lambda: self.api("GET", "/readyz")[0] == 200)
 
     def _write_kubeconfigs(self) -> None:
-        ca = base64.b64encode((self.workdir / "pki" / "apiserver.crt").read_bytes()).decode()
+        ca = base64.b64encode((self.workdir / "pki" / "ca.crt").read_bytes()).decode()
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -304,7 +309,7 @@ class ControlPlane:
             "--leader-elect=false",
             "--use-service-account-credentials=true",  # each controller acts as its own RBAC-bound identity
             f"--service-account-private-key-file={pki / 'sa.key'}",
-            f"--root-ca-file={pki / 'apiserver.crt'}",
+            f"--root-ca-file={pki / 'ca.crt'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--controllers=*",
             "--concurrent-gc-syncs=5",
@@ -389,7 +394,7 @@ class ControlPlane:
 
     # --- helpers -----------------------------------------------------------------------------------------
     def _ssl_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.workdir / "pki" / "apiserver.crt"))
+        return ssl.create_default_context(cafile=str(self.workdir / "pki" / "ca.crt"))
 
     def _wait(self, deadline: float, what: str, check: Callable[[], bool]) -> None:
         while True:
@@ -421,6 +426,19 @@ def _https_ok(port: int) -> bool:
         return response.status == 200
 
 
+def _split_ca(serving: Path, ca: Path) -> bool:
+    """kube-apiserver's self-signed --cert-dir file holds the serving cert followed by the CA that signed it:
+    write the CA alone to ``ca`` (kubeconfigs and --root-ca-file want the CA, not the leaf)."""
+    if not serving.exists():
+        return False
+    marker = "-----END CERTIFICATE-----"
+    blocks = [block.strip() + "\n" + marker + "\n" for block in serving.read_text().split(marker) if block.strip()]
+    if len(blocks) < 2:
+        return False  # not written yet, or only partly
+    ca.write_text("".join(blocks[1:]))
+    return True
+
+
 def _generate_rsa_key_pair(private: Path, public: Path) -> None:
     """The service-account signing key pair: openssl when present, else the `cryptography` package."""
     openssl = shutil.which("openssl")
@@ -447,18 +465,19 @@ def _generate_rsa_key_pair(private: Path, public: Path) -> None:
     private.chmod(0o600)
 
 
-def _kill_group(pgid: int, procs: list[subprocess.Popen[bytes]], grace: float) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
+def _stop_in_order(pgid: int, procs: list[tuple[int, Callable[[], int | None]]], grace: float) -> None:
+    """SIGTERM each (pid, poll) in turn and wait for it (all within ``grace`` seconds), then SIGKILL the group."""
     end = time.monotonic() + grace
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=max(0.1, end - time.monotonic()))
+    for pid, poll in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        while poll() is None and time.monotonic() < end:
+            time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
+    for _pid, poll in procs:
+        while poll() is None and time.monotonic() < end + 5:
+            time.sleep(0.05)
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------
@@ -482,12 +501,11 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "down":
         if state_file.exists():
             state = json.loads(state_file.read_text())
-            pgid, pids = int(state["pgid"]), list(state["pids"].values())
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
-            _wait_gone(pids, 15)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
+            # not our children (their `up` exited): signal only pids still running in that workdir (no reuse)
+            pids = [pid for pid in reversed(list(state["pids"].values())) if _ours(pid, args.dir)]
+            order = [(pid, lambda pid=pid: None if _alive(pid) else 0) for pid in pids]
+            if order:
+                _stop_in_order(int(state["pgid"]), order, grace=15)
             print(f"stopped the control plane (process group {state['pgid']})")
         shutil.rmtree(args.dir, ignore_errors=True)
         return 0
@@ -495,10 +513,10 @@ def _main(argv: list[str] | None = None) -> int:
     # up
     if state_file.exists():
         state = json.loads(state_file.read_text())
-        if _alive(int(state["pids"]["kube-apiserver"])):
+        if _ours(int(state["pids"]["kube-apiserver"]), args.dir):
             print(f"already up: export KUBECONFIG={state['kubeconfig']}")
             return 0
-        shutil.rmtree(args.dir, ignore_errors=True)
+    shutil.rmtree(args.dir, ignore_errors=True)  # a stale or half-started run: start from a clean folder
     if not is_built():
         print(f"building the control plane into {bin_dir()} (first time only) ...", file=sys.stderr)
         build()
@@ -512,20 +530,21 @@ def _main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _alive(pid: int) -> bool:
+def _ours(pid: int, workdir: Path) -> bool:
+    """A component `up` started: alive and running in its workdir (a reused pid is someone else's)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/cwd").resolve() == workdir.resolve()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
-def _wait_gone(pids: list[int], timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while any(_alive(pid) for pid in pids) and time.monotonic() < end:
-        time.sleep(0.2)
+def _alive(pid: int) -> bool:
+    """Running (a zombie that no parent reaped yet counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 if __name__ == "__main__":

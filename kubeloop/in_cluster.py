@@ -1,0 +1,43 @@
+"""What a training run does differently inside a kubeloop RayJob: hand its ModelVersion to the operator.
+
+The operator gives the RayJob's head the name of a ConfigMap it owns (KUBELOOP_RESULT_CONFIGMAP) and a service
+account allowed to patch only that ConfigMap; the run writes the ModelVersion manifest there and the operator
+creates the ModelVersion resource from it (the operator stays the only writer of kubeloop.dev resources).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from kubeloop.api import ModelVersion
+
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+def publish_result(record: ModelVersion) -> bool:
+    """Patch the result ConfigMap with the record; False when not running in a kubeloop RayJob."""
+    name = os.environ.get("KUBELOOP_RESULT_CONFIGMAP")
+    if not name:
+        return False
+    host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    url = f"https://{host}:{port}/api/v1/namespaces/{os.environ['KUBELOOP_NAMESPACE']}/configmaps/{name}"
+    key = os.environ.get("KUBELOOP_RESULT_KEY", "modelversion.yaml")
+    body = json.dumps({"data": {key: yaml.safe_dump(record.to_manifest(), sort_keys=False)}}).encode()
+    request = urllib.request.Request(
+        url,
+        data=body,
+        method="PATCH",
+        headers={
+            "Authorization": f"Bearer {(SERVICE_ACCOUNT / 'token').read_text()}",
+            "Content-Type": "application/merge-patch+json",
+        },
+    )
+    context = ssl.create_default_context(cafile=str(SERVICE_ACCOUNT / "ca.crt"))
+    with urllib.request.urlopen(request, context=context, timeout=30):
+        return True

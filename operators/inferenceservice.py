@@ -1,0 +1,349 @@
+"""ModelDeployment -> KServe InferenceService (serving.kserve.io/v1beta1), and its status back.
+
+Pure functions: a ModelDeployment (read from the cluster, with its uid) and the ModelVersions it names in, the
+desired children out.
+
+The predictor is an inlined pod spec (``containers``) so the drift detector can sit beside the model server:
+
+- ``kserve-container``: kubeloop's serving image, ``python -m serving.server --model-version
+  /etc/kubeloop/versions/v<N>.yaml`` on 0.0.0.0:8080. The ModelVersion manifests come from a ConfigMap
+  ``<name>-model-versions`` (owned by the ModelDeployment, one key per version, copied from the ModelVersion
+  resources); the artifact they point at (``file://`` under KUBELOOP_HOME) is on the kubeloop volume, mounted
+  read-only. The artifact URI is also an annotation of the pod (``kubeloop.dev/artifact-uri``).
+- ``drift-detector``: the monitoring image, ``python -m monitoring.sidecar`` on 127.0.0.1:<sidecarPort>, fed by
+  the predictor's KServe payload logger (``logger.url: http://127.0.0.1:<sidecarPort>/``, mode all), which posts
+  every request and response as a CloudEvent to it on the pod's loopback.
+
+Deployment modes (annotation ``serving.kserve.io/deploymentMode``):
+
+- Standard: autoscaled by an HPA (``serving.kserve.io/autoscalerClass: hpa``, cpu or memory); a canary is an
+  entry of ``spec.canary[]`` (KServe >= 0.20, Gateway API weights) ``{trafficPercent, predictor: {name: v<N>,
+  ...}}`` with the candidate's pod spec and no autoscaling fields (KServe sizes it from trafficPercent).
+- Knative: ``autoscaling.knative.dev/class`` kpa (concurrency, rps, scale to zero) or hpa (cpu, memory); a canary
+  is ``canaryTrafficPercent`` on the predictor, which then runs the candidate: KServe splits between the new
+  revision and the last one rolled out at 100% (the stable). The operator therefore creates the stable alone
+  first and adds the canary once KServe reports it rolled out (see ``with_canary``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from kubeloop.api import ModelDeployment, ModelVersion
+from operators import common
+from operators.settings import Settings, current
+
+ISVC_API_VERSION = "serving.kserve.io/v1beta1"
+COMPONENT = "inference"
+VERSIONS_MOUNT = "/etc/kubeloop/versions"
+SERVER_CONTAINER = "kserve-container"  # KServe's name for the predictor's serving container
+SIDECAR_CONTAINER = "drift-detector"
+ANNOTATION_MODE = "serving.kserve.io/deploymentMode"
+ANNOTATION_AUTOSCALER = "serving.kserve.io/autoscalerClass"
+ANNOTATION_KNATIVE_CLASS = "autoscaling.knative.dev/class"
+ANNOTATION_SCRAPE = "serving.kserve.io/enable-prometheus-scraping"
+KNATIVE_KPA = "kpa.autoscaling.knative.dev"
+KNATIVE_HPA = "hpa.autoscaling.knative.dev"
+
+
+def isvc_name(md: ModelDeployment) -> str:
+    return md.metadata.name
+
+
+def versions_configmap_name(md: ModelDeployment) -> str:
+    return f"{md.metadata.name}-model-versions"
+
+
+def version_key(version: int) -> str:
+    return f"v{version}.yaml"
+
+
+def wanted_versions(md: ModelDeployment) -> list[int]:
+    """The versions a ModelDeployment serves: the stable one, then the canary (if any)."""
+    out = [md.spec.version]
+    if md.spec.canary is not None:
+        out.append(md.spec.canary.version)
+    return out
+
+
+def _child_labels(md: ModelDeployment) -> dict[str, str]:
+    return {common.LABEL_MODELDEPLOYMENT: md.metadata.name, common.LABEL_MODEL: md.spec.model}
+
+
+def desired_versions_configmap(md: ModelDeployment, versions: Mapping[int, ModelVersion]) -> dict[str, Any]:
+    data = {}
+    for version in wanted_versions(md):
+        manifest = versions[version].to_manifest()
+        meta = manifest.get("metadata", {})
+        manifest["metadata"] = {"name": meta.get("name"), "namespace": meta.get("namespace", md.metadata.namespace)}
+        manifest.pop("status", None)
+        data[version_key(version)] = yaml.safe_dump(manifest, sort_keys=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": common.metadata(md, versions_configmap_name(md), COMPONENT, _child_labels(md)),
+        "data": data,
+    }
+
+
+def _volumes(md: ModelDeployment, settings: Settings) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "model-versions", "configMap": {"name": versions_configmap_name(md)}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if settings.storage_pvc:
+        volumes.append(
+            {"name": "kubeloop-home", "persistentVolumeClaim": {"claimName": settings.storage_pvc, "readOnly": True}}
+        )
+    return volumes
+
+
+def _mounts(settings: Settings) -> list[dict[str, Any]]:
+    mounts: list[dict[str, Any]] = [
+        {"name": "model-versions", "mountPath": VERSIONS_MOUNT, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if settings.storage_pvc:
+        mounts.append({"name": "kubeloop-home", "mountPath": settings.home_mount_path, "readOnly": True})
+    return mounts
+
+
+def _env(settings: Settings) -> list[dict[str, Any]]:
+    return [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "KUBELOOP_HOME", "value": settings.home_mount_path},
+    ]
+
+
+def _server(md: ModelDeployment, version: int, endpoint: str, settings: Settings) -> dict[str, Any]:
+    res = md.spec.resources
+    args = [
+        "--model-version", f"{VERSIONS_MOUNT}/{version_key(version)}",
+        "--host", "0.0.0.0",
+        "--http-port", str(settings.server_port),
+        "--endpoint", endpoint,
+        "--inference-service", isvc_name(md),
+        "--namespace", md.metadata.namespace,
+    ]  # fmt: skip
+    return {
+        "name": SERVER_CONTAINER,
+        "image": settings.serving_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["python", "-m", "serving.server"],
+        "args": args,
+        "ports": [{"containerPort": settings.server_port, "protocol": "TCP"}],
+        "env": _env(settings),
+        "resources": common.resources(res.cpu, res.memory, res.gpu),
+        "readinessProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": settings.server_port},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "volumeMounts": _mounts(settings),
+        "securityContext": common.container_security_context(read_only_root=True),
+    }
+
+
+def _sidecar(md: ModelDeployment, version: int, settings: Settings) -> dict[str, Any]:
+    """The drift detector of one predictor pod: its default version is the one this pod serves; it also knows
+    the deployment's other version so events labelled with the other endpoint are attributed correctly."""
+    drift = md.spec.drift
+    args = ["--host", "127.0.0.1", "--port", str(settings.sidecar_port)]
+    for other in [version, *(v for v in wanted_versions(md) if v != version)]:
+        args += ["--model-version", f"{VERSIONS_MOUNT}/{version_key(other)}"]
+    args += [
+        "--default-version", str(version),
+        "--detector", drift.detector,
+        "--window", str(drift.window),
+        "--p-value", str(drift.p_value),
+        "--reference-size", str(drift.reference_size),
+    ]  # fmt: skip
+    return {
+        "name": SIDECAR_CONTAINER,
+        "image": settings.drift_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["python", "-m", "monitoring.sidecar"],
+        "args": args,
+        "env": _env(settings),
+        "resources": common.resources(settings.sidecar_cpu, settings.sidecar_memory),
+        "volumeMounts": _mounts(settings),
+        "securityContext": common.container_security_context(read_only_root=True),
+    }
+
+
+def logger_url(settings: Settings) -> str:
+    return f"http://127.0.0.1:{settings.sidecar_port}/"
+
+
+def _predictor(
+    md: ModelDeployment, version: int, mv: ModelVersion, endpoint: str, settings: Settings
+) -> dict[str, Any]:
+    """A predictor component (KServe PredictorSpec) running one model version."""
+    containers = [_server(md, version, endpoint, settings)]
+    if md.spec.drift.enabled:
+        containers.append(_sidecar(md, version, settings))
+    predictor: dict[str, Any] = {
+        "labels": {
+            **_child_labels(md),
+            common.LABEL_VERSION: str(version),
+            "app.kubernetes.io/component": COMPONENT,
+            "app.kubernetes.io/part-of": common.PART_OF,
+        },
+        "annotations": {"kubeloop.dev/artifact-uri": mv.spec.artifact_uri},
+        "securityContext": common.pod_security_context(settings.user_id),
+        "containers": containers,
+        "volumes": _volumes(md, settings),
+        **common.gpu_scheduling(md.spec.resources.gpu, settings.gpu_node_selector, settings.gpu_toleration),
+    }
+    if md.spec.drift.enabled:
+        predictor["logger"] = {"url": logger_url(settings), "mode": "all"}
+    return predictor
+
+
+def _autoscaling(md: ModelDeployment) -> dict[str, Any]:
+    scaling = md.spec.autoscaling
+    return {
+        "minReplicas": scaling.min_replicas,
+        "maxReplicas": scaling.max_replicas,
+        "scaleMetric": scaling.metric,
+        "scaleTarget": scaling.target,
+    }
+
+
+def _annotations(md: ModelDeployment) -> dict[str, str]:
+    spec = md.spec
+    annotations = {
+        ANNOTATION_MODE: spec.deployment_mode,
+        ANNOTATION_SCRAPE: "true",
+        "kubeloop.dev/stable-version": str(spec.version),
+    }
+    if spec.deployment_mode == "Standard":
+        annotations[ANNOTATION_AUTOSCALER] = "hpa"
+    else:
+        # KServe validates cpu/memory targets against Knative's HPA class, concurrency/rps against the KPA
+        metric = spec.autoscaling.metric
+        annotations[ANNOTATION_KNATIVE_CLASS] = KNATIVE_KPA if metric in ("concurrency", "rps") else KNATIVE_HPA
+    if spec.canary is not None:
+        annotations["kubeloop.dev/canary-version"] = str(spec.canary.version)
+    return annotations
+
+
+def traffic_split(md: ModelDeployment, with_canary: bool = True) -> list[dict[str, Any]]:
+    """The split kubeloop asks KServe for (kubeloop.dev ModelDeployment status.traffic entries)."""
+    spec = md.spec
+    if spec.canary is None or not with_canary:
+        return [{"version": spec.version, "percent": 100, "role": "stable"}]
+    percent = spec.canary.traffic_percent
+    return [
+        {"version": spec.version, "percent": 100 - percent, "role": "stable"},
+        {"version": spec.canary.version, "percent": percent, "role": "canary"},
+    ]
+
+
+def desired_inferenceservice(
+    md: ModelDeployment,
+    versions: Mapping[int, ModelVersion],
+    settings: Settings | None = None,
+    with_canary: bool = True,
+) -> dict[str, Any]:
+    """The InferenceService of a ModelDeployment.
+
+    ``versions`` maps each version the deployment names (stable, canary) to its ModelVersion. ``with_canary``
+    False leaves the canary out (Knative mode: the stable must be rolled out before KServe can split).
+    """
+    settings = settings or current()
+    spec = md.spec
+    canary = spec.canary if with_canary else None
+    isvc_spec: dict[str, Any]
+    if canary is not None and spec.deployment_mode == "Knative":
+        predictor = _predictor(md, canary.version, versions[canary.version], "default", settings)
+        predictor.update(_autoscaling(md))
+        predictor["canaryTrafficPercent"] = canary.traffic_percent
+        isvc_spec = {"predictor": predictor}
+    else:
+        predictor = _predictor(md, spec.version, versions[spec.version], "default", settings)
+        predictor.update(_autoscaling(md))
+        isvc_spec = {"predictor": predictor}
+        if canary is not None:  # Standard: a named canary deployment beside the stable one
+            candidate = _predictor(md, canary.version, versions[canary.version], "canary", settings)
+            candidate["name"] = f"v{canary.version}"
+            isvc_spec["canary"] = [{"trafficPercent": canary.traffic_percent, "predictor": candidate}]
+    annotations = _annotations(md)
+    if spec.canary is not None and canary is None:
+        annotations["kubeloop.dev/canary-waiting"] = "stable not rolled out yet"
+    return {
+        "apiVersion": ISVC_API_VERSION,
+        "kind": "InferenceService",
+        "metadata": common.metadata(md, isvc_name(md), COMPONENT, _child_labels(md), annotations),
+        "spec": isvc_spec,
+    }
+
+
+def stable_rolled_out(isvc: Mapping[str, Any] | None) -> bool:
+    """Whether KServe (Knative mode) reports a revision rolled out at 100%, the one a canary splits against."""
+    if not isvc:
+        return False
+    predictor = ((isvc.get("status") or {}).get("components") or {}).get("predictor") or {}
+    return bool(predictor.get("latestRolledoutRevision"))
+
+
+# --- status: InferenceService -> ModelDeployment -------------------------------------------------------------
+
+
+def _isvc_condition(isvc: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    for cond in (isvc.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_:
+            return cond
+    return None
+
+
+def modeldeployment_status(
+    md: ModelDeployment,
+    isvc: Mapping[str, Any] | None,
+    old_status: Mapping[str, Any] | None = None,
+    with_canary: bool = True,
+) -> dict[str, Any]:
+    """ModelDeployment status fields from its InferenceService (a merge patch for the status subresource)."""
+    old = dict(old_status or {})
+    generation = (md.metadata.model_extra or {}).get("generation")
+    ready_cond = _isvc_condition(isvc, "Ready") if isvc else None
+    ready: bool | None = None
+    if ready_cond is not None:
+        ready = ready_cond.get("status") == "True"
+    conditions = [
+        common.condition(
+            "Ready",
+            ready,
+            (ready_cond or {}).get("reason") or ("InferenceServiceReady" if ready else "InferenceServiceNotReady")
+            if ready_cond
+            else "Reconciling",
+            (ready_cond or {}).get("message") or f"InferenceService {isvc_name(md)}",
+        )
+    ]
+    canary_cond = _isvc_condition(isvc, "CanaryReady") if isvc else None
+    if md.spec.canary is not None and md.spec.deployment_mode == "Standard":
+        conditions.append(
+            common.condition(
+                "CanaryReady",
+                None if canary_cond is None else canary_cond.get("status") == "True",
+                (canary_cond or {}).get("reason") or "Reconciling",
+                (canary_cond or {}).get("message") or f"canary v{md.spec.canary.version}",
+            )
+        )
+    status: dict[str, Any] = {
+        "url": ((isvc or {}).get("status") or {}).get("url"),
+        "ready": ready,
+        "traffic": traffic_split(md, with_canary),
+        "observedGeneration": int(generation) if generation is not None else None,
+        "conditions": common.merge_conditions(old.get("conditions"), conditions, generation),
+    }
+    if md.spec.canary is not None:
+        status["canaryPhase"] = "Progressing"
+    elif old.get("canaryPhase") not in ("Promoted", "RolledBack"):
+        status["canaryPhase"] = "None"
+    if not old.get("drift"):
+        status["drift"] = {"state": "Unknown"}  # the drift sidecar reports it; nothing has yet
+    return {k: v for k, v in status.items() if v is not None}

@@ -1,0 +1,172 @@
+"""The operator's settings, in one place: read once from the environment (the chart sets these variables).
+
+Every value has a default that works for ``python -m operators`` against a dev cluster; the Helm chart's values
+map onto the ``KUBELOOP_*`` variables one to one (see helm/kubeloop/templates/deployment.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import kubeloop
+
+DEFAULT_IMAGE_TAG = kubeloop.__version__
+DEFAULT_REGISTRY = "ghcr.io/kubeloop"
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return default if value is None else value
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected an integer") from None
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={value!r}: expected true or false")
+
+
+def _env_map(name: str, default: dict[str, str]) -> dict[str, str]:
+    value = os.environ.get(name)
+    if value is None:
+        return dict(default)
+    if value.strip() == "":
+        return {}
+    try:
+        parsed: Any = json.loads(value)
+    except json.JSONDecodeError:
+        raise ValueError(f"{name}: expected a JSON object of strings, got {value!r}") from None
+    if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
+        raise ValueError(f"{name}: expected a JSON object of strings, got {value!r}")
+    return parsed
+
+
+@dataclass(frozen=True)
+class Settings:
+    # images of the workloads the operator creates
+    training_image: str = f"{DEFAULT_REGISTRY}/training:{DEFAULT_IMAGE_TAG}"
+    serving_image: str = f"{DEFAULT_REGISTRY}/serving:{DEFAULT_IMAGE_TAG}"
+    drift_image: str = f"{DEFAULT_REGISTRY}/drift:{DEFAULT_IMAGE_TAG}"
+    image_pull_policy: str = "IfNotPresent"
+
+    # KUBELOOP_HOME in the cluster: a PersistentVolumeClaim of this name in the resource's namespace, mounted at
+    # home_mount_path in the Ray pods (read-write: registry, snapshots, Ray Train checkpoints) and in the predictor
+    # pods (read-only: the artifacts). Empty: no volume (an emptyDir on the Ray head; artifacts must be reachable
+    # otherwise). For more than one Ray node it must be ReadWriteMany.
+    storage_pvc: str = "kubeloop-home"
+    home_mount_path: str = "/var/lib/kubeloop"
+
+    user_id: int = 10001  # the images' user and group (docker/*.Dockerfile); also the fsGroup of the volume
+    ray_version: str = "2.60.0"  # the Ray in the training image (KubeRay picks the submit command by it)
+    ray_ttl_seconds: int = 0  # keep the finished Ray cluster this long (0: delete it at once)
+
+    # the Ray head: runs the driver (`kubeloop run -f …`: data loading, evaluation), no training workers
+    ray_head_cpu: str = "1"
+    ray_head_memory: str = "2Gi"
+    # nodes for GPU pods (Ray workers and predictors asking for nvidia.com/gpu): a node selector and a toleration
+    gpu_node_selector: dict[str, str] = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    gpu_toleration: bool = True
+
+    # the predictor pod: the model server (KServe's kserve-container) and the drift sidecar on localhost
+    server_port: int = 8080
+    sidecar_port: int = 8090
+    sidecar_cpu: str = "250m"
+    sidecar_memory: str = "512Mi"
+
+    # reconciling
+    workers: int = 8  # threads running the (synchronous) handlers
+    retry_delay: int = 15  # seconds before retrying a reconcile that waits on something (a ModelVersion, say)
+    metrics_port: int = 9090  # 0: no /metrics endpoint
+    health_port: int = 8080  # kopf's liveness endpoint, /healthz; 0: none
+
+    # the validating admission webhook (needs a TLS certificate: the chart gets one from cert-manager)
+    webhook_enabled: bool = False
+    webhook_port: int = 9443
+    webhook_cert: str = "/etc/kubeloop/webhook/tls.crt"
+    webhook_key: str = "/etc/kubeloop/webhook/tls.key"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        default = cls()
+        return cls(
+            training_image=_env("KUBELOOP_TRAINING_IMAGE", default.training_image),
+            serving_image=_env("KUBELOOP_SERVING_IMAGE", default.serving_image),
+            drift_image=_env("KUBELOOP_DRIFT_IMAGE", default.drift_image),
+            image_pull_policy=_env("KUBELOOP_IMAGE_PULL_POLICY", default.image_pull_policy),
+            storage_pvc=_env("KUBELOOP_STORAGE_PVC", default.storage_pvc),
+            home_mount_path=_env("KUBELOOP_HOME_MOUNT_PATH", default.home_mount_path),
+            user_id=_env_int("KUBELOOP_USER_ID", default.user_id),
+            ray_version=_env("KUBELOOP_RAY_VERSION", default.ray_version),
+            ray_ttl_seconds=_env_int("KUBELOOP_RAY_TTL_SECONDS", default.ray_ttl_seconds),
+            ray_head_cpu=_env("KUBELOOP_RAY_HEAD_CPU", default.ray_head_cpu),
+            ray_head_memory=_env("KUBELOOP_RAY_HEAD_MEMORY", default.ray_head_memory),
+            gpu_node_selector=_env_map("KUBELOOP_GPU_NODE_SELECTOR", default.gpu_node_selector),
+            gpu_toleration=_env_bool("KUBELOOP_GPU_TOLERATION", default.gpu_toleration),
+            server_port=_env_int("KUBELOOP_SERVER_PORT", default.server_port),
+            sidecar_port=_env_int("KUBELOOP_SIDECAR_PORT", default.sidecar_port),
+            sidecar_cpu=_env("KUBELOOP_SIDECAR_CPU", default.sidecar_cpu),
+            sidecar_memory=_env("KUBELOOP_SIDECAR_MEMORY", default.sidecar_memory),
+            workers=_env_int("KUBELOOP_WORKERS", default.workers),
+            retry_delay=_env_int("KUBELOOP_RETRY_DELAY", default.retry_delay),
+            metrics_port=_env_int("KUBELOOP_METRICS_PORT", default.metrics_port),
+            health_port=_env_int("KUBELOOP_HEALTH_PORT", default.health_port),
+            webhook_enabled=_env_bool("KUBELOOP_WEBHOOK_ENABLED", default.webhook_enabled),
+            webhook_port=_env_int("KUBELOOP_WEBHOOK_PORT", default.webhook_port),
+            webhook_cert=_env("KUBELOOP_WEBHOOK_CERT", default.webhook_cert),
+            webhook_key=_env("KUBELOOP_WEBHOOK_KEY", default.webhook_key),
+        )
+
+
+_current: Settings | None = None
+
+
+def current() -> Settings:
+    """The settings of this process (read from the environment on first use)."""
+    global _current
+    if _current is None:
+        _current = Settings.from_env()
+    return _current
+
+
+def configure_kopf(kopf_settings: Any, settings: Settings) -> None:
+    """kopf's own settings: where it keeps its state, how it posts events, how it reaches the webhook."""
+    import kopf
+
+    # kopf's bookkeeping lives in annotations under kubeloop.dev (not in status: the status is the API's)
+    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubeloop.dev")
+    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kubeloop.dev", key="last-handled-configuration"
+    )
+    kopf_settings.posting.level = logging.INFO  # kopf.info/warn/exception calls become Kubernetes Events
+    kopf_settings.posting.reporting_component = "kubeloop-operator"
+    kopf_settings.posting.event_name_prefix = "kubeloop-"
+    kopf_settings.watching.server_timeout = 300  # re-list every 5 minutes at most: level-triggered catch-up
+    kopf_settings.execution.max_workers = settings.workers
+    # one replica (the chart runs exactly one, with the Recreate strategy): no peering CRDs, no peering RBAC
+    kopf_settings.peering.standalone = True
+    if settings.webhook_enabled:
+        kopf_settings.admission.server = kopf.WebhookServer(
+            addr="0.0.0.0",
+            port=settings.webhook_port,
+            certfile=settings.webhook_cert,
+            pkeyfile=settings.webhook_key,
+        )
+        kopf_settings.admission.managed = None  # the chart owns the ValidatingWebhookConfiguration

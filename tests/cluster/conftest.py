@@ -1,0 +1,123 @@
+"""Cluster tests: a real kube-apiserver, not a mock.
+
+Which cluster:
+- ``KUBELOOP_TEST_KUBECONFIG=/path/to/kubeconfig``: any existing cluster (a kind cluster on a laptop, say); the
+  identity in it must be cluster-admin.
+- otherwise the dev control plane of ``platform/dev-controlplane/`` (etcd, kube-apiserver, kube-controller-manager,
+  kube-scheduler, kwok with 2 fake nodes), started once per session on 127.0.0.1 and stopped at the end. Its
+  binaries are built from Go modules into ``${KUBELOOP_CACHE:-~/.cache/kubeloop}`` the first time (about half an
+  hour on 2 cores; done before the first test runs, so no test's timeout pays for it).
+
+Every test here carries ``pytest.mark.cluster`` (added below), so ``-m "not cluster"`` leaves them out.
+Fixtures: ``cluster`` (clusterkit.Cluster), ``kubeconfig`` (admin, Path), ``namespace`` (fresh per test),
+``sa_kubeconfig(namespace, name)`` (a ServiceAccount's kubeconfig, no permissions until bound).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from clusterkit import (
+    EXTERNAL_ENV,
+    HERE,
+    Cluster,
+    exists,
+    load_controlplane,
+    service_account_kubeconfig,
+    wait_for,
+)
+
+
+def _is_cluster_test(item: pytest.Item) -> bool:
+    return HERE in Path(str(item.path)).resolve().parents
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _is_cluster_test(item):
+            item.add_marker(pytest.mark.cluster)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the control plane before any test runs when cluster tests were selected and the cache is empty."""
+    if os.environ.get(EXTERNAL_ENV) or session.config.option.collectonly:
+        return
+    if not any(_is_cluster_test(item) for item in session.items):
+        return
+    controlplane = load_controlplane()
+    if controlplane.is_built():
+        return
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(
+            f"\ntests/cluster: building the dev control plane into {controlplane.bin_dir()} "
+            "(first run on this machine; later runs reuse it) ...",
+            flush=True,
+        )
+        started = time.monotonic()
+        controlplane.build(stdout=sys.stdout)
+        print(f"tests/cluster: control plane built in {time.monotonic() - started:.0f}s", flush=True)
+
+
+@pytest.fixture(scope="session")
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    external = os.environ.get(EXTERNAL_ENV)
+    if external:
+        path = Path(external).expanduser()
+        if not path.is_file():
+            pytest.fail(f"{EXTERNAL_ENV}={external} is not a file")
+        yield Cluster(kubeconfig=path)
+        return
+    controlplane = load_controlplane()
+    if not controlplane.is_built():  # the collection hook builds; this covers other entry points
+        controlplane.build()
+    plane = controlplane.ControlPlane(die_with_parent=True)
+    plane.start()
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(
+            f"\ntests/cluster: control plane {plane.k8s_version} up in {plane.startup_seconds:.1f}s ({plane.server})",
+            flush=True,
+        )
+    try:
+        yield Cluster(kubeconfig=plane.kubeconfig, dev=plane)
+    finally:
+        plane.stop()
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(cluster: Cluster) -> Path:
+    """An admin kubeconfig for the cluster under test."""
+    return cluster.kubeconfig
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    """A fresh namespace for one test, deleted afterwards (without waiting for it to go)."""
+    from kubernetes import client
+
+    api = client.CoreV1Api(cluster.client())
+    name = f"kl-test-{uuid.uuid4().hex[:8]}"
+    api.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    # pods are admitted only once the service-account controller made the namespace's "default" SA
+    wait_for(lambda: exists(lambda: api.read_namespaced_service_account("default", name)), 60, "default SA")
+    yield name
+    api.delete_namespace(name)
+
+
+@pytest.fixture
+def sa_kubeconfig(kubeconfig: Path, tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``sa_kubeconfig(namespace, name)`` -> a kubeconfig for that ServiceAccount (created if missing)."""
+
+    def make(namespace: str, name: str, expiration_seconds: int = 3600) -> Path:
+        return service_account_kubeconfig(
+            kubeconfig, namespace, name, tmp_path / f"{namespace}-{name}.kubeconfig", expiration_seconds
+        )
+
+    return make

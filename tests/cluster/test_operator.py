@@ -1,0 +1,801 @@
+"""The operator against a real apiserver, installed by its chart and running as the chart's ServiceAccount.
+
+The chart is installed with helm (CRDs, ServiceAccount, ClusterRole/Binding, Deployment). The operator under test
+is ``python -m operators`` run here as a process whose kubeconfig holds the token of the chart's ServiceAccount
+(``kubeloop-system/kubeloop-operator``): every request it makes is authorized by the chart's RBAC, nothing else.
+(The chart's own Deployment is scaled to 0 so that, on a real cluster, it cannot reconcile beside the one under
+test; on the dev control plane its pod is a kwok pod that runs nothing anyway.)
+
+No KubeRay or KServe controller runs here: RayJob and InferenceService are stand-in CRDs
+(tests/cluster/stand_in_crds/, installed only when the real ones are absent) and the tests write those objects'
+status the way KubeRay and KServe would. A pod built from the predictor spec is created, scheduled on a kwok node
+and reaches Running: the spec the operator writes is a valid pod.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+from clusterkit import Cluster, service_account_kubeconfig, wait_for
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kubeloop import in_cluster
+from kubeloop.api import ModelVersion, TrainingJob, parse_resource
+from operators import chart as chart_render
+from operators import rayjob as rj
+from operators.kube import contains
+from operators.settings import Settings
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+STAND_INS = Path(__file__).resolve().parent / "stand_in_crds"
+RELEASE, SYSTEM = "kubeloop", "kubeloop-system"
+OPERATOR_SA = "kubeloop-operator"
+GROUP, VERSION = "kubeloop.dev", "v1alpha1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sample(name: str) -> dict[str, Any]:
+    return yaml.safe_load((REPO / "manifests/samples" / f"{name}.yaml").read_text())
+
+
+def kubectl(kubeconfig: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        ["kubectl", "--kubeconfig", str(kubeconfig), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    if check and done.returncode != 0:
+        pytest.fail(f"kubectl {' '.join(args)}: {done.stderr}")
+    return done
+
+
+class OperatorProcess:
+    """``python -m operators`` as a child process with a given kubeconfig; started, killed, restarted at will."""
+
+    def __init__(self, kubeconfig: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.kubeconfig, self.log_path = kubeconfig, log_path
+        self.extra_env = dict(extra_env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.health_port = 0
+
+    def start(self) -> None:
+        self.health_port = free_port()
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "KUBELOOP_HEALTH_PORT": str(self.health_port),
+            "KUBELOOP_METRICS_PORT": str(free_port()),
+            "KUBELOOP_RETRY_DELAY": "2",
+            "KUBELOOP_WORKERS": "4",
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "operators"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+
+    def healthy(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            pytest.fail(f"the operator exited:\n{self.tail()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        wait_for(self.healthy, timeout, "the operator's /healthz")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+# --- fixtures -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stand_ins(cluster: Cluster) -> bool:
+    """Install the stand-in RayJob/InferenceService CRDs where the real ones are absent; True if any was."""
+    ext = client.ApiextensionsV1Api(cluster.client())
+    installed = False
+    for path in sorted(STAND_INS.glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        try:
+            existing = ext.read_custom_resource_definition(crd["metadata"]["name"])
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            ext.create_custom_resource_definition(crd)
+            installed = True
+        else:
+            installed |= (existing.metadata.labels or {}).get("kubeloop.dev/stand-in") == "true"
+    for path in sorted(STAND_INS.glob("*.yaml")):
+        name = yaml.safe_load(path.read_text())["metadata"]["name"]
+        wait_for(
+            lambda n=name: any(
+                c.type == "Established" and c.status == "True"
+                for c in ext.read_custom_resource_definition(n).status.conditions or []
+            ),
+            60,
+            f"CRD {name} established",
+        )
+    return installed
+
+
+@pytest.fixture(scope="module")
+def chart(cluster: Cluster, kubeconfig: Path, stand_ins: bool) -> str:
+    """helm upgrade --install of helm/kubeloop into kubeloop-system; the helm output."""
+    helm = chart_render.find_helm()
+    if helm is None:
+        pytest.fail("no helm binary (the dev control plane build makes one)")
+    args = [helm, "--kubeconfig", str(kubeconfig), "upgrade", "--install", RELEASE, str(REPO / "helm/kubeloop")]
+    args += ["--namespace", SYSTEM, "--create-namespace"]
+    if cluster.dev:  # kwok runs the pod (nothing to pull), so --wait is meaningful and quick
+        args += ["--wait", "--timeout", "120s"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    apps = client.AppsV1Api(cluster.client())
+    apps.patch_namespaced_deployment_scale(f"{RELEASE}-operator", SYSTEM, {"spec": {"replicas": 0}})
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def operator_kubeconfig(kubeconfig: Path, chart: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("operator") / "operator.kubeconfig"
+    return service_account_kubeconfig(kubeconfig, SYSTEM, OPERATOR_SA, path, expiration_seconds=7200)
+
+
+@pytest.fixture(scope="module")
+def operator(operator_kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(operator_kubeconfig, tmp_path_factory.mktemp("operator-log") / "operator.log")
+    process.start()
+    process.wait_healthy()
+    yield process
+    process.stop()
+    errors = [line for line in process.log_path.read_text(errors="replace").splitlines() if "Traceback" in line]
+    print(f"operator log: {process.log_path} ({len(errors)} tracebacks)")
+
+
+@pytest.fixture
+def api(cluster: Cluster) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(cluster.client())
+
+
+@pytest.fixture
+def core(cluster: Cluster) -> client.CoreV1Api:
+    return client.CoreV1Api(cluster.client())
+
+
+def create(api: client.CustomObjectsApi, namespace: str, doc: dict[str, Any]) -> dict[str, Any]:
+    group, version = doc["apiVersion"].split("/")
+    plural = {"TrainingJob": "trainingjobs", "ModelVersion": "modelversions", "ModelDeployment": "modeldeployments"}
+    doc = copy.deepcopy(doc)
+    doc["metadata"]["namespace"] = namespace
+    return api.create_namespaced_custom_object(group, version, namespace, plural[doc["kind"]], doc)
+
+
+def get(api: client.CustomObjectsApi, group: str, version: str, plural: str, ns: str, name: str) -> dict | None:
+    try:
+        return api.get_namespaced_custom_object(group, version, ns, plural, name)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+def rayjob(api: client.CustomObjectsApi, ns: str, name: str) -> dict | None:
+    return get(api, "ray.io", "v1", "rayjobs", ns, name)
+
+
+def inferenceservice(api: client.CustomObjectsApi, ns: str, name: str) -> dict | None:
+    return get(api, "serving.kserve.io", "v1beta1", "inferenceservices", ns, name)
+
+
+def kubeloop_obj(api: client.CustomObjectsApi, plural: str, ns: str, name: str) -> dict | None:
+    return get(api, GROUP, VERSION, plural, ns, name)
+
+
+def modelversion_doc(version: int = 1) -> dict[str, Any]:
+    doc = sample("modelversion")
+    doc["metadata"]["name"] = f"arrests-v{version}"
+    doc["spec"]["version"] = version
+    doc["spec"]["artifactUri"] = f"file:///var/lib/kubeloop/registry/arrests/v{version}/artifact"
+    return doc
+
+
+# --- the chart ------------------------------------------------------------------------------------------------------
+
+
+def test_chart_installs_with_its_crds(cluster: Cluster, kubeconfig: Path, chart: str) -> None:
+    helm = chart_render.find_helm()
+    assert helm
+    status = subprocess.run(
+        [helm, "--kubeconfig", str(kubeconfig), "status", RELEASE, "-n", SYSTEM, "-o", "json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert json.loads(status.stdout)["info"]["status"] == "deployed"
+    ext = client.ApiextensionsV1Api(cluster.client())
+    for plural in ("trainingjobs", "modelversions", "modeldeployments"):
+        crd = ext.read_custom_resource_definition(f"{plural}.{GROUP}")
+        assert crd.spec.versions[0].name == VERSION
+    rbac = client.RbacAuthorizationV1Api(cluster.client())
+    role = rbac.read_cluster_role(f"{RELEASE}-operator")
+    assert all("*" not in (rule.verbs or []) for rule in role.rules)
+
+
+def test_the_operators_identity_is_least_privilege(cluster: Cluster, operator_kubeconfig: Path, namespace: str) -> None:
+    as_operator = cluster.client(operator_kubeconfig)
+    core, custom = client.CoreV1Api(as_operator), client.CustomObjectsApi(as_operator)
+    custom.list_cluster_custom_object(GROUP, VERSION, "trainingjobs")  # granted
+    denied = [
+        lambda: core.list_namespaced_secret(namespace),
+        lambda: core.list_namespaced_pod(namespace),
+        lambda: core.list_namespaced_config_map(namespace),
+        lambda: custom.delete_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs", "x"),
+        lambda: custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "modelversions", "x"),
+        lambda: client.AppsV1Api(as_operator).list_namespaced_deployment(namespace),
+    ]
+    for call in denied:
+        with pytest.raises(ApiException) as error:
+            call()
+        assert error.value.status == 403
+
+
+# --- TrainingJob -> RayJob ------------------------------------------------------------------------------------------
+
+
+def test_trainingjob_becomes_a_rayjob_and_registers_its_modelversion(
+    cluster: Cluster, operator: OperatorProcess, api: client.CustomObjectsApi, core: client.CoreV1Api,
+    namespace: str, kubeconfig: Path, stand_ins: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    tj = create(api, namespace, sample("trainingjob"))
+    job = wait_for(lambda: rayjob(api, namespace, "arrests-mlp"), 60, "the RayJob")
+
+    # the fields the operator wrote, as stored by the apiserver
+    model = parse_resource({k: v for k, v in tj.items() if k != "status"})
+    assert isinstance(model, TrainingJob)
+    desired = rj.desired_rayjob(model, Settings())
+    assert contains(job["spec"], desired["spec"])
+    assert job["spec"]["entrypoint"] == "kubeloop run -f /etc/kubeloop/trainingjob.yaml"
+    assert job["spec"]["backoffLimit"] == 2
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    (ref,) = job["metadata"]["ownerReferences"]
+    assert (ref["kind"], ref["uid"], ref["controller"], ref["blockOwnerDeletion"]) == (
+        "TrainingJob", tj["metadata"]["uid"], True, True,
+    )  # fmt: skip
+    cm = core.read_namespaced_config_map("arrests-mlp-trainingjob", namespace)
+    assert yaml.safe_load(cm.data["trainingjob.yaml"])["spec"]["model"]["name"] == "arrests"
+    status = wait_for(
+        lambda: (kubeloop_obj(api, "trainingjobs", namespace, "arrests-mlp") or {}).get("status", {}).get("phase"),
+        60, "the TrainingJob's phase",
+    )  # fmt: skip
+    assert status == "Pending"
+    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=arrests-mlp").items
+    assert any(e.reason == "Created" and "RayJob" in e.message for e in events)
+
+    if not stand_ins:
+        pytest.skip("a real KubeRay drives the RayJob here: the status steps below are the stand-in's")
+
+    def set_rayjob_status(status: dict[str, Any]) -> None:
+        api.patch_namespaced_custom_object_status(
+            "ray.io", "v1", namespace, "rayjobs", "arrests-mlp", {"status": status}
+        )
+
+    set_rayjob_status({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "dashboardURL": "head:8265"})
+    wait_for(
+        lambda: kubeloop_obj(api, "trainingjobs", namespace, "arrests-mlp")["status"].get("phase") == "Running",
+        60, "phase Running",
+    )  # fmt: skip
+
+    # the run reports its ModelVersion as the run's ServiceAccount: it may patch its ConfigMap, nothing else
+    run_config = service_account_kubeconfig(kubeconfig, namespace, "arrests-mlp-training", tmp_path / "run.kubeconfig")
+    as_run = client.CoreV1Api(cluster.client(run_config))
+    result = modelversion_doc()
+    result["spec"]["lineage"]["trainingJob"] = f"{namespace}/arrests-mlp"
+    result["spec"]["stage"] = "Candidate"
+    # kubeloop.in_cluster.publish_result, as `kubeloop run` calls it in the RayJob's head: the pod's token and
+    # CA file and the environment the operator sets, here pointing at this control plane
+    run_cluster = yaml.safe_load(run_config.read_text())["clusters"][0]["cluster"]
+    server = urlparse(run_cluster["server"])
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text(yaml.safe_load(run_config.read_text())["users"][0]["user"]["token"])
+    if "certificate-authority-data" in run_cluster:
+        (account / "ca.crt").write_bytes(base64.b64decode(run_cluster["certificate-authority-data"]))
+    else:
+        (account / "ca.crt").write_bytes(Path(run_cluster["certificate-authority"]).read_bytes())
+    monkeypatch.setattr(in_cluster, "SERVICE_ACCOUNT", account)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", server.hostname)
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.port))
+    monkeypatch.setenv("KUBELOOP_RESULT_CONFIGMAP", "arrests-mlp-trainingjob")
+    monkeypatch.setenv("KUBELOOP_NAMESPACE", namespace)
+    assert in_cluster.publish_result(ModelVersion.model_validate(result))
+    core.create_namespaced_config_map(namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="other")))
+    with pytest.raises(ApiException) as denied:
+        as_run.patch_namespaced_config_map("other", namespace, {"data": {"x": "y"}})
+    assert denied.value.status == 403
+    with pytest.raises(ApiException) as denied:
+        client.CustomObjectsApi(cluster.client(run_config)).create_namespaced_custom_object(
+            GROUP, VERSION, namespace, "modelversions", {**result, "metadata": {"name": "forged"}}
+        )
+    assert denied.value.status == 403
+
+    set_rayjob_status({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "endTime": "2026-11-23T10:00:00Z"})
+    final = wait_for(
+        lambda: (s := kubeloop_obj(api, "trainingjobs", namespace, "arrests-mlp")["status"]).get("modelVersion") and s,
+        60, "the ModelVersion registered",
+    )  # fmt: skip
+    assert final["phase"] == "Succeeded"
+    assert final["metrics"]["rocAuc"] == pytest.approx(0.724)
+    mv = kubeloop_obj(api, "modelversions", namespace, "arrests-v1")
+    assert mv is not None and mv["spec"]["stage"] == "Candidate"
+    assert mv["metadata"]["labels"]["kubeloop.dev/trainingjob"] == "arrests-mlp"
+
+    table = kubectl(kubeconfig, "get", "trainingjobs", "-n", namespace).stdout
+    header = table.splitlines()[0].split()
+    assert header[:5] == ["NAME", "PHASE", "WORKERS", "GPUS", "MODEL"], table
+    assert "arrests-v1" in table and "Succeeded" in table
+
+
+def test_deleting_a_trainingjob_collects_its_children(
+    operator: OperatorProcess, api: client.CustomObjectsApi, core: client.CoreV1Api, namespace: str
+) -> None:
+    create(api, namespace, sample("trainingjob"))
+    wait_for(lambda: rayjob(api, namespace, "arrests-mlp"), 60, "the RayJob")
+    api.delete_namespaced_custom_object(
+        GROUP, VERSION, namespace, "trainingjobs", "arrests-mlp", body={"propagationPolicy": "Background"}
+    )
+    wait_for(lambda: rayjob(api, namespace, "arrests-mlp") is None, 90, "the RayJob to be garbage-collected")
+    rbac = client.RbacAuthorizationV1Api(core.api_client)
+    label = "kubeloop.dev/trainingjob=arrests-mlp"
+    wait_for(
+        lambda: (
+            not core.list_namespaced_config_map(namespace, label_selector=label).items
+            and not core.list_namespaced_service_account(namespace, label_selector=label).items
+            and not rbac.list_namespaced_role(namespace, label_selector=label).items
+            and not rbac.list_namespaced_role_binding(namespace, label_selector=label).items
+        ),
+        90,
+        "the ConfigMap, ServiceAccount, Role and RoleBinding to be collected",
+    )
+
+
+# --- ModelDeployment -> InferenceService ----------------------------------------------------------------------------
+
+
+def _pod_from_predictor(predictor: dict[str, Any], name: str) -> dict[str, Any]:
+    """What KServe would make of the predictor: its PodSpec fields (ComponentExtensionSpec fields dropped)."""
+    extension = {"minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "scaleMetricType", "autoScaling",
+                 "containerConcurrency", "timeout", "canaryTrafficPercent", "logger", "batcher", "labels",
+                 "annotations", "deploymentStrategy", "name"}  # fmt: skip
+    spec = {k: v for k, v in predictor.items() if k not in extension}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": predictor.get("labels", {}), "annotations": predictor.get("annotations")},
+        "spec": spec,
+    }
+
+
+def test_modeldeployment_becomes_an_inferenceservice_whose_pod_runs(
+    cluster: Cluster, operator: OperatorProcess, api: client.CustomObjectsApi, core: client.CoreV1Api,
+    namespace: str, kubeconfig: Path, stand_ins: bool,
+) -> None:  # fmt: skip
+    md_doc = sample("modeldeployment")
+    md = create(api, namespace, md_doc)
+    wait_for(
+        lambda: any(
+            c["reason"] == "ModelVersionNotFound"
+            for c in (kubeloop_obj(api, "modeldeployments", namespace, "arrests") or {}).get("status", {}).get(
+                "conditions", []
+            )
+        ),
+        60, "the deployment to wait for its ModelVersion",
+    )  # fmt: skip
+    create(api, namespace, modelversion_doc(1))
+    obj = wait_for(lambda: inferenceservice(api, namespace, "arrests"), 60, "the InferenceService")
+
+    settings = Settings()
+    predictor = obj["spec"]["predictor"]
+    containers = {c["name"]: c for c in predictor["containers"]}
+    assert set(containers) == {"kserve-container", "drift-detector"}
+    sidecar = containers["drift-detector"]
+    assert sidecar["args"][sidecar["args"].index("--detector") + 1] == "ks"
+    assert sidecar["args"][sidecar["args"].index("--window") + 1] == "200"
+    assert predictor["logger"] == {"url": f"http://127.0.0.1:{settings.sidecar_port}/", "mode": "all"}
+    assert (predictor["minReplicas"], predictor["maxReplicas"], predictor["scaleMetric"]) == (1, 3, "cpu")
+    assert obj["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+    assert obj["metadata"]["ownerReferences"][0]["uid"] == md["metadata"]["uid"]
+    versions = core.read_namespaced_config_map("arrests-model-versions", namespace)
+    assert set(versions.data) == {"v1.yaml"}
+
+    # no KServe here: build the pod KServe would run from the predictor spec; it must schedule and run
+    pv_name = f"kubeloop-home-{namespace}"
+    core.create_persistent_volume(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv_name},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteOnce", "ReadOnlyMany"],
+                "storageClassName": "",
+                "hostPath": {"path": f"/tmp/{pv_name}"},
+                "claimRef": {"namespace": namespace, "name": settings.storage_pvc},
+            },
+        }
+    )
+    try:
+        core.create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": settings.storage_pvc},
+                "spec": {
+                    "accessModes": ["ReadOnlyMany"],
+                    "storageClassName": "",
+                    "volumeName": pv_name,
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            },
+        )
+        pod = _pod_from_predictor(predictor, "arrests-predictor-check")
+        core.create_namespaced_pod(namespace, pod)
+
+        def running() -> bool:
+            current = core.read_namespaced_pod("arrests-predictor-check", namespace)
+            return current.status.phase == "Running" and bool(current.spec.node_name)
+
+        wait_for(running, 120, "the predictor pod to be scheduled and Running")
+        placed = core.read_namespaced_pod("arrests-predictor-check", namespace)
+        assert {c.name for c in placed.spec.containers} == {"kserve-container", "drift-detector"}
+        if cluster.dev:
+            node = core.read_node(placed.spec.node_name)
+            assert node.metadata.labels.get("type") == "kwok"
+    finally:
+        core.delete_namespaced_pod("arrests-predictor-check", namespace, grace_period_seconds=0)
+        core.delete_persistent_volume(pv_name)
+
+    if not stand_ins:
+        return
+    # KServe reports the service ready: the deployment mirrors it
+    api.patch_namespaced_custom_object_status(
+        "serving.kserve.io", "v1beta1", namespace, "inferenceservices", "arrests",
+        {"status": {"url": "http://arrests.example.com", "conditions": [{"type": "Ready", "status": "True"}]}},
+    )  # fmt: skip
+    status = wait_for(
+        lambda: (s := kubeloop_obj(api, "modeldeployments", namespace, "arrests")["status"]).get("ready") and s,
+        60, "the deployment Ready",
+    )  # fmt: skip
+    assert status["url"] == "http://arrests.example.com"
+    assert status["drift"] == {"state": "Unknown"}
+
+    # a canary: spec.canary[] with the candidate, and the printer columns say so
+    create(api, namespace, modelversion_doc(2))
+    api.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        "modeldeployments",
+        "arrests",
+        {"spec": {"canary": {"version": 2, "trafficPercent": 20}}},
+    )
+    canary = wait_for(
+        lambda: (inferenceservice(api, namespace, "arrests") or {}).get("spec", {}).get("canary"), 60, "the canary"
+    )
+    assert canary[0]["trafficPercent"] == 20 and canary[0]["predictor"]["name"] == "v2"
+    wait_for(
+        lambda: [t["percent"] for t in kubeloop_obj(api, "modeldeployments", namespace, "arrests")["status"]["traffic"]]
+        == [80, 20],
+        60, "the traffic split in the status",
+    )  # fmt: skip
+    table = kubectl(kubeconfig, "get", "modeldeployments", "-n", namespace).stdout
+    header = table.splitlines()[0].split()
+    assert header == ["NAME", "MODEL", "STABLE", "CANARY", "TRAFFIC", "DRIFT", "READY", "URL"], table
+    row = table.splitlines()[1].split()
+    assert row[:6] == ["arrests", "arrests", "1", "2", "20", "Unknown"], table
+
+
+# --- restarts mid-reconcile -----------------------------------------------------------------------------------------
+
+
+def test_killing_the_operator_mid_reconcile_leaves_one_child_of_each_kind(
+    operator: OperatorProcess, api: client.CustomObjectsApi, core: client.CoreV1Api, namespace: str
+) -> None:
+    """SIGKILL the operator five times while it is writing children (some exist, not all), then let it finish."""
+    operator.stop()
+    jobs = [f"train-{i}" for i in range(20)]
+    deployments = [f"serve-{i}" for i in range(5)]
+    total = 5 * len(jobs) + 2 * len(deployments)  # ConfigMap, SA, Role, RoleBinding, RayJob; ConfigMap, ISVC
+    rbac = client.RbacAuthorizationV1Api(core.api_client)
+    managed = "app.kubernetes.io/managed-by=kubeloop-operator"
+
+    def children() -> int:
+        return (
+            len(core.list_namespaced_config_map(namespace, label_selector=managed).items)
+            + len(core.list_namespaced_service_account(namespace, label_selector=managed).items)
+            + len(rbac.list_namespaced_role(namespace, label_selector=managed).items)
+            + len(rbac.list_namespaced_role_binding(namespace, label_selector=managed).items)
+            + len(api.list_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs")["items"])
+            + len(
+                api.list_namespaced_custom_object("serving.kserve.io", "v1beta1", namespace, "inferenceservices")[
+                    "items"
+                ]
+            )
+        )
+
+    kills: list[int] = []
+    try:
+        create(api, namespace, modelversion_doc(1))
+        for name in jobs:
+            doc = sample("trainingjob")
+            doc["metadata"]["name"] = name
+            create(api, namespace, doc)
+        for name in deployments:
+            doc = sample("modeldeployment")
+            doc["metadata"]["name"] = name
+            create(api, namespace, doc)
+        for _ in range(5):
+            before = children()
+            operator.start()
+            deadline = time.monotonic() + 90
+            while children() == before and time.monotonic() < deadline:  # kill as soon as it has written something
+                time.sleep(0.02)
+            operator.kill()
+            kills.append(children())
+    finally:
+        operator.start()
+        operator.wait_healthy()
+    print(f"children present at each kill (of {total}): {kills}")
+    assert sum(0 < n < total for n in kills) >= 3, f"the kills did not land mid-reconcile: {kills} of {total}"
+
+    def converged() -> bool:
+        done = all(
+            (kubeloop_obj(api, "trainingjobs", namespace, n) or {}).get("status", {}).get("rayJobName") for n in jobs
+        )
+        return done and all(inferenceservice(api, namespace, n) for n in deployments)
+
+    wait_for(converged, 180, "every TrainingJob and ModelDeployment reconciled")
+    assert children() == total
+    for name in jobs:
+        uid = kubeloop_obj(api, "trainingjobs", namespace, name)["metadata"]["uid"]
+        label = f"kubeloop.dev/trainingjob={name}"
+        children = {
+            "RayJob": api.list_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs", label_selector=label)[
+                "items"
+            ],
+            "ConfigMap": core.list_namespaced_config_map(namespace, label_selector=label).items,
+            "ServiceAccount": core.list_namespaced_service_account(namespace, label_selector=label).items,
+            "Role": rbac.list_namespaced_role(namespace, label_selector=label).items,
+            "RoleBinding": rbac.list_namespaced_role_binding(namespace, label_selector=label).items,
+        }
+        for kind, items in children.items():
+            assert len(items) == 1, f"{name}: {len(items)} {kind}"
+            item = items[0]
+            refs = item["metadata"]["ownerReferences"] if isinstance(item, dict) else item.metadata.owner_references
+            uids = [r["uid"] if isinstance(r, dict) else r.uid for r in refs]
+            assert uids == [uid], f"{name}: {kind} owned by {uids}"
+    for name in deployments:
+        label = f"kubeloop.dev/modeldeployment={name}"
+        isvcs = api.list_namespaced_custom_object(
+            "serving.kserve.io", "v1beta1", namespace, "inferenceservices", label_selector=label
+        )["items"]
+        assert len(isvcs) == 1
+        assert len(core.list_namespaced_config_map(namespace, label_selector=label).items) == 1
+
+
+# --- rejected by the apiserver --------------------------------------------------------------------------------------
+
+
+def _tj(**spec: Any) -> dict[str, Any]:
+    doc = sample("trainingjob")
+    doc["metadata"]["name"] = "bad"
+    for path, value in spec.items():
+        node = doc["spec"]
+        *parents, leaf = path.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return doc
+
+
+def _md(**spec: Any) -> dict[str, Any]:
+    doc = sample("modeldeployment")
+    doc["metadata"]["name"] = "bad"
+    doc["spec"].update(spec)
+    return doc
+
+
+def _mv(**spec: Any) -> dict[str, Any]:
+    doc = modelversion_doc(1)
+    doc["metadata"]["name"] = "bad"
+    for path, value in spec.items():
+        node = doc["spec"]
+        *parents, leaf = path.split("__")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return doc
+
+
+INVALID = [
+    (_tj(workers__replicas=0), "spec.workers.replicas"),
+    (_tj(workers__gpu=17), "spec.workers.gpu"),
+    (_tj(workers__memory="2 GB"), "spec.workers.memory"),
+    (_tj(backend="nccl"), "spec.backend"),
+    (_tj(hyperparameters__learningRate=0), "spec.hyperparameters.learningRate"),
+    (_tj(dataset__digest="md5:abc"), "spec.dataset.digest"),
+    (_tj(model__name="Bad_Name"), "spec.model.name"),
+    (_tj(dataset=None), "spec.dataset"),
+    (_tj(maxFailures=-1), "spec.maxFailures"),
+    (_md(autoscaling={"minReplicas": 3, "maxReplicas": 2}), "spec.autoscaling.maxReplicas"),
+    (_md(canary={"version": 1, "trafficPercent": 10}), "spec.canary.version"),
+    (_md(autoscaling={"minReplicas": 1, "maxReplicas": 2, "metric": "rps"}), "spec.autoscaling"),
+    (_md(canary={"version": 2, "trafficPercent": 150}), "spec.canary.trafficPercent"),
+    (_md(drift={"detector": "chi2"}), "spec.drift.detector"),
+    (_md(deploymentMode="Serverless"), "spec.deploymentMode"),
+    (_mv(lineage__datasetDigest="sha256:xyz"), "spec.lineage.datasetDigest"),
+    (_mv(stage="Live"), "spec.stage"),
+]
+
+
+@pytest.mark.parametrize(("doc", "field"), INVALID, ids=[f"{d['kind']}:{f}" for d, f in INVALID])
+def test_invalid_resources_are_rejected_naming_the_field(
+    chart: str, api: client.CustomObjectsApi, namespace: str, doc: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ApiException) as error:
+        create(api, namespace, doc)
+    assert error.value.status == 422, error.value.body
+    assert field in json.loads(error.value.body)["message"], error.value.body
+
+
+def test_unknown_fields_are_rejected_by_strict_validation(chart: str, kubeconfig: Path, namespace: str) -> None:
+    doc = _tj()
+    doc["spec"]["workers"]["cpus"] = 2  # a typo of cpu
+    doc["metadata"]["namespace"] = namespace
+    done = subprocess.run(
+        ["kubectl", "--kubeconfig", str(kubeconfig), "apply", "-f", "-"],
+        input=yaml.safe_dump(doc), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert 'unknown field "spec.workers.cpus"' in done.stderr
+
+
+# --- the validating webhook ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def webhook(
+    cluster: Cluster, operator: OperatorProcess, operator_kubeconfig: Path, namespace: str, tmp_path: Path
+) -> Iterator[None]:
+    """The operator with its admission webhook on (self-signed TLS on 127.0.0.1), registered for one namespace."""
+    if not cluster.dev:
+        pytest.skip("the apiserver must reach the webhook on this machine's loopback")
+    crt, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(crt)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    port = free_port()
+    with_webhook = OperatorProcess(
+        operator_kubeconfig,
+        tmp_path / "operator-webhook.log",
+        {
+            "KUBELOOP_WEBHOOK_ENABLED": "true",
+            "KUBELOOP_WEBHOOK_PORT": str(port),
+            "KUBELOOP_WEBHOOK_CERT": str(crt),
+            "KUBELOOP_WEBHOOK_KEY": str(key),
+        },
+    )
+    ca = base64.b64encode(crt.read_bytes()).decode()
+    config = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": f"kubeloop-test-{namespace}"},
+        "webhooks": [
+            {
+                "name": f"{plural}.validate.kubeloop.dev",
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Fail",
+                "timeoutSeconds": 10,
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                "rules": [
+                    {
+                        "apiGroups": [GROUP],
+                        "apiVersions": [VERSION],
+                        "resources": [plural],
+                        "operations": ["CREATE", "UPDATE"],
+                    }
+                ],
+                "clientConfig": {"url": f"https://127.0.0.1:{port}/validate-{plural}", "caBundle": ca},
+            }
+            for plural in ("trainingjobs", "modelversions", "modeldeployments")
+        ],
+    }
+    admission_api = client.AdmissionregistrationV1Api(cluster.client())
+    operator.stop()
+    with_webhook.start()
+    try:
+        with_webhook.wait_healthy()
+        admission_api.create_validating_webhook_configuration(config)
+        yield
+    finally:
+        with contextlib.suppress(ApiException):
+            admission_api.delete_validating_webhook_configuration(config["metadata"]["name"])
+        with_webhook.stop()
+        operator.start()
+        operator.wait_healthy()
+
+
+def test_the_webhook_rejects_what_the_schema_cannot_and_warns_of_missing_versions(
+    webhook: None, api: client.CustomObjectsApi, kubeconfig: Path, namespace: str
+) -> None:
+    doc = sample("modeldeployment")
+    doc["spec"]["canary"] = {"version": 2, "trafficPercent": 10, "analysis": {"steps": [50, 10]}}
+
+    def rejected() -> str | None:
+        try:
+            create(api, namespace, doc)
+        except ApiException as error:
+            body = json.loads(error.body)
+            return body["message"] if "denied the request" in body["message"] else None
+        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, "modeldeployments", "arrests")
+        return None
+
+    message = wait_for(rejected, 30, "the webhook to deny decreasing canary steps")
+    assert "spec.canary.analysis.steps" in message and "steps must increase strictly" in message
+    doc["spec"]["canary"]["analysis"]["steps"] = [10, 50]
+    doc["metadata"]["namespace"] = namespace
+    done = subprocess.run(
+        ["kubectl", "--kubeconfig", str(kubeconfig), "apply", "-f", "-"],
+        input=yaml.safe_dump(doc), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "no ModelVersion arrests-v1, arrests-v2 yet" in done.stderr  # admitted, with a warning

@@ -1,0 +1,217 @@
+"""The Helm chart: lint --strict, what it renders (labels, Pod Security, least-privilege RBAC, values schema), and the
+kustomize base in manifests/ generated from it (up to date, and equal to the chart's defaults).
+
+Needs a helm binary ($KUBELOOP_HELM, PATH, or the dev control plane's build); skipped without one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from operators import admission, chart
+
+REPO = Path(__file__).resolve().parents[2]
+CHART_DIR = REPO / "helm/kubeloop"
+HELM = chart.find_helm()
+pytestmark = pytest.mark.skipif(
+    HELM is None, reason="no helm binary (build the dev control plane or set KUBELOOP_HELM)"
+)
+
+ALL_ON = [
+    "--set", "metrics.serviceMonitor.enabled=true",
+    "--set", "metrics.prometheusRule.enabled=true",
+    "--set", "webhook.enabled=true",
+]  # fmt: skip
+
+# What the operator does (operators/handlers.py, operators/kube.py) and therefore all the chart may grant.
+EXPECTED_RULES = [
+    {"apiGroups": ["kubeloop.dev"], "resources": ["trainingjobs", "modeldeployments"],
+     "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["kubeloop.dev"], "resources": ["trainingjobs/status", "modeldeployments/status"],
+     "verbs": ["patch"]},
+    {"apiGroups": ["kubeloop.dev"], "resources": ["modelversions"], "verbs": ["get", "create"]},
+    {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
+     "verbs": ["get", "list", "watch", "create", "patch", "update"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch", "update"]},
+    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "create", "patch"]},
+    {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
+     "verbs": ["get", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+]  # fmt: skip
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    assert HELM is not None
+    done = subprocess.run([HELM, *args], capture_output=True, text=True, timeout=120, check=False)
+    if check and done.returncode != 0:
+        pytest.fail(f"helm {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def render(*args: str) -> list[dict[str, Any]]:
+    out = helm("template", "kubeloop", str(CHART_DIR), "--namespace", "kubeloop-system", *args).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (found,) = [doc for doc in docs if doc["kind"] == kind]
+    return found
+
+
+def test_lint_strict_default_and_everything_on() -> None:
+    helm("lint", "--strict", str(CHART_DIR))
+    helm("lint", "--strict", str(CHART_DIR), *ALL_ON)
+
+
+def test_default_objects_and_standard_labels() -> None:
+    docs = render()
+    assert sorted(doc["kind"] for doc in docs) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+    ]
+    for doc in render(*ALL_ON):
+        labels = doc["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "kubeloop", doc["kind"]
+        assert labels["app.kubernetes.io/instance"] == "kubeloop"
+        assert labels["app.kubernetes.io/version"] == "0.1.0"
+        assert labels["app.kubernetes.io/component"] == "operator"
+        assert labels["app.kubernetes.io/part-of"] == "kubeloop"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["helm.sh/chart"] == "kubeloop-0.1.0"
+
+
+def test_deployment_is_pod_security_restricted() -> None:
+    deployment = one(render(), "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}  # kopf standalone: never two
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert container["image"] == "ghcr.io/kubeloop/operator:0.1.0"
+    assert container["command"] == ["python", "-m", "operators"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert pod["serviceAccountName"] == "kubeloop-operator"
+    assert set(spec["selector"]["matchLabels"].items()) <= set(spec["template"]["metadata"]["labels"].items())
+
+
+def test_deployment_env_matches_the_operator_settings() -> None:
+    """Every KUBELOOP_* variable the chart sets is one operators/settings.py reads, and each setting is set."""
+    read = set(re.findall(r'"(KUBELOOP_[A-Z_]+)"', (REPO / "operators/settings.py").read_text()))
+    (container,) = one(render(*ALL_ON), "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert set(env) == read
+    assert env["KUBELOOP_TRAINING_IMAGE"] == "ghcr.io/kubeloop/training:0.1.0"
+    assert json.loads(env["KUBELOOP_GPU_NODE_SELECTOR"]) == {"nvidia.com/gpu.present": "true"}
+    defaults = {
+        e["name"]: e["value"] for e in one(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert defaults["KUBELOOP_WEBHOOK_ENABLED"] == "false"
+    off = one(render("--set", "metrics.enabled=false"), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e["value"] for e in off["env"]}["KUBELOOP_METRICS_PORT"] == "0"
+
+
+def test_rbac_is_exactly_what_the_operator_uses() -> None:
+    docs = render()
+    role = one(docs, "ClusterRole")
+    assert role["rules"] == EXPECTED_RULES
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+        assert "secrets" not in rule["resources"]
+        assert not {"escalate", "bind", "impersonate", "delete", "deletecollection"} & set(rule["verbs"])
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kubeloop-operator", "namespace": "kubeloop-system"}
+    ]
+    assert not [doc for doc in render("--set", "rbac.create=false") if doc["kind"].startswith("ClusterRole")]
+
+
+def test_monitoring_and_webhook_are_off_by_default_and_render_when_on() -> None:
+    kinds = {doc["kind"] for doc in render()}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule", "ValidatingWebhookConfiguration", "Certificate"}
+    docs = render(*ALL_ON)
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    rules = one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} == {"KubeloopOperatorDown", "KubeloopReconcileErrors", "KubeloopReconcileSlow"}
+    webhook = one(docs, "ValidatingWebhookConfiguration")
+    paths = {w["clientConfig"]["service"]["path"] for w in webhook["webhooks"]}
+    assert paths == {f"/validate-{plural}" for plural in admission.PLURALS}  # kopf serves /<handler id>
+    assert webhook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == "kubeloop-system/kubeloop-webhook"
+    certificate = one(docs, "Certificate")
+    assert "kubeloop-operator.kubeloop-system.svc" in certificate["spec"]["dnsNames"]
+    (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert {"name": "webhook", "containerPort": 9443, "protocol": "TCP"} in container["ports"]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="no promtool (Debian package prometheus)")
+def test_prometheus_rules_are_valid(tmp_path: Path) -> None:
+    rule = one(render(*ALL_ON), "PrometheusRule")
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "image.pullPolicy=Sometimes",
+        "notAValue=1",
+        "storage.mountPath=relative/path",
+        "predictor.sidecarPort=70000",
+        "metrics.serviceMonitor.interval=soon",
+        "webhook.failurePolicy=Maybe",
+    ],
+)
+def test_values_schema_rejects(bad: str) -> None:
+    done = helm("template", "kubeloop", str(CHART_DIR), "--set", bad, check=False)
+    assert done.returncode != 0
+    assert "values don't meet the specifications of the schema" in done.stderr
+
+
+def test_chart_crds_are_the_generated_ones() -> None:
+    chart_crds = sorted((CHART_DIR / "crds").glob("*.yaml"))
+    assert [p.name for p in chart_crds] == sorted(p.name for p in (REPO / "manifests/crds").glob("*.yaml"))
+    for path in chart_crds:
+        assert path.read_text() == (REPO / "manifests/crds" / path.name).read_text()
+
+
+def test_kustomize_base_is_up_to_date() -> None:
+    assert chart.check(REPO, HELM) == []
+
+
+def test_kustomize_base_equals_the_chart_defaults() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("no kubectl")
+    out = subprocess.run([kubectl, "kustomize", str(REPO / "manifests")], capture_output=True, text=True, check=True)
+    built = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    crds = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "manifests/crds").glob("*.yaml"))]
+    expected = chart.kustomize_objects(render()) + crds
+
+    def key(doc: dict[str, Any]) -> tuple[str, str]:
+        return doc["kind"], doc["metadata"]["name"]
+
+    assert sorted(map(key, built)) == sorted(map(key, expected))
+    by_key = {key(doc): doc for doc in built}
+    for doc in expected:
+        assert by_key[key(doc)] == doc, key(doc)

@@ -1,0 +1,507 @@
+"""The kopf handlers against an in-memory API: idempotent, converging, owning only their children.
+
+The handlers are plain functions (kopf calls them with keyword arguments); here they run against ``FakeKube``,
+a dict-backed stand-in for the apiserver (create / get / replace / JSON merge patch, uids, resourceVersions,
+AlreadyExists). Re-running a handler on a converged cluster must write nothing; a fake "existing" child with
+server-side additions must be left alone; a child of the same name owned by someone else must not be touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+import yaml
+
+from operators import admission, handlers, kube, metrics
+from operators import inferenceservice as isvc
+from operators import rayjob as rj
+from operators.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str | None, str], dict[str, Any]] = {}
+        self.writes: list[tuple[str, str, str]] = []
+        self._ids = itertools.count(1)
+
+    def _key(self, kind: kube.Kind, namespace: str | None, name: str) -> tuple[str, str | None, str]:
+        return (kind.plural, namespace, name)
+
+    def get(self, kind: kube.Kind, namespace: str | None, name: str) -> dict[str, Any] | None:
+        obj = self.objects.get(self._key(kind, namespace, name))
+        return copy.deepcopy(obj) if obj is not None else None
+
+    def create(self, kind: kube.Kind, namespace: str | None, body: Any) -> dict[str, Any]:
+        key = self._key(kind, namespace, body["metadata"]["name"])
+        if key in self.objects:
+            raise kube.ApiError(409, "AlreadyExists", {"message": "exists"})
+        obj = copy.deepcopy(dict(body))
+        obj["metadata"].update(uid=f"uid-{next(self._ids)}", resourceVersion=str(next(self._ids)), generation=1)
+        obj["metadata"].setdefault("namespace", namespace)
+        self.objects[key] = obj
+        self.writes.append(("create", kind.kind, obj["metadata"]["name"]))
+        return copy.deepcopy(obj)
+
+    def replace(self, kind: kube.Kind, namespace: str | None, name: str, body: Any) -> dict[str, Any]:
+        key = self._key(kind, namespace, name)
+        old = self.objects[key]
+        obj = copy.deepcopy(dict(body))
+        obj["metadata"]["resourceVersion"] = str(next(self._ids))
+        if "status" in old:
+            obj["status"] = old["status"]
+        self.objects[key] = obj
+        self.writes.append(("replace", kind.kind, name))
+        return copy.deepcopy(obj)
+
+    def patch(self, kind: kube.Kind, namespace: str | None, name: str, patch: Any, subresource: str | None = None):
+        key = self._key(kind, namespace, name)
+        old = self.objects[key]
+        if subresource == "status":
+            new = dict(old)
+            new["status"] = merge_patch(old.get("status"), patch["status"])
+        else:
+            patch = {k: v for k, v in patch.items() if k != "status"}
+            new = merge_patch(old, patch)
+        new["metadata"]["resourceVersion"] = str(next(self._ids))
+        self.objects[key] = new
+        self.writes.append(("patch" + (f"/{subresource}" if subresource else ""), kind.kind, name))
+        return copy.deepcopy(new)
+
+    # test helpers
+    def put(self, doc: dict[str, Any]) -> dict[str, Any]:
+        kind = kube.kind_of(doc["apiVersion"], doc["kind"])
+        created = self.create(kind, doc["metadata"].get("namespace"), doc)
+        self.writes.clear()
+        return created
+
+    def find(self, kind: str, name: str, namespace: str = "ml") -> dict[str, Any] | None:
+        return next(
+            (o for (_, ns, n), o in self.objects.items() if o["kind"] == kind and n == name and ns == namespace),
+            None,
+        )
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [o for o in self.objects.values() if o["kind"] == kind]
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeKube:
+    client = FakeKube()
+    handlers.set_kube(client)
+    events: list[tuple[str, str, str]] = []
+    monkeypatch.setattr(handlers, "emit", lambda body, type_, reason, message: events.append((type_, reason, message)))
+    monkeypatch.setattr(handlers, "_settings", lambda: Settings())
+    client.events = events  # type: ignore[attr-defined]
+    yield client
+    handlers.set_kube(None)
+
+
+def sample(name: str, **spec: Any) -> dict[str, Any]:
+    doc = yaml.safe_load((REPO / f"manifests/samples/{name}.yaml").read_text())
+    doc["metadata"]["namespace"] = "ml"
+    doc["spec"].update(spec)
+    return doc
+
+
+def apply_patch(fake: FakeKube, body: dict[str, Any], patch: kopf.Patch) -> dict[str, Any]:
+    """What kopf does with the handler's ``patch``: merge it into the object's status."""
+    if patch.get("status"):
+        kind = kube.kind_of(body["apiVersion"], body["kind"])
+        fake.patch(kind, "ml", body["metadata"]["name"], {"status": dict(patch["status"])}, subresource="status")
+    return fake.find(body["kind"], body["metadata"]["name"])  # type: ignore[return-value]
+
+
+def run_tj(fake: FakeKube, body: dict[str, Any]) -> dict[str, Any]:
+    patch = kopf.Patch()
+    handlers.reconcile_trainingjob(body=body, patch=patch)
+    return apply_patch(fake, body, patch)
+
+
+def run_md(fake: FakeKube, body: dict[str, Any]) -> tuple[dict[str, Any], Exception | None]:
+    patch = kopf.Patch()
+    error = None
+    try:
+        handlers.reconcile_modeldeployment(body=body, patch=patch)
+    except (kopf.TemporaryError, kopf.PermanentError) as exc:
+        error = exc
+    return apply_patch(fake, body, patch), error
+
+
+# --- TrainingJob ----------------------------------------------------------------------------------------------------
+
+
+def test_trainingjob_reconcile_creates_children_once(fake: FakeKube) -> None:
+    tj = fake.put(sample("trainingjob"))
+    tj = run_tj(fake, tj)
+    created = [w for w in fake.writes if w[0] == "create"]
+    assert [w[1] for w in created] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "RayJob"]
+    assert tj["status"]["phase"] == "Pending"
+    assert tj["status"]["rayJobName"] == "arrests-mlp"
+    snapshot = copy.deepcopy(fake.objects)
+    fake.writes.clear()
+    run_tj(fake, tj)
+    assert [w for w in fake.writes if w[0] != "patch/status"] == []  # converged: no child written
+    for key, obj in snapshot.items():
+        if obj["kind"] != "TrainingJob":
+            assert fake.objects[key] == obj
+    assert [e[1] for e in fake.events] == ["Created"] * 5
+
+
+def test_trainingjob_reconcile_leaves_a_running_rayjob_alone(fake: FakeKube) -> None:
+    tj = fake.put(sample("trainingjob"))
+    run_tj(fake, tj)
+    job = fake.find("RayJob", "arrests-mlp")
+    # what the apiserver and KubeRay add: defaults inside lists, status
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["numOfHosts"] = 1
+    job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["terminationMessagePath"] = (
+        "/dev/termination-log"
+    )
+    job["status"] = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+    fake.objects[("rayjobs", "ml", "arrests-mlp")] = job
+    fake.writes.clear()
+    run_tj(fake, fake.find("TrainingJob", "arrests-mlp"))
+    assert [w for w in fake.writes if w[0] != "patch/status"] == []
+    assert fake.find("RayJob", "arrests-mlp") == job
+
+
+def test_a_spec_change_after_submission_does_not_touch_the_rayjob(fake: FakeKube) -> None:
+    tj = fake.put(sample("trainingjob"))
+    tj = run_tj(fake, tj)
+    before = fake.find("RayJob", "arrests-mlp")
+    cm_before = fake.find("ConfigMap", "arrests-mlp-trainingjob")
+    tj["spec"]["workers"]["replicas"] = 5
+    fake.events.clear()  # type: ignore[attr-defined]
+    run_tj(fake, tj)
+    assert fake.find("RayJob", "arrests-mlp") == before
+    assert fake.find("ConfigMap", "arrests-mlp-trainingjob") == cm_before  # the spec the run read stays
+    assert ("Warning", "SpecChangedAfterSubmission") in [(e[0], e[1]) for e in fake.events]
+
+
+def test_a_child_name_taken_by_another_owner_is_not_touched(fake: FakeKube) -> None:
+    tj = fake.put(sample("trainingjob"))
+    foreign = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "arrests-mlp-trainingjob",
+            "namespace": "ml",
+            "ownerReferences": [{"apiVersion": "v1", "kind": "X", "name": "x", "uid": "other", "controller": True}],
+        },
+        "data": {"a": "b"},
+    }
+    fake.put(foreign)
+    with pytest.raises(kopf.TemporaryError, match="not controlled by this resource"):
+        run_tj(fake, tj)
+    assert fake.find("ConfigMap", "arrests-mlp-trainingjob")["data"] == {"a": "b"}
+    assert fake.of_kind("RayJob") == []
+    assert ("Warning", "NameConflict") in [(e[0], e[1]) for e in fake.events]
+
+
+def test_an_invalid_trainingjob_is_marked_and_not_retried(fake: FakeKube) -> None:
+    doc = sample("trainingjob")
+    doc["spec"]["hyperparameters"]["epochs"] = 0
+    tj = fake.put(doc)
+    patch = kopf.Patch()
+    with pytest.raises(kopf.PermanentError, match="epochs"):
+        handlers.reconcile_trainingjob(body=tj, patch=patch)
+    status = apply_patch(fake, tj, patch)["status"]
+    assert status["phase"] == "Failed"
+    assert status["conditions"][0]["type"] == "Valid" and status["conditions"][0]["status"] == "False"
+    assert fake.of_kind("RayJob") == []
+
+
+# --- RayJob status -> TrainingJob, ModelVersion registration --------------------------------------------------------
+
+
+def finish(fake: FakeKube, job_status: str, deployment: str = "Complete", result: str | None = None) -> dict[str, Any]:
+    job = fake.find("RayJob", "arrests-mlp")
+    job["status"] = {"jobStatus": job_status, "jobDeploymentStatus": deployment, "endTime": "2026-11-23T10:09:00Z"}
+    fake.objects[("rayjobs", "ml", "arrests-mlp")] = job
+    if result is not None:
+        cm = kube.kind_of("v1", "ConfigMap")
+        fake.patch(cm, "ml", "arrests-mlp-trainingjob", {"data": {rj.RESULT_KEY: result}})
+    return job
+
+
+def result_text(**changes: Any) -> str:
+    doc = yaml.safe_load((REPO / "manifests/samples/modelversion.yaml").read_text())
+    doc["spec"]["lineage"]["trainingJob"] = "ml/arrests-mlp"
+    doc["spec"]["stage"] = "Candidate"
+    doc["spec"].update(changes)
+    return yaml.safe_dump(doc)
+
+
+def test_a_succeeded_run_registers_its_modelversion_once(fake: FakeKube) -> None:
+    run_tj(fake, fake.put(sample("trainingjob")))
+    job = finish(fake, "SUCCEEDED", result=result_text())
+    written = handlers.sync_trainingjob_status(job)
+    assert written is not None
+    tj = fake.find("TrainingJob", "arrests-mlp")
+    status = tj["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["modelVersion"] == "arrests-v1"
+    assert status["metrics"]["rocAuc"] == pytest.approx(0.724)
+    assert status["epochsCompleted"] == 8
+    assert status["completionTime"] == "2026-11-23T10:09:00Z"
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Complete"]["status"] == "True"
+    assert conditions["ModelRegistered"]["status"] == "True"
+    (mv,) = fake.of_kind("ModelVersion")
+    assert mv["metadata"]["labels"]["kubeloop.dev/trainingjob"] == "arrests-mlp"
+    assert mv["spec"]["stage"] == "Candidate"
+    assert ("Normal", "Registered") in [(e[0], e[1]) for e in fake.events]
+    # every later event of the same RayJob: nothing more to write
+    fake.writes.clear()
+    assert handlers.sync_trainingjob_status(job) is None
+    assert fake.writes == []
+    assert len(fake.of_kind("ModelVersion")) == 1
+
+
+def test_registration_survives_a_restart_between_create_and_status(fake: FakeKube) -> None:
+    run_tj(fake, fake.put(sample("trainingjob")))
+    job = finish(fake, "SUCCEEDED", result=result_text())
+    manifest = rj.registered_modelversion(handlers._parse(fake.find("TrainingJob", "arrests-mlp")), result_text())
+    fake.put(manifest)  # created by a previous operator process that died before writing the status
+    handlers.sync_trainingjob_status(job)
+    assert fake.find("TrainingJob", "arrests-mlp")["status"]["modelVersion"] == "arrests-v1"
+    assert len(fake.of_kind("ModelVersion")) == 1
+
+
+def test_a_version_registered_by_another_run_is_not_claimed(fake: FakeKube) -> None:
+    run_tj(fake, fake.put(sample("trainingjob")))
+    other = yaml.safe_load((REPO / "manifests/samples/modelversion.yaml").read_text())
+    other["metadata"]["namespace"] = "ml"
+    fake.put(other)
+    job = finish(fake, "SUCCEEDED", result=result_text())
+    handlers.sync_trainingjob_status(job)
+    status = fake.find("TrainingJob", "arrests-mlp")["status"]
+    assert "modelVersion" not in status
+    registered = next(c for c in status["conditions"] if c["type"] == "ModelRegistered")
+    assert (registered["status"], registered["reason"]) == ("False", "VersionExists")
+
+
+def test_a_failed_gate_registers_a_rejected_version_and_fails(fake: FakeKube) -> None:
+    run_tj(fake, fake.put(sample("trainingjob")))
+    job = finish(fake, "FAILED", "Failed", result=result_text(stage="Rejected", stageReason="rocAuc 0.5 < 0.6"))
+    handlers.sync_trainingjob_status(job)
+    status = fake.find("TrainingJob", "arrests-mlp")["status"]
+    assert status["phase"] == "Failed"
+    assert status["modelVersion"] == "arrests-v1"
+    assert fake.of_kind("ModelVersion")[0]["spec"]["stage"] == "Rejected"
+
+
+def test_a_run_without_result_says_so(fake: FakeKube) -> None:
+    run_tj(fake, fake.put(sample("trainingjob")))
+    handlers.sync_trainingjob_status(finish(fake, "SUCCEEDED"))
+    status = fake.find("TrainingJob", "arrests-mlp")["status"]
+    assert status["phase"] == "Succeeded"
+    registered = next(c for c in status["conditions"] if c["type"] == "ModelRegistered")
+    assert (registered["status"], registered["reason"]) == ("False", "NoResult")
+    assert fake.of_kind("ModelVersion") == []
+
+
+def test_a_forged_result_is_refused(fake: FakeKube) -> None:
+    run_tj(fake, fake.put(sample("trainingjob")))
+    handlers.sync_trainingjob_status(finish(fake, "SUCCEEDED", result=result_text(stage="Production")))
+    status = fake.find("TrainingJob", "arrests-mlp")["status"]
+    registered = next(c for c in status["conditions"] if c["type"] == "ModelRegistered")
+    assert (registered["status"], registered["reason"]) == ("False", "InvalidResult")
+    assert fake.of_kind("ModelVersion") == []
+
+
+def test_rayjob_of_a_deleted_or_replaced_trainingjob_is_ignored(fake: FakeKube) -> None:
+    run_tj(fake, fake.put(sample("trainingjob")))
+    job = fake.find("RayJob", "arrests-mlp")
+    job["metadata"]["ownerReferences"][0]["uid"] = "a-previous-incarnation"
+    fake.writes.clear()
+    assert handlers.sync_trainingjob_status(job) is None
+    assert fake.writes == []
+
+
+# --- ModelDeployment ----------------------------------------------------------------------------------------------
+
+
+def put_versions(fake: FakeKube, *numbers: int) -> None:
+    for n in numbers:
+        doc = yaml.safe_load((REPO / "manifests/samples/modelversion.yaml").read_text())
+        doc["metadata"].update(name=f"arrests-v{n}", namespace="ml")
+        doc["spec"]["version"] = n
+        doc["spec"]["artifactUri"] = f"file:///var/lib/kubeloop/registry/arrests/v{n}/artifact"
+        fake.put(doc)
+
+
+def test_modeldeployment_reconcile_converges(fake: FakeKube) -> None:
+    put_versions(fake, 1)
+    md = fake.put(sample("modeldeployment"))
+    md, error = run_md(fake, md)
+    assert error is None
+    assert [w[1] for w in fake.writes if w[0] == "create"] == ["ConfigMap", "InferenceService"]
+    obj = fake.find("InferenceService", "arrests")
+    assert obj["metadata"]["ownerReferences"][0]["uid"] == md["metadata"]["uid"]
+    assert md["status"]["traffic"] == [{"version": 1, "percent": 100, "role": "stable"}]
+    fake.writes.clear()
+    run_md(fake, md)
+    assert [w for w in fake.writes if w[0] != "patch/status"] == []
+
+
+def test_modeldeployment_waits_for_its_modelversion(fake: FakeKube) -> None:
+    md = fake.put(sample("modeldeployment"))
+    md, error = run_md(fake, md)
+    assert isinstance(error, kopf.TemporaryError)
+    assert md["status"]["ready"] is False
+    ready = md["status"]["conditions"][0]
+    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "ModelVersionNotFound")
+    assert "arrests-v1" in ready["message"]
+    assert fake.of_kind("InferenceService") == []
+    put_versions(fake, 1)
+    md, error = run_md(fake, md)
+    assert error is None
+    assert len(fake.of_kind("InferenceService")) == 1
+
+
+def test_a_rejected_version_is_not_served(fake: FakeKube) -> None:
+    put_versions(fake, 1)
+    mv = fake.find("ModelVersion", "arrests-v1")
+    mv["spec"]["stage"] = "Rejected"
+    md, error = run_md(fake, fake.put(sample("modeldeployment")))
+    assert isinstance(error, kopf.TemporaryError)
+    assert md["status"]["conditions"][0]["reason"] == "ModelVersionRejected"
+
+
+def test_canary_then_promotion_removes_the_canary(fake: FakeKube) -> None:
+    put_versions(fake, 1, 2)
+    md = fake.put(sample("modeldeployment", canary={"version": 2, "trafficPercent": 10}))
+    md, _ = run_md(fake, md)
+    assert fake.find("InferenceService", "arrests")["spec"]["canary"][0]["trafficPercent"] == 10
+    md["spec"]["version"] = 2
+    del md["spec"]["canary"]
+    md, error = run_md(fake, md)
+    assert error is None
+    spec = fake.find("InferenceService", "arrests")["spec"]
+    assert "canary" not in spec  # replaced, not merged: the canary entry is gone
+    server = spec["predictor"]["containers"][0]
+    assert server["args"][server["args"].index("--model-version") + 1] == "/etc/kubeloop/versions/v2.yaml"
+    assert set(fake.find("ConfigMap", "arrests-model-versions")["data"]) == {"v2.yaml"}
+    assert md["status"]["canaryPhase"] == "None"
+
+
+def test_knative_canary_creates_the_stable_first(fake: FakeKube) -> None:
+    put_versions(fake, 1, 2)
+    md = fake.put(sample("modeldeployment", deploymentMode="Knative", canary={"version": 2, "trafficPercent": 20}))
+    md, error = run_md(fake, md)
+    assert isinstance(error, kopf.TemporaryError)
+    obj = fake.find("InferenceService", "arrests")
+    assert "canaryTrafficPercent" not in obj["spec"]["predictor"]
+    assert md["status"]["traffic"] == [{"version": 1, "percent": 100, "role": "stable"}]
+    obj["status"] = {"components": {"predictor": {"latestRolledoutRevision": "arrests-predictor-00001"}}}
+    md, error = run_md(fake, md)
+    assert error is None
+    assert fake.find("InferenceService", "arrests")["spec"]["predictor"]["canaryTrafficPercent"] == 20
+    assert [t["percent"] for t in md["status"]["traffic"]] == [80, 20]
+
+
+def test_invalid_canary_steps_are_rejected_with_the_field(fake: FakeKube) -> None:
+    put_versions(fake, 1, 2)
+    canary = {"version": 2, "trafficPercent": 10, "analysis": {"steps": [50, 10]}}
+    md = fake.put(sample("modeldeployment", canary=canary))
+    md, error = run_md(fake, md)
+    assert isinstance(error, kopf.PermanentError)
+    assert "steps" in str(error)
+    assert md["status"]["conditions"][0]["reason"] == "InvalidSpec"
+    assert fake.of_kind("InferenceService") == []
+
+
+def test_a_fixed_spec_clears_the_invalid_condition(fake: FakeKube) -> None:
+    put_versions(fake, 1)
+    md = fake.put(sample("modeldeployment", canary={"version": 1, "trafficPercent": 5}))  # canary == stable
+    md, error = run_md(fake, md)
+    assert isinstance(error, kopf.PermanentError)
+    del md["spec"]["canary"]
+    md, error = run_md(fake, md)
+    assert error is None
+    assert "Valid" not in {c["type"] for c in md["status"]["conditions"]}
+    assert len(fake.of_kind("InferenceService")) == 1
+
+
+def test_inferenceservice_status_is_mirrored(fake: FakeKube) -> None:
+    put_versions(fake, 1)
+    run_md(fake, fake.put(sample("modeldeployment")))
+    obj = fake.find("InferenceService", "arrests")
+    obj["status"] = {"url": "http://arrests.ml.example.com", "conditions": [{"type": "Ready", "status": "True"}]}
+    new = handlers.sync_modeldeployment_status(obj)
+    assert new is not None
+    status = fake.find("ModelDeployment", "arrests")["status"]
+    assert status["ready"] is True
+    assert status["url"] == "http://arrests.ml.example.com"
+    assert status["drift"] == {"state": "Unknown"}
+    fake.writes.clear()
+    assert handlers.sync_modeldeployment_status(obj) is None
+    assert fake.writes == []
+
+
+# --- apply, admission, settings, metrics ----------------------------------------------------------------------------
+
+
+def test_contains_ignores_server_additions_but_not_changes() -> None:
+    assert kube.contains({"a": 1, "b": [{"x": 1, "y": 2}]}, {"a": 1, "b": [{"x": 1}]})
+    assert kube.contains({"cpu": "1"}, {"cpu": 1})
+    assert not kube.contains({"b": [{"x": 1}, {"x": 2}]}, {"b": [{"x": 1}]})
+    assert not kube.contains({"a": True}, {"a": 1})
+    assert not kube.contains({"a": {"b": 1}}, {"a": {"b": 2}})
+
+
+def test_admission_problems_name_the_field() -> None:
+    ok = sample("modeldeployment")
+    assert admission.problems(ok) is None
+    bad = sample("modeldeployment", canary={"version": 2, "analysis": {"steps": [10, 10]}})
+    message = admission.problems(bad)
+    assert message is not None and "spec.canary.analysis.steps" in message
+    assert admission.missing_versions(ok, lambda ns, name: False) == ["arrests-v1"]
+    assert admission.missing_versions(ok, lambda ns, name: True) == []
+
+
+def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBELOOP_SERVING_IMAGE", "registry.local/serving:dev")
+    monkeypatch.setenv("KUBELOOP_GPU_NODE_SELECTOR", '{"pool": "gpu"}')
+    monkeypatch.setenv("KUBELOOP_GPU_TOLERATION", "false")
+    monkeypatch.setenv("KUBELOOP_SIDECAR_PORT", "9000")
+    monkeypatch.setenv("KUBELOOP_STORAGE_PVC", "")
+    settings = Settings.from_env()
+    assert settings.serving_image == "registry.local/serving:dev"
+    assert settings.gpu_node_selector == {"pool": "gpu"}
+    assert settings.gpu_toleration is False
+    assert settings.sidecar_port == 9000
+    assert settings.storage_pvc == ""
+    monkeypatch.setenv("KUBELOOP_SIDECAR_PORT", "nine")
+    with pytest.raises(ValueError, match="KUBELOOP_SIDECAR_PORT"):
+        Settings.from_env()
+
+
+def test_metrics_exposition() -> None:
+    metrics.reconciled("TrainingJob", "ok", 0.02)
+    metrics.child("RayJob", "created")
+    text = metrics.render()
+    assert 'kubeloop_operator_reconcile_total{kind="TrainingJob",result="ok"}' in text
+    assert 'kubeloop_operator_children_total{kind="RayJob",action="created"}' in text
+    assert 'kubeloop_operator_reconcile_seconds_bucket{kind="TrainingJob",le="0.025"}' in text
+    assert isvc.COMPONENT == "inference"

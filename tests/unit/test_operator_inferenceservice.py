@@ -1,0 +1,309 @@
+"""ModelDeployment -> InferenceService, field by field; the status mapping back.
+
+Upstream fields checked (read from the KServe sources with the search tool, not guessed):
+
+kserve/kserve ``pkg/apis/serving/v1beta1/inference_service.go``: InferenceServiceSpec ``predictor``,
+  ``transformer``, ``explainer``; LoggerSpec ``url``, ``mode`` (all | request | response).
+kserve/kserve ``pkg/apis/serving/v1beta1/predictor.go``: PredictorSpec inlines ``PodSpec`` (``containers``,
+  ``volumes``, ``nodeSelector``, ``tolerations``, ``securityContext``…) and ``ComponentExtensionSpec``.
+kserve/kserve ``pkg/apis/serving/v1beta1/component.go``: ComponentExtensionSpec ``minReplicas``,
+  ``maxReplicas``, ``scaleTarget``, ``scaleMetric`` (cpu | memory | concurrency | rps), ``canaryTrafficPercent``,
+  ``logger``, ``batcher``, ``labels``, ``annotations`` (added to the component pod).
+kserve/kserve ``pkg/apis/serving/v1beta1/predictor_custom.go`` + ``pkg/constants/constants.go``: the predictor
+  container of an inlined pod spec is the one named ``kserve-container`` (InferenceServiceContainerName);
+  ``STORAGE_URI`` on it would trigger the storage initializer (not used: artifacts are on the kubeloop volume).
+kserve/kserve ``pkg/constants/constants.go``: annotations ``serving.kserve.io/deploymentMode`` (Standard |
+  Knative; RawDeployment / Serverless are the deprecated names), ``serving.kserve.io/autoscalerClass`` (hpa |
+  keda | external | none), ``serving.kserve.io/enable-prometheus-scraping``.
+kserve/kserve ``pkg/apis/serving/v1beta1/inference_service_validation.go`` (validateAutoScalingCompExtension):
+  in Knative mode cpu/memory scale metrics are validated against the HPA class (annotation
+  ``autoscaling.knative.dev/class: hpa.autoscaling.knative.dev``), otherwise against the KPA (concurrency, rps).
+kserve/kserve pull request #5672 (merged, KServe v0.20; ``inference_service.go`` and ``predictor.go``):
+  ``spec.canary`` is a list of CanarySpec ``{trafficPercent (0-100), predictor (PredictorSpec, name required)}``,
+  Standard mode only, names unique, trafficPercent sum <= 100, no autoscaling fields on a canary; PredictorSpec
+  gained ``name``; changing ``predictor.name`` requires a changed storage URI (so kubeloop names only canaries);
+  status ``canaryStatuses`` and a ``CanaryReady`` condition. Knative canary: ``canaryTrafficPercent`` splits
+  between the latest revision and the last one rolled out at 100%
+  (``status.components.predictor.latestRolledoutRevision``), docs/samples/v1beta1/rollout/README.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubeloop.api import ModelDeployment, ModelVersion, parse_resource
+from operators import inferenceservice as isvc
+from operators.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+SETTINGS = Settings()
+
+
+def deployment(**spec: Any) -> ModelDeployment:
+    doc = yaml.safe_load((REPO / "manifests/samples/modeldeployment.yaml").read_text())
+    doc["metadata"].update(namespace="ml", uid="md-uid", generation=2)
+    doc["spec"].update(spec)
+    md = parse_resource(doc)
+    assert isinstance(md, ModelDeployment)
+    return md
+
+
+def version(n: int, uri: str | None = None) -> ModelVersion:
+    doc = yaml.safe_load((REPO / "manifests/samples/modelversion.yaml").read_text())
+    doc["metadata"].update(name=f"arrests-v{n}", namespace="ml")
+    doc["spec"]["version"] = n
+    doc["spec"]["artifactUri"] = uri or f"file:///var/lib/kubeloop/registry/arrests/v{n}/artifact"
+    mv = parse_resource(doc)
+    assert isinstance(mv, ModelVersion)
+    return mv
+
+
+VERSIONS = {1: version(1), 2: version(2)}
+
+
+def containers(component: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in component["containers"]}
+
+
+def arg(container: dict[str, Any], flag: str) -> str:
+    args = container["args"]
+    return args[args.index(flag) + 1]
+
+
+def test_identity_owner_labels_and_standard_annotations() -> None:
+    obj = isvc.desired_inferenceservice(deployment(), VERSIONS, SETTINGS)
+    assert (obj["apiVersion"], obj["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    meta = obj["metadata"]
+    assert (meta["name"], meta["namespace"]) == ("arrests", "ml")
+    (ref,) = meta["ownerReferences"]
+    assert ref == {
+        "apiVersion": "kubeloop.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "name": "arrests",
+        "uid": "md-uid",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    assert meta["labels"]["app.kubernetes.io/component"] == "inference"
+    assert meta["labels"]["kubeloop.dev/modeldeployment"] == "arrests"
+    assert meta["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+    assert meta["annotations"]["serving.kserve.io/autoscalerClass"] == "hpa"
+    assert "autoscaling.knative.dev/class" not in meta["annotations"]
+    assert set(obj["spec"]) == {"predictor"}
+
+
+def test_autoscaling_from_the_spec() -> None:
+    md = deployment(autoscaling={"minReplicas": 2, "maxReplicas": 7, "metric": "memory", "target": 70})
+    predictor = isvc.desired_inferenceservice(md, VERSIONS, SETTINGS)["spec"]["predictor"]
+    assert (predictor["minReplicas"], predictor["maxReplicas"]) == (2, 7)
+    assert (predictor["scaleMetric"], predictor["scaleTarget"]) == ("memory", 70)
+    assert "canaryTrafficPercent" not in predictor
+
+
+def test_server_container_runs_the_model_version() -> None:
+    predictor = isvc.desired_inferenceservice(deployment(), VERSIONS, SETTINGS)["spec"]["predictor"]
+    server = containers(predictor)["kserve-container"]
+    assert predictor["containers"][0]["name"] == "kserve-container"  # KServe's predictor container comes first
+    assert server["image"] == SETTINGS.serving_image
+    assert server["command"] == ["python", "-m", "serving.server"]
+    assert arg(server, "--model-version") == "/etc/kubeloop/versions/v1.yaml"
+    assert arg(server, "--host") == "0.0.0.0"
+    assert arg(server, "--http-port") == "8080"
+    assert arg(server, "--endpoint") == "default"
+    assert arg(server, "--inference-service") == "arrests"
+    assert arg(server, "--namespace") == "ml"
+    assert "--logger-url" not in server["args"]  # KServe's logger posts the CloudEvents in a cluster
+    assert server["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
+    assert server["resources"] == {
+        "requests": {"cpu": "500m", "memory": "1Gi"},
+        "limits": {"cpu": "500m", "memory": "1Gi"},
+    }
+    assert predictor["annotations"]["kubeloop.dev/artifact-uri"] == VERSIONS[1].spec.artifact_uri
+    assert predictor["labels"]["kubeloop.dev/version"] == "1"
+
+
+def test_drift_sidecar_and_logger_wiring() -> None:
+    md = deployment(drift={"enabled": True, "detector": "mmd", "window": 300, "pValue": 0.01, "referenceSize": 900})
+    predictor = isvc.desired_inferenceservice(md, VERSIONS, SETTINGS)["spec"]["predictor"]
+    sidecar = containers(predictor)["drift-detector"]
+    assert sidecar["image"] == SETTINGS.drift_image
+    assert sidecar["command"] == ["python", "-m", "monitoring.sidecar"]
+    assert arg(sidecar, "--host") == "127.0.0.1"
+    assert arg(sidecar, "--port") == str(SETTINGS.sidecar_port)
+    assert arg(sidecar, "--model-version") == "/etc/kubeloop/versions/v1.yaml"
+    assert arg(sidecar, "--default-version") == "1"
+    assert arg(sidecar, "--detector") == "mmd"
+    assert arg(sidecar, "--window") == "300"
+    assert arg(sidecar, "--p-value") == "0.01"
+    assert arg(sidecar, "--reference-size") == "900"
+    assert "ports" not in sidecar  # loopback only: nothing outside the pod reaches it
+    assert predictor["logger"] == {"url": f"http://127.0.0.1:{SETTINGS.sidecar_port}/", "mode": "all"}
+
+
+def test_no_sidecar_and_no_logger_without_drift_monitoring() -> None:
+    predictor = isvc.desired_inferenceservice(deployment(drift={"enabled": False}), VERSIONS, SETTINGS)["spec"][
+        "predictor"
+    ]
+    assert list(containers(predictor)) == ["kserve-container"]
+    assert "logger" not in predictor
+
+
+def test_volumes_mounts_and_security() -> None:
+    predictor = isvc.desired_inferenceservice(deployment(), VERSIONS, SETTINGS)["spec"]["predictor"]
+    volumes = {v["name"]: v for v in predictor["volumes"]}
+    assert volumes["model-versions"] == {"name": "model-versions", "configMap": {"name": "arrests-model-versions"}}
+    assert volumes["kubeloop-home"]["persistentVolumeClaim"] == {"claimName": SETTINGS.storage_pvc, "readOnly": True}
+    assert predictor["securityContext"]["runAsNonRoot"] is True
+    assert predictor["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in predictor["containers"]:
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        assert mounts["model-versions"]["readOnly"] is True
+        assert mounts["kubeloop-home"] == {
+            "name": "kubeloop-home",
+            "mountPath": SETTINGS.home_mount_path,
+            "readOnly": True,
+        }
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_gpus_and_node_selector() -> None:
+    md = deployment(resources={"cpu": 2, "memory": "8Gi", "gpu": 1})
+    predictor = isvc.desired_inferenceservice(md, VERSIONS, SETTINGS)["spec"]["predictor"]
+    c = containers(predictor)
+    assert c["kserve-container"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert c["kserve-container"]["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}
+    assert "nvidia.com/gpu" not in c["drift-detector"]["resources"]["limits"]
+    assert predictor["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert predictor["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    no_gpu = isvc.desired_inferenceservice(deployment(), VERSIONS, SETTINGS)["spec"]["predictor"]
+    assert "nodeSelector" not in no_gpu and "tolerations" not in no_gpu
+
+
+def test_standard_canary_is_a_named_spec_canary_entry() -> None:
+    md = deployment(canary={"version": 2, "trafficPercent": 25})
+    obj = isvc.desired_inferenceservice(md, VERSIONS, SETTINGS)
+    spec = obj["spec"]
+    stable = spec["predictor"]
+    assert arg(containers(stable)["kserve-container"], "--model-version") == "/etc/kubeloop/versions/v1.yaml"
+    assert "canaryTrafficPercent" not in stable and "name" not in stable
+    (entry,) = spec["canary"]
+    assert entry["trafficPercent"] == 25
+    candidate = entry["predictor"]
+    assert candidate["name"] == "v2"
+    for field in ("minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "canaryTrafficPercent"):
+        assert field not in candidate
+    server = containers(candidate)["kserve-container"]
+    assert arg(server, "--model-version") == "/etc/kubeloop/versions/v2.yaml"
+    assert arg(server, "--endpoint") == "canary"
+    sidecar = containers(candidate)["drift-detector"]
+    assert arg(sidecar, "--default-version") == "2"
+    assert sidecar["args"].count("--model-version") == 2
+    assert candidate["logger"]["url"] == isvc.logger_url(SETTINGS)
+    assert candidate["annotations"]["kubeloop.dev/artifact-uri"] == VERSIONS[2].spec.artifact_uri
+    # the stable pod's sidecar knows the canary version too
+    assert containers(stable)["drift-detector"]["args"].count("--model-version") == 2
+    assert obj["metadata"]["annotations"]["kubeloop.dev/canary-version"] == "2"
+    assert isvc.traffic_split(md) == [
+        {"version": 1, "percent": 75, "role": "stable"},
+        {"version": 2, "percent": 25, "role": "canary"},
+    ]
+
+
+def test_knative_canary_uses_canary_traffic_percent() -> None:
+    md = deployment(deploymentMode="Knative", canary={"version": 2, "trafficPercent": 10})
+    obj = isvc.desired_inferenceservice(md, VERSIONS, SETTINGS)
+    assert "canary" not in obj["spec"]
+    predictor = obj["spec"]["predictor"]
+    assert predictor["canaryTrafficPercent"] == 10
+    assert arg(containers(predictor)["kserve-container"], "--model-version") == "/etc/kubeloop/versions/v2.yaml"
+    annotations = obj["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "Knative"
+    assert annotations["autoscaling.knative.dev/class"] == "hpa.autoscaling.knative.dev"  # metric cpu
+    assert "serving.kserve.io/autoscalerClass" not in annotations
+
+
+def test_knative_canary_waits_for_the_stable_rollout() -> None:
+    md = deployment(deploymentMode="Knative", canary={"version": 2, "trafficPercent": 10})
+    obj = isvc.desired_inferenceservice(md, VERSIONS, SETTINGS, with_canary=False)
+    predictor = obj["spec"]["predictor"]
+    assert "canaryTrafficPercent" not in predictor
+    assert arg(containers(predictor)["kserve-container"], "--model-version") == "/etc/kubeloop/versions/v1.yaml"
+    assert "kubeloop.dev/canary-waiting" in obj["metadata"]["annotations"]
+    assert isvc.traffic_split(md, with_canary=False) == [{"version": 1, "percent": 100, "role": "stable"}]
+    assert not isvc.stable_rolled_out(None)
+    assert not isvc.stable_rolled_out({"status": {"components": {"predictor": {}}}})
+    rolled = {"status": {"components": {"predictor": {"latestRolledoutRevision": "arrests-predictor-00001"}}}}
+    assert isvc.stable_rolled_out(rolled)
+
+
+@pytest.mark.parametrize(
+    ("metric", "klass"), [("concurrency", "kpa"), ("rps", "kpa"), ("cpu", "hpa"), ("memory", "hpa")]
+)
+def test_knative_autoscaler_class_follows_the_metric(metric: str, klass: str) -> None:
+    md = deployment(deploymentMode="Knative", autoscaling={"minReplicas": 0, "maxReplicas": 4, "metric": metric})
+    obj = isvc.desired_inferenceservice(md, VERSIONS, SETTINGS)
+    assert obj["metadata"]["annotations"]["autoscaling.knative.dev/class"] == f"{klass}.autoscaling.knative.dev"
+    assert obj["spec"]["predictor"]["minReplicas"] == 0
+
+
+def test_versions_configmap_holds_each_model_version() -> None:
+    md = deployment(canary={"version": 2, "trafficPercent": 10})
+    cm = isvc.desired_versions_configmap(md, VERSIONS)
+    assert cm["metadata"]["name"] == "arrests-model-versions"
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == "md-uid"
+    assert set(cm["data"]) == {"v1.yaml", "v2.yaml"}
+    for n in (1, 2):
+        again = parse_resource(yaml.safe_load(cm["data"][f"v{n}.yaml"]))
+        assert isinstance(again, ModelVersion)
+        assert again.spec == VERSIONS[n].spec
+    only_stable = isvc.desired_versions_configmap(deployment(), VERSIONS)
+    assert set(only_stable["data"]) == {"v1.yaml"}
+
+
+# --- status ---------------------------------------------------------------------------------------------------------
+
+
+def test_status_from_a_ready_inferenceservice() -> None:
+    md = deployment(canary={"version": 2, "trafficPercent": 25})
+    obj = {
+        "metadata": {"name": "arrests"},
+        "status": {
+            "url": "http://arrests.ml.example.com",
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "", "message": ""},
+                {"type": "CanaryReady", "status": "False", "reason": "CanaryNotReady", "message": "0/1 ready"},
+            ],
+        },
+    }
+    status = isvc.modeldeployment_status(md, obj)
+    assert status["url"] == "http://arrests.ml.example.com"
+    assert status["ready"] is True
+    assert status["traffic"] == isvc.traffic_split(md)
+    assert status["canaryPhase"] == "Progressing"
+    assert status["drift"] == {"state": "Unknown"}
+    assert status["observedGeneration"] == 2
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Ready"]["status"] == "True"
+    assert (conditions["CanaryReady"]["status"], conditions["CanaryReady"]["reason"]) == ("False", "CanaryNotReady")
+
+
+def test_status_before_kserve_reports_anything() -> None:
+    status = isvc.modeldeployment_status(deployment(), {"metadata": {"name": "arrests"}})
+    assert "ready" not in status and "url" not in status
+    (ready,) = status["conditions"]
+    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "Unknown", "Reconciling")
+    assert status["canaryPhase"] == "None"
+
+
+def test_status_keeps_what_other_writers_own() -> None:
+    old = {"drift": {"state": "Drift", "minPValue": 0.001}, "canaryPhase": "Promoted"}
+    status = isvc.modeldeployment_status(deployment(), None, old)
+    assert "drift" not in status  # the sidecar's report stays
+    assert "canaryPhase" not in status  # the canary controller's verdict stays
