@@ -28,16 +28,20 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 def _manifests(args: argparse.Namespace) -> int:
     from kubeloop import manifests
+    from kubeloop.report import dashboards
 
     # the kustomize base is rendered from the chart by helm; the operators package owns that rendering
     from operators import chart
 
     root = Path(args.root)
+    # the dashboards' ConfigMap template is part of the chart, which the kustomize base is rendered from
+    steps = (manifests, dashboards, chart)
     if args.action == "generate":
-        for path in manifests.generate(root) + chart.generate(root):
-            print(f"wrote {path}")
+        for step in steps:
+            for path in step.generate(root):
+                print(f"wrote {path}")
         return 0
-    stale = manifests.check(root) + chart.check(root)
+    stale = [message for step in steps for message in step.check(root)]
     for message in stale:
         print(message, file=sys.stderr)
     if not stale:
@@ -61,9 +65,46 @@ def _models(args: argparse.Namespace) -> int:
             raise SpecError("promote needs NAME:VERSION, e.g. kubeloop models promote arrests:2")
         record = registry.promote(name, version, args.reason or "promoted by kubeloop models promote")
         print(f"{record.metadata.name} is Production")
+    elif args.action == "report":
+        from kubeloop.report import write_report
+        from kubeloop.status_view import sidecar_for
+
+        record = registry.resolve(args.ref)
+        sidecar = args.sidecar or sidecar_for(record.spec.model, record.spec.version)
+        print(write_report(record, registry, Path(args.out) if args.out else None, sidecar=sidecar))
     elif args.action == "rollback":
         record = registry.rollback(parse_ref(args.ref)[0], args.reason or "rolled back by kubeloop models rollback")
         print(f"{record.metadata.name} is Production again")
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    if args.action == "compile":
+        from pipelines.compile import COMPILED_DIR, check, compile_all
+
+        out = Path(args.out) if args.out else COMPILED_DIR
+        if args.check:
+            stale = check(out)
+            for message in stale:
+                print(message, file=sys.stderr)
+            if not stale:
+                print("compiled pipelines are up to date")
+            return 1 if stale else 0
+        for path in compile_all(out):
+            print(f"wrote {path}")
+        return 0
+    if not args.name:
+        raise SpecError("pipeline run needs a pipeline name: training or continuous")
+    from pipelines.local import params_from_cli, run_local
+
+    run_local(args.name, **params_from_cli(args.file, args.param))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from kubeloop.status_view import status_table
+
+    print(status_table(interval=args.interval))
     return 0
 
 
@@ -110,11 +151,26 @@ def parser() -> argparse.ArgumentParser:
     manifests.set_defaults(handler=_manifests)
 
     models = commands.add_parser("models", help="the model registry")
-    models.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    models.add_argument("action", choices=["list", "show", "report", "promote", "rollback"])
     models.add_argument("ref", nargs="?", help="NAME or NAME:VERSION")
     models.add_argument("-o", "--output", choices=["text", "yaml", "json"], default="text")
     models.add_argument("--reason", help="recorded in the stage history")
+    models.add_argument("--out", help="report: HTML path (default $KUBELOOP_HOME/reports/<model>-v<N>.html)")
+    models.add_argument("--sidecar", help="report: drift sidecar URL of a running deployment (local ones are found)")
     models.set_defaults(handler=_models)
+
+    pipeline = commands.add_parser("pipeline", help="Kubeflow Pipelines: compile for the dashboard, run locally")
+    pipeline.add_argument("action", choices=["compile", "run"])
+    pipeline.add_argument("name", nargs="?", choices=["training", "continuous"], help="the pipeline to run")
+    pipeline.add_argument("-f", "--file", help="run: a TrainingJob YAML (default: the sample)")
+    pipeline.add_argument("-p", "--param", action="append", default=[], help="run: KEY=VALUE (JSON values parsed)")
+    pipeline.add_argument("--check", action="store_true", help="compile: exit 1 when pipelines/compiled is stale")
+    pipeline.add_argument("--out", help="compile: output folder (default pipelines/compiled)")
+    pipeline.set_defaults(handler=_pipeline)
+
+    status = commands.add_parser("status", help="deployments running on this machine, live from their /metrics")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between the two scrapes")
+    status.set_defaults(handler=_status)
 
     data = commands.add_parser("data", help="versioned snapshots and validation")
     data.add_argument("action", choices=["ingest", "validate", "show", "list"])
@@ -130,7 +186,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup(args.verbose)
-    needs_ref = {"show", "promote", "rollback"}
+    needs_ref = {"show", "report", "promote", "rollback"}
     if args.command == "models" and args.action in needs_ref and not args.ref:
         parser().error(f"models {args.action} needs NAME or NAME:VERSION")
     if args.command == "data" and args.action != "list" and not args.target:

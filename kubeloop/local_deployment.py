@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from kubeloop.api import ModelDeployment
 from kubeloop.log import event
@@ -31,6 +32,7 @@ class LocalDeployment:
         self.deployment = deployment
         self.registry = registry or Registry()
         self.processes = ProcessGroup()
+        self.state_file: Path | None = None  # $KUBELOOP_HOME/deployments/<name>.json while it runs (kubeloop status)
 
     def versions(self) -> list[tuple[int, str]]:
         spec = self.deployment.spec
@@ -79,10 +81,16 @@ class LocalDeployment:
         endpoints = Endpoints(
             url=splitter or servers[spec.version], servers=servers, sidecar=sidecar, splitter=splitter
         )
+        from kubeloop.status_view import record_deployment
+
+        self.state_file = record_deployment(self.deployment, endpoints)
         event(log, "deployment.ready", name=name, model=spec.model, url=endpoints.url, sidecar=sidecar or "off")
         return endpoints
 
     def stop(self) -> None:
+        if self.state_file is not None:
+            self.state_file.unlink(missing_ok=True)
+            self.state_file = None
         self.processes.stop()
 
     def __enter__(self) -> LocalDeployment:

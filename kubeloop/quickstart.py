@@ -23,6 +23,7 @@ from kubeloop.errors import KubeloopError
 from kubeloop.log import event
 from kubeloop.models_view import detail
 from kubeloop.registry import Registry
+from kubeloop.report import write_report
 from kubeloop.traffic import TrafficResult, send, shifted
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ def quickstart(epochs: int, workers: int) -> int:
             if status["state"] == "Drift":
                 break
         print(_traffic_line("shifted", shifted_result))
+        report = write_report(record, registry, sidecar=endpoints.sidecar)
 
     detected = status["state"] == "Drift"
     event(log, "quickstart.done", drift=detected, seconds=time.perf_counter() - started)
@@ -146,6 +148,7 @@ def quickstart(epochs: int, workers: int) -> int:
         )
     else:
         print(f"shifted      drift NOT detected in {MAX_SHIFTED_WINDOWS} windows")
+    print(f"report       {report}")
     print(f"took         {time.perf_counter() - started:.0f}s")
     print(
         f"next         kubeloop models show {model}:{record.spec.version}   |   "

@@ -6,8 +6,7 @@
 ``kubectl apply -k manifests/`` installs what ``helm install`` installs with default values. The only edits to
 Helm's output: the ``helm.sh/chart`` label is dropped and ``app.kubernetes.io/managed-by`` says kustomize.
 
-``kubeloop manifests generate/check`` calls ``generate`` / ``check`` here after the CRDs'; or
-``python -m operators.chart generate|check``. Needs a ``helm`` binary:
+``kubeloop manifests generate/check`` calls ``generate`` / ``check`` here after the CRDs'. Needs a ``helm`` binary:
 ``$KUBELOOP_HELM``, ``helm`` on PATH, or the one the dev control plane builds (``~/.cache/kubeloop/controlplane-*``).
 """
 
@@ -17,7 +16,6 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -145,29 +143,3 @@ def check(root: Path, helm: str | None = None) -> list[str]:
     """One message per missing, stale or orphaned generated file; empty when manifests/ matches the chart."""
     files = render_all(Path(root), helm)
     return generated.stale(Path(root), files, _orphans(Path(root), files), "the chart")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] not in ("generate", "check"):
-        print("usage: python -m operators.chart generate|check [ROOT]", file=sys.stderr)
-        return 2
-    root = Path(args[1]) if len(args) > 1 else Path(__file__).resolve().parents[1]
-    try:
-        if args[0] == "generate":
-            for path in generate(root):
-                print(f"wrote {path}")
-            return 0
-        problems = check(root)
-    except ChartError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for message in problems:
-        print(message, file=sys.stderr)
-    if not problems:
-        print("manifests/base is up to date with helm/kubeloop")
-    return 1 if problems else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -74,7 +74,7 @@ class Settings:
     storage_pvc: str = "kubeloop-home"
     home_mount_path: str = "/var/lib/kubeloop"
 
-    user_id: int = 10001  # the images' user and group (docker/*.Dockerfile); also the fsGroup of the volume
+    user_id: int = 10001  # the images' user and group (images/*.Dockerfile); also the fsGroup of the volume
     ray_version: str = "2.60.0"  # the Ray in the training image (KubeRay picks the submit command by it)
     ray_ttl_seconds: int = 0  # keep the finished Ray cluster this long (0: delete it at once)
 

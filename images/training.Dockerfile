@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # kubeloop training image: the Ray head/worker image of a TrainingJob's RayJob (Ray Train + torch, the kubeloop CLI).
-# Installs only the "training" extra, at the versions of uv.lock. Build from the repository root:
+# Installs the "training" extra (and "pipelines": the KFP steps run in this image), at the versions of uv.lock. Build from the repository root:
 #   docker build -f docker/training.Dockerfile -t ghcr.io/kubeloop/training:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -13,7 +13,7 @@ COPY operators ./operators
 COPY serving ./serving
 COPY monitoring ./monitoring
 COPY pipelines ./pipelines
-RUN uv export --frozen --no-dev --extra training --no-emit-project --format requirements-txt -o /requirements.txt \
+RUN uv export --frozen --no-dev --extra training --extra pipelines --no-emit-project --format requirements-txt -o /requirements.txt \
  && uv build --wheel --out-dir /dist
 
 FROM ${PYTHON_IMAGE}

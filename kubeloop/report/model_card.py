@@ -1,0 +1,672 @@
+"""The model report: one self-contained HTML file (a model card) per ModelVersion, plots embedded as PNG data URIs.
+
+Sections: data (snapshot, columns, the validation report re-run against the previous Production version's
+snapshot), lineage and hyperparameters, training curves, ROC / precision-recall / calibration on the held-out
+rows (recomputed: the lineage's digest, test fraction and seed give the same split training used, and the
+artifact's predictions on it), metrics per slice with their gap to overall and group-fairness figures, the gate's
+decision, the comparison with the previous Production version, the stage history and, given the URL of a running
+deployment's drift sidecar, its drift state.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+import kubeloop
+from kubeloop import config
+from kubeloop.api.modelversion import Metrics, ModelVersion
+from kubeloop.errors import KubeloopError
+from kubeloop.evaluation import LOWER_IS_BETTER
+from kubeloop.log import event
+from kubeloop.registry import Registry
+from kubeloop.report import plots
+from kubeloop.report.drift import DriftView, read_drift
+
+log = logging.getLogger(__name__)
+
+DASH = "\u2013"  # an en dash: "no value"
+METRICS = ("roc_auc", "accuracy", "precision", "recall", "log_loss", "positive_rate")
+SECTIONS = (
+    ("summary", "Summary"),
+    ("data", "Data"),
+    ("training", "Training"),
+    ("evaluation", "Evaluation"),
+    ("slices", "Slices and fairness"),
+    ("gate", "Gate"),
+    ("comparison", "Against Production"),
+    ("history", "Stage history"),
+    ("drift", "Drift"),
+)
+
+
+def default_path(record: ModelVersion) -> Path:
+    return config.home() / "reports" / f"{record.spec.model}-v{record.spec.version}.html"
+
+
+@dataclass
+class HeldOut:
+    """The artifact's predictions on the held-out rows the training run evaluated on."""
+
+    frame: pd.DataFrame
+    labels: np.ndarray
+    proba: np.ndarray
+    how: str
+
+    def metrics(self) -> Metrics:
+        from kubeloop.evaluation import metrics
+
+        return metrics(self.labels, self.proba)
+
+
+@dataclass
+class Notes:
+    """What a section could not show, and why (a missing snapshot, an artifact elsewhere): said in the report."""
+
+    items: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, section: str, text: str) -> None:
+        self.items.setdefault(section, []).append(text)
+
+    def html(self, section: str) -> str:
+        return "".join(f'<p class="note">{html.escape(t)}</p>' for t in self.items.get(section, []))
+
+
+# ---- gathering -----------------------------------------------------------------------------------------------------
+
+
+def previous_production(record: ModelVersion, registry: Registry) -> ModelVersion | None:
+    """The Production version this one is measured against: the one its gate compared with, else the current
+    Production version (when that is another version), else None."""
+    others = [mv for mv in registry.list(record.spec.model) if mv.spec.version != record.spec.version]
+    compared = record.spec.gate.compared_with if record.spec.gate else None
+    if compared:
+        found = next((mv for mv in others if mv.metadata.name == compared), None)
+        if found is not None:
+            return found
+    return next((mv for mv in others if mv.spec.stage == "Production"), None)
+
+
+def held_out(record: ModelVersion) -> HeldOut:
+    """Recompute the test split from the lineage (snapshot digest, testFraction, seed) and predict on it."""
+    from kubeloop.artifact import local_path
+    from kubeloop.data.snapshot import load_snapshot, read_frame
+
+    lineage = record.spec.lineage
+    local_path(record.spec.artifact_uri)  # an artifact elsewhere (s3://...): say so before reading anything
+    frame = read_frame(load_snapshot(lineage.dataset_digest))
+    # torch from here on (the artifact, and the split function of the training worker)
+    from kubeloop.artifact import ModelArtifact
+    from kubeloop.training.worker import split_indices
+
+    params = lineage.hyperparameters
+    fraction = params.get("testFraction", params.get("test_fraction"))
+    seed = params.get("seed")
+    if fraction is not None and seed is not None:
+        _, test_rows = split_indices(len(frame), float(fraction), int(seed))
+        test = frame.iloc[test_rows]
+        how = (
+            f"{len(test)} held-out rows (test fraction {fraction}, seed {seed}) "
+            f"of snapshot {lineage.dataset_digest[:19]}"
+        )
+    else:
+        test = frame
+        how = f"all {len(frame)} rows of the snapshot (the lineage records no testFraction and seed)"
+    artifact = ModelArtifact.load(record.spec.artifact_uri)
+    return HeldOut(test, artifact.transform.encode_label(test).astype(int), artifact.predict_proba(test), how)
+
+
+def revalidate(record: ModelVersion, previous: ModelVersion | None) -> Any:
+    """The snapshot's validation report, against the previous Production version's snapshot when there is one."""
+    from kubeloop.data.snapshot import load_snapshot
+    from kubeloop.data.validation import validate
+
+    snapshot = load_snapshot(record.spec.lineage.dataset_digest)
+    baseline = load_snapshot(previous.spec.lineage.dataset_digest) if previous is not None else None
+    return snapshot, validate(snapshot, None, baseline, label=record.spec.signature.label)
+
+
+# ---- HTML helpers --------------------------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _num(value: float | int | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return DASH
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return f"{value:.{digits}f}"
+
+
+def _signed(value: float | None, digits: int = 3) -> str:
+    return DASH if value is None or not math.isfinite(value) else f"{value:+.{digits}f}"
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _kv(rows: Iterable[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    return f'<table class="kv"><tbody>{body}</tbody></table>'
+
+
+def _figure(plot: plots.Plot, caption: str) -> str:
+    return f'<figure><img src="{plot.data_uri()}" alt="{_e(plot.alt)}"><figcaption>{_e(caption)}</figcaption></figure>'
+
+
+def _short(digest: str) -> str:
+    return digest[:19] + "…" if len(digest) > 19 else digest
+
+
+def _badge(text: str, kind: str) -> str:
+    return f'<span class="badge {kind}">{_e(text)}</span>'
+
+
+def _gap(name: str, delta: float | None) -> str:
+    return f'<span class="gap {_delta_class(name, delta) if name else ""}">{_signed(delta)}</span>'
+
+
+def _delta_class(name: str, delta: float | None) -> str:
+    if delta is None or not math.isfinite(delta) or abs(delta) < 1e-12:
+        return ""
+    better = delta < 0 if name in LOWER_IS_BETTER else delta > 0
+    return "better" if better else "worse"
+
+
+# ---- sections ------------------------------------------------------------------------------------------------------
+
+
+def _summary(record: ModelVersion, previous: ModelVersion | None) -> str:
+    spec, overall = record.spec, record.spec.metrics.overall
+    gate = spec.gate
+    verdict = "no gate recorded" if gate is None else ("gate passed" if gate.passed else "gate failed")
+    rows = [
+        ("model", f"<code>{_e(spec.model)}</code> version {spec.version}"),
+        ("stage", _badge(spec.stage, spec.stage.lower()) + (f" {_e(spec.stage_reason)}" if spec.stage_reason else "")),
+        ("ROC AUC", _num(overall.roc_auc)),
+        ("accuracy", _num(overall.accuracy)),
+        ("gate", _badge(verdict, "passed" if gate and gate.passed else "failed" if gate else "none")),
+        ("compared with", _e(previous.metadata.name) if previous else "no earlier Production version"),
+        ("artifact", f"<code>{_e(spec.artifact_uri)}</code>"),
+        ("inputs", ", ".join(f"<code>{_e(f.name)}</code>:{_e(f.dtype)}" for f in spec.signature.inputs)),
+        ("label", f"<code>{_e(spec.signature.label)}</code> (positive class {_e(spec.signature.positive_class)})"),
+    ]
+    return _kv(rows)
+
+
+def _data(record: ModelVersion, previous: ModelVersion | None, notes: Notes) -> str:
+    lineage = record.spec.lineage
+    parts = [
+        _kv(
+            [
+                ("dataset", f"<code>{_e(lineage.dataset_uri)}</code>"),
+                ("digest", f"<code>{_e(lineage.dataset_digest)}</code>"),
+                ("rows", _num(lineage.dataset_rows)),
+            ]
+        )
+    ]
+    try:
+        snapshot, report = revalidate(record, previous)
+    except KubeloopError as error:
+        notes.add("data", f"the snapshot is not in this machine's store ({error}); no column statistics or validation")
+        return "".join(parts) + notes.html("data")
+    parts.append(f"<p>Snapshot stored from <code>{_e(snapshot.source)}</code> on {_e(snapshot.created)}.</p>")
+    rows = []
+    for name, dtype in snapshot.columns.items():
+        stats = snapshot.stats[name]
+        if stats.categories:
+            top = sorted(stats.categories.items(), key=lambda kv: -kv[1])[:4]
+            shape = ", ".join(f"{_e(k)} {v / max(1, snapshot.rows):.0%}" for k, v in top)
+        else:
+            shape = (
+                f"mean {_num(stats.mean, 2)} ± {_num(stats.std, 2)}, range [{_num(stats.min, 2)}, {_num(stats.max, 2)}]"
+            )
+        rows.append((f"<code>{_e(name)}</code>", _e(dtype), f"{stats.null_rate:.1%}", shape))
+    parts.append(_table(["column", "dtype", "nulls", "distribution"], rows))
+    against = (
+        f"against the snapshot of {_e(previous.metadata.name)} (<code>{_e(report.baseline_digest)}</code>)"
+        if report.baseline_digest and previous is not None
+        else "without a baseline (no earlier Production version): schema-free checks only"
+    )
+    verdict = _badge("OK" if report.ok else "FAILED", "passed" if report.ok else "failed")
+    parts.append(f'<h3 id="validation">Validation report</h3><p>{verdict} Re-run {against}.</p>')
+    if report.findings:
+        parts.append(
+            _table(
+                ["severity", "column", "rule", "finding"],
+                [
+                    (
+                        _badge(f.severity, "failed" if f.severity == "error" else "warning"),
+                        _e(f.column or DASH),
+                        _e(f.rule),
+                        _e(f.message),
+                    )
+                    for f in report.findings
+                ],
+            )
+        )
+    else:
+        parts.append("<p>No findings.</p>")
+    parts.append(f"<details><summary>as text</summary><pre>{_e(report.to_text())}</pre></details>")
+    return "".join(parts)
+
+
+def _training(record: ModelVersion) -> str:
+    lineage = record.spec.lineage
+    parts = [
+        _kv(
+            [
+                ("training job", _e(lineage.training_job)),
+                ("builder", f"<code>{_e(lineage.builder)}</code>"),
+                ("workers", f"{lineage.workers} ({_e(lineage.backend)})"),
+                ("code", f"<code>{_e(lineage.code_version)}</code>"),
+                ("image", f"<code>{_e(lineage.image)}</code>" if lineage.image else DASH),
+            ]
+        ),
+        '<h3 id="hyperparameters">Hyperparameters</h3>',
+        _table(
+            ["name", "value"],
+            [
+                (f"<code>{_e(k)}</code>", f"<code>{_e(json.dumps(v))}</code>")
+                for k, v in sorted(lineage.hyperparameters.items())
+            ],
+            "narrow",
+        ),
+        '<h3 id="curves">Training curves</h3>',
+    ]
+    per_epoch = record.spec.metrics.per_epoch
+    if per_epoch:
+        parts.append(_figure(plots.training_curves(per_epoch), "Loss and validation AUC per epoch (bars: seconds)"))
+        keys = ["epoch", "train_loss", "val_loss", "val_auc", "epoch_seconds"]
+        keys += sorted({k for row in per_epoch for k in row} - set(keys))
+        parts.append(
+            _table(
+                keys,
+                [
+                    [
+                        _num(int(v)) if k == "epoch" and v is not None else _num(v, 4)
+                        for k, v in ((k, row.get(k)) for k in keys)
+                    ]
+                    for row in per_epoch
+                ],
+            )
+        )
+    else:
+        parts.append('<p class="note">The record holds no per-epoch metrics.</p>')
+    return "".join(parts)
+
+
+def _evaluation(record: ModelVersion, test: HeldOut | None, notes: Notes) -> str:
+    overall = record.spec.metrics.overall
+    recorded = [(name.replace("_", " "), _num(getattr(overall, name))) for name in METRICS]
+    parts = [_kv([("rows", _num(overall.rows)), *recorded])]
+    if test is None:
+        return "".join(parts) + notes.html("evaluation")
+    recomputed = test.metrics()
+    agree = all(
+        (a is None and b is None) or (a is not None and b is not None and abs(a - b) < 1e-4)
+        for a, b in ((getattr(overall, m), getattr(recomputed, m)) for m in ("roc_auc", "accuracy", "log_loss"))
+    )
+    check = (
+        "the recorded metrics are reproduced"
+        if agree
+        else f"recomputed AUC {_num(recomputed.roc_auc)}, accuracy {_num(recomputed.accuracy)}: "
+        "NOT the recorded figures"
+    )
+    parts.append(f"<p>Curves on {_e(test.how)}; {_e(check)}.</p>")
+    if 0 < test.labels.sum() < len(test.labels):
+        parts.append(
+            _figure(plots.roc_and_pr(test.labels, test.proba, float(test.labels.mean())), "ROC and precision-recall")
+        )
+    else:
+        parts.append('<p class="note">The held-out rows hold a single class: no ROC or precision-recall curve.</p>')
+    figure, ece = plots.calibration(test.labels.astype(float), test.proba)
+    parts.append(_figure(figure, f"Calibration (expected calibration error {ece:.3f})"))
+    return "".join(parts)
+
+
+def _slices(record: ModelVersion, test: HeldOut | None) -> str:
+    sliced = record.spec.metrics.slices
+    if sliced is None:
+        return "<p>The training run declared no slice column (spec.dataset.sliceColumn).</p>"
+    overall = record.spec.metrics.overall
+    names = ("roc_auc", "accuracy", "precision", "recall", "log_loss")
+    rows = []
+    for value, metrics in sliced.values.items():
+        cells = [f"<code>{_e(value)}</code>", _num(metrics.rows), _num(metrics.positive_rate)]
+        for name in names:
+            mine, base = getattr(metrics, name), getattr(overall, name)
+            gap = None if mine is None or base is None else mine - base
+            cells.append(f"{_num(mine)} {_gap(name, gap)}")
+        rows.append(cells)
+    parts = [
+        f"<p>Metrics per value of <code>{_e(sliced.column)}</code>; small figures: the gap to the overall value "
+        "(green better, red worse).</p>",
+        _table(["value", "rows", "positive rate", *(n.replace("_", " ") for n in names)], rows),
+        _figure(
+            plots.slices(
+                sliced.column,
+                {v: {n: getattr(m, n) for n in names} for v, m in sliced.values.items()},
+                {n: getattr(overall, n) for n in names},
+            ),
+            f"Metrics per {sliced.column}",
+        ),
+    ]
+    if test is not None and sliced.column in test.frame.columns:
+        parts.append(_fairness(sliced.column, test))
+    return "".join(parts)
+
+
+def _fairness(column: str, test: HeldOut) -> str:
+    """Group fairness at threshold 0.5 on the held-out rows: selection rate, TPR and FPR per group."""
+    groups = test.frame[column].astype("string").fillna("(null)").to_numpy()
+    predicted = test.proba >= 0.5
+    rows, selection, tprs, fprs = [], [], [], []
+    for group in sorted(set(groups)):
+        mask = groups == group
+        labels, chosen = test.labels[mask] == 1, predicted[mask]
+        rate = float(chosen.mean()) if mask.any() else float("nan")
+        tpr = float(chosen[labels].mean()) if labels.any() else float("nan")
+        fpr = float(chosen[~labels].mean()) if (~labels).any() else float("nan")
+        selection.append(rate)
+        tprs.append(tpr)
+        fprs.append(fpr)
+        rows.append((f"<code>{_e(group)}</code>", _num(int(mask.sum())), _num(rate), _num(tpr), _num(fpr)))
+
+    def spread(values: list[float]) -> float:
+        finite = [v for v in values if math.isfinite(v)]
+        return max(finite) - min(finite) if finite else float("nan")
+
+    finite_sel = [v for v in selection if math.isfinite(v)]
+    impact = min(finite_sel) / max(finite_sel) if finite_sel and max(finite_sel) > 0 else float("nan")
+    summary = _kv(
+        [
+            ("demographic parity difference", _num(spread(selection))),
+            (
+                "disparate impact ratio (min/max selection rate)",
+                _num(impact) + (" (below the 0.8 rule of thumb)" if impact < 0.8 else ""),
+            ),
+            ("equal opportunity difference (TPR spread)", _num(spread(tprs))),
+            ("equalized odds difference (max of TPR, FPR spread)", _num(max(spread(tprs), spread(fprs)))),
+        ]
+    )
+    return (
+        '<h3 id="fairness">Group fairness on the held-out rows (threshold 0.5)</h3>'
+        + _table([column, "rows", "selection rate", "true positive rate", "false positive rate"], rows)
+        + summary
+    )
+
+
+def _gate(record: ModelVersion) -> str:
+    gate = record.spec.gate
+    if gate is None:
+        return "<p>No gate decision is recorded for this version.</p>"
+    verdict = _badge("passed" if gate.passed else "failed", "passed" if gate.passed else "failed")
+    against = (
+        f" against Production {_e(gate.compared_with)}"
+        if gate.compared_with
+        else " (no Production version to compare with)"
+    )
+    reasons = (
+        "".join(f"<li>{_e(r)}</li>" for r in gate.reasons) or "<li>every threshold and regression margin held</li>"
+    )
+    return f"<p>{verdict} The gate{against}.</p><ul>{reasons}</ul>"
+
+
+def _comparison(record: ModelVersion, previous: ModelVersion | None) -> str:
+    if previous is None:
+        return "<p>No earlier Production version: nothing to compare with.</p>"
+    mine, theirs = record.spec.metrics.overall, previous.spec.metrics.overall
+    rows = []
+    for name in METRICS:
+        a, b = getattr(mine, name), getattr(theirs, name)
+        delta = None if a is None or b is None else a - b
+        rows.append(
+            (
+                name.replace("_", " "),
+                _num(a),
+                _num(b),
+                _gap(name, delta) if name != "positive_rate" else _gap("", delta),
+            )
+        )
+    parts = [
+        f"<p>Recorded metrics of v{record.spec.version} against {_e(previous.metadata.name)} "
+        f"({_e(previous.spec.stage)}); each on its own held-out rows.</p>",
+        _table(["metric", f"v{record.spec.version}", f"v{previous.spec.version}", "delta"], rows),
+    ]
+    a_slices, b_slices = record.spec.metrics.slices, previous.spec.metrics.slices
+    if a_slices and b_slices and a_slices.column == b_slices.column:
+        slice_rows = []
+        for value in sorted(set(a_slices.values) | set(b_slices.values)):
+            a_m, b_m = a_slices.values.get(value), b_slices.values.get(value)
+            for name in ("roc_auc", "accuracy"):
+                a = getattr(a_m, name) if a_m else None
+                b = getattr(b_m, name) if b_m else None
+                delta = None if a is None or b is None else a - b
+                slice_rows.append(
+                    (
+                        f"<code>{_e(value)}</code>",
+                        name.replace("_", " "),
+                        _num(a),
+                        _num(b),
+                        _gap(name, delta),
+                    )
+                )
+        parts.append(
+            _table(
+                [a_slices.column, "metric", f"v{record.spec.version}", f"v{previous.spec.version}", "delta"], slice_rows
+            )
+        )
+    lineage_rows = []
+    for label, a, b in (
+        ("dataset digest", _short(record.spec.lineage.dataset_digest), _short(previous.spec.lineage.dataset_digest)),
+        ("rows", record.spec.lineage.dataset_rows, previous.spec.lineage.dataset_rows),
+        ("code", record.spec.lineage.code_version, previous.spec.lineage.code_version),
+        ("builder", record.spec.lineage.builder, previous.spec.lineage.builder),
+    ):
+        lineage_rows.append((label, f"<code>{_e(a)}</code>", f"<code>{_e(b)}</code>", "same" if a == b else "changed"))
+    params_a, params_b = record.spec.lineage.hyperparameters, previous.spec.lineage.hyperparameters
+    for key in sorted(set(params_a) | set(params_b)):
+        if params_a.get(key) != params_b.get(key):
+            lineage_rows.append(
+                (
+                    f"hyperparameter {_e(key)}",
+                    _e(json.dumps(params_a.get(key))),
+                    _e(json.dumps(params_b.get(key))),
+                    "changed",
+                )
+            )
+    parts.append(_table(["lineage", f"v{record.spec.version}", f"v{previous.spec.version}", ""], lineage_rows))
+    return "".join(parts)
+
+
+def _history(record: ModelVersion) -> str:
+    changes = record.status.stage_history if record.status else []
+    if not changes:
+        return "<p>No stage changes recorded.</p>"
+    return _table(
+        ["time (UTC)", "stage", "reason"],
+        [
+            (_e(c.time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")), _badge(c.stage, c.stage.lower()), _e(c.reason))
+            for c in changes
+        ],
+    )
+
+
+def _drift(record: ModelVersion, sidecar: str | None, notes: Notes) -> str:
+    if sidecar is None:
+        return (
+            "<p>No running deployment was given. For a live drift view: "
+            "<code>kubeloop models report NAME:VERSION</code> while <code>kubeloop run</code> or the quickstart serves "
+            "it (or with <code>--sidecar URL</code>).</p>"
+        )
+    try:
+        view = read_drift(sidecar, record.spec.version)
+    except KubeloopError as error:
+        notes.add("drift", f"the drift sidecar could not be read: {error}")
+        return notes.html("drift")
+    return drift_section(view)
+
+
+def drift_section(view: DriftView) -> str:
+    state = view.state
+    parts = [
+        _kv(
+            [
+                ("sidecar", f"<code>{_e(view.url)}</code> ({_e(view.detector)}, window {view.window} rows)"),
+                ("state", _badge(state, {"Drift": "failed", "NoDrift": "passed"}.get(state, "none"))),
+                ("rule", _e(view.rule)),
+                (
+                    "windows",
+                    f"{view.windows_evaluated} evaluated, {view.windows_flagged} flagged, "
+                    f"{view.windows_in_drift} in Drift, {view.windows_dropped} dropped",
+                ),
+                (
+                    "recent windows",
+                    "".join(_badge("\u25a0", "failed" if f else "passed") for f in view.recent_flags) or DASH,
+                ),
+                (
+                    "events received",
+                    f"{_num(int(view.events_received))} "
+                    f"({', '.join(f'{k} {_num(int(v))}' for k, v in sorted(view.received_by_type.items()))})",
+                ),
+                ("events malformed", _num(int(view.events_malformed))),
+                ("events dropped", _num(int(view.events_dropped)) + " (windows the detector had no room for)"),
+                ("rows this version", _num(view.rows)),
+                ("predictions", _e(view.predictions_text())),
+            ]
+        )
+    ]
+    if view.history:
+        parts.append(_figure(plots.p_value_history(view.history, view.threshold), "p-value per feature over time"))
+    last = view.last_window
+    if last:
+        title = f"Last window ({last.get('rows')} rows): {'flagged' if last.get('flagged') else 'not flagged'}"
+        parts.append(_figure(plots.p_values(last.get("pValues") or {}, view.threshold, title), title))
+        rows = []
+        for feature, p in (last.get("pValues") or {}).items():
+            adjusted = (last.get("adjustedPValues") or {}).get(feature)
+            drifted = feature in (last.get("driftedFeatures") or [])
+            rows.append(
+                (
+                    f"<code>{_e(feature)}</code>",
+                    _e((last.get("tests") or {}).get(feature, "")),
+                    _num(p, 4),
+                    _num(adjusted, 4),
+                    _num((last.get("distances") or {}).get(feature), 4),
+                    _badge("drift", "failed") if drifted else "",
+                )
+            )
+        parts.append(_table(["feature", "test", "p-value", "adjusted p", "distance", ""], rows))
+    else:
+        parts.append(f'<p class="note">No window evaluated yet ({view.window_fill} of {view.window} rows filled).</p>')
+    if view.skew:
+        statistics = sorted({s for stats in view.skew.values() for s in stats})
+        parts.append('<h3 id="skew">Training/serving skew (last window)</h3>')
+        parts.append(
+            _table(
+                ["feature", *statistics],
+                [
+                    (f"<code>{_e(f)}</code>", *(_num(stats.get(s)) for s in statistics))
+                    for f, stats in view.skew.items()
+                ],
+            )
+        )
+    return "".join(parts)
+
+
+# ---- the document --------------------------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;font-size:14px;margin:0;color:#1d2330;
+background:#f6f7f9}
+header{background:#1d2330;color:#fff;padding:18px 32px}header h1{margin:0;font-size:24px}
+header p{margin:4px 0 0;color:#c8cdd6;font-size:13px}
+nav{padding:8px 32px;background:#fff;border-bottom:1px solid #dde1e7;font-size:13px}
+nav a{margin-right:14px;color:#2458b3;text-decoration:none}
+main{padding:8px 32px 40px;max-width:1100px}
+section{background:#fff;border:1px solid #dde1e7;border-radius:6px;padding:4px 20px 16px;margin:16px 0}
+h2{font-size:19px;border-bottom:1px solid #eceef2;padding-bottom:6px}h3{font-size:15px;margin-top:20px}
+table{border-collapse:collapse;margin:8px 0;font-size:13px}th,td{padding:4px 10px;border-bottom:1px solid #eceef2;
+text-align:left;vertical-align:top}thead th{background:#f0f2f5}table.kv th{font-weight:600;color:#4a5263;width:220px}
+code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
+figure{margin:12px 0}figure img{max-width:100%;border:1px solid #eceef2}figcaption{font-size:12px;color:#5b6374}
+.badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;background:#e4e7ec}
+.badge.passed,.badge.production{background:#d6f0dc;color:#17652c}.badge.failed,.badge.rejected{background:#f9d9d9;color:#8f1d1d}
+.badge.warning,.badge.candidate{background:#fcefd0;color:#7a5200}.badge.archived{background:#e4e7ec;color:#4a5263}
+.gap{font-size:11px;color:#5b6374}.gap.better{color:#17652c}.gap.worse{color:#b02020}
+.note{color:#7a5200;background:#fff8e6;padding:6px 10px;border-radius:4px;font-size:13px}
+pre{background:#f0f2f5;padding:8px;font-size:12px;overflow-x:auto}
+"""
+
+
+def render(record: ModelVersion, registry: Registry, sidecar: str | None = None) -> str:
+    """The report's HTML (one string, no external resources)."""
+    notes = Notes()
+    previous = previous_production(record, registry)
+    test: HeldOut | None = None
+    try:
+        test = held_out(record)
+    except (KubeloopError, OSError) as error:
+        notes.add("evaluation", f"no curves: the held-out rows could not be scored here ({error})")
+    bodies = {
+        "summary": _summary(record, previous),
+        "data": _data(record, previous, notes),
+        "training": _training(record),
+        "evaluation": _evaluation(record, test, notes),
+        "slices": _slices(record, test),
+        "gate": _gate(record),
+        "comparison": _comparison(record, previous),
+        "history": _history(record),
+        "drift": _drift(record, sidecar, notes),
+    }
+    spec = record.spec
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    nav = "".join(f'<a href="#{key}">{_e(title)}</a>' for key, title in SECTIONS)
+    sections = "".join(f'<section id="{key}"><h2>{_e(title)}</h2>{bodies[key]}</section>' for key, title in SECTIONS)
+    return (
+        "<!DOCTYPE html>\n"
+        f'<html lang="en"><head><meta charset="utf-8"><title>{_e(record.metadata.name)} · kubeloop model report</title>'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head><body>'
+        f"<header><h1>{_e(spec.model)} v{spec.version} <small>{_badge(spec.stage, spec.stage.lower())}</small></h1>"
+        f"<p>kubeloop {kubeloop.__version__} model report · generated {generated} · "
+        f"trained by {_e(spec.lineage.training_job)}</p></header>"
+        f"<nav>{nav}</nav><main>{sections}</main></body></html>\n"
+    )
+
+
+def write_report(
+    record: ModelVersion, registry: Registry | None = None, out: Path | None = None, *, sidecar: str | None = None
+) -> Path:
+    """Write the model card of `record` (default $KUBELOOP_HOME/reports/<model>-v<N>.html) and return its path.
+
+    `sidecar`: the base URL of a running deployment's drift sidecar (adds its live drift state).
+    """
+    registry = registry or Registry()
+    path = Path(out) if out is not None else default_path(record)
+    document = render(record, registry, sidecar)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as stream:
+        stream.write(document)
+    os.chmod(stream.name, 0o644)  # a report is for reading (NamedTemporaryFile creates 0600)
+    os.replace(stream.name, path)
+    event(log, "report.written", model_version=record.metadata.name, path=str(path), bytes=len(document))
+    return path

@@ -1,0 +1,285 @@
+"""`kubeloop status`: the deployments running on this machine, read from their live /metrics endpoints.
+
+A `LocalDeployment` records its endpoints in $KUBELOOP_HOME/deployments/<name>.json while it runs
+(`record_deployment`; the file goes when it stops, and a file whose process is gone is ignored and removed).
+`status_table` scrapes every endpoint twice, `interval` seconds apart, and prints one row per model version:
+traffic split, requests/s, error rate and p99 latency over that interval, and the drift sidecar's state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubeloop import config
+from kubeloop.errors import KubeloopError
+from kubeloop.report import promtext
+from kubeloop.report.promtext import Sample
+
+# the server's latency histogram: kubeloop's own request histogram when the server exports one, else kserve's
+# predict-time histogram (labelled by model name only: one version per server process)
+LATENCY_HISTOGRAMS = ("kubeloop_request_duration_seconds", "request_predict_seconds")
+
+
+@dataclass
+class DeploymentEndpoints:
+    """Where one running deployment answers: a model server per version, the drift sidecar, the splitter."""
+
+    name: str
+    model: str
+    stable: int
+    servers: dict[int, str]
+    url: str = ""
+    canary: int | None = None
+    canary_percent: int = 0
+    sidecar: str | None = None
+    splitter: str | None = None
+    pid: int | None = None  # the process that runs it; its state file is stale once that is gone
+    started: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> DeploymentEndpoints:
+        data = json.loads(text)
+        data["servers"] = {int(k): v for k, v in data["servers"].items()}
+        return cls(**data)
+
+    def versions(self) -> list[tuple[int, str]]:
+        out = [(self.stable, "stable")]
+        if self.canary is not None:
+            out.append((self.canary, "canary"))
+        return out
+
+
+# ---- the state files -------------------------------------------------------------------------------------------
+
+
+def deployments_dir() -> Path:
+    return config.home() / "deployments"
+
+
+def record_deployment(deployment: Any, endpoints: Any) -> Path:
+    """Write the state file of a started LocalDeployment (its ModelDeployment and `Endpoints`); returns its path."""
+    spec = deployment.spec
+    state = DeploymentEndpoints(
+        name=deployment.metadata.name,
+        model=spec.model,
+        stable=spec.version,
+        servers=dict(endpoints.servers),
+        url=endpoints.url,
+        canary=spec.canary.version if spec.canary is not None else None,
+        canary_percent=spec.canary.traffic_percent if spec.canary is not None else 0,
+        sidecar=endpoints.sidecar,
+        splitter=endpoints.splitter,
+        pid=os.getpid(),
+    )
+    directory = deployments_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{state.name}.json"
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(state.to_json())
+    os.replace(temporary, path)
+    return path
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_deployments() -> list[DeploymentEndpoints]:
+    """The deployments recorded under $KUBELOOP_HOME/deployments whose process still runs (stale files removed)."""
+    directory = deployments_dir()
+    found = []
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            state = DeploymentEndpoints.from_json(path.read_text())
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+        if not _alive(state.pid):
+            path.unlink(missing_ok=True)
+            continue
+        found.append(state)
+    return found
+
+
+def sidecar_for(model: str, version: int) -> str | None:
+    """The drift sidecar of a running local deployment that serves this model version, if one does."""
+    for state in running_deployments():
+        if state.model == model and state.sidecar and version in state.servers:
+            return state.sidecar
+    return None
+
+
+# ---- scraping ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scrape:
+    at: float
+    samples: list[Sample] | None
+    error: str | None = None
+
+
+def _scrape(url: str, timeout: float) -> Scrape:
+    try:
+        samples = promtext.scrape(url, timeout)
+        return Scrape(time.monotonic(), samples)
+    except (KubeloopError, ValueError) as error:
+        return Scrape(time.monotonic(), None, str(error))
+
+
+def _scrape_all(urls: Sequence[str], timeout: float) -> dict[str, Scrape]:
+    if not urls:
+        return {}
+    with ThreadPoolExecutor(min(8, len(urls))) as pool:
+        return dict(zip(urls, pool.map(lambda u: _scrape(u, timeout), urls), strict=True))
+
+
+@dataclass
+class VersionRow:
+    deployment: str
+    model: str
+    version: int
+    role: str
+    traffic: str
+    requests_per_s: float | None
+    error_rate: float | None
+    p99_ms: float | None
+    drift: str
+    since_start: bool = False  # no requests in the interval: error rate and p99 are over the server's lifetime
+    down: str | None = None
+
+
+def _requests(samples: list[Sample]) -> tuple[float, float]:
+    """(all requests, failed requests: any status but 2xx) counted by the server."""
+    rows = promtext.select(samples, "kubeloop_requests_total")
+    return sum(s.value for s in rows), sum(s.value for s in rows if not s.labels.get("code", "").startswith("2"))
+
+
+def _latency(samples: list[Sample]) -> dict[float, float]:
+    for name in LATENCY_HISTOGRAMS:
+        found = promtext.buckets(samples, name)
+        if found:
+            return found
+    return {}
+
+
+def _drift_state(samples: list[Sample] | None, model: str, version: int) -> str:
+    if samples is None:
+        return "sidecar down"
+    labels = {"model": model, "version": str(version)}
+    windows = {
+        result: promtext.total(samples, "kubeloop_drift_windows_total", result=result, **labels)
+        for result in ("drift", "no_drift")
+    }
+    evaluated = windows["drift"] + windows["no_drift"]
+    if not promtext.select(samples, "kubeloop_drift_detected", **labels):
+        return "not monitored"
+    if evaluated == 0:
+        return "Unknown"
+    state = "Drift" if promtext.total(samples, "kubeloop_drift_detected", **labels) >= 1 else "NoDrift"
+    return f"{state} ({int(windows['drift'])}/{int(evaluated)} flagged)"
+
+
+def _traffic(state: DeploymentEndpoints, role: str, splitter: list[Sample] | None) -> str:
+    if state.canary is None:
+        return "100%"
+    percent = float(state.canary_percent)
+    if splitter is not None and promtext.select(splitter, "kubeloop_splitter_candidate_percent"):
+        percent = promtext.total(splitter, "kubeloop_splitter_candidate_percent")
+    share = percent if role == "canary" else 100 - percent
+    return f"{share:g}%"
+
+
+def collect(
+    deployments: Sequence[DeploymentEndpoints], interval: float = 1.0, timeout: float = 5.0
+) -> list[VersionRow]:
+    """Scrape every endpoint twice, `interval` seconds apart; one row per (deployment, model version)."""
+    urls = sorted({u for d in deployments for u in (*d.servers.values(), d.sidecar, d.splitter) if u is not None})
+    first = _scrape_all(urls, timeout)
+    time.sleep(interval)
+    second = _scrape_all(urls, timeout)
+    rows = []
+    for state in deployments:
+        sidecar = second[state.sidecar].samples if state.sidecar else None
+        splitter = second[state.splitter].samples if state.splitter else None
+        for version, role in state.versions():
+            url = state.servers.get(version)
+            drift = _drift_state(sidecar, state.model, version) if state.sidecar else "off"
+            row = VersionRow(
+                state.name, state.model, version, role, _traffic(state, role, splitter), None, None, None, drift
+            )
+            before, after = (first.get(url), second.get(url)) if url else (None, None)
+            if after is None or after.samples is None or before is None or before.samples is None:
+                row.down = (after.error if after is not None else None) or "no server recorded"
+                rows.append(row)
+                continue
+            (total_0, failed_0), (total_1, failed_1) = _requests(before.samples), _requests(after.samples)
+            elapsed = max(after.at - before.at, 1e-6)
+            requests = total_1 - total_0
+            row.requests_per_s = requests / elapsed
+            latency_1 = _latency(after.samples)
+            if requests > 0:
+                row.error_rate = (failed_1 - failed_0) / requests
+                latency = promtext.subtract(latency_1, _latency(before.samples))
+            else:
+                row.since_start = True
+                row.error_rate = failed_1 / total_1 if total_1 else None
+                latency = latency_1
+            p99 = promtext.quantile(0.99, latency)
+            row.p99_ms = None if p99 is None else p99 * 1000
+            rows.append(row)
+    return rows
+
+
+# ---- the table ---------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, pattern: str, mark: str = "") -> str:
+    return "-" if value is None else pattern.format(value) + mark
+
+
+def render(rows: Sequence[VersionRow], interval: float) -> str:
+    if not rows:
+        return "no running deployments (start one: kubeloop quickstart, or kubeloop run -f modeldeployment.yaml)"
+    table = [("DEPLOYMENT", "MODEL", "VERSION", "ROLE", "TRAFFIC", "REQ/S", "ERRORS", "P99", "DRIFT")]
+    for row in rows:
+        mark = "*" if row.since_start else ""
+        if row.down:
+            measured = ("down", "-", "-")
+        else:
+            measured = (
+                _fmt(row.requests_per_s, "{:.1f}"),
+                _fmt(None if row.error_rate is None else row.error_rate * 100, "{:.2f}%", mark),
+                _fmt(row.p99_ms, "{:.1f}ms", mark),
+            )
+        table.append((row.deployment, row.model, f"v{row.version}", row.role, row.traffic, *measured, row.drift))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
+    lines.append(f"requests/s, errors (non-2xx) and p99 over the last {interval:g}s")
+    if any(row.since_start for row in rows):
+        lines.append("*: no requests in that time: since the server started")
+    lines += [f"{row.deployment} v{row.version}: {row.down}" for row in rows if row.down]
+    return "\n".join(lines)
+
+
+def status_table(deployments: Sequence[DeploymentEndpoints] | None = None, interval: float = 1.0) -> str:
+    """The live table of `deployments` (default: the running local deployments), as text."""
+    deployments = running_deployments() if deployments is None else deployments
+    return render(collect(deployments, interval) if deployments else [], interval)

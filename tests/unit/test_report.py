@@ -1,0 +1,307 @@
+"""The report's parts without training or model servers: Prometheus text, quantiles, the status table against small
+real HTTP endpoints, the deployments' state files, the plots, and a report whose snapshot and artifact are elsewhere.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from html.parser import HTMLParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+
+from kubeloop.report import promtext
+from kubeloop.status_view import (
+    DeploymentEndpoints,
+    collect,
+    record_deployment,
+    render,
+    running_deployments,
+    sidecar_for,
+    status_table,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SECTIONS = ("summary", "data", "training", "evaluation", "slices", "gate", "comparison", "history", "drift")
+
+
+# ---- Prometheus text -----------------------------------------------------------------------------------------------
+
+
+def test_parse_reads_labels_escapes_and_skips_comments() -> None:
+    text = (
+        "# HELP kubeloop_requests_total Inference requests.\n"
+        "# TYPE kubeloop_requests_total counter\n"
+        'kubeloop_requests_total{model="arrests",version="1",protocol="v1",code="200"} 90.0\n'
+        'kubeloop_requests_total{model="arrests",version="1",protocol="v1",code="500"} 10\n'
+        'odd{path="a\\"b\\\\c\\nd"} 1e3\n'
+        "up 1 1700000000000\n"
+    )
+    samples = promtext.parse(text)
+    assert [s.name for s in samples] == ["kubeloop_requests_total", "kubeloop_requests_total", "odd", "up"]
+    assert samples[2].labels == {"path": 'a"b\\c\nd'} and samples[2].value == 1000
+    assert promtext.total(samples, "kubeloop_requests_total", model="arrests") == 100
+    assert promtext.total(samples, "kubeloop_requests_total", code="500") == 10
+    with pytest.raises(ValueError, match="line 1"):
+        promtext.parse("not a sample line at all {")
+
+
+def test_quantile_is_promql_histogram_quantile() -> None:
+    cumulative = {0.1: 10.0, 0.5: 60.0, 1.0: 100.0, float("inf"): 100.0}
+    assert promtext.quantile(0.5, cumulative) == pytest.approx(0.1 + 0.4 * 40 / 50)
+    assert promtext.quantile(0.99, cumulative) == pytest.approx(0.5 + 0.5 * 39 / 40)
+    assert promtext.quantile(0.99, {0.1: 1.0, float("inf"): 10.0}) == 0.1  # in +Inf: the highest finite bound
+    assert promtext.quantile(0.99, {0.1: 0.0, float("inf"): 0.0}) is None
+    assert promtext.quantile(0.5, {}) is None
+
+
+# ---- kubeloop status -----------------------------------------------------------------------------------------------
+
+
+class Endpoint:
+    """A real HTTP /metrics endpoint whose exposition is computed per scrape (the scrape number given)."""
+
+    def __init__(self, exposition: Callable[[int], str]) -> None:
+        self.scrapes = 0
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.scrapes += 1
+                body = exposition(owner.scrapes).encode()
+                self.send_response(200 if self.path == "/metrics" else 404)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _server(version: int, per_scrape: int, failing: int) -> Callable[[int], str]:
+    """A model server: `per_scrape` more requests (of which `failing` answered 500) at every scrape, all fast."""
+
+    def text(n: int) -> str:
+        ok, failed = n * (per_scrape - failing), n * failing
+        labels = f'model="arrests",version="{version}"'
+        return (
+            "# TYPE kubeloop_requests_total counter\n"
+            f'kubeloop_requests_total{{{labels},protocol="v1",code="200"}} {ok}\n'
+            f'kubeloop_requests_total{{{labels},protocol="v1",code="500"}} {failed}\n'
+            "# TYPE request_predict_seconds histogram\n"
+            f'request_predict_seconds_bucket{{model_name="arrests",le="0.005"}} {n * per_scrape * 0.5}\n'
+            f'request_predict_seconds_bucket{{model_name="arrests",le="0.01"}} {n * per_scrape}\n'
+            f'request_predict_seconds_bucket{{model_name="arrests",le="+Inf"}} {n * per_scrape}\n'
+            f'request_predict_seconds_count{{model_name="arrests"}} {n * per_scrape}\n'
+        )
+
+    return text
+
+
+def _sidecar(_: int) -> str:
+    return (
+        "# TYPE kubeloop_drift_detected gauge\n"
+        'kubeloop_drift_detected{model="arrests",version="1"} 0\n'
+        'kubeloop_drift_detected{model="arrests",version="2"} 1\n'
+        "# TYPE kubeloop_drift_windows_total counter\n"
+        'kubeloop_drift_windows_total{model="arrests",version="1",result="drift"} 1\n'
+        'kubeloop_drift_windows_total{model="arrests",version="1",result="no_drift"} 7\n'
+        'kubeloop_drift_windows_total{model="arrests",version="2",result="drift"} 3\n'
+        'kubeloop_drift_windows_total{model="arrests",version="2",result="no_drift"} 1\n'
+    )
+
+
+@pytest.fixture
+def live() -> Iterator[dict[str, Endpoint]]:
+    endpoints = {
+        "v1": Endpoint(_server(1, per_scrape=50, failing=5)),
+        "v2": Endpoint(_server(2, per_scrape=20, failing=0)),
+        "sidecar": Endpoint(_sidecar),
+        "splitter": Endpoint(
+            lambda _: "# TYPE kubeloop_splitter_candidate_percent gauge\nkubeloop_splitter_candidate_percent 25\n"
+        ),
+    }
+    yield endpoints
+    for endpoint in endpoints.values():
+        endpoint.close()
+
+
+def test_status_table_reads_rates_errors_p99_traffic_and_drift(live: dict[str, Endpoint]) -> None:
+    state = DeploymentEndpoints(
+        name="arrests",
+        model="arrests",
+        stable=1,
+        canary=2,
+        canary_percent=10,  # declared at start; the splitter's gauge (25) is what it does now
+        servers={1: live["v1"].url, 2: live["v2"].url},
+        sidecar=live["sidecar"].url,
+        splitter=live["splitter"].url,
+    )
+    stable, canary = collect([state], interval=0.2)
+    assert (stable.version, stable.role, stable.traffic) == (1, "stable", "75%")
+    assert (canary.version, canary.role, canary.traffic) == (2, "canary", "25%")
+    assert stable.error_rate == pytest.approx(0.1) and canary.error_rate == 0
+    assert 0 < stable.requests_per_s <= 50 / 0.2 and 0 < canary.requests_per_s <= 20 / 0.2
+    assert stable.p99_ms == pytest.approx(5 + 5 * (0.99 - 0.5) / 0.5)  # ms: inside the (5, 10] ms bucket
+    assert stable.drift == "NoDrift (1/8 flagged)" and canary.drift == "Drift (3/4 flagged)"
+    text = render([stable, canary], 0.2)
+    header, first, second = text.splitlines()[:3]
+    assert header.split() == ["DEPLOYMENT", "MODEL", "VERSION", "ROLE", "TRAFFIC", "REQ/S", "ERRORS", "P99", "DRIFT"]
+    assert first.split()[:5] == ["arrests", "arrests", "v1", "stable", "75%"] and "10.00%" in first
+    assert "Drift (3/4 flagged)" in second and "9.9ms" in first
+
+
+def test_status_table_marks_a_server_that_is_down(live: dict[str, Endpoint]) -> None:
+    url = live["v1"].url
+    live["v1"].close()
+    state = DeploymentEndpoints(name="solo", model="arrests", stable=1, servers={1: url})
+    (row,) = collect([state], interval=0.05, timeout=1)
+    assert row.down and row.drift == "off"
+    assert "down" in render([row], 0.05).splitlines()[1]
+
+
+def test_deployment_state_files(kubeloop_home: Path) -> None:
+    assert status_table([]).startswith("no running deployments")
+    deployment = SimpleNamespace(
+        metadata=SimpleNamespace(name="arrests"),
+        spec=SimpleNamespace(model="arrests", version=1, canary=SimpleNamespace(version=2, traffic_percent=10)),
+    )
+    endpoints = SimpleNamespace(
+        url="http://127.0.0.1:1",
+        servers={1: "http://127.0.0.1:2", 2: "http://127.0.0.1:3"},
+        sidecar="http://127.0.0.1:4",
+        splitter=None,
+    )
+    path = record_deployment(deployment, endpoints)
+    assert path == kubeloop_home / "deployments" / "arrests.json"
+    (state,) = running_deployments()
+    assert (state.name, state.stable, state.canary, state.canary_percent, state.pid) == (
+        "arrests",
+        1,
+        2,
+        10,
+        os.getpid(),
+    )
+    assert state.servers == {1: "http://127.0.0.1:2", 2: "http://127.0.0.1:3"}
+    assert sidecar_for("arrests", 2) == "http://127.0.0.1:4" and sidecar_for("arrests", 3) is None
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = state.to_json().replace(f'"pid": {os.getpid()}', f'"pid": {int(dead.stdout)}')
+    path.write_text(stale)
+    assert running_deployments() == [] and not path.exists()  # its process is gone: ignored and removed
+
+
+# ---- plots and the report ------------------------------------------------------------------------------------------
+
+
+def assert_png(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    Image.open(io.BytesIO(data)).verify()
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
+
+
+def test_every_plot_is_a_png() -> None:
+    from kubeloop.report import plots
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(400) < 0.7).astype(int)
+    proba = np.clip(0.5 * labels + 0.5 * rng.random(400), 0, 1)
+    per_epoch = [
+        {"epoch": e, "train_loss": 0.6 / e, "val_loss": 0.65 / e, "val_auc": 0.6 + e / 50, "epoch_seconds": 1.0}
+        for e in (1, 2, 3)
+    ]
+    overall = {"roc_auc": 0.8, "accuracy": 0.75, "precision": 0.8, "recall": 0.9}
+    figures = [
+        plots.training_curves(per_epoch),
+        plots.roc_and_pr(labels, proba, float(labels.mean())),
+        plots.calibration(labels.astype(float), proba)[0],
+        plots.slices("colour", {"Black": overall, "White": {**overall, "roc_auc": None}}, overall),
+        plots.p_values({"age": 1e-9, "colour": 0.4, "year": None}, 0.05 / 3, "last window"),
+        plots.p_value_history(
+            [{"pValues": {"age": 0.3, "colour": 0.01}, "flagged": False}, {"pValues": {"age": 1e-6}, "flagged": True}],
+            0.05,
+        ),
+    ]
+    for figure in figures:
+        width, height = assert_png(figure.png)
+        assert width >= 400 and height >= 200 and figure.alt
+        assert figure.data_uri().startswith("data:image/png;base64,")
+
+
+class Structure(HTMLParser):
+    """Checks that every element is closed in order, and collects ids and image sources."""
+
+    VOID = frozenset({"meta", "img", "br", "hr", "link", "input"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.ids: list[str] = []
+        self.images: list[str] = []
+        self.errors: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if values.get("id"):
+            self.ids.append(values["id"] or "")
+        if tag == "img":
+            self.images.append(values.get("src") or "")
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+
+
+def parse_report(text: str) -> Structure:
+    structure = Structure()
+    structure.feed(text)
+    structure.close()
+    assert not structure.errors and not structure.stack, (structure.errors, structure.stack)
+    return structure
+
+
+def test_report_of_a_version_whose_snapshot_and_artifact_are_elsewhere(kubeloop_home: Path) -> None:
+    """A record copied from another machine: every section is there, and says what it could not show and why."""
+    from kubeloop.api.modelversion import ModelVersion
+    from kubeloop.registry import Registry
+    from kubeloop.report import write_report
+
+    sample = ModelVersion.model_validate(yaml.safe_load((REPO / "manifests/samples/modelversion.yaml").read_text()))
+    registry = Registry()
+    registry.allocate(sample.spec.model)
+    record = registry.save(sample.spec.model_copy(update={"version": 1}), "copied")
+    path = write_report(record, registry)
+    assert path == kubeloop_home / "reports" / f"{record.spec.model}-v1.html"
+    assert path.stat().st_mode & 0o777 == 0o644
+    text = path.read_text()
+    structure = parse_report(text)
+    assert [i for i in structure.ids if i in SECTIONS] == list(SECTIONS)
+    assert "the snapshot is not in this machine" in text and "no curves" in text
+    assert "No earlier Production version" in text and "No running deployment was given" in text
+    for src in structure.images:  # the training curves, drawn from the record alone
+        assert_png(__import__("base64").b64decode(src.removeprefix("data:image/png;base64,")))
+    assert "http://" not in text.replace("http://www.w3.org", "")  # nothing loaded from elsewhere

@@ -1,0 +1,166 @@
+"""The Grafana dashboards: well-formed, valid PromQL (promtool), the chart's ConfigMap generated from them and shipped
+behind dashboards.enabled with the Grafana sidecar label, and the training dashboard's metrics exported by the operator.
+
+The check against the serving and drift processes' /metrics is tests/integration/test_dashboards.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubeloop.report import dashboards
+
+REPO = Path(__file__).resolve().parents[2]
+PROMTOOL = shutil.which("promtool")
+BOARDS = dashboards.load()
+
+
+def test_there_are_serving_drift_and_training_dashboards() -> None:
+    assert sorted(BOARDS) == ["kubeloop-drift.json", "kubeloop-serving.json", "kubeloop-training.json"]
+    assert len({board["uid"] for board in BOARDS.values()}) == len(BOARDS)
+
+
+@pytest.mark.parametrize("name", sorted(BOARDS))
+def test_dashboard_is_well_formed(name: str) -> None:
+    board = BOARDS[name]
+    assert board["title"].startswith("kubeloop / ") and "kubeloop" in board["tags"]
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    panels = list(dashboards.panels(board))
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids)), "panel ids repeat"
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert panel["title"] and grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+            used = set(dashboards._VARIABLE.findall(target["expr"])) - {"$__rate_interval", "$__range"}
+            assert {u.strip("${}") for u in used} <= set(variables), (panel["title"], used)
+
+
+def test_metric_names_of_promql() -> None:
+    expr = (
+        'histogram_quantile(0.99, sum by (le, version) (rate(request_predict_seconds_bucket{model_name=~"a|b"}[5m])'
+        ' * on (instance) group_left (version) group by (instance, version) (kubeloop_requests_total{code!~"2.."})))'
+        " / ignoring (version) group_left sum(kubeloop_x:rate5m offset 1h) > bool 1e-3 and time() - 5"
+    )
+    assert dashboards.metric_names(expr) == {
+        "request_predict_seconds_bucket",
+        "kubeloop_requests_total",
+        "kubeloop_x:rate5m",
+    }
+    assert dashboards.metric_names('sum(rate(foo_total{a="sum(bar)"}[$__rate_interval]))') == {"foo_total"}
+    assert dashboards.label_values_metrics('label_values(kubeloop_requests_total{namespace=~"$namespace"}, model)') == {
+        "kubeloop_requests_total"
+    }
+    assert dashboards.label_values_metrics("label_values(namespace)") == set()
+
+
+def test_exported_names_include_families_without_samples() -> None:
+    text = (
+        "# TYPE kubeloop_requests_total counter\n"
+        "# TYPE kubeloop_operator_reconcile_seconds histogram\n"
+        "# TYPE kubeloop_drift_events_dropped counter\n"
+        "# TYPE kubeloop_cache_entries gauge\n"
+        'python_info{version="3.11"} 1\n'
+    )
+    assert dashboards.exported_names(text) == {
+        "kubeloop_requests_total",
+        "kubeloop_operator_reconcile_seconds_bucket",
+        "kubeloop_operator_reconcile_seconds_sum",
+        "kubeloop_operator_reconcile_seconds_count",
+        "kubeloop_drift_events_dropped",
+        "kubeloop_drift_events_dropped_total",
+        "kubeloop_cache_entries",
+        "python_info",
+    }
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install prometheus)")
+def test_every_query_is_valid_promql(tmp_path: Path) -> None:
+    """promtool parses each query (Grafana's variables substituted) as a recording rule."""
+    rules = [
+        {"record": f"dashboard:{name.removesuffix('.json').replace('-', '_')}:{i}", "expr": dashboards.substitute(expr)}
+        for name, board in BOARDS.items()
+        for i, expr in enumerate(dashboards.queries(board))
+    ]
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
+    done = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in done.stdout
+
+
+def test_training_dashboard_uses_what_the_operator_exports() -> None:
+    from operators import metrics
+
+    metrics.reconciled("TrainingJob", "ok", 0.02)
+    metrics.child("RayJob", "created")
+    exported = dashboards.exported_names(metrics.render())
+    assert dashboards.dashboard_metrics(BOARDS["kubeloop-training.json"]) <= exported
+
+
+def test_chart_template_is_generated_from_the_dashboards() -> None:
+    assert dashboards.check() == [], "run: kubeloop manifests generate"
+
+
+# ---- the chart -----------------------------------------------------------------------------------------------------
+
+try:
+    from operators.chart import find_helm
+
+    HELM = find_helm()
+except ImportError:  # pragma: no cover
+    HELM = None
+needs_helm = pytest.mark.skipif(
+    HELM is None, reason="no helm binary (build the dev control plane or set KUBELOOP_HELM)"
+)
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    assert HELM is not None
+    done = subprocess.run([HELM, *args], capture_output=True, text=True, timeout=120, check=False)
+    if check and done.returncode != 0:
+        pytest.fail(f"helm {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def configmaps(*args: str) -> list[dict[str, Any]]:
+    out = helm("template", "kubeloop", str(REPO / "helm/kubeloop"), "--namespace", "kubeloop-system", *args).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc and doc["kind"] == "ConfigMap"]
+
+
+@needs_helm
+def test_chart_ships_the_dashboards_behind_a_value() -> None:
+    assert configmaps() == []
+    (cm,) = configmaps("--set", "dashboards.enabled=true")
+    meta = cm["metadata"]
+    assert meta["name"] == "kubeloop-dashboards" and meta["namespace"] == "kubeloop-system"
+    assert meta["labels"]["grafana_dashboard"] == "1"
+    assert meta["labels"]["app.kubernetes.io/component"] == "dashboards"
+    assert meta["labels"]["app.kubernetes.io/part-of"] == "kubeloop"
+    assert meta["annotations"] == {"grafana_folder": "kubeloop"}
+    assert sorted(cm["data"]) == sorted(BOARDS)
+    for name, board in BOARDS.items():
+        assert json.loads(cm["data"][name]) == board  # Grafana's {{legend}} templates survive Helm
+    (moved,) = configmaps(
+        "--set", "dashboards.enabled=true", "--set", "dashboards.namespace=monitoring",
+        "--set", "dashboards.label=grafana_dashboards", "--set", "dashboards.labelValue=kubeloop",
+        "--set", "dashboards.folder=",
+    )  # fmt: skip
+    assert moved["metadata"]["namespace"] == "monitoring"
+    assert moved["metadata"]["labels"]["grafana_dashboards"] == "kubeloop"
+    assert "annotations" not in moved["metadata"]
+    helm("lint", "--strict", str(REPO / "helm/kubeloop"), "--set", "dashboards.enabled=true")
+    bad = helm("template", "k", str(REPO / "helm/kubeloop"), "--set", "dashboards.enable=true", check=False)
+    assert bad.returncode != 0 and "enable" in bad.stderr
