@@ -21,6 +21,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
+    if args.loop:
+        from kubeloop.loop import main_loop
+
+        return main_loop(
+            epochs=args.epochs, workers=args.workers, interval=args.interval, break_candidate=args.break_candidate
+        )
+    if args.break_candidate:
+        raise SpecError("--break needs --loop")
     from kubeloop.quickstart import quickstart
 
     return quickstart(epochs=args.epochs, workers=args.workers)
@@ -143,6 +151,11 @@ def parser() -> argparse.ArgumentParser:
     quick = commands.add_parser("quickstart", help="the embedded loop on the bundled dataset, no cluster")
     quick.add_argument("--epochs", type=int, default=8)
     quick.add_argument("--workers", type=int, default=2)
+    quick.add_argument("--loop", action="store_true", help="close the loop: drift -> retrain -> gate -> canary")
+    quick.add_argument(
+        "--break", dest="break_candidate", choices=["errors", "garbage"], help="with --loop: a broken candidate"
+    )
+    quick.add_argument("--interval", default="5s", help="with --loop: the canary analysis interval")
     quick.set_defaults(handler=_quickstart)
 
     manifests = commands.add_parser("manifests", help="generate or check the CRDs made from kubeloop/api")

@@ -43,7 +43,7 @@ class ProcessGroup:
     def __init__(self) -> None:
         self.children: list[Child] = []
 
-    def start(self, name: str, module: str, args: list[str], health_url: str, timeout: float = 120) -> Child:
+    def start(self, name: str, module: str, args: list[str], health_url: str, timeout: float = 300) -> Child:
         process = subprocess.Popen(
             [sys.executable, "-m", module, *args],
             stdout=subprocess.PIPE,

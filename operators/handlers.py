@@ -26,7 +26,7 @@ import kopf
 from kubeloop.api import GROUP, VERSION, ModelDeployment, ModelVersion, Resource, TrainingJob
 from kubeloop.api.load import parse_resource
 from kubeloop.errors import SpecError
-from operators import common, metrics
+from operators import canary, common, metrics
 from operators import inferenceservice as isvc
 from operators import rayjob as rj
 from operators.kube import Action, ApiError, Conflict, Kube, RestKube, apply, kind_of
@@ -423,3 +423,18 @@ def sync_modeldeployment_status(obj: Mapping[str, Any]) -> dict[str, Any] | None
         return None
     kube().patch(MODELDEPLOYMENT, md.metadata.namespace, md.metadata.name, {"status": new}, subresource="status")
     return new
+
+
+# --- canary analysis (operators.canary: the engine of kubeloop.analysis on Prometheus signals) ---------------------
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    "modeldeployments",
+    interval=canary.TICK_SECONDS,
+    idle=0,
+    when=lambda spec, **_: bool((spec.get("canary") or {}).get("analysis")),
+)
+def analyse_canary(body: Mapping[str, Any], **_: Any) -> None:
+    canary.tick(plain(body), kube(), emit, canary.prometheus_source())

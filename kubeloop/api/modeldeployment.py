@@ -152,6 +152,47 @@ class DriftStatus(KubeModel):
     last_checked: datetime | None = None
 
 
+class CheckRecord(KubeModel):
+    name: str
+    status: Literal["pass", "fail", "skip"]
+    value: float | None = None
+    threshold: float | None = None
+    reason: str = ""
+
+
+class AnalysisRecord(KubeModel):
+    """One entry of status.history: a canary analysis decision or a retrain decision, with its reason."""
+
+    time: datetime
+    action: Literal["start", "advance", "hold", "promote", "rollback", "retrain", "retrainFailed"]
+    reason: str
+    candidate: int | None = None
+    stable: int | None = None
+    step: int | None = None
+    traffic_percent: int | None = None
+    next_traffic_percent: int | None = None
+    failed_checks: int | None = None
+    checks: list[CheckRecord] = Field(default_factory=list)
+
+
+class CanaryAnalysisStatus(KubeModel):
+    """Where the running analysis stands (the operator resumes from it after a restart)."""
+
+    version: int
+    step: Annotated[int, Field(ge=0)] = 0
+    failed_checks: Annotated[int, Field(ge=0)] = 0
+    intervals: Annotated[int, Field(ge=0)] = 0
+    started: datetime | None = None
+    last_checked: datetime | None = None
+
+
+class RetrainStatus(KubeModel):
+    drift_since: datetime | None = None
+    last_started: datetime | None = None
+    training_job: str | None = None
+    reason: str | None = None
+
+
 class ModelDeploymentStatus(KubeModel):
     model_config = ConfigDict(extra="allow", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
 
@@ -160,6 +201,11 @@ class ModelDeploymentStatus(KubeModel):
     traffic: list[TrafficTarget] = Field(default_factory=list)
     canary_phase: Literal["None", "Progressing", "Promoted", "RolledBack"] | None = None
     drift: DriftStatus | None = None
+    canary_analysis: CanaryAnalysisStatus | None = None
+    retrain: RetrainStatus | None = None
+    history: list[AnalysisRecord] = Field(
+        default_factory=list, description="Canary and retrain decisions with their reasons, newest last (capped)."
+    )
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
 

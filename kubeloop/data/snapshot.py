@@ -77,7 +77,7 @@ def ingest(uri: str) -> Snapshot:
         source=source,
         rows=len(frame),
         columns={name: dtype_of(frame[name]) for name in frame.columns},
-        stats={name: _column_stats(frame[name]) for name in frame.columns},
+        stats={name: column_stats(frame[name]) for name in frame.columns},
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     log.info("storing snapshot %s: %d rows, %d columns from %s", digest, snapshot.rows, len(frame.columns), uri)
@@ -193,7 +193,7 @@ def _digest(frame: pd.DataFrame) -> str:
     return "sha256:" + hashlib.sha256(f"{header}\n{body}".encode()).hexdigest()
 
 
-def _column_stats(series: pd.Series) -> ColumnStats:
+def column_stats(series: pd.Series) -> ColumnStats:
     null_rate = float(series.isna().mean())
     if dtype_of(series) in ("bool", "string"):
         counts = series.dropna().astype(str).value_counts().head(CATEGORY_CAP)

@@ -37,7 +37,7 @@ EXPECTED_RULES = [
      "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": ["kubeloop.dev"], "resources": ["trainingjobs/status", "modeldeployments/status"],
      "verbs": ["patch"]},
-    {"apiGroups": ["kubeloop.dev"], "resources": ["modelversions"], "verbs": ["get", "create"]},
+    {"apiGroups": ["kubeloop.dev"], "resources": ["modelversions"], "verbs": ["get", "create", "patch"]},
     {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
      "verbs": ["get", "list", "watch", "create", "patch", "update"]},

@@ -1,0 +1,156 @@
+"""A real Prometheus server for the embedded mode: Debian's `prometheus` binary, a generated config scraping the
+local processes on loopback every `scrape_interval`, storage in a temporary directory, the alert rules loaded.
+
+`signal_source()` picks what the embedded mode reads: this server when the binary is on PATH, else the processes'
+/metrics directly (same `SignalSource` interface, same queries).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from kubeloop.analysis.signals import MetricsSource, PrometheusSource, Queries, SignalSource, duration_seconds
+from kubeloop.errors import KubeloopError
+from kubeloop.log import event
+from kubeloop.processes import free_port
+
+log = logging.getLogger(__name__)
+RULES = Path(__file__).resolve().parents[2] / "monitoring" / "rules" / "kubeloop.rules.yaml"
+
+
+def binary() -> str | None:
+    return shutil.which("prometheus")
+
+
+class EmbeddedPrometheus:
+    def __init__(self, scrape_interval: str = "1s", rules: Path | None = RULES, executable: str | None = None):
+        self.executable = executable or binary()
+        if self.executable is None:
+            raise KubeloopError("prometheus is not on PATH (Debian/Ubuntu: apt-get install prometheus)")
+        self.scrape_interval, self.rules = scrape_interval, rules
+        self.directory = Path(tempfile.mkdtemp(prefix="kubeloop-prometheus-"))
+        self.config = self.directory / "prometheus.yml"
+        self.targets: dict[str, list[str]] = {}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def _write(self) -> None:
+        config: dict = {
+            "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.scrape_interval},
+            "scrape_configs": [
+                {
+                    "job_name": job,
+                    "scrape_interval": self.scrape_interval,
+                    "static_configs": [{"targets": [t.removeprefix("http://").rstrip("/") for t in targets]}],
+                }
+                for job, targets in sorted(self.targets.items())
+                if targets
+            ],
+        }
+        if self.rules is not None and self.rules.is_file():
+            config["rule_files"] = [str(self.rules)]
+        self.config.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def scrape(self, job: str, targets: Sequence[str]) -> None:
+        """Scrape these base URLs (their /metrics) as `job`; reloads a running server (SIGHUP)."""
+        self.targets[job] = list(targets)
+        self._write()
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGHUP)
+            event(log, "prometheus.reloaded", job=job, targets=",".join(targets))
+
+    def start(self, timeout: float = 60) -> str:
+        self._write()
+        self.process = subprocess.Popen(
+            [
+                self.executable,
+                f"--config.file={self.config}",
+                f"--storage.tsdb.path={self.directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=1h",
+                "--log.level=warn",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise KubeloopError(f"prometheus exited with {self.process.returncode}: {self.process.stderr.read()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
+                    if response.status == 200:
+                        event(log, "prometheus.ready", url=self.url, config=self.config)
+                        return self.url
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise KubeloopError(f"prometheus was not ready at {self.url} within {timeout:.0f}s")
+
+    def active_targets(self) -> list[dict]:
+        with urllib.request.urlopen(f"{self.url}/api/v1/targets?state=active", timeout=5) as response:
+            return json.load(response)["data"]["activeTargets"]
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedPrometheus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Scraped:
+    """The embedded mode's signal source and the targets it reads, whichever the backend."""
+
+    def __init__(self, use_prometheus: bool | None = None, scrape_interval: str = "1s", queries: Queries | None = None):
+        self.targets: dict[str, list[str]] = {}
+        self.prometheus: EmbeddedPrometheus | None = None
+        if use_prometheus is None:
+            use_prometheus = binary() is not None
+        if use_prometheus:
+            self.prometheus = EmbeddedPrometheus(scrape_interval)
+            self.prometheus.start()
+            self.source: SignalSource = PrometheusSource(self.prometheus.url, queries)
+        else:
+            self.source = MetricsSource(self._urls, queries)
+        self.scrape_s = duration_seconds(scrape_interval)
+
+    @property
+    def backend(self) -> str:
+        return f"Prometheus {self.prometheus.url}" if self.prometheus else "direct /metrics scrapes"
+
+    def _urls(self) -> list[str]:
+        return [f"{base.rstrip('/')}/metrics" for targets in self.targets.values() for base in targets]
+
+    def scrape(self, job: str, targets: Sequence[str]) -> None:
+        self.targets[job] = list(targets)
+        if self.prometheus is not None:
+            self.prometheus.scrape(job, targets)
+
+    def stop(self) -> None:
+        if self.prometheus is not None:
+            self.prometheus.stop()

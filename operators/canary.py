@@ -1,0 +1,153 @@
+"""Automated canary analysis in the cluster: the same engine as the embedded loop (kubeloop.analysis), on
+Prometheus signals.
+
+A kopf timer (registered in operators.handlers) calls `tick` every few seconds for each ModelDeployment with
+`spec.canary.analysis`; `tick` acts once per `analysis.interval`:
+
+- a new candidate: record the start in status.canaryAnalysis and set `spec.canary.trafficPercent` to the first step;
+- otherwise read both versions' signals over the last interval, `decide`, and write the decision to
+  status.history and an Event;
+- advance: `spec.canary.trafficPercent` = next step (the reconcile handler carries it to the InferenceService);
+- promote: `spec.version` = the candidate, `spec.canary` removed, its ModelVersion Production (the old one Archived);
+- rollback: `spec.canary` removed (100% to stable), its ModelVersion Rejected with the reason, never deleted.
+
+Where the analysis stands lives in status.canaryAnalysis, so an operator restart resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from kubeloop.analysis import AnalysisState, PrometheusSource, SignalSource, decide
+from kubeloop.analysis.signals import Queries, SignalError, duration_seconds
+from kubeloop.api import ModelDeployment, ModelVersion
+from operators.kube import ApiError, Kind, Kube, kind_of
+
+log = logging.getLogger("operators.canary")
+
+MODELDEPLOYMENT = kind_of("kubeloop.dev/v1alpha1", "ModelDeployment")
+MODELVERSION = kind_of("kubeloop.dev/v1alpha1", "ModelVersion")
+HISTORY_LIMIT = 50
+TICK_SECONDS = float(os.environ.get("KUBELOOP_CANARY_TICK_SECONDS", "5"))
+
+Emit = Callable[[Mapping[str, Any], str, str, str], None]
+
+
+def prometheus_source() -> SignalSource | None:
+    """From KUBELOOP_PROMETHEUS_URL (e.g. http://prometheus-operated.monitoring:9090); None when unset.
+    KUBELOOP_QUERY_REQUESTS / _LATENCY / _PREDICTIONS / _DRIFT override the default selectors."""
+    url = os.environ.get("KUBELOOP_PROMETHEUS_URL")
+    if not url:
+        return None
+    defaults = Queries()
+    queries = Queries(
+        requests=os.environ.get("KUBELOOP_QUERY_REQUESTS", defaults.requests),
+        latency_buckets=os.environ.get("KUBELOOP_QUERY_LATENCY", defaults.latency_buckets),
+        prediction_buckets=os.environ.get("KUBELOOP_QUERY_PREDICTIONS", defaults.prediction_buckets),
+        drift=os.environ.get("KUBELOOP_QUERY_DRIFT", defaults.drift),
+    )
+    return PrometheusSource(url, queries)
+
+
+def _time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def tick(
+    body: Mapping[str, Any], kube: Kube, emit: Emit, source: SignalSource | None, now: datetime | None = None
+) -> str | None:
+    """One look at a ModelDeployment's canary; returns the action taken (None: nothing due)."""
+    now = now or datetime.now(UTC)
+    md = ModelDeployment.model_validate(dict(body))
+    canary = md.spec.canary
+    if canary is None or canary.analysis is None:
+        return None
+    analysis = canary.analysis
+    namespace, name = md.metadata.namespace, md.metadata.name
+    status = dict(body.get("status") or {})
+    history = list(status.get("history") or [])
+    current = status.get("canaryAnalysis") or {}
+
+    def write(spec_patch: dict | None, status_patch: dict, entry: dict) -> None:
+        status_patch["history"] = [*history, entry][-HISTORY_LIMIT:]
+        kube.patch(MODELDEPLOYMENT, namespace, name, {"status": status_patch}, subresource="status")
+        if spec_patch:
+            kube.patch(MODELDEPLOYMENT, namespace, name, {"spec": spec_patch})
+
+    if current.get("version") != canary.version:
+        first = analysis.steps[0]
+        reason = f"canary v{canary.version} starts at {first}% against v{md.spec.version}; steps {analysis.steps}"
+        reason += f", every {analysis.interval}"
+        entry = {"time": _iso(now), "action": "start", "reason": reason, "candidate": canary.version}
+        entry |= {"stable": md.spec.version, "step": 0, "trafficPercent": first}
+        state = {"version": canary.version, "step": 0, "failedChecks": 0, "intervals": 0}
+        state |= {"started": _iso(now), "lastChecked": _iso(now)}
+        spec_patch = {"canary": {"trafficPercent": first}} if canary.traffic_percent != first else None
+        write(spec_patch, {"canaryAnalysis": state, "canaryPhase": "Progressing"}, entry)
+        emit(body, "Normal", "CanaryStarted", reason)
+        return "start"
+
+    last = _time(current.get("lastChecked")) or now
+    if (now - last).total_seconds() < duration_seconds(analysis.interval):
+        return None
+    if source is None:
+        emit(body, "Warning", "NoPrometheus", "canary analysis needs KUBELOOP_PROMETHEUS_URL; holding")
+        return None
+    window = max((now - last).total_seconds(), 1.0)
+    try:
+        stable = source.version_signals(md.spec.model, md.spec.version, window)
+        candidate = source.version_signals(md.spec.model, canary.version, window)
+    except SignalError as error:
+        emit(body, "Warning", "SignalsUnavailable", str(error))
+        return None
+    state = AnalysisState(
+        step=int(current.get("step", 0)),
+        failed_checks=int(current.get("failedChecks", 0)),
+        intervals=int(current.get("intervals", 0)),
+    )
+    decision = decide(analysis, state, stable, candidate, now=now)
+    entry = decision.record()
+    after = dict(current) | {
+        "step": decision.state.step,
+        "failedChecks": decision.state.failed_checks,
+        "intervals": decision.state.intervals,
+        "lastChecked": _iso(now),
+    }
+    kind = "Warning" if decision.action in ("hold", "rollback") and decision.state.failed_checks else "Normal"
+    if decision.action == "promote":
+        write({"version": canary.version, "canary": None}, {"canaryAnalysis": None, "canaryPhase": "Promoted"}, entry)
+        _set_stage(kube, emit, body, md, md.spec.version, "Archived", f"superseded by v{canary.version}")
+        _set_stage(kube, emit, body, md, canary.version, "Production", decision.reason)
+        emit(body, "Normal", "CanaryPromoted", decision.line())
+    elif decision.action == "rollback":
+        write({"canary": None}, {"canaryAnalysis": None, "canaryPhase": "RolledBack"}, entry)
+        _set_stage(kube, emit, body, md, canary.version, "Rejected", decision.reason)
+        emit(body, "Warning", "CanaryRolledBack", decision.line())
+    else:
+        spec_patch = {"canary": {"trafficPercent": decision.next_percent}}
+        write(spec_patch if decision.next_percent != canary.traffic_percent else None, {"canaryAnalysis": after}, entry)
+        emit(body, kind, "CanaryAdvanced" if decision.action == "advance" else "CanaryHolding", decision.line())
+    log.info("canary %s/%s: %s", namespace, name, decision.line())
+    return decision.action
+
+
+def _set_stage(kube: Kube, emit: Emit, body: Mapping[str, Any], md: ModelDeployment, version: int, stage: str,
+               reason: str) -> None:  # fmt: skip
+    name = ModelVersion.resource_name(md.spec.model, version)
+    kind: Kind = MODELVERSION
+    try:
+        if kube.get(kind, md.metadata.namespace, name) is None:
+            return
+        kube.patch(kind, md.metadata.namespace, name, {"spec": {"stage": stage, "stageReason": reason[:1000]}})
+    except ApiError as error:
+        emit(body, "Warning", "ModelVersionStage", f"could not mark {name} {stage}: {error}")

@@ -1,0 +1,348 @@
+"""kserve's REST app and ModelServer, bound where kubeloop says and wrapped with kubeloop's request accounting.
+
+kserve 0.21 hard-codes the HTTP host to 0.0.0.0 in `kserve/protocol/rest/server.py` (RESTServer builds its
+uvicorn.Config with host="0.0.0.0"). `LocalRESTServer` keeps everything else of RESTServer -- kserve's FastAPI
+app, its v1/v2 routes and dataplane, its exception handlers and /metrics -- and serves it on a socket that kubeloop
+binds itself (127.0.0.1 locally, 0.0.0.0:8080 in a pod). `KubeloopModelServer` is a kserve.ModelServer whose start()
+uses it. Per-request logging is off: no uvicorn access log, no kserve latency or timing-middleware trace lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kserve import ModelServer
+from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING, MAX_GRPC_MESSAGE_LENGTH
+from kserve.errors import InferenceError, InvalidInput, generic_exception_handler, inference_error_handler
+from kserve.protocol.rest.server import RESTServer
+
+from kubeloop.log import event
+from serving.metrics import ServingMetrics
+from serving.net import bind
+from serving.payload_logger import PayloadLogger, event_id
+
+log = logging.getLogger("kubeloop.serving")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+_UNION_TAGS = {"body", "InferenceRequest", "bytes"}  # kserve's v2 body is Union[InferenceRequest, bytes]
+_V2_BODY = 'body: expected a JSON object {"inputs": [{"name", "shape", "datatype", "data"}, ...]}'
+
+
+async def _respond(send: Send, status: int, message: str) -> None:
+    body = orjson.dumps({"error": message})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote a client's string, lone surrogates included."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True).encode("ascii")
+
+
+class ServingMiddleware:
+    """Pure ASGI middleware on the inference routes of one model: body size limit (413), request counters by
+    protocol and status, and the payload logger's request/response CloudEvents (queued, never awaited)."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        model_name: str,
+        metrics: ServingMetrics,
+        payload_logger: PayloadLogger | None,
+        max_body_bytes: int,
+    ):
+        self.app = app
+        self.metrics = metrics
+        self.payload_logger = payload_logger
+        self.max_body_bytes = max_body_bytes
+        self.v1_path = f"/v1/models/{model_name}:predict"
+        self.v2_prefix = f"/v2/models/{model_name}/"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path == self.v1_path:
+            protocol = "v1"
+        elif path.startswith(self.v2_prefix) and path.endswith("/infer"):
+            protocol = "v2"
+        else:
+            return await self.app(scope, receive, send)
+
+        length = ce_id = None
+        content_type = None
+        binary_extension = False
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = int(value) if value.isdigit() else None
+            elif name == b"content-type":
+                content_type = value.decode("latin-1")
+            elif name == b"ce-id":
+                ce_id = value
+            elif name == b"inference-header-content-length":
+                binary_extension = True
+        if content_type is None or content_type.startswith("application/x-www-form-urlencoded"):
+            # curl's default: the body is JSON all the same (kserve would pass a v2 body on as raw bytes)
+            content_type = "application/json"
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        limit = self.max_body_bytes
+        if length is not None and length > limit:
+            return await self._reject(send, protocol, 413, "body_too_large", _too_large(length, limit))
+        if binary_extension and protocol == "v2":
+            message = (
+                "inference-header-content-length: the binary tensor extension is not supported by this model; "
+                "send the tensors as JSON data"
+            )
+            return await self._reject(send, protocol, 400, "invalid_request", message)
+
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    return await self._reject(
+                        send, protocol, 413, "body_too_large", _too_large(size, limit, "at least ")
+                    )
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        status = 500
+        response_chunks: list[bytes] = []
+        capture = self.payload_logger is not None
+
+        async def watch(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif capture and message["type"] == "http.response.body":
+                response_chunks.append(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, replay, watch)
+        finally:
+            self.metrics.count_request(protocol, status)
+            if self.payload_logger is not None:
+                response = b"".join(response_chunks) if status == 200 else None
+                self.payload_logger.log(event_id(ce_id), body, response, content_type)
+
+    async def _reject(self, send: Send, protocol: str, status: int, reason: str, message: str) -> None:
+        self.metrics.count_error(reason)
+        self.metrics.count_request(protocol, status)
+        await _respond(send, status, message)
+
+
+def _too_large(size: int, limit: int, qualifier: str = "") -> str:
+    return f"body: {qualifier}{size} bytes exceed the limit of {limit} bytes (--max-body-bytes)"
+
+
+def _field(location: tuple | list) -> str:
+    """FastAPI's error location ("body", "InferenceRequest", "inputs", 0, "shape") as inputs[0].shape."""
+    parts = [part for part in location if part not in _UNION_TAGS] or ["body"]
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class LocalRESTServer(RESTServer):
+    def __init__(
+        self,
+        *args: Any,
+        sock: socket.socket,
+        metrics: ServingMetrics,
+        model_name: str,
+        payload_logger: PayloadLogger | None,
+        max_body_bytes: int,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.sock = sock
+        self.metrics, self.model_name = metrics, model_name
+        self.payload_logger, self.max_body_bytes = payload_logger, max_body_bytes
+        host, port = sock.getsockname()[:2]
+        self.config = uvicorn.Config(
+            self.config.app,
+            host=host,
+            port=port,
+            log_config=None,  # logging is configured by kubeloop
+            access_log=False,  # ~0.5 KB of logs per request otherwise
+            server_header=False,
+            timeout_graceful_shutdown=self.config.timeout_graceful_shutdown,
+            timeout_keep_alive=self.config.timeout_keep_alive,
+            ssl_certfile=self.config.ssl_certfile,
+            ssl_keyfile=self.config.ssl_keyfile,
+        )
+        self._server = uvicorn.Server(self.config)
+
+    @property
+    def server(self) -> uvicorn.Server:
+        return self._server
+
+    def _add_middlewares(self, app: FastAPI) -> None:
+        # kserve's TimingMiddleware only writes trace log lines: left out, as is the access log
+        app.add_middleware(
+            ServingMiddleware,
+            model_name=self.model_name,
+            metrics=self.metrics,
+            payload_logger=self.payload_logger,
+            max_body_bytes=self.max_body_bytes,
+        )
+
+    def _add_exception_handlers(self, app: FastAPI) -> None:
+        super()._add_exception_handlers(app)
+        metrics = self.metrics
+
+        async def invalid_input(_: Request, error: InvalidInput) -> ErrorResponse:
+            metrics.count_error(getattr(error, "kind", "invalid_request"))
+            message = str(error)
+            if message.startswith("received byte inputs"):  # kserve's words for a v2 body that is no object
+                message = _V2_BODY
+            event(log, "request.rejected", logging.DEBUG, error=message)
+            return ErrorResponse(status_code=400, content={"error": message})
+
+        async def invalid_request(_: Request, error: RequestValidationError) -> ErrorResponse:
+            metrics.count_error("invalid_request")
+            problems = [p for p in error.errors() if "bytes" not in p.get("loc", ())] or list(error.errors())
+            if not problems:
+                message = "body: invalid request"
+            elif problems[0].get("type") == "json_invalid":
+                message = f"body: invalid JSON ({problems[0].get('ctx', {}).get('error', 'cannot be decoded')})"
+            elif problems[0].get("type") == "model_attributes_type":
+                message = _V2_BODY
+            else:
+                message = "; ".join(f"{_field(p.get('loc', ()))}: {p.get('msg', 'invalid')}" for p in problems[:3])
+                if len(problems) > 3:
+                    message += f" (and {len(problems) - 3} more)"
+            return ErrorResponse(status_code=400, content={"error": message})
+
+        async def model_error(request: Request, error: InferenceError) -> Any:
+            metrics.count_error("model_error")
+            return await inference_error_handler(request, error)
+
+        async def internal_error(request: Request, error: Exception) -> Any:
+            metrics.count_error("internal")
+            return await generic_exception_handler(request, error)
+
+        app.add_exception_handler(InvalidInput, invalid_input)
+        app.add_exception_handler(RequestValidationError, invalid_request)
+        app.add_exception_handler(InferenceError, model_error)
+        app.add_exception_handler(Exception, internal_error)
+
+    async def start(self) -> None:
+        self.create_application()
+        await self._server.serve(sockets=[self.sock])
+
+
+class KubeloopModelServer(ModelServer):
+    """kserve.ModelServer serving on a socket bound to the given host; gRPC only when a port is given."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        http_port: int,
+        metrics: ServingMetrics,
+        model_name: str,
+        payload_logger: PayloadLogger | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        grpc_port: int | None = None,
+        grace_period: int = 5,
+    ):
+        super().__init__(
+            http_port=http_port,
+            grpc_port=grpc_port or 8081,
+            enable_grpc=bool(grpc_port),
+            enable_latency_logging=False,
+            grace_period=grace_period,
+        )
+        self.host = host
+        self.metrics, self.model_name = metrics, model_name
+        self.payload_logger, self.max_body_bytes = payload_logger, max_body_bytes
+        self.sock = bind(host, http_port)
+        self.port = self.sock.getsockname()[1]
+
+    async def serve(self, models: list, on_ready: Callable[[], None] | None = None) -> None:
+        self._register_and_check_atleast_one_model_is_ready(models)
+        for model in models:
+            model.enable_latency_logging = False
+        self._rest_server = LocalRESTServer(
+            FASTAPI_APP_IMPORT_STRING,
+            self.dataplane,
+            self.model_repository_extension,
+            self.port,
+            grace_period=self.grace_period,
+            timeout_keep_alive=self.timeout_keep_alive,
+            ssl_certfile=self.ssl_certfile,
+            ssl_keyfile=self.ssl_keyfile,
+            sock=self.sock,
+            metrics=self.metrics,
+            model_name=self.model_name,
+            payload_logger=self.payload_logger,
+            max_body_bytes=self.max_body_bytes,
+        )
+        tasks = [asyncio.create_task(self._rest_server.start(), name="rest")]
+        if self.enable_grpc:
+            from kserve.protocol.grpc.server import GRPCServer
+
+            limits = {
+                "grpc_max_send_message_length": MAX_GRPC_MESSAGE_LENGTH,
+                "grpc_max_receive_message_length": MAX_GRPC_MESSAGE_LENGTH,
+            }
+            self._grpc_server = GRPCServer(
+                self.grpc_port,
+                self.dataplane,
+                self.model_repository_extension,
+                kwargs=limits,
+                grace_period=self.grace_period,
+            )
+            tasks.append(asyncio.create_task(self._grpc_server.start(self.max_threads), name="grpc"))
+        server = self._rest_server.server
+        while not server.started and not tasks[0].done():
+            await asyncio.sleep(0.01)
+        if server.started and on_ready is not None:
+            on_ready()
+        try:
+            await tasks[0]
+        finally:
+            if self.payload_logger is not None:
+                await self.payload_logger.close()
+            if self._grpc_server is not None:
+                await self._grpc_server.stop(None)
+            for task in tasks[1:]:
+                task.cancel()
+            for name in list(self.registered_models.get_models()):
+                self.registered_models.unload(name)

@@ -1,0 +1,60 @@
+"""The closed loop on this machine with real processes and short intervals (kubeloop.loop): drift on v1 ->
+retraining on the shifted data -> the gate -> canary 10 -> 25 -> 50 -> 100 -> v2 Production; and a broken
+candidate rolled back within two intervals, marked Rejected and kept in the registry.
+
+Signals come from a real Prometheus when `prometheus` is on PATH (Debian's package), else from /metrics directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kubeloop.analysis.prometheus import binary
+from kubeloop.loop import report, run_loop
+from kubeloop.registry import Registry
+
+pytestmark = [pytest.mark.timeout(1200)]
+INTERVAL = "4s"
+
+
+@pytest.fixture(scope="module")
+def loop_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("loop-home")
+
+
+@pytest.fixture
+def registry(loop_home: Path, monkeypatch: pytest.MonkeyPatch, ray_cluster: None) -> Registry:
+    monkeypatch.setenv("KUBELOOP_HOME", str(loop_home))  # both paths share one registry: v1, v2, v3
+    return Registry()
+
+
+def test_drift_retrains_and_the_canary_promotes_the_new_version(registry: Registry) -> None:
+    result = run_loop(epochs=1, workers=2, interval=INTERVAL, registry=registry, reuse_production=True)
+    print(report(result))
+    assert result.outcome == "promoted", report(result)
+    assert result.backend.startswith("Prometheus" if binary() else "direct")
+    steps = [(d.action, d.percent) for d in result.decisions if d.action != "hold"]
+    assert steps == [("advance", 10), ("advance", 25), ("advance", 50), ("promote", 100)]
+    candidate = registry.get("arrests", result.candidate)
+    assert candidate.spec.stage == "Production"
+    assert registry.get("arrests", result.stable).spec.stage == "Archived"
+    assert candidate.spec.lineage.dataset_digest != registry.get("arrests", result.stable).spec.lineage.dataset_digest
+    assert result.seconds_drift_to_full is not None and result.seconds_drift_to_full > 0
+    actions = [entry["action"] for entry in result.history]
+    assert actions[0] == "retrain" and "start" in actions and actions[-1] == "promote"
+
+
+def test_a_broken_candidate_is_rolled_back_within_two_intervals(registry: Registry) -> None:
+    result = run_loop(
+        epochs=1, workers=2, interval=INTERVAL, registry=registry, reuse_production=True, break_candidate="garbage"
+    )
+    print(report(result))
+    assert result.outcome == "rolled-back", report(result)
+    assert result.intervals_to_rollback is not None and result.intervals_to_rollback <= 2
+    final = result.decisions[-1]
+    assert final.next_percent == 0 and "predictionShift" in final.line()
+    rejected = registry.get("arrests", result.candidate)  # still there: never deleted
+    assert rejected.spec.stage == "Rejected" and "rolling back" in (rejected.spec.stage_reason or "")
+    assert registry.production("arrests").spec.version == result.stable

@@ -1,0 +1,255 @@
+"""The drift sidecar as a real process over real HTTP: a real snapshot, ModelVersion records in a real registry,
+CloudEvents as KServe's logger sends them, real alibi-detect behind it.
+
+One sidecar serves the module (starting one imports alibi-detect: seconds): version 1 gets in-distribution traffic
+(KServe's Go header casing, v1 bodies, no ce-modelversion: the default version), version 2 gets a shift (lower-case
+headers, v2 bodies, ce-modelversion: 2), and both get malformed events.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from kubeloop.api.modelversion import ModelVersion
+from monitoring import traffic
+from monitoring.detectors import DECLARED_DETECTION_WINDOWS, DECLARED_FALSE_POSITIVE_RATE
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "manifests" / "samples" / "modelversion.yaml"
+FEATURES = ["colour", "year", "age", "sex", "employed", "citizen", "checks"]
+WINDOW = 200
+ROWS_PER_EVENT = 5
+MAX_BODY = 1_000_000
+START_TIMEOUT_S = 300  # alibi-detect's import: ~5 s on an idle machine, minutes on a loaded one
+
+
+class Sidecar:
+    def __init__(self, process: subprocess.Popen[str], url: str, stderr: Path, frame: pd.DataFrame, mv: Any) -> None:
+        self.process, self.url, self.stderr, self.frame, self.signature = process, url, stderr, frame, mv
+        self.client = httpx.Client(base_url=url, timeout=60)
+
+    def post(self, headers: dict[str, str], body: Any) -> httpx.Response:
+        return self.client.post("/", headers=headers, content=body)
+
+    def status(self) -> dict[str, Any]:
+        return self.client.get("/status").json()
+
+    def metrics(self) -> str:
+        return self.client.get("/metrics").text
+
+    def wait_windows(self, version: int, count: int, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status()["versions"][str(version)]
+            if status["windowsEvaluated"] >= count:
+                return status
+            time.sleep(0.05)
+        raise AssertionError(f"v{version}: {count} windows not evaluated in {timeout}s: {status}\n{self.log()}")
+
+    def log(self) -> str:
+        return self.stderr.read_text()[-3000:]
+
+
+def _record(home: Path, digest: str, version: int) -> Path:
+    from kubeloop.registry import Registry
+
+    doc = yaml.safe_load(SAMPLE.read_text())
+    doc["spec"]["lineage"]["datasetDigest"] = digest
+    doc["spec"]["signature"]["inputs"] = [
+        {"name": "colour", "dtype": "string", "categories": ["Black", "White"], "nullable": False},
+        {"name": "year", "dtype": "int", "nullable": False},
+        {"name": "age", "dtype": "int", "nullable": False},
+        {"name": "sex", "dtype": "string", "categories": ["Female", "Male"], "nullable": False},
+        {"name": "employed", "dtype": "string", "categories": ["No", "Yes"], "nullable": False},
+        {"name": "citizen", "dtype": "string", "categories": ["No", "Yes"], "nullable": False},
+        {"name": "checks", "dtype": "int", "nullable": False},
+    ]
+    spec = ModelVersion.model_validate(doc).spec
+    registry = Registry(home / "registry")
+    allocated, _ = registry.allocate(spec.model)
+    assert allocated == version
+    spec.version = version
+    registry.save(spec, "test record: no training")
+    return registry.root / spec.model / f"v{version}" / "modelversion.yaml"
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
+    home = tmp_path_factory.mktemp("monitoring-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KUBELOOP_HOME", str(home))
+        from kubeloop.data.snapshot import ingest, read_frame
+
+        snapshot = ingest("bundled://arrests")
+        frame = read_frame(snapshot)
+        paths = [_record(home, snapshot.digest, v) for v in (1, 2)]
+    stderr = home / "sidecar.stderr"
+    command = [sys.executable, "-m", "monitoring.sidecar", "--host", "127.0.0.1", "--port", "0"]
+    for path in paths:
+        command += ["--model-version", str(path)]
+    command += ["--detector", "ks", "--window", str(WINDOW), "--p-value", "0.05", "--reference-size", "2000"]
+    command += ["--max-body-bytes", str(MAX_BODY)]
+    env = {**os.environ, "KUBELOOP_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    with stderr.open("w") as err:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    url = None
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while url is None and time.monotonic() < deadline and process.poll() is None:
+        try:
+            match = re.match(r"drift sidecar on (http://\S+)", lines.get(timeout=1))
+            url = match.group(1) if match else None
+        except queue.Empty:
+            continue
+    if url is None:
+        process.kill()
+        pytest.fail(f"sidecar did not start (exit {process.poll()}):\n{stderr.read_text()[-3000:]}")
+    mv = ModelVersion.model_validate(yaml.safe_load(paths[0].read_text())).spec.signature.inputs
+    running = Sidecar(process, url, stderr, frame, mv)
+    try:
+        yield running
+    finally:
+        running.client.close()
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _send_rows(sidecar: Sidecar, rows: pd.DataFrame, start_id: int, *, version: int | None, v2: bool) -> int:
+    records = traffic.records(rows, FEATURES)
+    casing = "lower" if v2 else "go"
+    sent = 0
+    for i in range(0, len(records), ROWS_PER_EVENT):
+        batch = records[i : i + ROWS_PER_EVENT]
+        event_id = f"e{start_id + sent}"
+        body = traffic.v2_request(batch, sidecar.signature) if v2 else traffic.v1_request(batch)
+        response = sidecar.post(traffic.event_headers("request", event_id, version=version, casing=casing), body)
+        assert response.status_code == 200, response.text
+        scores = [0.6 + 0.3 * (r["age"] > 30) for r in batch]  # something that moves with the shift
+        body = traffic.v2_response(scores) if v2 else traffic.v1_response(scores)
+        response = sidecar.post(traffic.event_headers("response", event_id, version=version, casing=casing), body)
+        assert response.status_code == 200, response.text
+        sent += 1
+    return sent
+
+
+def test_in_distribution_traffic_over_20_windows_stays_within_the_false_positive_rate(sidecar: Sidecar) -> None:
+    rng = np.random.default_rng(2026)
+    states = []
+    for window in range(20):
+        _send_rows(sidecar, traffic.in_distribution(sidecar.frame, WINDOW, rng), window * 100, version=None, v2=False)
+        states.append(sidecar.wait_windows(1, window + 1)["state"])
+    status = sidecar.status()["versions"]["1"]
+    assert status["windowsEvaluated"] == 20 and status["rows"] == 20 * WINDOW
+    assert status["windowsInDrift"] == states.count("Drift")
+    assert states.count("Drift") <= DECLARED_FALSE_POSITIVE_RATE * 20, states
+    assert status["events"] == {"request": 20 * WINDOW // ROWS_PER_EVENT, "response": 20 * WINDOW // ROWS_PER_EVENT}
+    assert set(status["lastWindow"]["pValues"]) == set(FEATURES)
+    assert abs(status["skew"]["age"]["mean_shift"]) < 0.3
+    metrics = sidecar.metrics()
+    detected = 1.0 if status["state"] == "Drift" else 0.0
+    assert f'kubeloop_drift_detected{{model="arrests",version="1"}} {detected}' in metrics
+    assert 'kubeloop_drift_windows_total{model="arrests",result="dropped",version="1"} 0.0' in metrics
+    assert re.search(r'kubeloop_drift_p_value\{feature="age",model="arrests",version="1"\} 0\.\d+', metrics)
+    assert 'kubeloop_drift_detector_seconds_count{detector="ks"}' in metrics
+
+
+def test_shifted_traffic_is_flagged_within_the_declared_windows(sidecar: Sidecar) -> None:
+    rng = np.random.default_rng(7)
+    frame = sidecar.frame
+    # 3 clean windows, then the shift (age +15 years, colour mix inverted) begins half-way into window 4
+    rows = pd.concat(
+        [
+            traffic.in_distribution(frame, 3 * WINDOW + WINDOW // 2, rng),
+            traffic.shift_age_colour(frame, 5 * WINDOW, rng),
+        ],
+        ignore_index=True,
+    )
+    states = []
+    for window in range(len(rows) // WINDOW):
+        part = rows.iloc[window * WINDOW : (window + 1) * WINDOW]
+        _send_rows(sidecar, part, 10_000 + window * 100, version=2, v2=True)
+        states.append(sidecar.wait_windows(2, window + 1)["state"])
+        if states[-1] == "Drift":
+            break
+    assert states[:3] == ["NoDrift"] * 3, states
+    assert "Drift" in states, states
+    assert states.index("Drift") - 3 + 1 <= DECLARED_DETECTION_WINDOWS, states
+    status = sidecar.status()["versions"]["2"]
+    assert status["drift"]["state"] == "Drift" and status["drift"]["minPValue"] < 1e-6
+    assert {"age", "colour"} <= set(status["lastWindow"]["driftedFeatures"])
+    assert status["skew"]["age"]["mean_shift"] > 1.0 and status["skew"]["colour"]["linf"] > 0.3
+    assert status["predictionShift"]["against"] == 1 and status["predictionShift"]["ksDistance"] > 0.1
+    metrics = sidecar.metrics()
+    assert 'kubeloop_drift_detected{model="arrests",version="2"} 1.0' in metrics
+    skew = re.search(
+        r'kubeloop_drift_skew\{feature="age",model="arrests",statistic="mean_shift",version="2"\} (\S+)', metrics
+    )
+    assert skew and float(skew.group(1)) > 1.0, [line for line in metrics.splitlines() if "skew" in line][:20]
+
+
+MALFORMED: list[tuple[str, dict[str, str], bytes | None, int]] = [
+    ("bad_json", traffic.event_headers("request", "m1"), b'{"instances": [', 400),
+    ("bad_json", traffic.event_headers("request", "m2"), b"\x00\xff garbage", 400),
+    ("missing_header", {"Content-Type": "application/json"}, b'{"instances": []}', 400),
+    ("unknown_type", {**traffic.event_headers("request", "m3"), "Ce-Type": "dev.example.unknown"}, b"{}", 400),
+    ("unknown_version", traffic.event_headers("request", "m4", version=9), traffic.v1_request([{}]), 400),
+    ("bad_body", traffic.event_headers("request", "m5"), b'"just a string"', 400),
+    ("empty", traffic.event_headers("request", "m6"), b'{"instances": []}', 400),
+    ("too_large", traffic.event_headers("request", "m7"), b"[" + b"1," * MAX_BODY + b"1]", 413),
+]
+
+
+def test_malformed_events_are_counted_and_the_process_stays_up(sidecar: Sidecar) -> None:
+    before = sidecar.status()["events"]["malformed"]
+    row = {"colour": "White", "year": 2000, "age": 21, "sex": "Male", "employed": "Yes", "citizen": "No", "checks": 1}
+    cases = [
+        *MALFORMED,
+        ("unknown_feature", traffic.event_headers("request", "m8"), traffic.v1_request([{**row, "zip": "M5V"}]), 400),
+        ("wrong_type", traffic.event_headers("request", "m9"), traffic.v1_request([{**row, "age": "old"}]), 400),
+        ("wrong_type", traffic.event_headers("response", "m9"), b'{"predictions": ["yes"]}', 400),
+        ("missing_feature", traffic.event_headers("request", "m10"), traffic.v1_request([{"age": 30}]), 400),
+    ]
+    for reason, headers, body, code in cases:
+        response = sidecar.post(headers, body)
+        assert response.status_code == code, (reason, response.text)
+        assert reason in response.text
+    # a huge body streamed without a content-length is cut off at the limit too
+    chunks = (b"x" * 65536 for _ in range(40))
+    response = sidecar.client.post("/", headers=traffic.event_headers("request", "m11"), content=chunks)
+    assert response.status_code == 413
+    expected = {}
+    for reason, *_ in cases:
+        expected[reason] = expected.get(reason, 0) + 1
+    expected["too_large"] += 1
+    after = sidecar.status()["events"]["malformed"]
+    assert {k: after.get(k, 0) - before.get(k, 0) for k in expected} == expected
+    metrics = sidecar.metrics()
+    for reason in expected:
+        assert re.search(rf'kubeloop_drift_events_malformed_total\{{reason="{reason}"\}} [1-9]', metrics), reason
+    assert 'kubeloop_drift_events_received_total{type="unknown"}' in metrics
+    assert sidecar.client.get("/healthz").status_code == 200
+    assert sidecar.process.poll() is None
+    ok = sidecar.post(traffic.event_headers("request", "ok"), traffic.v1_request([row]))
+    assert ok.status_code == 200
+    assert "malformed_event" in sidecar.log()  # logged, one line per reason at most every 10 s

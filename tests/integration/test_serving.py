@@ -1,0 +1,526 @@
+"""The model server over real HTTP: real processes (`python -m serving.server`), a real registered model, a real sink.
+
+The model comes from serving_fixtures.register_model: the bundled arrests data, the training code's
+TabularTransform.fit and MLP builder, trained in-process for a few full-batch steps (not a Ray TrainingJob).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from serving_fixtures import (
+    Process,
+    arrests_frame,
+    launch_server,
+    launch_sink,
+    record_path,
+    rows,
+    scrape,
+    shared_home,
+    start_all,
+    stop_all,
+)
+
+from kubeloop.api.load import load_resources
+from kubeloop.artifact import ModelArtifact
+
+httpx = pytest.importorskip("httpx")
+
+pytestmark = pytest.mark.integration
+
+FEATURES = ["colour", "year", "age", "sex", "employed", "citizen", "checks"]
+V2_TYPES = {"colour": "BYTES", "sex": "BYTES", "employed": "BYTES", "citizen": "BYTES"}
+MAX_BODY = 64 * 1024
+CACHED = 20
+
+
+@pytest.fixture(scope="module")
+def serving_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two registered versions of the arrests model (different seeds), shared by the serving test modules."""
+    return shared_home(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def processes(serving_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Started side by side: a sink and the server logging to it; a slow sink and a second server logging to it,
+    with the prediction cache on (hybrid: the first CACHED bundled rows precomputed, an LRU of 50 for the rest)."""
+    logs = tmp_path_factory.mktemp("serving")
+    env = {"KUBELOOP_HOME": str(serving_home)}
+    cache_file = logs / "cache-rows.jsonl"
+    cache_file.write_text("".join(json.dumps(row) + "\n" for row in rows(arrests_frame(), CACHED)))
+    sink, slow_sink = start_all(launch_sink(logs / "sink.log"), launch_sink(logs / "slow-sink.log", "--delay", "0.5"))
+    try:
+        server, logged = start_all(
+            launch_server(
+                record_path(serving_home, 1),
+                logs / "server.log",
+                "--logger-url", f"{sink.url}/",
+                "--inference-service", "arrests-isvc",
+                "--namespace", "ml",
+                "--endpoint", "default",
+                "--max-body-bytes", str(MAX_BODY),
+                "--max-batch-size", "256",
+                env=env,
+            ),
+            launch_server(
+                record_path(serving_home, 1),
+                logs / "logged.log",
+                "--logger-url", f"{slow_sink.url}/",
+                "--logger-queue", "20",
+                "--cache", "hybrid",
+                "--cache-file", str(cache_file),
+                "--cache-size", "50",
+                env=env,
+            ),
+        )  # fmt: skip
+    except BaseException:
+        sink.stop()
+        slow_sink.stop()
+        raise
+    yield {"sink": sink, "server": server, "slow_sink": slow_sink, "logged": logged}
+    stop_all(server, logged, sink, slow_sink)
+
+
+@pytest.fixture(scope="module")
+def sink(processes) -> Process:
+    return processes["sink"]
+
+
+@pytest.fixture(scope="module")
+def server(processes) -> Process:
+    return processes["server"]
+
+
+@pytest.fixture(scope="module")
+def client():
+    with httpx.Client(timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def artifact(serving_home: Path) -> ModelArtifact:
+    return ModelArtifact.load(load_resources(record_path(serving_home, 1))[0].spec.artifact_uri)
+
+
+def v2_body(instances: list[dict], request_id: str | None = None) -> dict:
+    body = {
+        "inputs": [
+            {
+                "name": name,
+                "shape": [len(instances)],
+                "datatype": V2_TYPES.get(name, "INT64"),
+                "data": [row[name] for row in instances],
+            }
+            for name in FEATURES
+        ]
+    }
+    if request_id:
+        body["id"] = request_id
+    return body
+
+
+def predict_v1(client, server: Process, body: object, **kwargs):
+    return client.post(f"{server.url}/v1/models/arrests:predict", json=body, **kwargs)
+
+
+def predict_v2(client, server: Process, body: object, **kwargs):
+    return client.post(f"{server.url}/v2/models/arrests/infer", json=body, **kwargs)
+
+
+# ---------------------------------------------------------------- the served model is the trained model
+def test_v1_and_v2_predictions_equal_the_artifact(server, client, artifact):
+    frame = arrests_frame()
+    instances = rows(frame, 200, start=100)
+    expected = artifact.predict_proba(frame.drop(columns=["released"]).iloc[100:300])
+
+    as_objects = predict_v1(client, server, {"instances": instances})
+    assert as_objects.status_code == 200, as_objects.text
+    np.testing.assert_allclose(as_objects.json()["predictions"], expected, atol=1e-6)
+
+    as_lists = predict_v1(client, server, {"instances": [[row[f] for f in FEATURES] for row in instances]})
+    assert as_lists.status_code == 200, as_lists.text
+    np.testing.assert_allclose(as_lists.json()["predictions"], expected, atol=1e-6)
+
+    v2 = predict_v2(client, server, v2_body(instances, request_id="req-42"))
+    assert v2.status_code == 200, v2.text
+    answer = v2.json()
+    assert answer["id"] == "req-42" and answer["model_name"] == "arrests" and answer["model_version"] == "1"
+    (output,) = answer["outputs"]
+    assert (output["name"], output["datatype"], output["shape"]) == ("probability", "FP32", [200])
+    np.testing.assert_allclose(output["data"], expected, atol=1e-6)
+
+
+def test_concurrent_requests_each_get_their_own_rows(server, artifact):
+    """Concurrent requests share model calls; each must still get exactly its own predictions."""
+    frame = arrests_frame()
+    features = frame.drop(columns=["released"])
+    jobs = [(start, 1 + start % 5) for start in range(0, 400, 7)]
+
+    def call(job: tuple[int, int]) -> tuple[tuple[int, int], list[float]]:
+        start, n = job
+        with httpx.Client(timeout=30) as c:
+            response = predict_v1(c, server, {"instances": rows(frame, n, start=start)})
+        assert response.status_code == 200, response.text
+        return job, response.json()["predictions"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for (start, n), predictions in pool.map(call, jobs):
+            expected = artifact.predict_proba(features.iloc[start : start + n])
+            np.testing.assert_allclose(predictions, expected, atol=1e-6)
+
+
+def test_health_and_metadata_list_the_signature(server, client, serving_home):
+    assert client.get(f"{server.url}/v2/health/ready").json() == {"ready": True}
+    assert client.get(f"{server.url}/v1/models/arrests").json() == {"name": "arrests", "ready": True}
+    metadata = client.get(f"{server.url}/v2/models/arrests").json()
+    record = load_resources(record_path(serving_home, 1))[0]
+    assert [i["name"] for i in metadata["inputs"]] == [f.name for f in record.spec.signature.inputs]
+    assert {i["name"]: i["datatype"] for i in metadata["inputs"]} == {f: V2_TYPES.get(f, "INT64") for f in FEATURES}
+    assert all(i["shape"] == [-1] for i in metadata["inputs"])
+    assert metadata["outputs"] == [{"name": "probability", "datatype": "FP32", "shape": [-1]}]
+
+
+# ---------------------------------------------------------------- bad requests: 4xx naming the field
+GOOD = rows(arrests_frame(), 1)[0]
+
+
+def v1(**changes: object) -> dict:
+    row = {**GOOD, **changes}
+    return {"instances": [{k: v for k, v in row.items() if v is not ...}]}
+
+
+def v2(feature: str, **changes: object) -> dict:
+    body = v2_body([GOOD])
+    for tensor in body["inputs"]:
+        if tensor["name"] == feature:
+            tensor.update(changes)
+    body["inputs"] = [t for t in body["inputs"] if t.get("name") is not ...]
+    return body
+
+
+BAD_REQUESTS = {
+    "v1 wrong type": ("v1", v1(age="twenty"), 400, "instances[0].age: expected an integer"),
+    "v1 fractional int": ("v1", v1(age=21.5), 400, "instances[0].age: expected an integer"),
+    "v1 number for a string": ("v1", v1(colour=3), 400, "instances[0].colour: expected a string"),
+    "v1 missing feature": ("v1", v1(checks=...), 400, "instances[0].checks: missing feature"),
+    "v1 unknown feature": ("v1", v1(height=180), 400, "instances[0].height: unknown feature"),
+    "v1 null not nullable": ("v1", v1(sex=None), 400, "instances[0].sex: null is not allowed"),
+    "v1 row of wrong length": ("v1", {"instances": [[1, 2]]}, 400, "instances[0]: expected 7 values"),
+    "v1 row not an object": ("v1", {"instances": ["x"]}, 400, "instances[0]: expected an object"),
+    "v1 instances not a list": ("v1", {"instances": {"a": 1}}, 400, "instances: expected a list"),
+    "v1 no instances": ("v1", {"rows": []}, 400, "instances: field required"),
+    "v1 empty batch": ("v1", {"instances": []}, 400, "instances: empty batch"),
+    "v1 too many rows": ("v1", {"instances": [GOOD] * 257}, 400, "instances: 257 rows exceed the maximum batch"),
+    "v1 not an object": ("v1", [1, 2, 3], 400, "body: expected a JSON object"),
+    "v2 wrong datatype": ("v2", v2("age", datatype="BYTES", data=["21"]), 400, "inputs[2] ('age').datatype: expected"),
+    "v2 wrong value type": ("v2", v2("age", data=["21"]), 400, "inputs[2] ('age').data[0]: expected an integer"),
+    "v2 wrong shape": ("v2", v2("age", shape=[1, 2]), 400, "inputs[2] ('age').shape: expected [n] or [n, 1]"),
+    "v2 data and shape disagree": ("v2", v2("age", shape=[2]), 400, "inputs[2] ('age').data: shape [2] needs 2"),
+    "v2 rows disagree": ("v2", v2("age", shape=[2], data=[21, 22]), 400, "inputs[2] ('age').shape: 2 rows"),
+    "v2 missing feature": ("v2", v2("checks", name=...), 400, "inputs: missing feature 'checks'"),
+    "v2 unknown feature": ("v2", v2("age", name="height"), 400, "('height'): unknown feature"),
+    "v2 float tensor for an int": ("v2", v2("age", datatype="FP64"), 400, "inputs[2] ('age').datatype: expected INT64"),
+    "v2 null not nullable": ("v2", v2("age", data=[None]), 400, "inputs[2] ('age').data[0]: null is not allowed"),
+    "v2 empty batch": ("v2", {"inputs": [{**t, "shape": [0], "data": []} for t in v2_body([GOOD])["inputs"]]}, 400,
+                       "inputs: empty batch"),
+    "v2 malformed tensor": ("v2", {"inputs": [{"name": "age"}]}, 400, "inputs[0].shape: Field required"),
+    "v2 not an object": ("v2", [1], 400, 'body: expected a JSON object {"inputs"'),
+    "v2 unknown output": ("v2", {**v2_body([GOOD]), "outputs": [{"name": "logit"}]}, 400, "'logit'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
+def test_bad_requests_get_400_naming_the_field(server, client, case):
+    protocol, body, status, message = BAD_REQUESTS[case]
+    send = predict_v1 if protocol == "v1" else predict_v2
+    response = send(client, server, body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"], response.json()
+
+
+def test_nan_is_a_null_in_v2(server, client):
+    """The JSON parser of v2 reads NaN; a non-nullable feature refuses it naming the field."""
+    body = json.dumps(v2("age", datatype="INT64")).replace('"data": [21]', '"data": [NaN]')
+    response = client.post(
+        f"{server.url}/v2/models/arrests/infer", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    assert "inputs[2] ('age').data[0]: NaN is not allowed" in response.json()["error"]
+
+
+def test_invalid_json_and_oversized_bodies(server, client):
+    url = f"{server.url}/v1/models/arrests:predict"
+    broken = client.post(url, content=b'{"instances": [', headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and "Unrecognized request format" in broken.json()["error"]
+    broken_v2 = client.post(
+        f"{server.url}/v2/models/arrests/infer", content=b"{nope", headers={"content-type": "application/json"}
+    )
+    assert broken_v2.status_code == 400 and broken_v2.json()["error"].startswith("body: invalid JSON")
+
+    big = json.dumps({"instances": [GOOD] * 2000}).encode()
+    assert len(big) > MAX_BODY
+    too_large = client.post(url, content=big, headers={"content-type": "application/json"})
+    assert too_large.status_code == 413
+    assert f"exceed the limit of {MAX_BODY} bytes" in too_large.json()["error"]
+
+    def chunks():  # no content-length: the limit applies to what arrives
+        for start in range(0, len(big), 8192):
+            yield big[start : start + 8192]
+
+    streamed = client.post(url, content=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413 and "--max-body-bytes" in streamed.json()["error"]
+
+
+def test_fuzzed_bodies_never_get_a_5xx(server, client):
+    """A few hundred hypothesis-generated JSON bodies against v1 and v2; none answered 5xx; healthy after."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+    values = st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+        max_leaves=8,
+    )
+    names = st.sampled_from([*FEATURES, "height", ""]) | st.text(max_size=6)
+    row_object = st.dictionaries(names, scalars, max_size=9)
+    row_list = st.lists(scalars, min_size=0, max_size=9)
+    v1_bodies = (
+        st.fixed_dictionaries({"instances": st.lists(row_object | row_list | scalars, max_size=4)})
+        | st.fixed_dictionaries({"instances": values})
+        | values
+    )
+    tensor = st.fixed_dictionaries(
+        {"name": names, "shape": st.lists(st.integers(-2, 4), max_size=3), "datatype": st.sampled_from(
+            ["INT64", "INT32", "FP32", "FP64", "BOOL", "BYTES", "FP16", "UINT8", "nonsense"]
+        ), "data": st.lists(scalars | st.lists(scalars, max_size=2), max_size=4)},
+        optional={"parameters": st.dictionaries(st.text(max_size=5), scalars, max_size=2)},
+    )  # fmt: skip
+    v2_bodies = (
+        st.fixed_dictionaries({"inputs": st.lists(tensor, max_size=8)}, optional={"id": st.text(max_size=5)})
+        | st.fixed_dictionaries({"inputs": values})
+        | values
+    )
+    seen: list[int] = []
+    common = settings(
+        max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck), derandomize=True
+    )
+
+    def check(path: str, body: object) -> None:
+        try:
+            content = json.dumps(body, allow_nan=True).encode()
+        except (ValueError, OverflowError):
+            return
+        response = client.post(f"{server.url}{path}", content=content, headers={"content-type": "application/json"})
+        seen.append(response.status_code)
+        assert response.status_code < 500, (body, response.text)
+        if response.status_code >= 400:
+            assert response.json()["error"]
+
+    given(v1_bodies)(common(lambda body: check("/v1/models/arrests:predict", body)))()
+    given(v2_bodies)(common(lambda body: check("/v2/models/arrests/infer", body)))()
+    assert len(seen) >= 250 and hypothesis.__version__
+
+    assert client.get(f"{server.url}/v2/health/ready").json() == {"ready": True}
+    assert predict_v1(client, server, v1()).status_code == 200
+    metrics = client.get(f"{server.url}/metrics").text
+    for code in ("500", "501", "502", "503"):
+        assert scrape(metrics, "kubeloop_requests_total", code=code) == 0
+
+
+# ---------------------------------------------------------------- metrics and payload events
+def test_metrics_count_requests_errors_predictions_and_features(server, client):
+    before = client.get(f"{server.url}/metrics").text
+    frame = arrests_frame()
+    assert predict_v1(client, server, {"instances": rows(frame, 10)}).status_code == 200
+    assert predict_v2(client, server, v2_body(rows(frame, 5))).status_code == 200
+    assert predict_v1(client, server, v1(age="x")).status_code == 400
+    assert predict_v1(client, server, {"instances": [{**GOOD, "colour": "Purple"}]}).status_code == 200
+    after = client.get(f"{server.url}/metrics").text
+
+    def delta(name: str, **labels: str) -> float:
+        return scrape(after, name, **labels) - scrape(before, name, **labels)
+
+    base = {"model": "arrests", "version": "1"}
+    assert delta("kubeloop_requests_total", **base, protocol="v1", code="200") == 2
+    assert delta("kubeloop_requests_total", **base, protocol="v2", code="200") == 1
+    assert delta("kubeloop_requests_total", **base, protocol="v1", code="400") == 1
+    assert delta("kubeloop_request_errors_total", **base, reason="wrong_type") == 1
+    assert delta("kubeloop_prediction_count", **base) == 16
+    assert delta("kubeloop_feature_value_count", **base, feature="age") == 16
+    assert delta("kubeloop_feature_category_total", **base, feature="colour", value="__other__") == 1
+    colours = delta("kubeloop_feature_category_total", **base, feature="colour")
+    assert colours == 16
+    assert scrape(after, "request_predict_seconds_count", model_name="arrests") > 0  # kserve's own
+    assert "kubeloop_payload_events_sent_total" in after
+
+
+def test_payload_events_are_kserve_logger_cloudevents(server, client, sink):
+    body = {"instances": rows(arrests_frame(), 2)}
+    response = predict_v1(client, server, body, headers={"ce-id": "trace-7"})
+    assert response.status_code == 200
+    rejected = predict_v1(client, server, v1(age="x"), headers={"ce-id": "trace-8"})
+    assert rejected.status_code == 400
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        events = [
+            e for e in client.get(f"{sink.url}/events").json() if e["headers"].get("ce-id") in ("trace-7", "trace-8")
+        ]
+        if len(events) >= 3:
+            break
+        time.sleep(0.1)
+    by_type = {(e["headers"]["ce-id"], e["headers"]["ce-type"]): e for e in events}
+    assert set(by_type) == {
+        ("trace-7", "org.kubeflow.serving.inference.request"),
+        ("trace-7", "org.kubeflow.serving.inference.response"),
+        ("trace-8", "org.kubeflow.serving.inference.request"),  # KServe logs a response only for a 200
+    }
+    request = by_type[("trace-7", "org.kubeflow.serving.inference.request")]
+    answer = by_type[("trace-7", "org.kubeflow.serving.inference.response")]
+    for event in (request, answer):
+        headers = event["headers"]
+        assert headers["ce-specversion"] == "1.0"
+        assert headers["ce-source"] == f"http://localhost:{server.url.rsplit(':', 1)[1]}/"
+        assert headers["ce-inferenceservicename"] == "arrests-isvc"
+        assert headers["ce-namespace"] == "ml"
+        assert headers["ce-component"] == "predictor"
+        assert headers["ce-endpoint"] == "default"
+        assert headers["ce-modelversion"] == "1"
+        assert headers["content-type"] == "application/json"
+        assert headers["ce-time"].endswith("Z")
+    assert json.loads(request["body"]) == body
+    assert json.loads(answer["body"]) == response.json()
+
+
+# ---------------------------------------------------------------- the prediction cache
+def test_prediction_cache_static_then_dynamic(processes, client, artifact):
+    cached = processes["logged"]
+    frame = arrests_frame()
+    features = frame.drop(columns=["released"])
+    before = client.get(f"{cached.url}/metrics").text
+    base = {"model": "arrests", "version": "1"}
+    assert scrape(before, "kubeloop_cache_entries", **base, tier="static") > 0  # distinct rows among the first 20
+
+    def ask(start: int, n: int) -> None:
+        response = predict_v1(client, cached, {"instances": rows(frame, n, start=start)})
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose(
+            response.json()["predictions"], artifact.predict_proba(features.iloc[start : start + n]), atol=1e-6
+        )
+
+    ask(0, CACHED)  # all precomputed
+    ask(3000, 10)  # the long tail: computed, then remembered
+    ask(3000, 10)
+    after = client.get(f"{cached.url}/metrics").text
+
+    def delta(name: str, **labels: str) -> float:
+        return scrape(after, name, **base, **labels) - scrape(before, name, **base, **labels)
+
+    assert delta("kubeloop_cache_hits_total", tier="static") >= CACHED
+    assert delta("kubeloop_cache_hits_total", tier="dynamic") >= 10 - delta("kubeloop_cache_misses_total")
+    assert 1 <= delta("kubeloop_cache_misses_total") <= 10
+    assert 0 < scrape(after, "kubeloop_cache_entries", **base, tier="dynamic") <= 50
+
+
+# ---------------------------------------------------------------- binding
+def non_loopback_address() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_server_listens_on_loopback_only(server):
+    port = int(server.url.rsplit(":", 1)[1])
+    listening = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, local_port = local.split(":")
+        if state == "0A" and int(local_port, 16) == port:  # 0A: LISTEN
+            listening.append(address)
+    assert listening == ["0100007F"], listening  # 127.0.0.1, little-endian hex; not 00000000 (0.0.0.0)
+    address = non_loopback_address()
+    if address is not None:
+        with pytest.raises(ConnectionRefusedError), socket.create_connection((address, port), timeout=5):
+            pass
+
+
+# ---------------------------------------------------------------- a slow, then dead, sidecar
+def test_slow_then_dead_sidecar_never_slows_or_fails_predictions(processes, client):
+    server, logged, slow = processes["server"], processes["logged"], processes["slow_sink"]
+    body = v1()
+    try:
+
+        def latencies(target: Process, n: int = 60) -> list[float]:
+            out = []
+            for _ in range(n):
+                started = time.perf_counter()
+                response = predict_v1(client, target, body)
+                out.append(time.perf_counter() - started)
+                assert response.status_code == 200, response.text
+            return sorted(out)
+
+        answered_before = scrape(client.get(f"{logged.url}/metrics").text, "kubeloop_requests_total", code="200")
+        latencies(logged, 10)  # warm-up
+        reference = latencies(server)  # same model, its sink fast
+        with_slow_sink = latencies(logged)
+        # each event takes the slow sink 0.5 s: were the sender on the request path, a request would take >= 1 s
+        assert with_slow_sink[len(with_slow_sink) // 2] < max(3 * reference[len(reference) // 2], 0.05)
+        assert with_slow_sink[-1] < 1.0
+
+        failures: list[str] = []
+        done = threading.Event()
+        served = [0]
+
+        def traffic() -> None:
+            with httpx.Client(timeout=30) as own:
+                while not done.is_set():
+                    response = predict_v1(own, logged, body)
+                    if response.status_code != 200:
+                        failures.append(response.text)
+                    served[0] += 1
+
+        senders = [threading.Thread(target=traffic) for _ in range(2)]
+        for thread in senders:
+            thread.start()
+        time.sleep(1.0)
+        slow.stop(sig=9)  # the sidecar dies while traffic flows
+        time.sleep(3.0)
+        done.set()
+        for thread in senders:
+            thread.join(30)
+        assert failures == [] and served[0] > 20
+
+        metrics = client.get(f"{logged.url}/metrics").text
+        answered = scrape(metrics, "kubeloop_requests_total", code="200") - answered_before
+        assert scrape(metrics, "kubeloop_payload_events_failed_total") > 0
+        assert scrape(metrics, "kubeloop_payload_events_dropped_total") > 0
+        assert answered == served[0] + 70
+        assert client.get(f"{logged.url}/v2/health/ready").json() == {"ready": True}
+    finally:
+        slow.stop(sig=9)
+        code = logged.stop()
+    assert code == 0, logged.log.read_text()[-2000:]  # SIGTERM: a clean stop
+
+
+def test_served_columns_transform_like_the_training_frame(serving_home, artifact):
+    """Validated columns (float64 / object) go through the fitted transform exactly as the raw bundled frame does."""
+    from serving.validation import SignatureValidator
+
+    features = load_resources(record_path(serving_home, 1))[0].spec.signature.inputs
+    batch = SignatureValidator(features).from_v1({"instances": rows(arrests_frame(), 50)})
+    served = artifact.transform.transform(pd.DataFrame(batch.columns))
+    raw = artifact.transform.transform(arrests_frame().drop(columns=["released"]).iloc[:50])
+    np.testing.assert_array_equal(served, raw)

@@ -1,0 +1,191 @@
+"""The canary analysis engine and the retrain policy (pure), and the signal math and direct /metrics source."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from kubeloop.analysis import AnalysisState, MetricsSource, RetrainState, VersionSignals, decide, decide_retrain
+from kubeloop.analysis.signals import (
+    Queries,
+    Selector,
+    duration_seconds,
+    histogram_quantile,
+    ks_distance,
+    parse_exposition,
+)
+from kubeloop.api.modeldeployment import AnalysisRecord, CanaryAnalysis, CanaryChecks, Retrain
+
+ANALYSIS = CanaryAnalysis(steps=[10, 25, 50, 100], interval="5s", max_failed_checks=2)
+LAT_FAST = [(0.01, 90.0), (0.05, 100.0), (float("inf"), 100.0)]
+LAT_SLOW = [(0.01, 0.0), (0.05, 10.0), (0.5, 100.0), (float("inf"), 100.0)]
+PRED_LOW = [(0.25, 80.0), (0.5, 95.0), (0.75, 100.0), (float("inf"), 100.0)]
+PRED_HIGH = [(0.25, 0.0), (0.5, 5.0), (0.75, 20.0), (float("inf"), 100.0)]
+
+
+def signals(version: int, requests=100.0, errors=0.0, latency=LAT_FAST, predictions=PRED_LOW, drift=False):
+    return VersionSignals(version, requests, errors, list(latency), list(predictions), drift)
+
+
+def test_durations() -> None:
+    assert duration_seconds("30s") == 30
+    assert duration_seconds("1h30m") == 5400
+    assert duration_seconds("500ms") == 0.5
+    with pytest.raises(ValueError):
+        duration_seconds("5 minutes")
+
+
+def test_histogram_quantile_matches_prometheus() -> None:
+    # 100 observations: 90 in (0, 0.01], 10 in (0.01, 0.05]: p50 at 0.01*50/90, p99 at 0.01 + 0.04*9/10
+    assert histogram_quantile(0.5, LAT_FAST) == pytest.approx(0.01 * 50 / 90)
+    assert histogram_quantile(0.99, LAT_FAST) == pytest.approx(0.046)
+    assert histogram_quantile(0.99, [(0.1, 0.0), (float("inf"), 5.0)]) == 0.1  # +Inf bucket: highest finite bound
+    assert histogram_quantile(0.99, []) is None
+
+
+def test_ks_distance_of_histograms() -> None:
+    assert ks_distance(PRED_LOW, PRED_LOW) == 0
+    assert ks_distance(PRED_LOW, PRED_HIGH) == pytest.approx(0.9)
+    assert ks_distance(PRED_LOW, []) is None
+
+
+def walk(analysis, stable, candidate, intervals):
+    state, decisions = AnalysisState(), []
+    for _ in range(intervals):
+        decision = decide(analysis, state, stable, candidate)
+        decisions.append(decision)
+        state = decision.state
+        if decision.final:
+            break
+    return decisions
+
+
+def test_healthy_candidate_walks_the_steps_and_is_promoted() -> None:
+    decisions = walk(ANALYSIS, signals(1), signals(2), 10)
+    assert [(d.action, d.percent, d.next_percent) for d in decisions] == [
+        ("advance", 10, 25),
+        ("advance", 25, 50),
+        ("advance", 50, 100),
+        ("promote", 100, 100),
+    ]
+    assert "promoting v2" in decisions[-1].reason
+    assert all(c.status == "pass" for c in decisions[0].checks)
+
+
+@pytest.mark.parametrize(
+    ("candidate", "failing"),
+    [
+        (signals(2, errors=20), "errorRate"),
+        (signals(2, latency=LAT_SLOW), "p99LatencyRatio"),
+        (signals(2, predictions=PRED_HIGH), "predictionShift"),
+        (signals(2, drift=True), "drift"),
+    ],
+)
+def test_each_check_can_fail_and_two_failures_roll_back(candidate: VersionSignals, failing: str) -> None:
+    decisions = walk(ANALYSIS, signals(1), candidate, 10)
+    assert [d.action for d in decisions] == ["hold", "rollback"]  # within two intervals
+    assert decisions[-1].next_percent == 0
+    assert [c.name for c in decisions[-1].checks if c.status == "fail"] == [failing]
+    assert "rolling back to v1" in decisions[-1].reason and "failed check 2 of 2" in decisions[-1].reason
+
+
+def test_no_candidate_traffic_holds_without_counting_a_failure() -> None:
+    decision = decide(ANALYSIS, AnalysisState(step=1), signals(1), signals(2, requests=0, predictions=[]))
+    assert decision.action == "hold" and decision.state.failed_checks == 0 and decision.next_percent == 25
+
+
+def test_comparisons_are_skipped_when_stable_gets_no_traffic() -> None:
+    stable = signals(1, requests=0, latency=[], predictions=[])
+    decision = decide(ANALYSIS, AnalysisState(step=3), stable, signals(2))
+    assert decision.action == "promote"
+    assert {c.name: c.status for c in decision.checks} == {
+        "errorRate": "pass",
+        "p99LatencyRatio": "skip",
+        "predictionShift": "skip",
+        "drift": "pass",
+    }
+
+
+def test_failures_accumulate_across_steps_and_thresholds_come_from_the_spec() -> None:
+    analysis = CanaryAnalysis(steps=[50, 100], max_failed_checks=3, checks=CanaryChecks(max_error_rate=0.5))
+    decision = decide(analysis, AnalysisState(step=0, failed_checks=2), signals(1), signals(2, errors=20))
+    assert decision.action == "advance"  # 20% errors is within 50%
+    decision = decide(analysis, decision.state, signals(1), signals(2, errors=60))
+    assert decision.action == "rollback" and decision.state.failed_checks == 3
+
+
+def test_decision_record_is_a_valid_status_history_entry() -> None:
+    decision = decide(ANALYSIS, AnalysisState(), signals(1), signals(2, errors=20))
+    entry = AnalysisRecord.model_validate(decision.record())
+    assert entry.action == "hold" and entry.traffic_percent == 10 and entry.checks[0].status == "fail"
+    assert "errorRate 0.2 > 0.01" in decision.line()
+
+
+def test_retrain_needs_sustained_drift_and_is_rate_limited() -> None:
+    policy = Retrain(enabled=True, sustained_for="5m", min_interval="1h")
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    first = decide_retrain(policy, RetrainState(), True, t0)
+    assert not first.start and first.state.drift_since == t0
+    blip = decide_retrain(policy, first.state, False, t0 + timedelta(minutes=2))
+    assert blip.state.drift_since is None  # drift must be uninterrupted
+    state = decide_retrain(policy, blip.state, True, t0 + timedelta(minutes=3)).state
+    assert not decide_retrain(policy, state, True, t0 + timedelta(minutes=7)).start
+    go = decide_retrain(policy, state, True, t0 + timedelta(minutes=8))
+    assert go.start and "sustained for 300s" in go.reason and go.state.last_started == t0 + timedelta(minutes=8)
+    storm = decide_retrain(policy, go.state, True, t0 + timedelta(minutes=30))
+    assert not storm.start and "minInterval 1h" in storm.reason
+    assert decide_retrain(policy, go.state, True, t0 + timedelta(minutes=69)).start
+    assert not decide_retrain(policy, state, True, t0 + timedelta(minutes=9), canary_active=True).start
+    assert not decide_retrain(Retrain(enabled=False), state, True, t0 + timedelta(hours=2)).start
+
+
+EXPOSITION = """# HELP kubeloop_splitter_requests_total Requests
+# TYPE kubeloop_splitter_requests_total counter
+kubeloop_splitter_requests_total{code="200",version="2"} %(ok)s
+kubeloop_splitter_requests_total{code="500",version="2"} %(bad)s
+kubeloop_splitter_requests_total{code="200",version="1"} 1000.0
+kubeloop_splitter_request_duration_seconds_bucket{le="0.01",version="2"} %(ok)s
+kubeloop_splitter_request_duration_seconds_bucket{le="+Inf",version="2"} %(total)s
+kubeloop_prediction_bucket{model="arrests",version="2",le="0.5"} %(total)s
+kubeloop_prediction_bucket{model="arrests",version="2",le="+Inf"} %(total)s
+kubeloop_drift_detected{model="arrests",version="2"} 1.0
+"""
+
+
+def test_selectors_and_exposition_parsing() -> None:
+    samples = parse_exposition(EXPOSITION % {"ok": 1, "bad": 2, "total": 3})
+    assert ("kubeloop_splitter_requests_total", {"code": "500", "version": "2"}, 2.0) in samples
+    selector = Selector.parse('kubeloop_splitter_requests_total{version="2",code=~"5.."}')
+    assert [v for n, lab, v in samples if selector.matches(n, lab)] == [2.0]
+
+
+def test_metrics_source_reads_increases_over_the_window() -> None:
+    values = {"ok": 10, "bad": 0, "total": 10}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = (EXPOSITION % values).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        source = MetricsSource([f"http://127.0.0.1:{server.server_port}/metrics"], Queries())
+        source.tick()
+        values.update(ok=40, bad=10, total=50)
+        got = source.version_signals("arrests", 2, window_s=0.0)
+        assert (got.requests, got.errors, got.error_rate) == (40, 10, 0.25)
+        assert got.latency == [(0.01, 30.0), (float("inf"), 40.0)]
+        assert got.predicted == 40 and got.drift is True
+        assert source.version_signals("arrests", 7, window_s=0.0).drift is None
+    finally:
+        server.shutdown()

@@ -1,0 +1,117 @@
+"""operators.canary.tick: the operator's side of the analysis, against a fake API server and fake signals."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kubeloop.analysis import VersionSignals
+from operators import canary
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+PRED = [(0.5, 80.0), (float("inf"), 100.0)]
+LAT = [(0.01, 90.0), (0.05, 100.0), (float("inf"), 100.0)]
+
+
+class FakeKube:
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body, self.patches, self.modelversions = body, [], {}
+
+    def get(self, kind, namespace, name):
+        if kind.kind == "ModelVersion":
+            return self.modelversions.get(name)
+        return self.body
+
+    def patch(self, kind, namespace, name, patch, subresource=None):
+        self.patches.append((kind.kind, name, subresource, patch))
+        if kind.kind == "ModelVersion":
+            self.modelversions[name]["spec"].update(patch["spec"])
+        else:
+            for key, value in patch.items():
+                target = self.body.setdefault(key, {})
+                for k, v in value.items():
+                    if v is None:
+                        target.pop(k, None)
+                    elif isinstance(v, dict) and isinstance(target.get(k), dict):
+                        target[k].update(v)
+                    else:
+                        target[k] = v
+        return self.body
+
+
+class FakeSource:
+    def __init__(self, errors: float = 0.0) -> None:
+        self.errors = errors
+
+    def tick(self) -> None:
+        pass
+
+    def version_signals(self, model, version, window_s):
+        errors = self.errors if version == 2 else 0.0
+        return VersionSignals(version, 100.0, errors, list(LAT), list(PRED), False)
+
+
+def deployment() -> dict[str, Any]:
+    return {
+        "apiVersion": "kubeloop.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "arrests", "namespace": "ns"},
+        "spec": {
+            "model": "arrests",
+            "version": 1,
+            "canary": {"version": 2, "trafficPercent": 5, "analysis": {"steps": [10, 50, 100], "interval": "10s"}},
+        },
+    }
+
+
+def run(kube: FakeKube, source: FakeSource, ticks: int) -> list[str | None]:
+    events: list[tuple[str, str, str]] = []
+    actions = []
+    for n in range(ticks):
+        actions.append(canary.tick(kube.body, kube, lambda b, t, r, m: events.append((t, r, m)), source,
+                                   now=T0 + timedelta(seconds=10 * n)))  # fmt: skip
+        if "canary" not in kube.body["spec"]:
+            break
+    kube.events = events
+    return actions
+
+
+def with_versions(kube: FakeKube) -> FakeKube:
+    for v in (1, 2):
+        kube.modelversions[f"arrests-v{v}"] = {"spec": {"stage": "Production" if v == 1 else "Candidate"}}
+    return kube
+
+
+def test_the_operator_walks_the_steps_and_promotes() -> None:
+    kube = with_versions(FakeKube(deployment()))
+    actions = run(kube, FakeSource(), 10)
+    assert actions == ["start", "advance", "advance", "promote"]
+    spec_patches = [p[3]["spec"] for p in kube.patches if p[0] == "ModelDeployment" and "spec" in p[3]]
+    percents = [s["canary"]["trafficPercent"] for s in spec_patches if s.get("canary")]
+    assert percents == [10, 50, 100]
+    assert kube.body["spec"]["version"] == 2 and "canary" not in kube.body["spec"]
+    assert kube.body["status"]["canaryPhase"] == "Promoted"
+    assert [h["action"] for h in kube.body["status"]["history"]] == ["start", "advance", "advance", "promote"]
+    assert kube.modelversions["arrests-v2"]["spec"]["stage"] == "Production"
+    assert kube.modelversions["arrests-v1"]["spec"]["stage"] == "Archived"
+    assert [e[1] for e in kube.events] == ["CanaryStarted", "CanaryAdvanced", "CanaryAdvanced", "CanaryPromoted"]
+
+
+def test_failing_metrics_roll_back_and_reject_without_deleting() -> None:
+    kube = with_versions(FakeKube(deployment()))
+    actions = run(kube, FakeSource(errors=30), 10)
+    assert actions == ["start", "hold", "rollback"]
+    assert kube.body["spec"]["version"] == 1 and "canary" not in kube.body["spec"]  # 100% back on v1
+    assert kube.body["status"]["canaryPhase"] == "RolledBack"
+    mv = kube.modelversions["arrests-v2"]["spec"]
+    assert mv["stage"] == "Rejected" and "error rate" in mv["stageReason"]
+    assert kube.events[-1][:2] == ("Warning", "CanaryRolledBack")
+
+
+def test_nothing_happens_before_the_interval_or_without_prometheus() -> None:
+    kube = with_versions(FakeKube(deployment()))
+    assert canary.tick(kube.body, kube, lambda *a: None, FakeSource(), now=T0) == "start"
+    assert canary.tick(kube.body, kube, lambda *a: None, FakeSource(), now=T0 + timedelta(seconds=5)) is None
+    events = []
+    assert canary.tick(kube.body, kube, lambda *a: events.append(a), None, now=T0 + timedelta(seconds=11)) is None
+    assert events[0][2] == "NoPrometheus"

@@ -1,0 +1,318 @@
+"""Pure parts of serving/: signature validation, metrics aggregation, the cache, CloudEvent headers, split buckets."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+from kserve.protocol.infer_type import InferInput, InferRequest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from kubeloop.api.modelversion import Feature
+from serving.cache import PredictionCache, row_keys
+from serving.metrics import PayloadMetrics, ServingMetrics, feature_buckets
+from serving.payload_logger import REQUEST_TYPE, EventSource, PayloadLogger, _Answers, cloudevent_headers, event_id
+from serving.splitter import Backend, Splitter, SplitterMetrics, bucket
+from serving.validation import InvalidRequest, SignatureValidator
+
+FEATURES = [
+    Feature(name="colour", dtype="string", categories=["Black", "White"], nullable=False),
+    Feature(name="age", dtype="int", nullable=False),
+    Feature(name="score", dtype="float", nullable=True),
+    Feature(name="employed", dtype="bool", nullable=True),
+]
+ROW = {"colour": "White", "age": 21, "score": 0.5, "employed": True}
+
+
+@pytest.fixture
+def validator() -> SignatureValidator:
+    return SignatureValidator(FEATURES, max_batch=3)
+
+
+def rejected(call, *args) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as error:
+        call(*args)
+    return error.value
+
+
+# ---------------------------------------------------------------- v1
+def test_v1_rows_as_objects_and_lists_give_the_same_columns(validator):
+    as_objects = validator.from_v1({"instances": [ROW, {**ROW, "score": None, "employed": None}]})
+    as_lists = validator.from_v1({"instances": [list(ROW.values()), ["White", 21, None, None]]})
+    for batch in (as_objects, as_lists):
+        assert batch.rows == 2 and batch.protocol == "v1"
+        assert batch.columns["colour"].dtype == object and list(batch.columns["colour"]) == ["White", "White"]
+        assert batch.columns["age"].dtype == np.float64 and list(batch.columns["age"]) == [21.0, 21.0]
+        assert batch.columns["score"][0] == 0.5 and math.isnan(batch.columns["score"][1])
+        assert batch.columns["employed"][0] == 1.0 and math.isnan(batch.columns["employed"][1])
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "message"),
+    [
+        ("text", "invalid_request", "body: expected a JSON object"),
+        ({}, "missing_feature", "instances: field required"),
+        ({"instances": 3}, "wrong_type", "instances: expected a list of rows, got an integer"),
+        ({"instances": []}, "empty_batch", "instances: empty batch"),
+        ({"instances": [ROW] * 4}, "batch_too_large", "instances: 4 rows exceed the maximum batch of 3"),
+        ({"instances": [7]}, "wrong_type", "instances[0]: expected an object"),
+        ({"instances": [[1]]}, "wrong_shape", "instances[0]: expected 4 values in signature order"),
+        ({"instances": [{**ROW, "x": 1}]}, "unknown_feature", "instances[0].x: unknown feature"),
+        ({"instances": [{"colour": "White"}]}, "missing_feature", "instances[0].age: missing feature"),
+        ({"instances": [{**ROW, "age": "21"}]}, "wrong_type", "instances[0].age: expected an integer, got a string"),
+        ({"instances": [{**ROW, "age": True}]}, "wrong_type", "instances[0].age: expected an integer, got a boolean"),
+        ({"instances": [{**ROW, "age": 2.5}]}, "wrong_type", "instances[0].age: expected an integer, got 2.5"),
+        ({"instances": [{**ROW, "age": 10**400}]}, "wrong_type", "instances[0].age: 1000"),
+        ({"instances": [{**ROW, "score": math.inf}]}, "wrong_type", "instances[0].score: expected a finite number"),
+        ({"instances": [{**ROW, "score": "high"}]}, "wrong_type", "instances[0].score: expected a number"),
+        ({"instances": [{**ROW, "employed": 1}]}, "wrong_type", "instances[0].employed: expected true or false"),
+        ({"instances": [{**ROW, "colour": 1}]}, "wrong_type", "instances[0].colour: expected a string"),
+        ({"instances": [{**ROW, "colour": None}]}, "null_value", "instances[0].colour: null is not allowed"),
+        ({"instances": [ROW, {**ROW, "age": None}]}, "null_value", "instances[1].age: null is not allowed"),
+        ({"instances": [{**ROW, "age": math.nan}]}, "null_value", "instances[0].age: NaN is not allowed"),
+    ],
+)
+def test_v1_rejections_name_the_field(validator, body, kind, message):
+    error = rejected(validator.from_v1, body)
+    assert error.kind == kind
+    assert str(error).startswith(message), str(error)
+
+
+def test_integral_floats_are_integers_and_unseen_categories_pass(validator):
+    batch = validator.from_v1({"instances": [{**ROW, "age": 30.0, "colour": "Green"}]})
+    assert batch.columns["age"][0] == 30.0 and batch.columns["colour"][0] == "Green"
+
+
+# ---------------------------------------------------------------- v2
+def v2_request(**overrides) -> InferRequest:
+    tensors = {
+        "colour": ("BYTES", ["White", "Black"]),
+        "age": ("INT64", [21, 30]),
+        "score": ("FP32", [0.5, None]),
+        "employed": ("BOOL", [True, False]),
+    }
+    inputs = []
+    for name, (datatype, data) in tensors.items():
+        spec = {"name": name, "shape": [len(data)], "datatype": datatype, "data": data} | overrides.get(name, {})
+        if spec.get("name") is not None:
+            inputs.append(InferInput(spec["name"], spec["shape"], spec["datatype"], spec["data"]))
+    return InferRequest(model_name="m", infer_inputs=inputs, request_id="r1")
+
+
+def test_v2_tensors_become_columns(validator):
+    batch = validator.from_v2(v2_request())
+    assert batch.rows == 2 and batch.protocol == "v2" and batch.request.id == "r1"
+    assert list(batch.columns["colour"]) == ["White", "Black"]
+    assert list(batch.columns["age"]) == [21.0, 30.0]
+    assert math.isnan(batch.columns["score"][1])
+    nested = validator.from_v2(v2_request(age={"shape": [2, 1], "data": [[21], [30]]}))
+    assert list(nested.columns["age"]) == [21.0, 30.0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kind", "message"),
+    [
+        ({"age": {"datatype": "FP32"}}, "wrong_type", "inputs[1] ('age').datatype: expected INT64"),
+        ({"age": {"shape": [2, 2]}}, "wrong_shape", "inputs[1] ('age').shape: expected [n] or [n, 1]"),
+        ({"age": {"shape": [3]}}, "wrong_shape", "inputs[1] ('age').data: shape [3] needs 3 values, got 2"),
+        ({"age": {"shape": [1], "data": [1]}}, "wrong_shape", "inputs[1] ('age').shape: 1 rows"),
+        ({"age": {"data": ["a", 1]}}, "wrong_type", "inputs[1] ('age').data[0]: expected an integer"),
+        ({"age": {"data": [1, None]}}, "null_value", "inputs[1] ('age').data[1]: null is not allowed"),
+        ({"age": {"name": None}}, "missing_feature", "inputs: missing feature 'age'"),
+        ({"age": {"name": "height"}}, "unknown_feature", "inputs[1] ('height'): unknown feature"),
+        ({"age": {"name": "colour"}}, "wrong_shape", "inputs[1] ('colour'): feature 'colour' given twice"),
+        ({"employed": {"datatype": "BYTES"}}, "wrong_type", "inputs[3] ('employed').datatype: expected BOOL"),
+    ],
+)
+def test_v2_rejections_name_the_field(validator, overrides, kind, message):
+    error = rejected(validator.from_v2, v2_request(**overrides))
+    assert error.kind == kind
+    assert str(error).startswith(message), str(error)
+
+
+def test_v2_empty_and_oversized_batches(validator):
+    empty = {name: {"shape": [0], "data": []} for name in ("colour", "age", "score", "employed")}
+    assert rejected(validator.from_v2, v2_request(**empty)).kind == "empty_batch"
+    big = {
+        "colour": {"shape": [4], "data": ["White"] * 4},
+        "age": {"shape": [4], "data": [1] * 4},
+        "score": {"shape": [4], "data": [1.0] * 4},
+        "employed": {"shape": [4], "data": [True] * 4},
+    }
+    assert rejected(validator.from_v2, v2_request(**big)).kind == "batch_too_large"
+    assert rejected(validator.from_v2, InferRequest(model_name="m", infer_inputs=[])).kind == "missing_feature"
+
+
+# ---------------------------------------------------------------- metrics
+def test_feature_buckets_follow_the_training_distribution():
+    assert feature_buckets(10.0, 2.0) == (4.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 16.0)
+    assert feature_buckets(1.0, 1.0)[0] == 0.0  # no negative bounds for a non-negative feature
+    assert feature_buckets(None, None) == (0.0,)
+
+
+def test_batch_statistics_are_aggregated_per_call():
+    registry = CollectorRegistry()
+    metrics = ServingMetrics("m", 3, FEATURES, {"age": (30.0, 10.0)}, registry=registry)
+    columns = {
+        "colour": np.array(["White", "Green", None], dtype=object),
+        "age": np.array([20.0, 30.0, 95.0]),
+        "score": np.array([0.1, np.nan, 0.3]),
+        "employed": np.array([1.0, 0.0, np.nan]),
+    }
+    metrics.observe_batch(columns, np.array([0.07, 0.5, 0.97], dtype=np.float32))
+    metrics.count_request("v1", 200)
+    metrics.count_error("wrong_type")
+    samples = parse(generate_latest(registry).decode())
+    base = {"model": "m", "version": "3"}
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, frozenset({**base, **labels}.items()))]
+
+    assert value("kubeloop_prediction_bucket", le="0.1") == 1
+    assert value("kubeloop_prediction_count") == 3
+    assert value("kubeloop_feature_value_bucket", feature="age", le="30.0") == 2
+    assert value("kubeloop_feature_value_count", feature="age") == 3
+    assert value("kubeloop_feature_category_total", feature="colour", value="__other__") == 1
+    assert value("kubeloop_feature_category_total", feature="colour", value="__null__") == 1
+    assert value("kubeloop_feature_category_total", feature="colour", value="White") == 1
+    assert value("kubeloop_feature_null_total", feature="score") == 1
+    assert value("kubeloop_requests_total", code="200", protocol="v1") == 1
+    assert value("kubeloop_request_errors_total", reason="wrong_type") == 1
+    assert value("kubeloop_inference_batch_rows_count") == 1
+
+
+def parse(text: str) -> dict[tuple[str, frozenset], float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            metric, _, number = line.rpartition(" ")
+            name, _, labels = metric.partition("{")
+            pairs = re.findall(r'(\w+)="([^"]*)"', labels)
+            out[(name, frozenset(pairs))] = float(number)
+    return out
+
+
+# ---------------------------------------------------------------- cache
+def test_cache_tiers_and_lru_bound():
+    cache = PredictionCache("hybrid", size=2)
+    keys = [("a",), ("b",), ("c",), ("d",)]
+    cache.preload([keys[0]], np.array([0.1]))
+    found, misses = cache.lookup(keys[:3])
+    assert found[0] == pytest.approx(0.1) and misses == [1, 2]
+    cache.store([keys[1], keys[2]], [0.2, 0.3])
+    cache.store([keys[3]], [0.4])  # evicts b, the least recently used
+    found, misses = cache.lookup(keys)
+    assert misses == [1] and found[2:] == [0.3, 0.4]
+    assert cache.hits == {"static": 2, "dynamic": 2} and cache.misses == 3
+    static_only = PredictionCache("static")
+    static_only.store([("x",)], [0.5])
+    assert static_only.lookup([("x",)])[1] == [0]
+    with pytest.raises(ValueError):
+        PredictionCache("off")
+
+
+def test_cache_keys_treat_nan_as_null():
+    keys = row_keys({"a": np.array([1.0, np.nan]), "b": np.array(["x", None], dtype=object)}, ["a", "b"])
+    assert keys == [(1.0, "x"), (None, None)]
+
+
+# ---------------------------------------------------------------- payload events
+SOURCE = EventSource("http://localhost:8080/", "arrests", "ml", "canary", "predictor", "4")
+
+
+def test_cloudevent_headers_are_kserve_logger_headers():
+    headers = dict(cloudevent_headers(SOURCE, REQUEST_TYPE, "id-1", 0.0, "application/json"))
+    assert headers == {
+        "ce-specversion": "1.0",
+        "ce-id": "id-1",
+        "ce-type": "org.kubeflow.serving.inference.request",
+        "ce-source": "http://localhost:8080/",
+        "ce-time": "1970-01-01T00:00:00.000000Z",
+        "ce-inferenceservicename": "arrests",
+        "ce-namespace": "ml",
+        "ce-component": "predictor",
+        "ce-endpoint": "canary",
+        "ce-metadata": "{}",
+        "ce-modelversion": "4",
+        "content-type": "application/json",
+    }
+    logger = PayloadLogger("http://127.0.0.1:9/sink", SOURCE)
+    wire = logger._encode(REQUEST_TYPE, "id-1", "1970-01-01T00:00:00.000000Z", b'{"x": 1}', "application/json")
+    head, _, body = wire.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /sink HTTP/1.1" and body == b'{"x": 1}'
+    on_wire = dict(line.split(": ", 1) for line in lines[1:])
+    assert on_wire["content-length"] == "8" and on_wire["host"] == "127.0.0.1:9"
+    assert {k: v for k, v in on_wire.items() if k not in ("host", "content-length")} == headers
+
+
+def test_event_ids_are_passed_on_or_made():
+    assert event_id(b"abc-1") == "abc-1"
+    made = event_id(None)
+    assert len(made) == 36 and made != event_id(None)
+    assert event_id(b"bad id with spaces") != "bad id with spaces"
+
+
+class _Owner:
+    def __init__(self):
+        self.answers: list[tuple[int, int]] = []
+
+    def _answered(self, ok: int, bad: int) -> None:
+        self.answers.append((ok, bad))
+
+    def _lost(self, _protocol) -> None:
+        pass
+
+
+def test_pipelined_answers_are_counted_across_reads():
+    owner = _Owner()
+    protocol = _Answers(owner)
+    stream = (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+        b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\nok"
+        b"HTTP/1.1 500 Oops\r\ncontent-length: 3\r\n\r\nbad"
+    )
+    for i in range(0, len(stream), 7):
+        protocol.data_received(stream[i : i + 7])
+    assert sum(ok for ok, _ in owner.answers) == 2 and sum(bad for _, bad in owner.answers) == 1
+    assert protocol.buffer == b""
+
+
+def test_a_full_queue_drops_and_counts():
+    async def scenario() -> PayloadMetrics:
+        metrics = PayloadMetrics(registry=None)
+        logger = PayloadLogger("http://127.0.0.1:9/", SOURCE, metrics=metrics, queue_size=3)
+        for _ in range(5):  # nothing runs between these appends: the queue cannot drain
+            logger.log("id", b"{}", b"{}", "application/json")
+        await logger.close()
+        return metrics
+
+    metrics = asyncio.run(scenario())
+    dropped = metrics.registry.get_sample_value("kubeloop_payload_events_dropped_total")
+    assert dropped == 2 * 2 + 3 * 2  # 2 pairs refused at the door, 3 left unsent at close
+
+
+# ---------------------------------------------------------------- splitter
+def test_buckets_are_stable_and_uniform():
+    assert bucket("user-1") == bucket("user-1")
+    counts = Counter(bucket(f"id-{i}") for i in range(20_000))
+    assert set(counts) == set(range(100))
+    assert max(counts.values()) < 1.5 * 200 and min(counts.values()) > 0.5 * 200
+
+
+def test_split_choice_and_percent_validation():
+    splitter = Splitter(Backend("1", "http://a"), Backend("2", "http://b"), 30, metrics=SplitterMetrics(registry=None))
+    ids = [f"r{i}" for i in range(1000)]
+    chosen = [splitter.choose(i).version for i in ids]
+    assert chosen == [("2" if bucket(i) < 30 else "1") for i in ids]
+    for bad in (-1, 101, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="percent"):
+            splitter.set_percent(bad)
+    alone = Splitter(Backend("1", "http://a"), None, 0, metrics=SplitterMetrics(registry=None))
+    with pytest.raises(ValueError, match="no candidate"):
+        alone.set_percent(5)
+    assert {alone.choose(i).version for i in ids} == {"1"}
