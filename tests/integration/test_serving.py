@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -31,8 +32,6 @@ from serving_fixtures import (
 
 from kubeloop.api.load import load_resources
 from kubeloop.artifact import ModelArtifact
-
-httpx = pytest.importorskip("httpx")
 
 pytestmark = pytest.mark.integration
 
@@ -281,7 +280,7 @@ def test_invalid_json_and_oversized_bodies(server, client):
 
 def test_fuzzed_bodies_never_get_a_5xx(server, client):
     """A few hundred hypothesis-generated JSON bodies against v1 and v2; none answered 5xx; healthy after."""
-    hypothesis = pytest.importorskip("hypothesis")
+    import hypothesis
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
