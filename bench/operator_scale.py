@@ -96,7 +96,7 @@ class RssSampler(threading.Thread):
         while not self.stopped.is_set():
             try:
                 rss = self.proc.memory_info().rss / 2**20 if self.proc else vm_field(self.pid, "VmRSS") or 0.0
-            except Exception:  # noqa: BLE001 - process gone
+            except Exception:
                 rss = 0.0
             self.peak_mb = max(self.peak_mb, rss)
             self.stopped.wait(self.interval)
@@ -181,7 +181,7 @@ def run_once(kubeconfig: Path, namespace: str, n: int, threads: int, timeout: fl
                             return
                     if all_seen.is_set():
                         return
-            except Exception as error:  # noqa: BLE001 - reported, watch resumed
+            except Exception as error:
                 watch_errors.append(repr(error))
                 time.sleep(0.5)
 
