@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
+from html_structure import structure_of
 
 from kubeloop.report import promtext
 from kubeloop.status_view import (
@@ -248,42 +248,6 @@ def test_every_plot_is_a_png() -> None:
         assert figure.data_uri().startswith("data:image/png;base64,")
 
 
-class Structure(HTMLParser):
-    """Checks that every element is closed in order, and collects ids and image sources."""
-
-    VOID = frozenset({"meta", "img", "br", "hr", "link", "input"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stack: list[str] = []
-        self.ids: list[str] = []
-        self.images: list[str] = []
-        self.errors: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        values = dict(attrs)
-        if values.get("id"):
-            self.ids.append(values["id"] or "")
-        if tag == "img":
-            self.images.append(values.get("src") or "")
-        if tag not in self.VOID:
-            self.stack.append(tag)
-
-    def handle_endtag(self, tag: str) -> None:
-        if not self.stack or self.stack[-1] != tag:
-            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
-        else:
-            self.stack.pop()
-
-
-def parse_report(text: str) -> Structure:
-    structure = Structure()
-    structure.feed(text)
-    structure.close()
-    assert not structure.errors and not structure.stack, (structure.errors, structure.stack)
-    return structure
-
-
 def test_report_of_a_version_whose_snapshot_and_artifact_are_elsewhere(kubeloop_home: Path) -> None:
     """A record copied from another machine: every section is there, and says what it could not show and why."""
     from kubeloop.api.modelversion import ModelVersion
@@ -298,10 +262,10 @@ def test_report_of_a_version_whose_snapshot_and_artifact_are_elsewhere(kubeloop_
     assert path == kubeloop_home / "reports" / f"{record.spec.model}-v1.html"
     assert path.stat().st_mode & 0o777 == 0o644
     text = path.read_text()
-    structure = parse_report(text)
+    structure = structure_of(text)
     assert [i for i in structure.ids if i in SECTIONS] == list(SECTIONS)
     assert "the snapshot is not in this machine" in text and "no curves" in text
     assert "No earlier Production version" in text and "No running deployment was given" in text
-    for src in structure.images:  # the training curves, drawn from the record alone
+    for src, _alt in structure.images:  # the training curves, drawn from the record alone
         assert_png(__import__("base64").b64decode(src.removeprefix("data:image/png;base64,")))
     assert "http://" not in text.replace("http://www.w3.org", "")  # nothing loaded from elsewhere
