@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 from clusterkit import exists, load_controlplane  # noqa: E402
 from kubernetes import client, config, watch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
-from test_operator import OperatorProcess  # noqa: E402  (the tests' way of running `python -m operators`)
+from operatorkit import OperatorProcess  # noqa: E402  (the tests' way of running `python -m operators`)
 
 GROUP, VERSION = "kubeloop.dev", "v1alpha1"
 TARGETS = {"p99_at_100_s": 1.0, "all_1000_within_s": 60.0, "peak_rss_mb": 300.0}

@@ -1,8 +1,8 @@
 """Automated canary analysis in the cluster: the same engine as the embedded loop (kubeloop.analysis), on
 Prometheus signals.
 
-A kopf timer (registered in operators.handlers) calls `tick` every few seconds for each ModelDeployment with
-`spec.canary.analysis`; `tick` acts once per `analysis.interval`:
+A kopf timer (registered in operators.handlers) calls `tick` every analysis tick (settings.analysis_tick_seconds) for
+each ModelDeployment with `spec.canary.analysis`; `tick` acts once per `analysis.interval`:
 
 - a new candidate: record the start in status.canaryAnalysis and set `spec.canary.trafficPercent` to the first step;
 - otherwise read both versions' signals over the last interval, `decide`, and write the decision to
@@ -17,7 +17,6 @@ Where the analysis stands lives in status.canaryAnalysis, so an operator restart
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -26,31 +25,29 @@ from kubeloop.analysis import AnalysisState, PrometheusSource, SignalSource, dec
 from kubeloop.analysis.signals import Queries, SignalError, duration_seconds
 from kubeloop.api import ModelDeployment, ModelVersion
 from operators.kube import ApiError, Kind, Kube, kind_of
+from operators.settings import Settings
 
 log = logging.getLogger("operators.canary")
 
 MODELDEPLOYMENT = kind_of("kubeloop.dev/v1alpha1", "ModelDeployment")
 MODELVERSION = kind_of("kubeloop.dev/v1alpha1", "ModelVersion")
 HISTORY_LIMIT = 50
-TICK_SECONDS = float(os.environ.get("KUBELOOP_CANARY_TICK_SECONDS", "5"))
 
 Emit = Callable[[Mapping[str, Any], str, str, str], None]
 
 
-def prometheus_source() -> SignalSource | None:
-    """From KUBELOOP_PROMETHEUS_URL (e.g. http://prometheus-operated.monitoring:9090); None when unset.
-    KUBELOOP_QUERY_REQUESTS / _LATENCY / _PREDICTIONS / _DRIFT override the default selectors."""
-    url = os.environ.get("KUBELOOP_PROMETHEUS_URL")
-    if not url:
+def prometheus_source(settings: Settings) -> SignalSource | None:
+    """Prometheus at settings.prometheus_url (e.g. http://prometheus-operated.monitoring:9090); None when unset."""
+    if not settings.prometheus_url:
         return None
     defaults = Queries()
     queries = Queries(
-        requests=os.environ.get("KUBELOOP_QUERY_REQUESTS", defaults.requests),
-        latency_buckets=os.environ.get("KUBELOOP_QUERY_LATENCY", defaults.latency_buckets),
-        prediction_buckets=os.environ.get("KUBELOOP_QUERY_PREDICTIONS", defaults.prediction_buckets),
-        drift=os.environ.get("KUBELOOP_QUERY_DRIFT", defaults.drift),
+        requests=settings.query_requests or defaults.requests,
+        latency_buckets=settings.query_latency or defaults.latency_buckets,
+        prediction_buckets=settings.query_predictions or defaults.prediction_buckets,
+        drift=settings.query_drift or defaults.drift,
     )
-    return PrometheusSource(url, queries)
+    return PrometheusSource(settings.prometheus_url, queries)
 
 
 def _time(value: Any) -> datetime | None:
@@ -101,7 +98,8 @@ def tick(
     if (now - last).total_seconds() < duration_seconds(analysis.interval):
         return None
     if source is None:
-        emit(body, "Warning", "NoPrometheus", "canary analysis needs KUBELOOP_PROMETHEUS_URL; holding")
+        message = "canary analysis needs Prometheus (KUBELOOP_PROMETHEUS_URL; chart: analysis.prometheusUrl); holding"
+        emit(body, "Warning", "NoPrometheus", message)
         return None
     window = max((now - last).total_seconds(), 1.0)
     try:

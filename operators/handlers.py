@@ -6,6 +6,8 @@
 - ModelDeployment create/update/resume -> resolve its ModelVersions, apply the versions ConfigMap and the
   InferenceService.
 - InferenceService events -> mirror URL, readiness and conditions into the ModelDeployment.
+- Every few seconds per ModelDeployment: its drift flag mirrored, retraining on sustained drift (operators.retrain),
+  the canary analysis (operators.canary), on Prometheus signals.
 
 Every handler computes the desired children with the pure functions of operators.rayjob / operators.inferenceservice
 and writes them with operators.kube.apply, which writes nothing when the cluster already matches. Children carry a
@@ -26,7 +28,7 @@ import kopf
 from kubeloop.api import GROUP, VERSION, ModelDeployment, ModelVersion, Resource, TrainingJob
 from kubeloop.api.load import parse_resource
 from kubeloop.errors import SpecError
-from operators import canary, common, metrics
+from operators import canary, common, metrics, retrain
 from operators import inferenceservice as isvc
 from operators import rayjob as rj
 from operators.kube import Action, ApiError, Conflict, Kube, RestKube, apply, kind_of
@@ -425,16 +427,15 @@ def sync_modeldeployment_status(obj: Mapping[str, Any]) -> dict[str, Any] | None
     return new
 
 
-# --- canary analysis (operators.canary: the engine of kubeloop.analysis on Prometheus signals) ---------------------
+# --- drift, retraining and canary analysis, on Prometheus signals (operators.retrain, operators.canary) --------------
 
 
-@kopf.timer(
-    GROUP,
-    VERSION,
-    "modeldeployments",
-    interval=canary.TICK_SECONDS,
-    idle=0,
-    when=lambda spec, **_: bool((spec.get("canary") or {}).get("analysis")),
-)
-def analyse_canary(body: Mapping[str, Any], **_: Any) -> None:
-    canary.tick(plain(body), kube(), emit, canary.prometheus_source())
+@kopf.timer(GROUP, VERSION, "modeldeployments", interval=current().analysis_tick_seconds, idle=0)
+def watch_modeldeployment(body: Mapping[str, Any], **_: Any) -> None:
+    """Drift and retraining first; the canary analysis only when retrain changed neither spec nor history this tick
+    (both write status.history from the same body, so one writer per tick keeps every entry)."""
+    deployment, source = plain(body), canary.prometheus_source(_settings())
+    if retrain.tick(deployment, kube(), emit, source) is None and (deployment["spec"].get("canary") or {}).get(
+        "analysis"
+    ):
+        canary.tick(deployment, kube(), emit, source)

@@ -91,6 +91,15 @@ class Settings:
     sidecar_cpu: str = "250m"
     sidecar_memory: str = "512Mi"
 
+    # drift, retraining and canary analysis: signals from Prometheus's HTTP API (none: no analysis), looked at every
+    # analysis_tick_seconds per ModelDeployment; an empty query is kubeloop.analysis.Queries' default selector
+    prometheus_url: str = ""
+    analysis_tick_seconds: int = 5
+    query_requests: str = ""
+    query_latency: str = ""
+    query_predictions: str = ""
+    query_drift: str = ""
+
     # reconciling
     workers: int = 8  # threads running the (synchronous) handlers
     retry_delay: int = 15  # seconds before retrying a reconcile that waits on something (a ModelVersion, say)
@@ -124,6 +133,12 @@ class Settings:
             sidecar_port=_env_int("KUBELOOP_SIDECAR_PORT", default.sidecar_port),
             sidecar_cpu=_env("KUBELOOP_SIDECAR_CPU", default.sidecar_cpu),
             sidecar_memory=_env("KUBELOOP_SIDECAR_MEMORY", default.sidecar_memory),
+            prometheus_url=_env("KUBELOOP_PROMETHEUS_URL", default.prometheus_url),
+            analysis_tick_seconds=_env_int("KUBELOOP_ANALYSIS_TICK_SECONDS", default.analysis_tick_seconds),
+            query_requests=_env("KUBELOOP_QUERY_REQUESTS", default.query_requests),
+            query_latency=_env("KUBELOOP_QUERY_LATENCY", default.query_latency),
+            query_predictions=_env("KUBELOOP_QUERY_PREDICTIONS", default.query_predictions),
+            query_drift=_env("KUBELOOP_QUERY_DRIFT", default.query_drift),
             workers=_env_int("KUBELOOP_WORKERS", default.workers),
             retry_delay=_env_int("KUBELOOP_RETRY_DELAY", default.retry_delay),
             metrics_port=_env_int("KUBELOOP_METRICS_PORT", default.metrics_port),

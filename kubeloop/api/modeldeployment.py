@@ -88,12 +88,37 @@ class DriftMonitor(KubeModel):
 
 
 class Retrain(KubeModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.enabled) || !self.enabled || has(self.trainingJob)",
+                    "message": "retraining needs trainingJob: the TrainingJob to copy with fresh data",
+                    "fieldPath": ".trainingJob",
+                    "reason": "FieldValueRequired",
+                }
+            ]
+        }
+    )
+
     enabled: bool = False
     sustained_for: Duration = "5m"
     min_interval: Duration = "1h"
     training_job: DnsLabel | None = Field(
         default=None, description="TrainingJob to copy (with fresh data) when drift persists."
     )
+    analysis: CanaryAnalysis = Field(
+        default_factory=CanaryAnalysis,
+        description="The canary analysis a retrained version that passed its gate is rolled out with.",
+    )
+
+    @model_validator(mode="after")
+    def _needs_job(self) -> Retrain:
+        if self.enabled and self.training_job is None:
+            raise ValueError(
+                "spec.retrain.trainingJob is required when retraining is enabled: name the TrainingJob to copy"
+            )
+        return self
 
 
 class ModelDeploymentSpec(KubeModel):

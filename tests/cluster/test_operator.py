@@ -16,15 +16,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import copy
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +29,20 @@ import yaml
 from clusterkit import Cluster, service_account_kubeconfig, wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from operatorkit import (
+    GROUP,
+    RELEASE,
+    SYSTEM,
+    VERSION,
+    OperatorProcess,
+    create,
+    free_port,
+    inferenceservice,
+    kubeloop_obj,
+    modelversion_doc,
+    rayjob,
+    sample,
+)
 
 from kubeloop import in_cluster
 from kubeloop.api import ModelVersion, TrainingJob, parse_resource
@@ -44,22 +52,6 @@ from operators.kube import contains
 from operators.settings import Settings
 
 pytestmark = pytest.mark.cluster
-
-REPO = Path(__file__).resolve().parents[2]
-STAND_INS = Path(__file__).resolve().parent / "stand_in_crds"
-RELEASE, SYSTEM = "kubeloop", "kubeloop-system"
-OPERATOR_SA = "kubeloop-operator"
-GROUP, VERSION = "kubeloop.dev", "v1alpha1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def sample(name: str) -> dict[str, Any]:
-    return yaml.safe_load((REPO / "manifests/samples" / f"{name}.yaml").read_text())
 
 
 def kubectl(kubeconfig: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -71,119 +63,7 @@ def kubectl(kubeconfig: Path, *args: str, check: bool = True) -> subprocess.Comp
     return done
 
 
-class OperatorProcess:
-    """``python -m operators`` as a child process with a given kubeconfig; started, killed, restarted at will."""
-
-    def __init__(self, kubeconfig: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
-        self.kubeconfig, self.log_path = kubeconfig, log_path
-        self.extra_env = dict(extra_env or {})
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.health_port = 0
-
-    def start(self) -> None:
-        self.health_port = free_port()
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            "KUBELOOP_HEALTH_PORT": str(self.health_port),
-            "KUBELOOP_METRICS_PORT": str(free_port()),
-            "KUBELOOP_RETRY_DELAY": "2",
-            "KUBELOOP_WORKERS": "4",
-            "PYTHONUNBUFFERED": "1",
-            **self.extra_env,
-        }
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "operators"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-
-    def healthy(self) -> bool:
-        if self.proc is None or self.proc.poll() is not None:
-            pytest.fail(f"the operator exited:\n{self.tail()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def wait_healthy(self, timeout: float = 60) -> None:
-        wait_for(self.healthy, timeout, "the operator's /healthz")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-    def tail(self, lines: int = 60) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
 # --- fixtures -------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def stand_ins(cluster: Cluster) -> bool:
-    """Install the stand-in RayJob/InferenceService CRDs where the real ones are absent; True if any was."""
-    ext = client.ApiextensionsV1Api(cluster.client())
-    installed = False
-    for path in sorted(STAND_INS.glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
-        try:
-            existing = ext.read_custom_resource_definition(crd["metadata"]["name"])
-        except ApiException as error:
-            if error.status != 404:
-                raise
-            ext.create_custom_resource_definition(crd)
-            installed = True
-        else:
-            installed |= (existing.metadata.labels or {}).get("kubeloop.dev/stand-in") == "true"
-    for path in sorted(STAND_INS.glob("*.yaml")):
-        name = yaml.safe_load(path.read_text())["metadata"]["name"]
-        wait_for(
-            lambda n=name: any(
-                c.type == "Established" and c.status == "True"
-                for c in ext.read_custom_resource_definition(n).status.conditions or []
-            ),
-            60,
-            f"CRD {name} established",
-        )
-    return installed
-
-
-@pytest.fixture(scope="module")
-def chart(cluster: Cluster, kubeconfig: Path, stand_ins: bool) -> str:
-    """helm upgrade --install of helm/kubeloop into kubeloop-system; the helm output."""
-    helm = chart_render.find_helm()
-    if helm is None:
-        pytest.fail("no helm binary (the dev control plane build makes one)")
-    args = [helm, "--kubeconfig", str(kubeconfig), "upgrade", "--install", RELEASE, str(REPO / "helm/kubeloop")]
-    args += ["--namespace", SYSTEM, "--create-namespace"]
-    if cluster.dev:  # kwok runs the pod (nothing to pull), so --wait is meaningful and quick
-        args += ["--wait", "--timeout", "120s"]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr
-    apps = client.AppsV1Api(cluster.client())
-    apps.patch_namespaced_deployment_scale(f"{RELEASE}-operator", SYSTEM, {"spec": {"replicas": 0}})
-    return done.stdout
-
-
-@pytest.fixture(scope="module")
-def operator_kubeconfig(kubeconfig: Path, chart: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("operator") / "operator.kubeconfig"
-    return service_account_kubeconfig(kubeconfig, SYSTEM, OPERATOR_SA, path, expiration_seconds=7200)
 
 
 @pytest.fixture(scope="module")
@@ -195,53 +75,6 @@ def operator(operator_kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory
     process.stop()
     errors = [line for line in process.log_path.read_text(errors="replace").splitlines() if "Traceback" in line]
     print(f"operator log: {process.log_path} ({len(errors)} tracebacks)")
-
-
-@pytest.fixture
-def api(cluster: Cluster) -> client.CustomObjectsApi:
-    return client.CustomObjectsApi(cluster.client())
-
-
-@pytest.fixture
-def core(cluster: Cluster) -> client.CoreV1Api:
-    return client.CoreV1Api(cluster.client())
-
-
-def create(api: client.CustomObjectsApi, namespace: str, doc: dict[str, Any]) -> dict[str, Any]:
-    group, version = doc["apiVersion"].split("/")
-    plural = {"TrainingJob": "trainingjobs", "ModelVersion": "modelversions", "ModelDeployment": "modeldeployments"}
-    doc = copy.deepcopy(doc)
-    doc["metadata"]["namespace"] = namespace
-    return api.create_namespaced_custom_object(group, version, namespace, plural[doc["kind"]], doc)
-
-
-def get(api: client.CustomObjectsApi, group: str, version: str, plural: str, ns: str, name: str) -> dict | None:
-    try:
-        return api.get_namespaced_custom_object(group, version, ns, plural, name)
-    except ApiException as error:
-        if error.status == 404:
-            return None
-        raise
-
-
-def rayjob(api: client.CustomObjectsApi, ns: str, name: str) -> dict | None:
-    return get(api, "ray.io", "v1", "rayjobs", ns, name)
-
-
-def inferenceservice(api: client.CustomObjectsApi, ns: str, name: str) -> dict | None:
-    return get(api, "serving.kserve.io", "v1beta1", "inferenceservices", ns, name)
-
-
-def kubeloop_obj(api: client.CustomObjectsApi, plural: str, ns: str, name: str) -> dict | None:
-    return get(api, GROUP, VERSION, plural, ns, name)
-
-
-def modelversion_doc(version: int = 1) -> dict[str, Any]:
-    doc = sample("modelversion")
-    doc["metadata"]["name"] = f"arrests-v{version}"
-    doc["spec"]["version"] = version
-    doc["spec"]["artifactUri"] = f"file:///var/lib/kubeloop/registry/arrests/v{version}/artifact"
-    return doc
 
 
 # --- the chart ------------------------------------------------------------------------------------------------------

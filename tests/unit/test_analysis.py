@@ -125,7 +125,7 @@ def test_decision_record_is_a_valid_status_history_entry() -> None:
 
 
 def test_retrain_needs_sustained_drift_and_is_rate_limited() -> None:
-    policy = Retrain(enabled=True, sustained_for="5m", min_interval="1h")
+    policy = Retrain(enabled=True, sustained_for="5m", min_interval="1h", training_job="t")
     t0 = datetime(2025, 1, 1, tzinfo=UTC)
     first = decide_retrain(policy, RetrainState(), True, t0)
     assert not first.start and first.state.drift_since == t0

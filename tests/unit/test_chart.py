@@ -35,6 +35,7 @@ ALL_ON = [
 EXPECTED_RULES = [
     {"apiGroups": ["kubeloop.dev"], "resources": ["trainingjobs", "modeldeployments"],
      "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["kubeloop.dev"], "resources": ["trainingjobs"], "verbs": ["create"]},
     {"apiGroups": ["kubeloop.dev"], "resources": ["trainingjobs/status", "modeldeployments/status"],
      "verbs": ["patch"]},
     {"apiGroups": ["kubeloop.dev"], "resources": ["modelversions"], "verbs": ["get", "create", "patch"]},

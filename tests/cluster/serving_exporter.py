@@ -1,0 +1,120 @@
+"""What a model's serving stack exports to Prometheus, played on loopback for the cluster tests.
+
+No KServe data plane, model server or drift sidecar runs on the dev control plane, so this exporter stands in for
+them: it exports the series kubeloop.analysis's default queries read (the traffic layer's requests by version and
+code and its latency histogram, the model server's prediction histogram, the drift sidecar's flag) for traffic
+generated at `rate` requests per second and split the way the InferenceService asks KServe to split it (its
+``kubeloop.dev/stable-version`` / ``kubeloop.dev/canary-version`` annotations and the canary's trafficPercent).
+What each version does (error rate, latency, predictions, drift) is set by the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+GOLDEN = 0.6180339887498949  # low-discrepancy predictions: two versions with the same spread look the same at once
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+PREDICTION_BUCKETS = tuple(i / 10 for i in range(1, 10))
+
+
+@dataclass
+class Behaviour:
+    error_rate: float = 0.0  # share of requests answered 500
+    latency_s: float = 0.02
+    prediction_low: float = 0.1  # predictions spread evenly over [low, high]
+    prediction_high: float = 0.9
+    drift: bool | None = False  # None: no detector reports this version
+
+
+Split = dict[int, int]  # version -> percent of the traffic
+
+
+def split_of(isvc: Mapping[str, Any] | None) -> Split:
+    """How KServe would route an InferenceService written by the operator (Standard mode)."""
+    if not isvc:
+        return {}
+    annotations = (isvc.get("metadata") or {}).get("annotations") or {}
+    stable = int(annotations["kubeloop.dev/stable-version"])
+    canaries = (isvc.get("spec") or {}).get("canary") or []
+    if not canaries or "kubeloop.dev/canary-version" not in annotations:
+        return {stable: 100}
+    percent = int(canaries[0].get("trafficPercent", 0))
+    return {stable: 100 - percent, int(annotations["kubeloop.dev/canary-version"]): percent}
+
+
+class ServingExporter:
+    def __init__(self, model: str, route: Callable[[], Split], rate: float = 200.0) -> None:
+        self.model, self.route, self.rate = model, route, rate
+        self.behaviour: dict[int, Behaviour] = {}
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "kubeloop_splitter_requests", "Requests by version and code.", ["version", "code"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "kubeloop_splitter_request_duration_seconds", "Request latency by version.", ["version"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.predictions = Histogram(
+            "kubeloop_prediction", "Predicted probability.", ["model", "version"],
+            buckets=PREDICTION_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.drift = Gauge("kubeloop_drift_detected", "Drift flag.", ["model", "version"], registry=self.registry)
+        self.served: dict[int, int] = {}
+        self.splits_seen: list[Split] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self.port = 0
+
+    def start(self, port: int) -> str:
+        self.port = port
+        self._server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        self._thread.start()
+        return f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._server.shutdown()
+
+    def _serve(self) -> None:
+        request, step, routed = 0, 0.1, 0.0
+        split: Split = {}
+        while not self._stop.wait(step):
+            if time.monotonic() - routed >= 0.5:  # KServe picks up a new split within about half a second
+                routed = time.monotonic()
+                with contextlib.suppress(Exception):  # the apiserver unreachable for a moment: route as before
+                    split = self.route()
+                if split and (not self.splits_seen or self.splits_seen[-1] != split):
+                    self.splits_seen.append(dict(split))
+            for version, behaviour in self.behaviour.items():
+                if behaviour.drift is not None:
+                    self.drift.labels(self.model, str(version)).set(1.0 if behaviour.drift else 0.0)
+            for _ in range(int(self.rate * step)):
+                request += 1
+                self._one(request, split)
+
+    def _one(self, request: int, split: Split) -> None:
+        if not split:
+            return
+        bucket, acc, version = request % 100, 0, next(iter(split))
+        for candidate, percent in sorted(split.items(), key=lambda item: item[1]):
+            acc += percent
+            if bucket < acc:
+                version = candidate
+                break
+        behaviour = self.behaviour.setdefault(version, Behaviour())
+        n = self.served[version] = self.served.get(version, 0) + 1
+        failed = (n * GOLDEN) % 1.0 < behaviour.error_rate
+        label = str(version)
+        self.requests.labels(label, "500" if failed else "200").inc()
+        self.latency.labels(label).observe(behaviour.latency_s)
+        if not failed:
+            spread = behaviour.prediction_high - behaviour.prediction_low
+            self.predictions.labels(self.model, label).observe(behaviour.prediction_low + spread * ((n * GOLDEN) % 1))

@@ -1,0 +1,219 @@
+"""The closed loop in the cluster: drift -> retraining -> the gate -> canary analysis -> promotion or rollback.
+
+Real: the kube-apiserver (dev control plane), the operator (``python -m operators`` as the chart's ServiceAccount,
+RBAC enforced) and a Prometheus server (Debian's binary, started by kubeloop.analysis.prometheus) scraping a
+loopback exporter every second; the operator reads its signals through Prometheus's HTTP API only.
+
+Played by the test, because it cannot run here: the serving stack's metrics (serving_exporter.ServingExporter, whose
+traffic follows the split the operator writes into the InferenceService), and KubeRay plus the training run (the
+test writes the RayJob's status and the run's result the way they would; test_operator.py proves the run's side).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from clusterkit import Cluster, wait_for
+from kubernetes import client
+from operatorkit import (
+    OperatorProcess,
+    create,
+    free_port,
+    inferenceservice,
+    kubeloop_obj,
+    modelversion_doc,
+    rayjob,
+    sample,
+)
+from serving_exporter import Behaviour, ServingExporter, split_of
+
+from kubeloop.analysis.prometheus import EmbeddedPrometheus
+from operators import rayjob as rj
+
+INTERVAL_S = 3
+ANALYSIS = {"steps": [10, 25, 50, 100], "interval": f"{INTERVAL_S}s", "maxFailedChecks": 2}
+
+
+@pytest.fixture(scope="module")
+def prometheus() -> Iterator[EmbeddedPrometheus]:
+    if shutil.which("prometheus") is None:
+        pytest.fail("these tests need a real Prometheus: apt-get install prometheus (./dev test installs it)")
+    server = EmbeddedPrometheus(scrape_interval="1s", rules=None)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def analysing_operator(
+    operator_kubeconfig: Path, prometheus: EmbeddedPrometheus, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(
+        operator_kubeconfig,
+        tmp_path_factory.mktemp("loop-operator") / "operator.log",
+        {"KUBELOOP_PROMETHEUS_URL": prometheus.url, "KUBELOOP_ANALYSIS_TICK_SECONDS": "1"},
+    )
+    process.start()
+    process.wait_healthy()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def exporter(cluster: Cluster, prometheus: EmbeddedPrometheus, namespace: str) -> Iterator[ServingExporter]:
+    api = client.CustomObjectsApi(cluster.client())
+    served = ServingExporter("arrests", lambda: split_of(inferenceservice(api, namespace, "arrests")))
+    url = served.start(free_port())
+    prometheus.scrape("serving", [url])
+    wait_for(
+        lambda: any(t["health"] == "up" and str(served.port) in t["scrapeUrl"] for t in prometheus.active_targets()),
+        30, "Prometheus scraping the exporter",
+    )  # fmt: skip
+    yield served
+    served.stop()
+
+
+def _time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def deployment(**spec: Any) -> dict[str, Any]:
+    doc = sample("modeldeployment")
+    doc["spec"].update(spec)
+    return doc
+
+
+def md_of(api: client.CustomObjectsApi, namespace: str) -> dict[str, Any]:
+    return kubeloop_obj(api, "modeldeployments", namespace, "arrests") or {}
+
+
+def history(api: client.CustomObjectsApi, namespace: str) -> list[dict[str, Any]]:
+    return (md_of(api, namespace).get("status") or {}).get("history") or []
+
+
+def reasons(core: client.CoreV1Api, namespace: str) -> set[str]:
+    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=arrests").items
+    return {e.reason for e in events}
+
+
+def finish_training_run(api: client.CustomObjectsApi, core: client.CoreV1Api, namespace: str, tj: str, version: int):
+    """KubeRay and the run, played: the run publishes version `version` into its ConfigMap, the RayJob succeeds."""
+    wait_for(lambda: rayjob(api, namespace, tj), 60, f"the RayJob of {tj}")
+    result = modelversion_doc(version)
+    result["spec"]["lineage"]["trainingJob"] = f"{namespace}/{tj}"
+    result["spec"]["stage"] = "Candidate"
+    result["spec"]["gate"] = {"passed": True, "reasons": [], "comparedWith": "arrests-v1"}
+    core.patch_namespaced_config_map(
+        f"{tj}-trainingjob", namespace, {"data": {rj.RESULT_KEY: yaml.safe_dump(result, sort_keys=False)}}
+    )
+    api.patch_namespaced_custom_object_status(
+        "ray.io", "v1", namespace, "rayjobs", tj,
+        {"status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "endTime": "2026-11-23T10:00:00Z"}},
+    )  # fmt: skip
+
+
+def test_sustained_drift_retrains_and_the_canary_walks_the_steps_to_promotion(
+    analysing_operator: OperatorProcess, exporter: ServingExporter, api: client.CustomObjectsApi,
+    core: client.CoreV1Api, namespace: str, stand_ins: bool,
+) -> None:  # fmt: skip
+    if not stand_ins:
+        pytest.skip("a real KubeRay drives the RayJob here: this test plays it on the stand-in CRDs")
+    v1 = modelversion_doc(1)
+    v1["spec"]["stage"] = "Production"
+    create(api, namespace, v1)
+    create(api, namespace, sample("trainingjob"))  # the job that trained v1: what retraining copies
+    retrain = {"enabled": True, "sustainedFor": "2s", "minInterval": "1h", "trainingJob": "arrests-mlp"}
+    create(api, namespace, deployment(retrain={**retrain, "analysis": ANALYSIS}))
+    exporter.behaviour[1] = Behaviour(drift=False)
+
+    wait_for(lambda: (md_of(api, namespace).get("status") or {}).get("drift", {}).get("state") == "NoDrift",
+             30, "status.drift NoDrift from Prometheus")  # fmt: skip
+    exporter.behaviour[1].drift = True
+    wait_for(lambda: (md_of(api, namespace).get("status") or {}).get("drift", {}).get("state") == "Drift",
+             30, "status.drift Drift")  # fmt: skip
+
+    # sustained drift -> a TrainingJob copied from arrests-mlp onto fresh data, owned by the deployment
+    retrain_status = wait_for(
+        lambda: (md_of(api, namespace).get("status") or {}).get("retrain", {}).get("trainingJob") and
+        md_of(api, namespace)["status"]["retrain"],
+        30, "a retraining TrainingJob",
+    )  # fmt: skip
+    name = retrain_status["trainingJob"]
+    tj = kubeloop_obj(api, "trainingjobs", namespace, name)
+    template = kubeloop_obj(api, "trainingjobs", namespace, "arrests-mlp")["spec"]
+    assert "digest" not in tj["spec"]["dataset"] and tj["spec"]["dataset"]["baseline"] == "none"
+    fresh = {k: v for k, v in tj["spec"]["dataset"].items() if k not in ("digest", "baseline")}
+    assert fresh == {k: v for k, v in template["dataset"].items() if k not in ("digest", "baseline")}
+    assert {k: v for k, v in tj["spec"].items() if k != "dataset"} == {
+        k: v for k, v in template.items() if k != "dataset"
+    }
+    (ref,) = tj["metadata"]["ownerReferences"]
+    assert (ref["kind"], ref["name"]) == ("ModelDeployment", "arrests")
+    assert tj["metadata"]["labels"]["kubeloop.dev/retrain-of"] == "arrests-mlp"
+    assert history(api, namespace)[-1]["action"] == "retrain"
+    assert "drift sustained" in history(api, namespace)[-1]["reason"]
+
+    # the run registers v2 (gate passed) -> v2 becomes the canary, at the first step
+    exporter.behaviour[2] = Behaviour(drift=False)
+    finish_training_run(api, core, namespace, name, 2)
+    canary = wait_for(lambda: md_of(api, namespace)["spec"].get("canary"), 60, "the canary of v2")
+    assert canary["version"] == 2 and canary["trafficPercent"] == 10
+    assert canary["analysis"]["steps"] == ANALYSIS["steps"]
+
+    # the analysis walks 10 -> 25 -> 50 -> 100 on Prometheus's signals, and promotes
+    wait_for(lambda: md_of(api, namespace)["spec"]["version"] == 2, 8 * INTERVAL_S + 30, "v2 promoted")
+    seen = [split.get(2) for split in exporter.splits_seen if 2 in split]
+    assert [p for p in (10, 25, 50, 100) if p in seen] == [10, 25, 50, 100], exporter.splits_seen
+    assert seen == sorted(seen), f"traffic to v2 only ever grew: {exporter.splits_seen}"
+    md = md_of(api, namespace)
+    assert "canary" not in md["spec"] and md["status"]["canaryPhase"] == "Promoted"
+    actions = [entry["action"] for entry in history(api, namespace)]
+    assert actions[actions.index("retrain") :] == ["retrain", "start", "advance", "advance", "advance", "promote"]
+    for entry in history(api, namespace)[-4:]:
+        assert {c["name"]: c["status"] for c in entry["checks"]}["errorRate"] == "pass", entry
+    assert kubeloop_obj(api, "modelversions", namespace, "arrests-v2")["spec"]["stage"] == "Production"
+    assert kubeloop_obj(api, "modelversions", namespace, "arrests-v1")["spec"]["stage"] == "Archived"
+    wait_for(lambda: split_of(inferenceservice(api, namespace, "arrests")) == {2: 100}, 30, "v2 at 100%")
+    assert {"Retraining", "RetrainedVersionReady", "CanaryStarted", "CanaryAdvanced", "CanaryPromoted"} <= reasons(
+        core, namespace
+    )
+
+
+def test_failing_metrics_roll_the_canary_back_within_two_intervals(
+    analysing_operator: OperatorProcess, exporter: ServingExporter, api: client.CustomObjectsApi,
+    core: client.CoreV1Api, namespace: str,
+) -> None:  # fmt: skip
+    for version in (1, 3):
+        create(api, namespace, modelversion_doc(version))
+    exporter.behaviour[1] = Behaviour()
+    exporter.behaviour[3] = Behaviour(error_rate=0.3)  # a broken candidate: 30% of its requests fail
+    create(api, namespace, deployment(canary={"version": 3, "trafficPercent": 10, "analysis": copy.deepcopy(ANALYSIS)}))
+
+    started = wait_for(
+        lambda: next((e for e in history(api, namespace) if e["action"] == "start"), None), 30, "the canary started"
+    )
+    wait_for(lambda: "canary" not in md_of(api, namespace)["spec"], 4 * INTERVAL_S + 20, "the rollback")
+    entries = history(api, namespace)
+    judged = entries[entries.index(started) + 1 :]
+    assert [e["action"] for e in judged] == ["hold", "rollback"], judged
+    assert all(e["trafficPercent"] == 10 for e in judged)
+    took = (_time(judged[-1]["time"]) - _time(started["time"])).total_seconds()
+    assert took <= 2 * INTERVAL_S + 3, f"rolled back {took:.0f}s after the start: more than two intervals"
+    assert "error rate" in judged[-1]["reason"] and "rolling back to v1" in judged[-1]["reason"]
+    failed = {c["name"]: c for c in judged[-1]["checks"]}["errorRate"]
+    assert failed["status"] == "fail" and failed["value"] == pytest.approx(0.3, abs=0.05)
+
+    md = md_of(api, namespace)
+    assert md["spec"]["version"] == 1 and md["status"]["canaryPhase"] == "RolledBack"
+    v3 = kubeloop_obj(api, "modelversions", namespace, "arrests-v3")
+    assert v3 is not None, "a rolled-back version is never deleted"
+    assert v3["spec"]["stage"] == "Rejected" and "error rate" in v3["spec"]["stageReason"]
+    wait_for(lambda: split_of(inferenceservice(api, namespace, "arrests")) == {1: 100}, 30, "100% back to v1")
+    assert "CanaryRolledBack" in reasons(core, namespace)
