@@ -25,6 +25,8 @@ from typing import Any
 from kubeloop.analysis import RetrainState, SignalSource, decide_retrain
 from kubeloop.analysis.signals import SignalError
 from kubeloop.api import API_VERSION, ModelDeployment, ModelVersion, TrainingJob
+from kubeloop.api.load import parse_resource
+from kubeloop.errors import SpecError
 from operators import common
 from operators.kube import ApiError, Kube, kind_of
 
@@ -127,7 +129,11 @@ def _create_job(kube: Kube, md: ModelDeployment, now: datetime) -> tuple[str, st
     body = kube.get(TRAININGJOB, namespace, template_name)
     if body is None:
         return name, f"TrainingJob {namespace}/{template_name} (spec.retrain.trainingJob) does not exist"
-    template = TrainingJob.model_validate({k: v for k, v in body.items() if k != "status"})
+    try:
+        template = parse_resource({k: v for k, v in body.items() if k != "status"}, "spec.retrain.trainingJob")
+    except SpecError as error:
+        return name, str(error)
+    assert isinstance(template, TrainingJob)
     if template.spec.model.name != md.spec.model:
         return name, (
             f"TrainingJob {template_name} trains model {template.spec.model.name}, not {md.spec.model}: "
@@ -176,9 +182,14 @@ def _follow(
         emit(body, "Warning", "RetrainFailed", why)
         return "retrainFailed"
     mv_body = kube.get(MODELVERSION, namespace, mv_name)
-    mv = ModelVersion.model_validate({k: v for k, v in mv_body.items() if k != "status"}) if mv_body else None
-    if mv is None or mv.spec.model != md.spec.model:
-        why = f"TrainingJob {job_name} registered {mv_name}, which is not a ModelVersion of {md.spec.model}"
+    try:
+        mv = parse_resource({k: v for k, v in mv_body.items() if k != "status"}, "retraining") if mv_body else None
+    except SpecError as error:
+        mv, problem = None, str(error)
+    else:
+        problem = f"{mv_name} is not a ModelVersion of {md.spec.model}"
+    if not isinstance(mv, ModelVersion) or mv.spec.model != md.spec.model:
+        why = f"TrainingJob {job_name} registered {mv_name}, but {problem}"
     elif mv.spec.stage == "Rejected" or (mv.spec.gate is not None and not mv.spec.gate.passed):
         reasons = "; ".join(mv.spec.gate.reasons) if mv.spec.gate else mv.spec.stage_reason or "rejected"
         why = f"v{mv.spec.version} from TrainingJob {job_name} failed its gate: {reasons}"

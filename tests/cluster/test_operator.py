@@ -512,6 +512,7 @@ INVALID = [
     (_md(canary={"version": 2, "trafficPercent": 150}), "spec.canary.trafficPercent"),
     (_md(drift={"detector": "chi2"}), "spec.drift.detector"),
     (_md(deploymentMode="Serverless"), "spec.deploymentMode"),
+    (_md(retrain={"enabled": True}), "spec.retrain.trainingJob"),
     (_mv(lineage__datasetDigest="sha256:xyz"), "spec.lineage.datasetDigest"),
     (_mv(stage="Live"), "spec.stage"),
 ]
@@ -611,7 +612,6 @@ def test_the_webhook_rejects_what_the_schema_cannot_and_warns_of_missing_version
     webhook: None, api: client.CustomObjectsApi, kubeconfig: Path, namespace: str
 ) -> None:
     doc = sample("modeldeployment")
-    doc["spec"]["canary"] = {"version": 2, "trafficPercent": 10, "analysis": {"steps": [50, 10]}}
 
     def rejected() -> str | None:
         try:

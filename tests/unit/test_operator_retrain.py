@@ -1,0 +1,180 @@
+"""operators.retrain.tick: drift mirrored, retraining started, handed to a canary or recorded as failed.
+
+Against an in-memory API server (merge-patch semantics) and a signal source whose drift flag the test sets; the real
+apiserver and Prometheus run in tests/cluster/test_closed_loop.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubeloop.analysis import VersionSignals
+from operators import retrain
+from operators.kube import ApiError
+
+REPO = Path(__file__).resolve().parents[2]
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+class MemoryKube:
+    def __init__(self, *objects: dict[str, Any]) -> None:
+        self.objects = {(o["kind"], o["metadata"]["name"]): copy.deepcopy(o) for o in objects}
+        self.created: list[dict[str, Any]] = []
+
+    def get(self, kind, namespace, name):
+        return copy.deepcopy(self.objects.get((kind.kind, name)))
+
+    def create(self, kind, namespace, body):
+        if (kind.kind, body["metadata"]["name"]) in self.objects:
+            raise ApiError(409, "exists")
+        self.objects[(kind.kind, body["metadata"]["name"])] = copy.deepcopy(body)
+        self.created.append(body)
+        return body
+
+    def patch(self, kind, namespace, name, patch, subresource=None):
+        merge(self.objects[(kind.kind, name)], patch)
+        return self.objects[(kind.kind, name)]
+
+
+class Drift:
+    def __init__(self, flag: bool | None) -> None:
+        self.flag = flag
+
+    def tick(self) -> None:
+        pass
+
+    def version_signals(self, model, version, window_s):
+        return VersionSignals(version, drift=self.flag)
+
+
+def deployment(**retrain_spec: Any) -> dict[str, Any]:
+    policy = {"enabled": True, "sustainedFor": "60s", "minInterval": "1h", "trainingJob": "arrests-mlp"}
+    return {
+        "apiVersion": "kubeloop.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "arrests", "namespace": "ns", "uid": "md-uid"},
+        "spec": {"model": "arrests", "version": 1, "retrain": policy | retrain_spec},
+    }
+
+
+def template(model: str = "arrests") -> dict[str, Any]:
+    return {
+        "apiVersion": "kubeloop.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": "arrests-mlp", "namespace": "ns"},
+        "spec": {
+            "model": {"name": model},
+            "dataset": {"uri": "s3://bucket/arrests.csv", "digest": "sha256:" + "a" * 64, "label": "released",
+                        "positiveClass": "Yes"},
+        },
+    }  # fmt: skip
+
+
+def tick(kube: MemoryKube, source: Drift | None, seconds: float, events: list | None = None) -> str | None:
+    body = kube.get(retrain.MODELDEPLOYMENT, "ns", "arrests")
+    emit = (lambda b, t, r, m: events.append((t, r, m))) if events is not None else (lambda *a: None)
+    return retrain.tick(body, kube, emit, source, now=T0 + timedelta(seconds=seconds))
+
+
+def status(kube: MemoryKube) -> dict[str, Any]:
+    return kube.objects[("ModelDeployment", "arrests")].get("status") or {}
+
+
+def test_drift_must_last_sustained_for_then_one_copy_on_fresh_data_is_started() -> None:
+    kube, source, events = MemoryKube(deployment(), template()), Drift(True), []
+    assert tick(kube, source, 0, events) is None
+    assert status(kube)["drift"]["state"] == "Drift" and status(kube)["retrain"]["driftSince"]
+    assert tick(kube, source, 30) is None and not kube.created
+    assert tick(kube, source, 61, events) == "retrain"
+    (job,) = kube.created
+    assert job["spec"]["dataset"] == {"uri": "s3://bucket/arrests.csv", "label": "released", "positiveClass": "Yes",
+                                      "baseline": "none"}  # fmt: skip
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "md-uid"
+    assert status(kube)["retrain"]["trainingJob"] == job["metadata"]["name"]
+    assert status(kube)["history"][-1]["action"] == "retrain"
+    assert [e[1] for e in events] == ["DriftDrift", "Retraining"]
+    for seconds in (62, 120, 4000):  # while it trains, nothing new starts
+        assert tick(kube, source, seconds) is None
+    assert len(kube.created) == 1
+
+
+def test_drift_that_stops_resets_the_clock() -> None:
+    kube, source = MemoryKube(deployment(), template()), Drift(True)
+    tick(kube, source, 0)
+    source.flag = False
+    tick(kube, source, 30)
+    assert status(kube)["drift"]["state"] == "NoDrift" and "driftSince" not in status(kube)["retrain"]
+    source.flag = True
+    tick(kube, source, 40)
+    assert tick(kube, source, 61) is None and not kube.created  # 21 s of drift, not 60
+
+
+def test_a_missing_template_is_reported_and_not_retried_before_min_interval() -> None:
+    kube, source, events = MemoryKube(deployment()), Drift(True), []
+    tick(kube, source, 0)
+    assert tick(kube, source, 60, events) == "retrainFailed"
+    assert (
+        "TrainingJob ns/arrests-mlp (spec.retrain.trainingJob) does not exist" in status(kube)["history"][-1]["reason"]
+    )
+    assert events[-1][:2] == ("Warning", "RetrainFailed")
+    assert tick(kube, source, 120) is None  # drift still sustained, but the last attempt was a minute ago
+    kube.objects[("TrainingJob", "arrests-mlp")] = template()
+    assert tick(kube, source, 3500) is None  # an hour after the first attempt: not yet
+    assert tick(kube, source, 3700) == "retrain"
+
+
+def test_a_template_of_another_model_is_refused() -> None:
+    kube, source = MemoryKube(deployment(), template(model="other")), Drift(True)
+    tick(kube, source, 0)
+    assert tick(kube, source, 60) == "retrainFailed"
+    assert "trains model other, not arrests" in status(kube)["history"][-1]["reason"]
+
+
+def _trained(kube: MemoryKube, gate_passed: bool) -> None:
+    tick(kube, Drift(True), 0)
+    tick(kube, Drift(True), 60)
+    name = status(kube)["retrain"]["trainingJob"]
+    kube.objects[("TrainingJob", name)]["status"] = {"phase": "Succeeded", "modelVersion": "arrests-v2"}
+    gate = {"passed": gate_passed, "reasons": [] if gate_passed else ["rocAuc 0.61 < 0.65"]}
+    mv = yaml.safe_load((REPO / "manifests/samples/modelversion.yaml").read_text())
+    mv["metadata"]["name"] = "arrests-v2"
+    mv["spec"] |= {"version": 2, "stage": "Candidate", "gate": gate}
+    kube.objects[("ModelVersion", "arrests-v2")] = mv
+
+
+def test_a_version_that_passed_its_gate_becomes_the_canary() -> None:
+    kube = MemoryKube(deployment(analysis={"steps": [20, 100], "interval": "10s"}), template())
+    _trained(kube, gate_passed=True)
+    assert tick(kube, None, 70) == "canary"  # no Prometheus needed to follow a run
+    md = kube.objects[("ModelDeployment", "arrests")]
+    assert md["spec"]["canary"] == {
+        "version": 2, "trafficPercent": 20,
+        "analysis": {"steps": [20, 100], "interval": "10s", "maxFailedChecks": 2,
+                     "checks": {"maxErrorRate": 0.01, "maxP99LatencyRatio": 1.5, "maxPredictionShift": 0.2,
+                                "failOnDrift": True}},
+    }  # fmt: skip
+    assert "trainingJob" not in status(kube)["retrain"]
+
+
+def test_a_version_that_failed_its_gate_is_not_rolled_out() -> None:
+    kube = MemoryKube(deployment(), template())
+    _trained(kube, gate_passed=False)
+    assert tick(kube, None, 70) == "retrainFailed"
+    assert "canary" not in kube.objects[("ModelDeployment", "arrests")]["spec"]
+    assert "v2 from TrainingJob" in status(kube)["history"][-1]["reason"]
+    assert "rocAuc 0.61 < 0.65" in status(kube)["history"][-1]["reason"]
