@@ -37,10 +37,11 @@ Emit = Callable[[Mapping[str, Any], str, str, str], None]
 
 
 def prometheus_source(settings: Settings) -> SignalSource | None:
-    """Prometheus at settings.prometheus_url (e.g. http://prometheus-operated.monitoring:9090); None when unset."""
+    """Prometheus at settings.prometheus_url (e.g. http://prometheus-operated.monitoring:9090); None when unset.
+    Queries: the model servers' own series per namespace (`Queries.cluster()`), each replaceable in settings."""
     if not settings.prometheus_url:
         return None
-    defaults = Queries()
+    defaults = Queries.cluster()
     queries = Queries(
         requests=settings.query_requests or defaults.requests,
         latency_buckets=settings.query_latency or defaults.latency_buckets,
@@ -103,8 +104,8 @@ def tick(
         return None
     window = max((now - last).total_seconds(), 1.0)
     try:
-        stable = source.version_signals(md.spec.model, md.spec.version, window)
-        candidate = source.version_signals(md.spec.model, canary.version, window)
+        stable = source.version_signals(md.spec.model, md.spec.version, window, namespace)
+        candidate = source.version_signals(md.spec.model, canary.version, window, namespace)
     except SignalError as error:
         emit(body, "Warning", "SignalsUnavailable", str(error))
         return None

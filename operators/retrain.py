@@ -76,7 +76,7 @@ def tick(
     if source is None:
         return None
     try:
-        drifting = source.version_signals(md.spec.model, md.spec.version, SIGNAL_WINDOW_S).drift
+        drifting = source.version_signals(md.spec.model, md.spec.version, SIGNAL_WINDOW_S, namespace).drift
     except SignalError as error:
         log.warning("drift of %s/%s unreadable: %s", namespace, name, error)
         return None

@@ -92,7 +92,7 @@ class Settings:
     sidecar_memory: str = "512Mi"
 
     # drift, retraining and canary analysis: signals from Prometheus's HTTP API (none: no analysis), looked at every
-    # analysis_tick_seconds per ModelDeployment; an empty query is kubeloop.analysis.Queries' default selector
+    # analysis_tick_seconds per ModelDeployment; an empty query is kubeloop.analysis.Queries.cluster()'s selector
     prometheus_url: str = ""
     analysis_tick_seconds: int = 5
     query_requests: str = ""

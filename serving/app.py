@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -86,6 +87,7 @@ class ServingMiddleware:
         else:
             return await self.app(scope, receive, send)
 
+        started = time.perf_counter()
         length = ce_id = None
         content_type = None
         binary_extension = False
@@ -105,13 +107,13 @@ class ServingMiddleware:
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         limit = self.max_body_bytes
         if length is not None and length > limit:
-            return await self._reject(send, protocol, 413, "body_too_large", _too_large(length, limit))
+            return await self._reject(send, protocol, 413, "body_too_large", _too_large(length, limit), started)
         if binary_extension and protocol == "v2":
             message = (
                 "inference-header-content-length: the binary tensor extension is not supported by this model; "
                 "send the tensors as JSON data"
             )
-            return await self._reject(send, protocol, 400, "invalid_request", message)
+            return await self._reject(send, protocol, 400, "invalid_request", message, started)
 
         chunks: list[bytes] = []
         size = 0
@@ -124,7 +126,7 @@ class ServingMiddleware:
                 size += len(chunk)
                 if size > limit:
                     return await self._reject(
-                        send, protocol, 413, "body_too_large", _too_large(size, limit, "at least ")
+                        send, protocol, 413, "body_too_large", _too_large(size, limit, "at least "), started
                     )
                 chunks.append(chunk)
             if not message.get("more_body", False):
@@ -154,14 +156,14 @@ class ServingMiddleware:
         try:
             await self.app(scope, replay, watch)
         finally:
-            self.metrics.count_request(protocol, status)
+            self.metrics.count_request(protocol, status, time.perf_counter() - started)
             if self.payload_logger is not None:
                 response = b"".join(response_chunks) if status == 200 else None
                 self.payload_logger.log(event_id(ce_id), body, response, content_type)
 
-    async def _reject(self, send: Send, protocol: str, status: int, reason: str, message: str) -> None:
+    async def _reject(self, send: Send, protocol: str, status: int, reason: str, message: str, started: float) -> None:
         self.metrics.count_error(reason)
-        self.metrics.count_request(protocol, status)
+        self.metrics.count_request(protocol, status, time.perf_counter() - started)
         await _respond(send, status, message)
 
 

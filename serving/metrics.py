@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from kubeloop.api.modelversion import Feature
 
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PREDICTION_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 Z_STEPS = (-3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 OTHER, NULL = "__other__", "__null__"
@@ -89,6 +90,13 @@ class ServingMetrics(Collector):
             (*labels, "reason"),
             registry=registry,
         )
+        self.latency = Histogram(
+            "kubeloop_request_duration_seconds",
+            "Inference request latency in the model server, first byte in to response sent.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        ).labels(self.model, self.version)
         self.batch_rows = Histogram(
             "kubeloop_inference_batch_rows",
             "Rows per model call (requests merged by the batcher).",
@@ -113,12 +121,13 @@ class ServingMetrics(Collector):
         registry.register(self)
 
     # ---- request path helpers
-    def count_request(self, protocol: str, code: int) -> None:
+    def count_request(self, protocol: str, code: int, seconds: float) -> None:
         child = self._request_children.get((protocol, code))
         if child is None:
             child = self.requests.labels(self.model, self.version, protocol, str(code))
             self._request_children[(protocol, code)] = child
         child.inc()
+        self.latency.observe(seconds)
 
     def count_error(self, reason: str) -> None:
         child = self._error_children.get(reason)

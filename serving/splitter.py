@@ -32,6 +32,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 from kubeloop import log as kubeloop_log
 from kubeloop.log import event
+from serving.metrics import LATENCY_BUCKETS
 from serving.net import SignalGuard, bind, run, url_of
 
 log = logging.getLogger("kubeloop.serving.splitter")
@@ -50,7 +51,6 @@ HOP_BY_HOP = frozenset(
         b"content-length",
     }
 )
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def bucket(request_id: str) -> int:

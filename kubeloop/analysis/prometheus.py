@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -42,6 +42,7 @@ class EmbeddedPrometheus:
         self.directory = Path(tempfile.mkdtemp(prefix="kubeloop-prometheus-"))
         self.config = self.directory / "prometheus.yml"
         self.targets: dict[str, list[str]] = {}
+        self.labels: dict[str, dict[str, str]] = {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -53,7 +54,12 @@ class EmbeddedPrometheus:
                 {
                     "job_name": job,
                     "scrape_interval": self.scrape_interval,
-                    "static_configs": [{"targets": [t.removeprefix("http://").rstrip("/") for t in targets]}],
+                    "static_configs": [
+                        {
+                            "targets": [t.removeprefix("http://").rstrip("/") for t in targets],
+                            "labels": self.labels.get(job, {}),
+                        }
+                    ],
                 }
                 for job, targets in sorted(self.targets.items())
                 if targets
@@ -63,9 +69,10 @@ class EmbeddedPrometheus:
             config["rule_files"] = [str(self.rules)]
         self.config.write_text(yaml.safe_dump(config, sort_keys=False))
 
-    def scrape(self, job: str, targets: Sequence[str]) -> None:
-        """Scrape these base URLs (their /metrics) as `job`; reloads a running server (SIGHUP)."""
-        self.targets[job] = list(targets)
+    def scrape(self, job: str, targets: Sequence[str], labels: Mapping[str, str] | None = None) -> None:
+        """Scrape these base URLs (their /metrics) as `job`, adding `labels` to their series (as Kubernetes service
+        discovery adds `namespace`); reloads a running server (SIGHUP)."""
+        self.targets[job], self.labels[job] = list(targets), dict(labels or {})
         self._write()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGHUP)

@@ -105,11 +105,12 @@ def ks_distance(a: Buckets, b: Buckets) -> float | None:
 
 @dataclass(frozen=True)
 class Queries:
-    """PromQL selectors of the series behind each signal (`$model`, `$version` are substituted).
+    """PromQL selectors of the series behind each signal (`$model`, `$version`, `$namespace` are substituted).
 
-    The defaults name kubeloop's own metrics: the traffic layer's request counter and latency histogram (the
-    embedded splitter's, with a `version` label), the model server's prediction histogram and the drift sidecar's
-    flag. On a cluster, point `requests`/`latency` at what your mesh or gateway exports per version.
+    The defaults name the embedded mode's processes: the traffic splitter's request counter and latency histogram
+    (it sees every request, failed upstreams included), the model server's prediction histogram and the drift
+    sidecar's flag. `cluster()` names the model servers' own series per namespace, for KServe, where no kubeloop
+    splitter sits in front of the versions.
     """
 
     requests: str = 'kubeloop_splitter_requests_total{version="$version"}'
@@ -118,8 +119,19 @@ class Queries:
     prediction_buckets: str = 'kubeloop_prediction_bucket{model="$model",version="$version"}'
     drift: str = 'kubeloop_drift_detected{model="$model",version="$version"}'
 
-    def render(self, template: str, model: str, version: int) -> str:
-        return Template(template).substitute(model=model, version=str(version))
+    @classmethod
+    def cluster(cls) -> Queries:
+        """Per namespace (the `namespace` label Prometheus gives pod targets), from the model server and sidecar."""
+        where = '{namespace="$namespace",model="$model",version="$version"}'
+        return cls(
+            requests=f"kubeloop_requests_total{where}",
+            latency_buckets=f"kubeloop_request_duration_seconds_bucket{where}",
+            prediction_buckets=f"kubeloop_prediction_bucket{where}",
+            drift=f"kubeloop_drift_detected{where}",
+        )
+
+    def render(self, template: str, model: str, version: int, namespace: str = "") -> str:
+        return Template(template).substitute(model=model, version=str(version), namespace=namespace)
 
 
 class SignalSource(Protocol):
@@ -128,7 +140,7 @@ class SignalSource(Protocol):
 
     def tick(self) -> None: ...
 
-    def version_signals(self, model: str, version: int, window_s: float) -> VersionSignals: ...
+    def version_signals(self, model: str, version: int, window_s: float, namespace: str = "") -> VersionSignals: ...
 
 
 class SignalError(RuntimeError):
@@ -157,15 +169,15 @@ class PrometheusSource:
             raise SignalError(f"Prometheus at {self.url}: {promql}: {body.get('error', body)}")
         return [(item["metric"], float(item["value"][1])) for item in body["data"]["result"]]
 
-    def version_signals(self, model: str, version: int, window_s: float) -> VersionSignals:
+    def version_signals(self, model: str, version: int, window_s: float, namespace: str = "") -> VersionSignals:
         q, window = self.queries, promql_duration(window_s)
 
         def increase(template: str, by: str) -> list[tuple[dict[str, str], float]]:
-            selector = q.render(template, model, version)
+            selector = q.render(template, model, version, namespace)
             return self.query(f"sum by ({by}) (increase({selector}[{window}]))")
 
         requests = increase(q.requests, q.code_label)
-        drift = self.query(f"max({q.render(q.drift, model, version)})")
+        drift = self.query(f"max({q.render(q.drift, model, version, namespace)})")
         return VersionSignals(
             version=version,
             requests=sum(_finite(value) for _, value in requests),
@@ -280,12 +292,12 @@ class MetricsSource:
         base = older[-1] if older else (self.history[0][1] if len(self.history) > 1 else [])
         return base, now_samples
 
-    def version_signals(self, model: str, version: int, window_s: float) -> VersionSignals:
+    def version_signals(self, model: str, version: int, window_s: float, namespace: str = "") -> VersionSignals:
         q = self.queries
         base, current = self._window(window_s)
 
         def increase(template: str, by: str) -> dict[str, float]:
-            selector = Selector.parse(q.render(template, model, version))
+            selector = Selector.parse(q.render(template, model, version, namespace))
             names = _with_total(selector.name)
             grouped: dict[str, float] = {}
             before = {
@@ -303,7 +315,7 @@ class MetricsSource:
             return grouped
 
         requests = increase(q.requests, q.code_label)
-        drift_selector = Selector.parse(q.render(q.drift, model, version))
+        drift_selector = Selector.parse(q.render(q.drift, model, version, namespace))
         flags = [v for n, lab, v in current if n == drift_selector.name and drift_selector.matches(n, lab)]
         return VersionSignals(
             version=version,

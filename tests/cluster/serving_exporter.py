@@ -1,8 +1,8 @@
 """What a model's serving stack exports to Prometheus, played on loopback for the cluster tests.
 
 No KServe data plane, model server or drift sidecar runs on the dev control plane, so this exporter stands in for
-them: it exports the series kubeloop.analysis's default queries read (the traffic layer's requests by version and
-code and its latency histogram, the model server's prediction histogram, the drift sidecar's flag) for traffic
+them: it exports the series the operator's queries read by default (kubeloop.analysis.Queries.cluster(): the model
+server's requests by code, latency and prediction histograms, the drift sidecar's flag) for traffic
 generated at `rate` requests per second and split the way the InferenceService asks KServe to split it (its
 ``kubeloop.dev/stable-version`` / ``kubeloop.dev/canary-version`` annotations and the canary's trafficPercent).
 What each version does (error rate, latency, predictions, drift) is set by the test.
@@ -55,10 +55,10 @@ class ServingExporter:
         self.behaviour: dict[int, Behaviour] = {}
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "kubeloop_splitter_requests", "Requests by version and code.", ["version", "code"], registry=self.registry
+            "kubeloop_requests", "Requests by code.", ["model", "version", "protocol", "code"], registry=self.registry
         )
         self.latency = Histogram(
-            "kubeloop_splitter_request_duration_seconds", "Request latency by version.", ["version"],
+            "kubeloop_request_duration_seconds", "Request latency.", ["model", "version"],
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.predictions = Histogram(
@@ -113,8 +113,8 @@ class ServingExporter:
         n = self.served[version] = self.served.get(version, 0) + 1
         failed = (n * GOLDEN) % 1.0 < behaviour.error_rate
         label = str(version)
-        self.requests.labels(label, "500" if failed else "200").inc()
-        self.latency.labels(label).observe(behaviour.latency_s)
+        self.requests.labels(self.model, label, "v2", "500" if failed else "200").inc()
+        self.latency.labels(self.model, label).observe(behaviour.latency_s)
         if not failed:
             spread = behaviour.prediction_high - behaviour.prediction_low
             self.predictions.labels(self.model, label).observe(behaviour.prediction_low + spread * ((n * GOLDEN) % 1))

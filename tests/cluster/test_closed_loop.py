@@ -1,8 +1,9 @@
 """The closed loop in the cluster: drift -> retraining -> the gate -> canary analysis -> promotion or rollback.
 
 Real: the kube-apiserver (dev control plane), the operator (``python -m operators`` as the chart's ServiceAccount,
-RBAC enforced) and a Prometheus server (Debian's binary, started by kubeloop.analysis.prometheus) scraping a
-loopback exporter every second; the operator reads its signals through Prometheus's HTTP API only.
+RBAC enforced, its default queries) and a Prometheus server (Debian's binary, started by
+kubeloop.analysis.prometheus) scraping a loopback exporter every second with the test's namespace as a target label
+(as Kubernetes service discovery would); the operator reads its signals through Prometheus's HTTP API only.
 
 Played by the test, because it cannot run here: the serving stack's metrics (serving_exporter.ServingExporter, whose
 traffic follows the split the operator writes into the InferenceService), and KubeRay plus the training run (the
@@ -71,7 +72,7 @@ def exporter(cluster: Cluster, prometheus: EmbeddedPrometheus, namespace: str) -
     api = client.CustomObjectsApi(cluster.client())
     served = ServingExporter("arrests", lambda: split_of(inferenceservice(api, namespace, "arrests")))
     url = served.start(free_port())
-    prometheus.scrape("serving", [url])
+    prometheus.scrape("serving", [url], labels={"namespace": namespace})
     wait_for(
         lambda: any(t["health"] == "up" and str(served.port) in t["scrapeUrl"] for t in prometheus.active_targets()),
         30, "Prometheus scraping the exporter",

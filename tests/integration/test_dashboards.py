@@ -105,7 +105,7 @@ def test_every_dashboard_metric_is_exported_by_a_running_process(running: Runnin
     # and the processes really answered with data: the main series carry samples, not just declarations
     lines = [line for text in running.metrics.values() for line in text.splitlines() if line and line[0] != "#"]
     sampled = {line.split("{")[0].split()[0] for line in lines}
-    for name in ("kubeloop_requests_total", "request_predict_seconds_bucket", "kubeloop_request_errors_total",
+    for name in ("kubeloop_requests_total", "kubeloop_request_duration_seconds_bucket", "kubeloop_request_errors_total",
                  "kubeloop_drift_p_value", "kubeloop_drift_events_received_total",
                  "kubeloop_splitter_request_duration_seconds_bucket", "kubeloop_operator_reconcile_total"):  # fmt: skip
         assert name in sampled, name

@@ -46,7 +46,7 @@ class FakeSource:
     def tick(self) -> None:
         pass
 
-    def version_signals(self, model, version, window_s):
+    def version_signals(self, model, version, window_s, namespace=""):
         errors = self.errors if version == 2 else 0.0
         return VersionSignals(version, 100.0, errors, list(LAT), list(PRED), False)
 

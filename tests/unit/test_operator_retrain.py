@@ -58,7 +58,7 @@ class Drift:
     def tick(self) -> None:
         pass
 
-    def version_signals(self, model, version, window_s):
+    def version_signals(self, model, version, window_s, namespace=""):
         return VersionSignals(version, drift=self.flag)
 
 

@@ -164,7 +164,7 @@ def test_batch_statistics_are_aggregated_per_call():
         "employed": np.array([1.0, 0.0, np.nan]),
     }
     metrics.observe_batch(columns, np.array([0.07, 0.5, 0.97], dtype=np.float32))
-    metrics.count_request("v1", 200)
+    metrics.count_request("v1", 200, 0.004)
     metrics.count_error("wrong_type")
     samples = parse(generate_latest(registry).decode())
     base = {"model": "m", "version": "3"}
@@ -181,6 +181,8 @@ def test_batch_statistics_are_aggregated_per_call():
     assert value("kubeloop_feature_category_total", feature="colour", value="White") == 1
     assert value("kubeloop_feature_null_total", feature="score") == 1
     assert value("kubeloop_requests_total", code="200", protocol="v1") == 1
+    assert value("kubeloop_request_duration_seconds_bucket", le="0.0025") == 0
+    assert value("kubeloop_request_duration_seconds_bucket", le="0.005") == 1
     assert value("kubeloop_request_errors_total", reason="wrong_type") == 1
     assert value("kubeloop_inference_batch_rows_count") == 1
 
