@@ -22,3 +22,8 @@ def registry_dir() -> Path:
 
 def runs_dir() -> Path:
     return home() / "runs"
+
+
+def loops_dir() -> Path:
+    """The embedded loop's decision histories (one JSON Lines file per run: what status.history holds in a cluster)."""
+    return home() / "loops"

@@ -13,6 +13,7 @@ engine (`kubeloop.analysis`) is the one the operator runs.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -30,6 +31,7 @@ import httpx
 import pandas as pd
 import yaml
 
+from kubeloop import config
 from kubeloop.analysis import AnalysisState, Decision, RetrainState, decide, decide_retrain
 from kubeloop.analysis.prometheus import Scraped
 from kubeloop.analysis.signals import duration_seconds
@@ -55,6 +57,7 @@ class LoopResult:
     candidate: int | None = None
     decisions: list[Decision] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)  # the status.history entries a cluster would hold
+    history_path: Path | None = None  # where they were written as they happened (JSON Lines)
     seconds_drift_to_full: float | None = None  # first drifted request -> candidate at 100%
     seconds_drift_to_detected: float | None = None
     seconds_to_rollback: float | None = None  # candidate serving -> rolled back
@@ -271,13 +274,20 @@ def run_loop(
     features = [f.name for f in stable.spec.signature.inputs]
     full = read_frame(load_snapshot(stable.spec.lineage.dataset_digest))
     result = LoopResult(outcome="no-drift", stable=v1)
-    history = result.history
+    result.history_path = config.loops_dir() / f"{model}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.jsonl"
+    result.history_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def keep(entry: dict) -> None:
+        result.history.append(entry)
+        with result.history_path.open("a") as out:  # type: ignore[union-attr]
+            out.write(json.dumps(entry) + "\n")
+
     workdir = Path(tempfile.mkdtemp(prefix="kubeloop-loop-"))
     group, scraped, pump, proxy = ProcessGroup(), None, None, None
 
     def record(action: str, reason: str, **extra: object) -> None:
         entry = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "action": action, "reason": reason}
-        history.append(entry | extra)
+        keep(entry | extra)
         _say(f"[loop] {action.upper():8} {reason}")
 
     try:
@@ -368,7 +378,7 @@ def run_loop(
             )
             analysis_state = decision.state
             result.decisions.append(decision)
-            history.append(decision.record())
+            keep(decision.record())
             _say(f"[loop] {decision.line()}")
             if decision.next_percent != decision.percent:
                 httpx.post(f"{splitter}/admin/traffic", json={"percent": decision.next_percent}, timeout=10)
@@ -412,6 +422,8 @@ def report(result: LoopResult) -> str:
     for decision in result.decisions:
         lines.append(f"  {decision.line()}")
     lines.append(f"outcome      {result.outcome}")
+    if result.history_path is not None:
+        lines.append(f"history      {result.history_path} ({len(result.history)} decisions)")
     if result.seconds_drift_to_full is not None:
         lines.append(
             f"measured     {result.seconds_drift_to_full:.1f}s from the first drifted request to "

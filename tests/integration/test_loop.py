@@ -7,6 +7,7 @@ Signals come from a real Prometheus when `prometheus` is on PATH (Debian's packa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -44,17 +45,23 @@ def test_drift_retrains_and_the_canary_promotes_the_new_version(registry: Regist
     assert result.seconds_drift_to_full is not None and result.seconds_drift_to_full > 0
     actions = [entry["action"] for entry in result.history]
     assert actions[0] == "retrain" and "start" in actions and actions[-1] == "promote"
+    written = [json.loads(line) for line in result.history_path.read_text().splitlines()]
+    assert written == result.history and result.history_path.parent == registry.root.parent / "loops"
 
 
-def test_a_broken_candidate_is_rolled_back_within_two_intervals(registry: Registry) -> None:
+@pytest.mark.parametrize(("broken", "failing_check"), [("garbage", "predictionShift"), ("errors", "errorRate")])
+def test_a_broken_candidate_is_rolled_back_within_two_intervals(
+    registry: Registry, broken: str, failing_check: str
+) -> None:
     result = run_loop(
-        epochs=1, workers=2, interval=INTERVAL, registry=registry, reuse_production=True, break_candidate="garbage"
+        epochs=1, workers=2, interval=INTERVAL, registry=registry, reuse_production=True, break_candidate=broken
     )
     print(report(result))
     assert result.outcome == "rolled-back", report(result)
     assert result.intervals_to_rollback is not None and result.intervals_to_rollback <= 2
     final = result.decisions[-1]
-    assert final.next_percent == 0 and "predictionShift" in final.line()
+    assert final.next_percent == 0
+    assert {c.name: c.status for c in final.checks}[failing_check] == "fail", final.line()
     rejected = registry.get("arrests", result.candidate)  # still there: never deleted
     assert rejected.spec.stage == "Rejected" and "rolling back" in (rejected.spec.stage_reason or "")
     assert registry.production("arrests").spec.version == result.stable
