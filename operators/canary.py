@@ -24,6 +24,7 @@ from typing import Any
 from kubeloop.analysis import AnalysisState, PrometheusSource, SignalSource, decide
 from kubeloop.analysis.signals import Queries, SignalError, duration_seconds
 from kubeloop.api import ModelDeployment, ModelVersion
+from operators import common
 from operators.kube import ApiError, Kind, Kube, kind_of
 from operators.settings import Settings
 
@@ -51,16 +52,6 @@ def prometheus_source(settings: Settings) -> SignalSource | None:
     return PrometheusSource(settings.prometheus_url, queries)
 
 
-def _time(value: Any) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def tick(
     body: Mapping[str, Any], kube: Kube, emit: Emit, source: SignalSource | None, now: datetime | None = None
 ) -> str | None:
@@ -86,16 +77,16 @@ def tick(
         first = analysis.steps[0]
         reason = f"canary v{canary.version} starts at {first}% against v{md.spec.version}; steps {analysis.steps}"
         reason += f", every {analysis.interval}"
-        entry = {"time": _iso(now), "action": "start", "reason": reason, "candidate": canary.version}
+        entry = {"time": common.iso(now), "action": "start", "reason": reason, "candidate": canary.version}
         entry |= {"stable": md.spec.version, "step": 0, "trafficPercent": first}
         state = {"version": canary.version, "step": 0, "failedChecks": 0, "intervals": 0}
-        state |= {"started": _iso(now), "lastChecked": _iso(now)}
+        state |= {"started": common.iso(now), "lastChecked": common.iso(now)}
         spec_patch = {"canary": {"trafficPercent": first}} if canary.traffic_percent != first else None
         write(spec_patch, {"canaryAnalysis": state, "canaryPhase": "Progressing"}, entry)
         emit(body, "Normal", "CanaryStarted", reason)
         return "start"
 
-    last = _time(current.get("lastChecked")) or now
+    last = common.parse_time(current.get("lastChecked")) or now
     if (now - last).total_seconds() < duration_seconds(analysis.interval):
         return None
     if source is None:
@@ -120,7 +111,7 @@ def tick(
         "step": decision.state.step,
         "failedChecks": decision.state.failed_checks,
         "intervals": decision.state.intervals,
-        "lastChecked": _iso(now),
+        "lastChecked": common.iso(now),
     }
     kind = "Warning" if decision.action in ("hold", "rollback") and decision.state.failed_checks else "Normal"
     if decision.action == "promote":

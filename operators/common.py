@@ -115,7 +115,17 @@ def resources(cpu: int | str, memory: int | str, gpus: int = 0) -> dict[str, Any
 
 
 def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso(datetime.now(UTC))
+
+
+def iso(moment: datetime) -> str:
+    """A status timestamp (RFC 3339, UTC, seconds)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: Any) -> datetime | None:
+    """A status timestamp back as a datetime (None when absent)."""
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value else None
 
 
 def condition(type_: str, status: bool | None, reason: str, message: str = "") -> dict[str, Any]:

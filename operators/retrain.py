@@ -42,14 +42,6 @@ SIGNAL_WINDOW_S = 60.0
 Emit = Callable[[Mapping[str, Any], str, str, str], None]
 
 
-def _time(value: Any) -> datetime | None:
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value else None
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z") if moment else None
-
-
 def tick(
     body: Mapping[str, Any], kube: Kube, emit: Emit, source: SignalSource | None, now: datetime | None = None
 ) -> str | None:
@@ -65,7 +57,7 @@ def tick(
 
     def write(status_patch: dict[str, Any], entry: dict[str, Any] | None = None, spec: dict | None = None) -> None:
         if entry is not None:
-            entry = {"time": _iso(now), **entry}
+            entry = {"time": common.iso(now), **entry}
             status_patch["history"] = [*history, entry][-HISTORY_LIMIT:]
         kube.patch(MODELDEPLOYMENT, namespace, name, {"status": status_patch}, subresource="status")
         if spec:
@@ -84,7 +76,7 @@ def tick(
     patch: dict[str, Any] = {}
     state = "Unknown" if drifting is None else "Drift" if drifting else "NoDrift"
     if (status.get("drift") or {}).get("state") != state:
-        patch["drift"] = {"state": state, "lastChecked": _iso(now)}
+        patch["drift"] = {"state": state, "lastChecked": common.iso(now)}
         message = f"drift detector on v{md.spec.version}: {state}"
         emit(body, "Warning" if drifting else "Normal", f"Drift{state}", message)
     if not policy.enabled:
@@ -92,17 +84,18 @@ def tick(
             write(patch)
         return None
 
-    before = RetrainState(_time(retrain.get("driftSince")), _time(retrain.get("lastStarted")))
+    before = RetrainState(common.parse_time(retrain.get("driftSince")), common.parse_time(retrain.get("lastStarted")))
     decision = decide_retrain(policy, before, bool(drifting), now, canary_active=md.spec.canary is not None)
     if decision.state.drift_since != before.drift_since:
-        patch["retrain"] = {"driftSince": _iso(decision.state.drift_since)}
+        since = decision.state.drift_since
+        patch["retrain"] = {"driftSince": common.iso(since) if since else None}
     if not decision.start:
         if patch:
             write(patch)
         return None
 
     job_name, problem = _create_job(kube, md, now)
-    started = {"driftSince": None, "lastStarted": _iso(now)}
+    started = {"driftSince": None, "lastStarted": common.iso(now)}
     if problem:
         entry = {"action": "retrainFailed", "reason": f"{decision.reason}, but {problem}", "stable": md.spec.version}
         write({**patch, "retrain": {**started, "reason": problem}}, entry)
