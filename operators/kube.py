@@ -228,6 +228,7 @@ def apply(
     desired: Mapping[str, Any],
     mode: str = "replace",
     create_only: bool = False,
+    create_first: bool = False,
 ) -> tuple[Action, dict[str, Any]]:
     """Create-or-update a child by name, converging without writes when nothing changed.
 
@@ -239,6 +240,10 @@ def apply(
     Unless ``create_only``, the object carries the digest of what was applied (annotation
     ``kubeloop.dev/applied-hash``): a field kubeloop no longer sets is removed even though the object still
     "contains" the desired fields.
+
+    ``create_first``: create without reading first (one request instead of two, for a child that should not exist
+    yet); an existing object is then left as it is and the ``ApiError`` 409 (AlreadyExists) propagates, for the
+    caller to converge it on the reading path.
     """
     kind = kind_of(desired["apiVersion"], desired["kind"])
     if not create_only:
@@ -246,12 +251,12 @@ def apply(
         desired["metadata"].setdefault("annotations", {})[APPLIED_HASH] = desired_hash(desired)
     meta = desired["metadata"]
     namespace, name = meta.get("namespace"), meta["name"]
-    existing = kube.get(kind, namespace, name)
+    existing = None if create_first else kube.get(kind, namespace, name)
     if existing is None:
         try:
             return Action.CREATED, kube.create(kind, namespace, desired)
         except ApiError as error:
-            if error.status != 409:
+            if error.status != 409 or create_first:
                 raise
             existing = kube.get(kind, namespace, name)  # created meanwhile (another worker, a restart): converge
             if existing is None:
