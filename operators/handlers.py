@@ -48,7 +48,7 @@ _kube: Kube | None = None
 def kube() -> Kube:
     global _kube
     if _kube is None:
-        _kube = RestKube.from_environment()
+        _kube = RestKube.from_environment(connections=_settings().workers)
     return _kube
 
 

@@ -99,15 +99,21 @@ class RestKube:
         self.api_client = api_client
 
     @classmethod
-    def from_environment(cls) -> RestKube:
-        """In a pod: the ServiceAccount's credentials; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    def from_environment(cls, connections: int) -> RestKube:
+        """In a pod: the ServiceAccount's credentials; elsewhere: $KUBECONFIG or ~/.kube/config.
+
+        ``connections``: kept-alive connections to the apiserver, one per thread that calls it. (urllib3 does not
+        wait for a free one: past the pool size each request opens, and then drops, a new TLS connection.)
+        """
         from kubernetes import client, config
 
+        configuration = client.Configuration()
         try:
-            config.load_incluster_config()
+            config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
-            config.load_kube_config()
-        return cls(client.ApiClient())
+            config.load_kube_config(client_configuration=configuration)
+        configuration.connection_pool_maxsize = connections
+        return cls(client.ApiClient(configuration))
 
     def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
         from kubernetes.client.exceptions import ApiException
