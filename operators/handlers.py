@@ -220,9 +220,15 @@ def reconcile_trainingjob(body: Mapping[str, Any], patch: kopf.Patch, reason: st
     status = plain(body.get("status") or {})
     patch.status["rayJobName"] = rj.rayjob_name(tj)
     conditions = status.get("conditions") or []
-    if any(c.get("type") == "Valid" for c in conditions):  # it was invalid, and is valid now
+    valid = [c for c in conditions if c.get("type") != "Valid"]
+    if not job.get("status"):
+        # KubeRay has not acted on it yet (on_rayjob_event leaves such a RayJob alone): say here, in kopf's status
+        # patch, that it was submitted, rather than in a second write when the RayJob's watch event arrives
+        for key, value in rj.trainingjob_status(tj, job, valid).items():
+            patch.status[key] = value
+    elif len(valid) < len(conditions):  # it was invalid, and is valid now
         patch.status["phase"] = "Pending"
-        patch.status["conditions"] = [c for c in conditions if c.get("type") != "Valid"]
+        patch.status["conditions"] = valid
     elif not status.get("phase"):
         patch.status["phase"] = "Pending"
     if rj.tj_generation(tj) is not None:
@@ -251,7 +257,7 @@ def _same_spec(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
 
 @kopf.on.event("ray.io", "v1", "rayjobs", labels={common.LABEL_TRAININGJOB: kopf.PRESENT})
 def on_rayjob_event(body: Mapping[str, Any], type: str | None, **_: Any) -> None:
-    if type == "DELETED":
+    if type == "DELETED" or not body.get("status"):  # no status: reconcile_trainingjob said it was submitted
         return
     sync_trainingjob_status(plain(body))
 

@@ -195,6 +195,18 @@ def test_a_new_trainingjob_creates_its_children_without_reading_them(
     assert [e[1] for e in fake.events] == ["Created"]
 
 
+def test_the_reconcile_says_submitted_and_the_rayjob_event_has_nothing_to_add(
+    fake: FakeKube, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tj = run_tj(fake, fake.put(sample("trainingjob")), reason="create")
+    assert {c["type"]: c["status"] for c in tj["status"]["conditions"]}["Submitted"] == "True"
+    assert tj["status"]["phase"] == "Pending"
+    job = fake.find("RayJob", "arrests-mlp")
+    assert handlers.sync_trainingjob_status(job) is None  # what the RayJob says is already there
+    monkeypatch.setattr(fake, "get", lambda *args: pytest.fail("a status-less RayJob needs no read"))
+    handlers.on_rayjob_event(body=job, type="ADDED")
+
+
 def test_a_create_retried_after_a_restart_converges_what_exists(fake: FakeKube) -> None:
     """Killed after submitting, before kopf recorded the create, and the spec edited meanwhile: the create runs
     again, finds the children and leaves the ConfigMap the run reads as it was."""
