@@ -1,8 +1,9 @@
 """Operator scale benchmark (issue 4): N TrainingJobs at once -> how fast does each get its RayJob?
 
-With the operator running (``python -m operators``, started exactly as tests/cluster/test_operator.py's
-``OperatorProcess`` starts it: same env, KUBELOOP_WORKERS=4, KUBELOOP_RETRY_DELAY=2, and by default as the chart's
-ServiceAccount, as in the tests and in a cluster), apply 100 and then 1,000
+With the operator running (``python -m operators``, started as tests/cluster/test_operator.py's
+``OperatorProcess`` starts it: same env, KUBELOOP_RETRY_DELAY=2, by default as the chart's ServiceAccount, as in
+the tests and in a cluster, but with the chart's KUBELOOP_WORKERS (operators.settings.Settings.workers) rather
+than the tests' 4: ``--workers N`` to change it), apply 100 and then 1,000
 TrainingJobs (``manifests/samples/trainingjob.yaml`` renamed tj-0..N-1, each run in a fresh namespace) from a
 thread pool, and report:
 
@@ -22,7 +23,7 @@ The chart (helm/kubeloop) is installed with helm, its Deployment scaled to 0, an
 its ServiceAccount ``kubeloop-system/kubeloop-operator``: every request is authorized by the chart's RBAC, as in
 production. ``--admin`` runs it with the admin kubeconfig instead (no chart; RBAC not measured).
 
-    uv run --frozen --no-sync python bench/operator_scale.py [--sizes 100,1000] [--threads 16] [--admin]
+    uv run --frozen --no-sync python bench/operator_scale.py [--sizes 100,1000] [--threads 16] [--admin] [--workers N]
 
 Everything runs on this machine: the control plane, the operator and this client share its cores, so the load
 average is printed beside each figure.
@@ -55,6 +56,7 @@ from kubernetes.client.exceptions import ApiException  # noqa: E402
 from test_operator import OPERATOR_SA, RELEASE, SYSTEM, OperatorProcess  # noqa: E402  (as the tests run it)
 
 from operators import chart  # noqa: E402
+from operators.settings import Settings  # noqa: E402
 
 GROUP, VERSION = "kubeloop.dev", "v1alpha1"
 TARGETS = {"p99_at_100_s": 1.0, "all_1000_within_s": 60.0, "peak_rss_mb": 300.0}
@@ -275,6 +277,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for all RayJobs of a run")
     parser.add_argument("--admin", action="store_true", help="run the operator as admin, not the chart's account")
+    parser.add_argument("--workers", type=int, default=Settings().workers, help="KUBELOOP_WORKERS (the chart's)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
@@ -297,14 +300,16 @@ def main() -> int:
         else:
             identity = f"ServiceAccount {SYSTEM}/{OPERATOR_SA}"
             operator_kubeconfig = install_chart(plane.kubeconfig, admin, work)
-        operator = OperatorProcess(operator_kubeconfig, work / "operator.log")
+        operator = OperatorProcess(
+            operator_kubeconfig, work / "operator.log", extra_env={"KUBELOOP_WORKERS": str(args.workers)}
+        )
         started = time.monotonic()
         operator.start()
         operator.wait_healthy()
         pid = operator.proc.pid
         print(
             f"operator pid {pid} healthy in {time.monotonic() - started:.1f}s ({identity}; "
-            f"KUBELOOP_WORKERS=4; log {operator.log_path}); RSS idle: {vm_field(pid, 'VmRSS'):.0f} MB",
+            f"KUBELOOP_WORKERS={args.workers}; log {operator.log_path}); RSS idle: {vm_field(pid, 'VmRSS'):.0f} MB",
             flush=True,
         )
         warm = run_once(plane.kubeconfig, "bench-warmup", 1, 1, 60, pid)
