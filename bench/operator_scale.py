@@ -1,11 +1,10 @@
 """Operator scale benchmark (issue 4): N TrainingJobs at once -> how fast does each get its RayJob?
 
-With the operator running (``python -m operators``, started as tests/cluster/test_operator.py's
-``OperatorProcess`` starts it: same env, KUBELOOP_RETRY_DELAY=2, by default as the chart's ServiceAccount, as in
-the tests and in a cluster, but with the chart's KUBELOOP_WORKERS (operators.settings.Settings.workers) rather
-than the tests' 4: ``--workers N`` to change it), apply 100 and then 1,000
-TrainingJobs (``manifests/samples/trainingjob.yaml`` renamed tj-0..N-1, each run in a fresh namespace) from a
-thread pool, and report:
+With the operator running (``python -m operators``, started by tests/cluster/test_operator.py's ``OperatorProcess``:
+the tests' environment, KUBELOOP_RETRY_DELAY=2, and by default the chart's ServiceAccount, see below; but the
+chart's KUBELOOP_WORKERS, operators.settings.Settings.workers, rather than the tests' 4: ``--workers N``), apply 100
+and then 1,000 TrainingJobs (``manifests/samples/trainingjob.yaml`` renamed tj-0..N-1, each run in a fresh
+namespace) from a thread pool, and report:
 
 - p50 / p99 of (RayJob ADDED on a watch of ``ray.io/v1 rayjobs`` in the namespace - TrainingJob create), where
   "create" is the moment the create request was sent (conservative; the p50 measured from the create *response*
