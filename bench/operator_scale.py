@@ -1,9 +1,10 @@
 """Operator scale benchmark (issue 4): N TrainingJobs at once -> how fast does each get its RayJob?
 
-With the operator running (``python -m operators``, started exactly as tests/cluster/test_operator.py's
-``OperatorProcess`` starts it: same env, KUBELOOP_WORKERS=4, KUBELOOP_RETRY_DELAY=2), apply 100 and then 1,000
-TrainingJobs (``manifests/samples/trainingjob.yaml`` renamed tj-0..N-1, each run in a fresh namespace) from a
-thread pool, and report:
+With the operator running (``python -m operators``, started by tests/cluster/operatorkit.py's ``OperatorProcess``:
+the tests' environment, KUBELOOP_RETRY_DELAY=2, and by default the chart's ServiceAccount, see below; but the
+chart's KUBELOOP_WORKERS, operators.settings.Settings.workers, rather than the tests' 4: ``--workers N``), apply 100
+and then 1,000 TrainingJobs (``manifests/samples/trainingjob.yaml`` renamed tj-0..N-1, each run in a fresh
+namespace) from a thread pool, and report:
 
 - p50 / p99 of (RayJob ADDED on a watch of ``ray.io/v1 rayjobs`` in the namespace - TrainingJob create), where
   "create" is the moment the create request was sent (conservative; the p50 measured from the create *response*
@@ -17,10 +18,11 @@ Targets (issue 4): p99 <= 1 s at 100; all 1,000 within 60 s; peak RSS <= 300 MB.
 The cluster is the dev control plane (platform/dev-controlplane, ``ControlPlane``: etcd, kube-apiserver,
 controller-manager, scheduler, kwok), with the generated CRDs of manifests/crds/ and the stand-in RayJob /
 InferenceService CRDs of tests/cluster/stand_in_crds/ (no KubeRay here: nothing acts on the RayJobs).
-NOTE: the operator runs with the ADMIN kubeconfig here (not the chart's ServiceAccount as in the tests): the
-chart is not installed, so RBAC for the operator is not what is measured.
+The chart (helm/kubeloop) is installed with helm, its Deployment scaled to 0, and the operator runs with a token of
+its ServiceAccount ``kubeloop-system/kubeloop-operator``: every request is authorized by the chart's RBAC, as in
+production. ``--admin`` runs it with the admin kubeconfig instead (no chart; RBAC not measured).
 
-    uv run --frozen --no-sync python bench/operator_scale.py [--sizes 100,1000] [--threads 16]
+    uv run --frozen --no-sync python bench/operator_scale.py [--sizes 100,1000] [--threads 16] [--admin] [--workers N]
 
 Everything runs on this machine: the control plane, the operator and this client share its cores, so the load
 average is printed beside each figure.
@@ -32,6 +34,7 @@ import argparse
 import copy
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -46,10 +49,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "cluster"))
 sys.path.insert(0, str(REPO))
 
-from clusterkit import exists, load_controlplane  # noqa: E402
+from clusterkit import exists, load_controlplane, service_account_kubeconfig  # noqa: E402
 from kubernetes import client, config, watch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
-from operatorkit import OperatorProcess  # noqa: E402  (the tests' way of running `python -m operators`)
+from operatorkit import OPERATOR_SA, RELEASE, SYSTEM, OperatorProcess  # noqa: E402  (as the tests run it)
+
+from operators import chart  # noqa: E402
+from operators.settings import Settings  # noqa: E402
 
 GROUP, VERSION = "kubeloop.dev", "v1alpha1"
 TARGETS = {"p99_at_100_s": 1.0, "all_1000_within_s": 60.0, "peak_rss_mb": 300.0}
@@ -136,6 +142,20 @@ def install_crds(api: client.ApiClient) -> None:
                 raise RuntimeError(f"CRD {name} not Established after 60 s")
             time.sleep(0.2)
     print(f"CRDs installed and Established: {', '.join(names)}", flush=True)
+
+
+def install_chart(kubeconfig: Path, api: client.ApiClient, work: Path) -> Path:
+    """helm install of helm/kubeloop (its Deployment then scaled to 0); a kubeconfig of the operator's account."""
+    helm = chart.find_helm()
+    if helm is None:
+        raise RuntimeError("no helm binary (the dev control plane build makes one)")
+    args = [helm, "--kubeconfig", str(kubeconfig), "upgrade", "--install", RELEASE, str(REPO / "helm/kubeloop")]
+    args += ["--namespace", SYSTEM, "--create-namespace", "--wait", "--timeout", "120s"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"helm install: {done.stderr}")
+    client.AppsV1Api(api).patch_namespaced_deployment_scale(f"{RELEASE}-operator", SYSTEM, {"spec": {"replicas": 0}})
+    return service_account_kubeconfig(kubeconfig, SYSTEM, OPERATOR_SA, work / "operator.kubeconfig", 7200)
 
 
 def new_namespace(core: client.CoreV1Api, name: str) -> None:
@@ -255,6 +275,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="100,1000")
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for all RayJobs of a run")
+    parser.add_argument("--admin", action="store_true", help="run the operator as admin, not the chart's account")
+    parser.add_argument("--workers", type=int, default=Settings().workers, help="KUBELOOP_WORKERS (the chart's)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
@@ -270,16 +292,23 @@ def main() -> int:
     operator = None
     results = []
     try:
-        install_crds(api_client(plane.kubeconfig, 4))
-        # the operator: as the tests start it, but with the admin kubeconfig (no chart, no ServiceAccount)
-        operator = OperatorProcess(plane.kubeconfig, work / "operator.log")
+        admin = api_client(plane.kubeconfig, 4)
+        install_crds(admin)
+        if args.admin:
+            identity, operator_kubeconfig = "admin kubeconfig", plane.kubeconfig
+        else:
+            identity = f"ServiceAccount {SYSTEM}/{OPERATOR_SA}"
+            operator_kubeconfig = install_chart(plane.kubeconfig, admin, work)
+        operator = OperatorProcess(
+            operator_kubeconfig, work / "operator.log", extra_env={"KUBELOOP_WORKERS": str(args.workers)}
+        )
         started = time.monotonic()
         operator.start()
         operator.wait_healthy()
         pid = operator.proc.pid
         print(
-            f"operator pid {pid} healthy in {time.monotonic() - started:.1f}s (admin kubeconfig; "
-            f"KUBELOOP_WORKERS=4; log {operator.log_path}); RSS idle: {vm_field(pid, 'VmRSS'):.0f} MB",
+            f"operator pid {pid} healthy in {time.monotonic() - started:.1f}s ({identity}; "
+            f"KUBELOOP_WORKERS={args.workers}; log {operator.log_path}); RSS idle: {vm_field(pid, 'VmRSS'):.0f} MB",
             flush=True,
         )
         warm = run_once(plane.kubeconfig, "bench-warmup", 1, 1, 60, pid)

@@ -50,7 +50,7 @@ _kube: Kube | None = None
 def kube() -> Kube:
     global _kube
     if _kube is None:
-        _kube = RestKube.from_environment()
+        _kube = RestKube.from_environment(connections=_settings().workers)
     return _kube
 
 
@@ -107,22 +107,35 @@ def _invalid(body: Mapping[str, Any], patch: kopf.Patch, error: SpecError) -> No
 
 
 def _apply_children(
-    owner: Mapping[str, Any], children: list[tuple[dict[str, Any], str, bool]]
+    owner: Mapping[str, Any], children: list[tuple[dict[str, Any], str, bool]], create_first: bool = False
 ) -> dict[str, tuple[Action, dict[str, Any]]]:
-    """Apply (desired, mode, create_only) children in order; post an Event for each created or updated."""
+    """Apply (desired, mode, create_only) children in order; post one Event per action, naming its children.
+
+    ``create_first``: create each child without reading it first; the ``ApiError`` 409 of one that exists
+    propagates (see operators.kube.apply).
+    """
     done: dict[str, tuple[Action, dict[str, Any]]] = {}
-    for desired, mode, create_only in children:
-        kind, name = desired["kind"], desired["metadata"]["name"]
-        try:
-            action, obj = apply(kube(), desired, mode=mode, create_only=create_only)
-        except Conflict as error:
-            emit(owner, "Warning", "NameConflict", str(error))
-            raise kopf.TemporaryError(str(error), delay=_settings().retry_delay * 4) from None
-        if action is not Action.UNCHANGED:
-            metrics.child(kind, action.value)
-            emit(owner, "Normal", action.value.capitalize(), f"{kind} {name} {action.value}")
-        done[kind] = (action, obj)
+    try:
+        for desired, mode, create_only in children:
+            try:
+                action, obj = apply(kube(), desired, mode=mode, create_only=create_only, create_first=create_first)
+            except Conflict as error:
+                emit(owner, "Warning", "NameConflict", str(error))
+                raise kopf.TemporaryError(str(error), delay=_settings().retry_delay * 4) from None
+            if action is not Action.UNCHANGED:
+                metrics.child(desired["kind"], action.value)
+            done[desired["kind"]] = (action, obj)
+    finally:
+        _report(owner, done)
     return done
+
+
+def _report(owner: Mapping[str, Any], done: Mapping[str, tuple[Action, Mapping[str, Any]]]) -> None:
+    """One Event per action taken ("ConfigMap a, RayJob b created"): an Event is a write, as costly as a child."""
+    for action in (Action.CREATED, Action.UPDATED):
+        names = [f"{kind} {obj['metadata']['name']}" for kind, (did, obj) in done.items() if did is action]
+        if names:
+            emit(owner, "Normal", action.value.capitalize(), f"{', '.join(names)} {action.value}")
 
 
 def _timed(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -176,7 +189,7 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.create(GROUP, VERSION, "trainingjobs")
 @kopf.on.update(GROUP, VERSION, "trainingjobs")
 @_timed("TrainingJob")
-def reconcile_trainingjob(body: Mapping[str, Any], patch: kopf.Patch, **_: Any) -> None:
+def reconcile_trainingjob(body: Mapping[str, Any], patch: kopf.Patch, reason: str | None = None, **_: Any) -> None:
     """Apply the TrainingJob's children; the RayJob is created once and never changed after submission."""
     try:
         tj = _parse(body)
@@ -184,16 +197,19 @@ def reconcile_trainingjob(body: Mapping[str, Any], patch: kopf.Patch, **_: Any) 
         _invalid(body, patch, error)
     assert isinstance(tj, TrainingJob)
     settings = _settings()
-    existing = kube().get(kind_of(rj.RAYJOB_API_VERSION, "RayJob"), tj.metadata.namespace, rj.rayjob_name(tj))
     desired_job = rj.desired_rayjob(tj, settings)
-    children = [
-        (rj.desired_configmap(tj), "merge", existing is not None),  # the spec the run read stays as it was
-        (rj.desired_service_account(tj), "merge", False),
-        (rj.desired_role(tj), "merge", False),
-        (rj.desired_role_binding(tj), "merge", False),
-        (desired_job, "replace", True),
-    ]
-    done = _apply_children(body, children)
+    done = None
+    if reason == kopf.Reason.CREATE:
+        # handled for the first time: its children most likely do not exist yet, so create them without reading
+        # each first; if one exists (an earlier attempt stopped mid-way), converge below as on resume
+        try:
+            done = _apply_children(body, _trainingjob_children(tj, desired_job, submitted=False), create_first=True)
+        except ApiError as error:
+            if error.status != 409:
+                raise
+    if done is None:
+        existing = kube().get(kind_of(rj.RAYJOB_API_VERSION, "RayJob"), tj.metadata.namespace, rj.rayjob_name(tj))
+        done = _apply_children(body, _trainingjob_children(tj, desired_job, submitted=existing is not None))
     action, job = done["RayJob"]
     if action is not Action.CREATED and not _same_spec(job.get("spec") or {}, desired_job["spec"]):
         emit(
@@ -206,13 +222,32 @@ def reconcile_trainingjob(body: Mapping[str, Any], patch: kopf.Patch, **_: Any) 
     status = plain(body.get("status") or {})
     patch.status["rayJobName"] = rj.rayjob_name(tj)
     conditions = status.get("conditions") or []
-    if any(c.get("type") == "Valid" for c in conditions):  # it was invalid, and is valid now
+    valid = [c for c in conditions if c.get("type") != "Valid"]
+    if not job.get("status"):
+        # KubeRay has not acted on it yet (on_rayjob_event leaves such a RayJob alone): say here, in kopf's status
+        # patch, that it was submitted, rather than in a second write when the RayJob's watch event arrives
+        for key, value in rj.trainingjob_status(tj, job, valid).items():
+            patch.status[key] = value
+    elif len(valid) < len(conditions):  # it was invalid, and is valid now
         patch.status["phase"] = "Pending"
-        patch.status["conditions"] = [c for c in conditions if c.get("type") != "Valid"]
+        patch.status["conditions"] = valid
     elif not status.get("phase"):
         patch.status["phase"] = "Pending"
     if rj.tj_generation(tj) is not None:
         patch.status["observedGeneration"] = rj.tj_generation(tj)
+
+
+def _trainingjob_children(
+    tj: TrainingJob, desired_job: dict[str, Any], submitted: bool
+) -> list[tuple[dict[str, Any], str, bool]]:
+    """(desired, mode, create_only) of the TrainingJob's children, the RayJob last: it runs with the others."""
+    return [
+        (rj.desired_configmap(tj), "merge", submitted),  # once submitted, the spec the run read stays as it was
+        (rj.desired_service_account(tj), "merge", False),
+        (rj.desired_role(tj), "merge", False),
+        (rj.desired_role_binding(tj), "merge", False),
+        (desired_job, "replace", True),
+    ]
 
 
 def _same_spec(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
@@ -224,7 +259,7 @@ def _same_spec(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
 
 @kopf.on.event("ray.io", "v1", "rayjobs", labels={common.LABEL_TRAININGJOB: kopf.PRESENT})
 def on_rayjob_event(body: Mapping[str, Any], type: str | None, **_: Any) -> None:
-    if type == "DELETED":
+    if type == "DELETED" or not body.get("status"):  # no status: reconcile_trainingjob said it was submitted
         return
     sync_trainingjob_status(plain(body))
 

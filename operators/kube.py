@@ -99,15 +99,21 @@ class RestKube:
         self.api_client = api_client
 
     @classmethod
-    def from_environment(cls) -> RestKube:
-        """In a pod: the ServiceAccount's credentials; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    def from_environment(cls, connections: int) -> RestKube:
+        """In a pod: the ServiceAccount's credentials; elsewhere: $KUBECONFIG or ~/.kube/config.
+
+        ``connections``: kept-alive connections to the apiserver, one per thread that calls it. (urllib3 does not
+        wait for a free one: past the pool size each request opens, and then drops, a new TLS connection.)
+        """
         from kubernetes import client, config
 
+        configuration = client.Configuration()
         try:
-            config.load_incluster_config()
+            config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
-            config.load_kube_config()
-        return cls(client.ApiClient())
+            config.load_kube_config(client_configuration=configuration)
+        configuration.connection_pool_maxsize = connections
+        return cls(client.ApiClient(configuration))
 
     def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
         from kubernetes.client.exceptions import ApiException
@@ -228,6 +234,7 @@ def apply(
     desired: Mapping[str, Any],
     mode: str = "replace",
     create_only: bool = False,
+    create_first: bool = False,
 ) -> tuple[Action, dict[str, Any]]:
     """Create-or-update a child by name, converging without writes when nothing changed.
 
@@ -239,6 +246,10 @@ def apply(
     Unless ``create_only``, the object carries the digest of what was applied (annotation
     ``kubeloop.dev/applied-hash``): a field kubeloop no longer sets is removed even though the object still
     "contains" the desired fields.
+
+    ``create_first``: create without reading first (one request instead of two, for a child that should not exist
+    yet); an existing object is then left as it is and the ``ApiError`` 409 (AlreadyExists) propagates, for the
+    caller to converge it on the reading path.
     """
     kind = kind_of(desired["apiVersion"], desired["kind"])
     if not create_only:
@@ -246,12 +257,12 @@ def apply(
         desired["metadata"].setdefault("annotations", {})[APPLIED_HASH] = desired_hash(desired)
     meta = desired["metadata"]
     namespace, name = meta.get("namespace"), meta["name"]
-    existing = kube.get(kind, namespace, name)
+    existing = None if create_first else kube.get(kind, namespace, name)
     if existing is None:
         try:
             return Action.CREATED, kube.create(kind, namespace, desired)
         except ApiError as error:
-            if error.status != 409:
+            if error.status != 409 or create_first:
                 raise
             existing = kube.get(kind, namespace, name)  # created meanwhile (another worker, a restart): converge
             if existing is None:

@@ -38,6 +38,7 @@ RESULT_KEY = "modelversion.yaml"
 SPEC_MOUNT = "/etc/kubeloop"
 ENTRYPOINT = f"kubeloop run -f {SPEC_MOUNT}/{SPEC_KEY}"
 COMPONENT = "training"
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's: the same YAML, a fraction of the CPU
 RAY_PORTS = [
     {"containerPort": 6379, "name": "gcs-server", "protocol": "TCP"},
     {"containerPort": 8265, "name": "dashboard", "protocol": "TCP"},
@@ -73,7 +74,7 @@ def trainingjob_document(tj: TrainingJob) -> str:
         "metadata": {"name": tj.metadata.name, "namespace": tj.metadata.namespace},
         "spec": tj.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
     }
-    return yaml.safe_dump(doc, sort_keys=False)
+    return yaml.dump(doc, Dumper=_DUMPER, sort_keys=False)
 
 
 def desired_configmap(tj: TrainingJob) -> dict[str, Any]:

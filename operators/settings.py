@@ -101,7 +101,7 @@ class Settings:
     query_drift: str = ""
 
     # reconciling
-    workers: int = 8  # threads running the (synchronous) handlers
+    workers: int = 32  # threads running the (synchronous) handlers, mostly waiting on the apiserver
     retry_delay: int = 15  # seconds before retrying a reconcile that waits on something (a ModelVersion, say)
     metrics_port: int = 9090  # 0: no /metrics endpoint
     health_port: int = 8080  # kopf's liveness endpoint, /healthz; 0: none

@@ -131,9 +131,9 @@ def apply_patch(fake: FakeKube, body: dict[str, Any], patch: kopf.Patch) -> dict
     return fake.find(body["kind"], body["metadata"]["name"])  # type: ignore[return-value]
 
 
-def run_tj(fake: FakeKube, body: dict[str, Any]) -> dict[str, Any]:
+def run_tj(fake: FakeKube, body: dict[str, Any], reason: str = "resume") -> dict[str, Any]:
     patch = kopf.Patch()
-    handlers.reconcile_trainingjob(body=body, patch=patch)
+    handlers.reconcile_trainingjob(body=body, patch=patch, reason=reason)
     return apply_patch(fake, body, patch)
 
 
@@ -164,7 +164,65 @@ def test_trainingjob_reconcile_creates_children_once(fake: FakeKube) -> None:
     for key, obj in snapshot.items():
         if obj["kind"] != "TrainingJob":
             assert fake.objects[key] == obj
-    assert [e[1] for e in fake.events] == ["Created"] * 5
+    assert fake.events == [
+        (
+            "Normal",
+            "Created",
+            "ConfigMap arrests-mlp-trainingjob, ServiceAccount arrests-mlp-training, Role arrests-mlp-training, "
+            "RoleBinding arrests-mlp-training, RayJob arrests-mlp created",
+        )
+    ]
+
+
+def test_a_new_trainingjob_creates_its_children_without_reading_them(
+    fake: FakeKube, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    get = fake.get
+    monkeypatch.setattr(
+        fake, "get", lambda kind, namespace, name: reads.append(kind.kind) or get(kind, namespace, name)
+    )
+    tj = run_tj(fake, fake.put(sample("trainingjob")), reason="create")
+    assert reads == []
+    assert [w[1] for w in fake.writes if w[0] == "create"] == [
+        "ConfigMap",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "RayJob",
+    ]
+    assert tj["status"]["phase"] == "Pending"
+    assert [e[1] for e in fake.events] == ["Created"]
+
+
+def test_the_reconcile_says_submitted_and_the_rayjob_event_has_nothing_to_add(
+    fake: FakeKube, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tj = run_tj(fake, fake.put(sample("trainingjob")), reason="create")
+    assert {c["type"]: c["status"] for c in tj["status"]["conditions"]}["Submitted"] == "True"
+    assert tj["status"]["phase"] == "Pending"
+    job = fake.find("RayJob", "arrests-mlp")
+    assert handlers.sync_trainingjob_status(job) is None  # what the RayJob says is already there
+    monkeypatch.setattr(fake, "get", lambda *args: pytest.fail("a status-less RayJob needs no read"))
+    handlers.on_rayjob_event(body=job, type="ADDED")
+
+
+def test_a_create_retried_after_a_restart_converges_what_exists(fake: FakeKube) -> None:
+    """Killed after submitting, before kopf recorded the create, and the spec edited meanwhile: the create runs
+    again, finds the children and leaves the ConfigMap the run reads as it was."""
+    tj = fake.put(sample("trainingjob"))
+    run_tj(fake, tj, reason="create")
+    cm_before = fake.find("ConfigMap", "arrests-mlp-trainingjob")
+    job_before = fake.find("RayJob", "arrests-mlp")
+    fake.objects.pop(("rolebindings", "ml", "arrests-mlp-training"))
+    tj["spec"]["workers"]["replicas"] = 5
+    fake.writes.clear()
+    fake.events.clear()  # type: ignore[attr-defined]
+    run_tj(fake, tj, reason="create")
+    assert [w[:2] for w in fake.writes if w[0] != "patch/status"] == [("create", "RoleBinding")]
+    assert fake.find("ConfigMap", "arrests-mlp-trainingjob") == cm_before
+    assert fake.find("RayJob", "arrests-mlp") == job_before
+    assert [e[1] for e in fake.events] == ["Created", "SpecChangedAfterSubmission"]
 
 
 def test_trainingjob_reconcile_leaves_a_running_rayjob_alone(fake: FakeKube) -> None:
