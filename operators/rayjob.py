@@ -258,17 +258,6 @@ def desired_rayjob(tj: TrainingJob, settings: Settings | None = None) -> dict[st
     }
 
 
-def desired_children(tj: TrainingJob, settings: Settings | None = None) -> list[dict[str, Any]]:
-    """Every child of a TrainingJob, in the order they are applied (the RayJob last: it needs the others)."""
-    return [
-        desired_configmap(tj),
-        desired_service_account(tj),
-        desired_role(tj),
-        desired_role_binding(tj),
-        desired_rayjob(tj, settings),
-    ]
-
-
 # --- status: RayJob -> TrainingJob -----------------------------------------------------------------------------
 
 PENDING_DEPLOYMENT = {"", "Initializing", "Waiting", "Suspending", "Suspended", "New"}

@@ -381,7 +381,7 @@ def test_killing_the_operator_mid_reconcile_leaves_one_child_of_each_kind(
     operator.stop()
     jobs = [f"train-{i}" for i in range(20)]
     deployments = [f"serve-{i}" for i in range(5)]
-    total = 5 * len(jobs) + 2 * len(deployments)  # ConfigMap, SA, Role, RoleBinding, RayJob; ConfigMap, ISVC
+    total = 5 * len(jobs) + 2 * len(deployments)  # ConfigMap, SA, RayJob, Role, RoleBinding; ConfigMap, ISVC
     rbac = client.RbacAuthorizationV1Api(core.api_client)
     managed = "app.kubernetes.io/managed-by=kubeloop-operator"
 
@@ -612,6 +612,7 @@ def test_the_webhook_rejects_what_the_schema_cannot_and_warns_of_missing_version
     webhook: None, api: client.CustomObjectsApi, kubeconfig: Path, namespace: str
 ) -> None:
     doc = sample("modeldeployment")
+    doc["spec"]["canary"] = {"version": 2, "trafficPercent": 10, "analysis": {"steps": [50, 10]}}
 
     def rejected() -> str | None:
         try:

@@ -154,7 +154,7 @@ def test_trainingjob_reconcile_creates_children_once(fake: FakeKube) -> None:
     tj = fake.put(sample("trainingjob"))
     tj = run_tj(fake, tj)
     created = [w for w in fake.writes if w[0] == "create"]
-    assert [w[1] for w in created] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "RayJob"]
+    assert [w[1] for w in created] == ["ConfigMap", "ServiceAccount", "RayJob", "Role", "RoleBinding"]
     assert tj["status"]["phase"] == "Pending"
     assert tj["status"]["rayJobName"] == "arrests-mlp"
     snapshot = copy.deepcopy(fake.objects)
@@ -168,8 +168,8 @@ def test_trainingjob_reconcile_creates_children_once(fake: FakeKube) -> None:
         (
             "Normal",
             "Created",
-            "ConfigMap arrests-mlp-trainingjob, ServiceAccount arrests-mlp-training, Role arrests-mlp-training, "
-            "RoleBinding arrests-mlp-training, RayJob arrests-mlp created",
+            "ConfigMap arrests-mlp-trainingjob, ServiceAccount arrests-mlp-training, RayJob arrests-mlp, "
+            "Role arrests-mlp-training, RoleBinding arrests-mlp-training created",
         )
     ]
 
@@ -187,9 +187,9 @@ def test_a_new_trainingjob_creates_its_children_without_reading_them(
     assert [w[1] for w in fake.writes if w[0] == "create"] == [
         "ConfigMap",
         "ServiceAccount",
+        "RayJob",
         "Role",
         "RoleBinding",
-        "RayJob",
     ]
     assert tj["status"]["phase"] == "Pending"
     assert [e[1] for e in fake.events] == ["Created"]

@@ -261,8 +261,6 @@ def test_the_run_may_patch_its_one_configmap_and_nothing_else() -> None:
         "name": "arrests-mlp-training",
     }
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "arrests-mlp-training", "namespace": "ml"}]
-    kinds = [child["kind"] for child in rj.desired_children(tj, SETTINGS)]
-    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "RayJob"]
 
 
 # --- status mapping ------------------------------------------------------------------------------------------------
