@@ -115,11 +115,15 @@ def tick(
     }
     kind = "Warning" if decision.action in ("hold", "rollback") and decision.state.failed_checks else "Normal"
     if decision.action == "promote":
-        write({"version": canary.version, "canary": None}, {"canaryAnalysis": None, "canaryPhase": "Promoted"}, entry)
+        # the registry first: whoever sees the deployment on the new version finds it Production (and a restart
+        # in between judges the same interval again, which sets the same stages)
         _set_stage(kube, emit, body, md, md.spec.version, "Archived", f"superseded by v{canary.version}")
         _set_stage(kube, emit, body, md, canary.version, "Production", decision.reason)
+        write({"version": canary.version, "canary": None}, {"canaryAnalysis": None, "canaryPhase": "Promoted"}, entry)
         emit(body, "Normal", "CanaryPromoted", decision.line())
     elif decision.action == "rollback":
+        # traffic first; the candidate is marked Rejected once no spec names it (a Rejected version named by the
+        # spec would stop the reconcile)
         write({"canary": None}, {"canaryAnalysis": None, "canaryPhase": "RolledBack"}, entry)
         _set_stage(kube, emit, body, md, canary.version, "Rejected", decision.reason)
         emit(body, "Warning", "CanaryRolledBack", decision.line())

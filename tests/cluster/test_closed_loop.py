@@ -179,12 +179,12 @@ def test_sustained_drift_retrains_and_the_canary_walks_the_steps_to_promotion(
     assert actions[actions.index("retrain") :] == ["retrain", "start", "advance", "advance", "advance", "promote"]
     for entry in history(api, namespace)[-4:]:
         assert {c["name"]: c["status"] for c in entry["checks"]}["errorRate"] == "pass", entry
+    # the registry is updated before the deployment moves: seeing v2 stable means it is Production already
     assert kubeloop_obj(api, "modelversions", namespace, "arrests-v2")["spec"]["stage"] == "Production"
     assert kubeloop_obj(api, "modelversions", namespace, "arrests-v1")["spec"]["stage"] == "Archived"
     wait_for(lambda: split_of(inferenceservice(api, namespace, "arrests")) == {2: 100}, 30, "v2 at 100%")
-    assert {"Retraining", "RetrainedVersionReady", "CanaryStarted", "CanaryAdvanced", "CanaryPromoted"} <= reasons(
-        core, namespace
-    )
+    expected = {"Retraining", "RetrainedVersionReady", "CanaryStarted", "CanaryAdvanced", "CanaryPromoted"}
+    wait_for(lambda: expected <= reasons(core, namespace), 30, f"Events {sorted(expected)}")  # posted asynchronously
 
 
 def test_failing_metrics_roll_the_canary_back_within_two_intervals(
@@ -213,8 +213,12 @@ def test_failing_metrics_roll_the_canary_back_within_two_intervals(
 
     md = md_of(api, namespace)
     assert md["spec"]["version"] == 1 and md["status"]["canaryPhase"] == "RolledBack"
-    v3 = kubeloop_obj(api, "modelversions", namespace, "arrests-v3")
-    assert v3 is not None, "a rolled-back version is never deleted"
-    assert v3["spec"]["stage"] == "Rejected" and "error rate" in v3["spec"]["stageReason"]
+
+    def rejected() -> dict[str, Any] | None:  # marked right after the spec stops naming it; never deleted
+        mv = kubeloop_obj(api, "modelversions", namespace, "arrests-v3")
+        return mv if mv and mv["spec"]["stage"] == "Rejected" else None
+
+    v3 = wait_for(rejected, 10, "v3 Rejected")
+    assert "error rate" in v3["spec"]["stageReason"]
     wait_for(lambda: split_of(inferenceservice(api, namespace, "arrests")) == {1: 100}, 30, "100% back to v1")
-    assert "CanaryRolledBack" in reasons(core, namespace)
+    wait_for(lambda: "CanaryRolledBack" in reasons(core, namespace), 30, "the CanaryRolledBack Event")
