@@ -264,7 +264,7 @@ def run_loop(
 
     stable = registry.production(model) if reuse_production else None
     if stable is None:
-        _say(f"[loop] train {model} v1: {workers} Ray workers, {epochs} epochs")
+        _say(f"[loop] train the stable version of {model}: {workers} Ray workers, {epochs} epochs")
         stable = run_training_job(job, registry).model_version
         if stable.spec.stage == "Rejected":
             raise KubeloopError(f"{stable.metadata.name} did not pass the gate: {stable.spec.stage_reason}")
