@@ -1,5 +1,5 @@
-"""The Helm chart: lint --strict, what it renders (labels, Pod Security, least-privilege RBAC, values schema), and the
-kustomize base in manifests/ generated from it (up to date, and equal to the chart's defaults).
+"""The Helm chart: lint --strict, what it renders (labels, Pod Security, least-privilege RBAC, values schema, the Grafana
+dashboards behind a value), and the kustomize base in manifests/ generated from it (up to date, equal to the defaults).
 
 Needs a helm binary ($KUBELOOP_HELM, PATH, or the dev control plane's build); skipped without one.
 """
@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kubeloop.report import dashboards
 from operators import admission, chart
 
 REPO = Path(__file__).resolve().parents[2]
@@ -216,3 +217,36 @@ def test_kustomize_base_equals_the_chart_defaults() -> None:
     by_key = {key(doc): doc for doc in built}
     for doc in expected:
         assert by_key[key(doc)] == doc, key(doc)
+
+
+# --- the Grafana dashboards (monitoring/dashboards, generated into the chart) ---------------------------------------
+
+
+def configmaps(*args: str) -> list[dict[str, Any]]:
+    return [doc for doc in render(*args) if doc["kind"] == "ConfigMap"]
+
+
+def test_chart_ships_the_dashboards_behind_a_value() -> None:
+    boards = dashboards.load()
+    assert configmaps() == []
+    (cm,) = configmaps("--set", "dashboards.enabled=true")
+    meta = cm["metadata"]
+    assert meta["name"] == "kubeloop-dashboards" and meta["namespace"] == "kubeloop-system"
+    assert meta["labels"]["grafana_dashboard"] == "1"
+    assert meta["labels"]["app.kubernetes.io/component"] == "dashboards"
+    assert meta["labels"]["app.kubernetes.io/part-of"] == "kubeloop"
+    assert meta["annotations"] == {"grafana_folder": "kubeloop"}
+    assert sorted(cm["data"]) == sorted(boards)
+    for name, board in boards.items():
+        assert json.loads(cm["data"][name]) == board  # Grafana's {{legend}} templates survive Helm
+    (moved,) = configmaps(
+        "--set", "dashboards.enabled=true", "--set", "dashboards.namespace=monitoring",
+        "--set", "dashboards.label=grafana_dashboards", "--set", "dashboards.labelValue=kubeloop",
+        "--set", "dashboards.folder=",
+    )  # fmt: skip
+    assert moved["metadata"]["namespace"] == "monitoring"
+    assert moved["metadata"]["labels"]["grafana_dashboards"] == "kubeloop"
+    assert "annotations" not in moved["metadata"]
+    helm("lint", "--strict", str(CHART_DIR), "--set", "dashboards.enabled=true")
+    bad = helm("template", "k", str(CHART_DIR), "--set", "dashboards.enable=true", check=False)
+    assert bad.returncode != 0 and "enable" in bad.stderr

@@ -1,16 +1,15 @@
-"""The Grafana dashboards: well-formed, valid PromQL (promtool), the chart's ConfigMap generated from them and shipped
-behind dashboards.enabled with the Grafana sidecar label, and the training dashboard's metrics exported by the operator.
+"""The Grafana dashboards: well-formed, valid PromQL (promtool), the chart's ConfigMap generated from them, and the
+training dashboard's metrics exported by the operator.
 
-The check against the serving and drift processes' /metrics is tests/integration/test_dashboards.py.
+How the chart ships them (behind dashboards.enabled, with the Grafana sidecar label) is tests/unit/test_chart.py; the
+check against the serving and drift processes' /metrics is tests/integration/test_dashboards.py.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -112,55 +111,3 @@ def test_training_dashboard_uses_what_the_operator_exports() -> None:
 
 def test_chart_template_is_generated_from_the_dashboards() -> None:
     assert dashboards.check() == [], "run: kubeloop manifests generate"
-
-
-# ---- the chart -----------------------------------------------------------------------------------------------------
-
-try:
-    from operators.chart import find_helm
-
-    HELM = find_helm()
-except ImportError:  # pragma: no cover
-    HELM = None
-needs_helm = pytest.mark.skipif(
-    HELM is None, reason="no helm binary (build the dev control plane or set KUBELOOP_HELM)"
-)
-
-
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    assert HELM is not None
-    done = subprocess.run([HELM, *args], capture_output=True, text=True, timeout=120, check=False)
-    if check and done.returncode != 0:
-        pytest.fail(f"helm {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
-    return done
-
-
-def configmaps(*args: str) -> list[dict[str, Any]]:
-    out = helm("template", "kubeloop", str(REPO / "helm/kubeloop"), "--namespace", "kubeloop-system", *args).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc and doc["kind"] == "ConfigMap"]
-
-
-@needs_helm
-def test_chart_ships_the_dashboards_behind_a_value() -> None:
-    assert configmaps() == []
-    (cm,) = configmaps("--set", "dashboards.enabled=true")
-    meta = cm["metadata"]
-    assert meta["name"] == "kubeloop-dashboards" and meta["namespace"] == "kubeloop-system"
-    assert meta["labels"]["grafana_dashboard"] == "1"
-    assert meta["labels"]["app.kubernetes.io/component"] == "dashboards"
-    assert meta["labels"]["app.kubernetes.io/part-of"] == "kubeloop"
-    assert meta["annotations"] == {"grafana_folder": "kubeloop"}
-    assert sorted(cm["data"]) == sorted(BOARDS)
-    for name, board in BOARDS.items():
-        assert json.loads(cm["data"][name]) == board  # Grafana's {{legend}} templates survive Helm
-    (moved,) = configmaps(
-        "--set", "dashboards.enabled=true", "--set", "dashboards.namespace=monitoring",
-        "--set", "dashboards.label=grafana_dashboards", "--set", "dashboards.labelValue=kubeloop",
-        "--set", "dashboards.folder=",
-    )  # fmt: skip
-    assert moved["metadata"]["namespace"] == "monitoring"
-    assert moved["metadata"]["labels"]["grafana_dashboards"] == "kubeloop"
-    assert "annotations" not in moved["metadata"]
-    helm("lint", "--strict", str(REPO / "helm/kubeloop"), "--set", "dashboards.enabled=true")
-    bad = helm("template", "k", str(REPO / "helm/kubeloop"), "--set", "dashboards.enable=true", check=False)
-    assert bad.returncode != 0 and "enable" in bad.stderr
