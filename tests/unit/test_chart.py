@@ -1,5 +1,6 @@
-"""The Helm chart: lint --strict, what it renders (labels, Pod Security, least-privilege RBAC, values schema, the Grafana
-dashboards behind a value), and the kustomize base in manifests/ generated from it (up to date, equal to the defaults).
+"""The Helm chart: lint --strict, what it renders (labels, Pod Security, least-privilege RBAC, values schema, the
+Grafana dashboards behind a value), and the kustomize base in manifests/ generated from it (up to date, equal to the
+chart's defaults).
 
 Needs a helm binary ($KUBELOOP_HELM, PATH, or the dev control plane's build); skipped without one.
 """
