@@ -78,7 +78,8 @@ def tick(
     if (status.get("drift") or {}).get("state") != state:
         patch["drift"] = {"state": state, "lastChecked": common.iso(now)}
         message = f"drift detector on v{md.spec.version}: {state}"
-        emit(body, "Warning" if drifting else "Normal", f"Drift{state}", message)
+        reason = {"Drift": "DriftDetected", "NoDrift": "NoDrift", "Unknown": "DriftUnknown"}[state]
+        emit(body, "Warning" if drifting else "Normal", reason, message)
     if not policy.enabled:
         if patch:
             write(patch)

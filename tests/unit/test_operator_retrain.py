@@ -107,7 +107,7 @@ def test_drift_must_last_sustained_for_then_one_copy_on_fresh_data_is_started() 
     assert job["metadata"]["ownerReferences"][0]["uid"] == "md-uid"
     assert status(kube)["retrain"]["trainingJob"] == job["metadata"]["name"]
     assert status(kube)["history"][-1]["action"] == "retrain"
-    assert [e[1] for e in events] == ["DriftDrift", "Retraining"]
+    assert [e[1] for e in events] == ["DriftDetected", "Retraining"]
     for seconds in (62, 120, 4000):  # while it trains, nothing new starts
         assert tick(kube, source, seconds) is None
     assert len(kube.created) == 1
