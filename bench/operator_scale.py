@@ -16,8 +16,9 @@ namespace) from a thread pool, and report:
 Targets (issue 4): p99 <= 1 s at 100; all 1,000 within 60 s; peak RSS <= 300 MB.
 
 The cluster is the dev control plane (platform/dev-controlplane, ``ControlPlane``: etcd, kube-apiserver,
-controller-manager, scheduler, kwok), with the generated CRDs of manifests/crds/ and the stand-in RayJob /
-InferenceService CRDs of tests/cluster/stand_in_crds/ (no KubeRay here: nothing acts on the RayJobs).
+controller-manager, scheduler, kwok), with the generated CRDs of manifests/crds/ and the upstream KubeRay, KServe and
+Gateway API CRDs (platform/dev-controlplane/upstream.py) but not their controllers: only the operator is measured,
+nothing acts on the RayJobs.
 The chart (helm/kubeloop) is installed with helm, its Deployment scaled to 0, and the operator runs with a token of
 its ServiceAccount ``kubeloop-system/kubeloop-operator``: every request is authorized by the chart's RBAC, as in
 production. ``--admin`` runs it with the admin kubeconfig instead (no chart; RBAC not measured).
@@ -49,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "cluster"))
 sys.path.insert(0, str(REPO))
 
-from clusterkit import exists, load_controlplane, service_account_kubeconfig  # noqa: E402
+from clusterkit import exists, load_controlplane, load_upstream, service_account_kubeconfig  # noqa: E402
 from kubernetes import client, config, watch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 from operatorkit import OPERATOR_SA, RELEASE, SYSTEM, OperatorProcess  # noqa: E402  (as the tests run it)
@@ -118,9 +119,7 @@ def api_client(kubeconfig: Path, pool: int) -> client.ApiClient:
 
 def install_crds(api: client.ApiClient) -> None:
     ext = client.ApiextensionsV1Api(api)
-    paths = sorted((REPO / "manifests/crds").glob("*.yaml")) + sorted(
-        (REPO / "tests/cluster/stand_in_crds").glob("*.yaml")
-    )
+    paths = sorted((REPO / "manifests/crds").glob("*.yaml")) + load_upstream().crd_files(load_controlplane().bin_dir())
     names = []
     for path in paths:
         for crd in yaml.safe_load_all(path.read_text()):

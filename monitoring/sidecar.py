@@ -1,7 +1,8 @@
 """The drift-detector sidecar: a CloudEvents sink for KServe's payload logger that watches for drift.
 
-    python -m monitoring.sidecar --host 127.0.0.1 --port 9081 --model-version mv.yaml [--model-version mv2.yaml]
-        [--default-version N] --detector ks|mmd --window 200 --p-value 0.05 --reference-size 2000
+    python -m monitoring.sidecar --host 127.0.0.1 --port 8090 [--metrics-port 8091 [--metrics-host 0.0.0.0]]
+        --model-version mv.yaml [--model-version mv2.yaml] [--default-version N] --detector ks|mmd --window 200
+        --p-value 0.05 --reference-size 2000
 
 For each ModelVersion it loads a seeded reference sample of the training snapshot named in its lineage and keeps
 a window per version. ``POST`` (any path) takes one event: the handler parses and appends, nothing more; a full
@@ -11,6 +12,10 @@ blocks KServe's logger (whose own queue of 100 blocks predictions when it fills)
 windows, response events a per-version prediction window (for canary analysis). ``GET /metrics`` (Prometheus),
 ``GET /status`` (JSON), ``GET /healthz``. A malformed event is answered 4xx, counted by reason and logged (at
 most one line per reason per ``LOG_EVERY_S``); it never stops the process.
+
+Listeners: ``--host``/``--port`` serves every route; keep it on loopback, the logger posts from inside the pod. With
+``--metrics-port`` a second, read-only listener (``--metrics-host``, 0.0.0.0 by default) serves the GET routes to
+the pod network for Prometheus and answers events with 405, so nothing outside the pod can feed the detector.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import logging
 import math
 import queue
+import socket
 import sys
 import threading
 import time
@@ -243,6 +249,7 @@ class DriftSidecar:
     """The ASGI application (no framework: four routes, and the event route is the hot path)."""
 
     def __init__(self, monitors: Sequence[VersionMonitor], config: SidecarConfig, default_version: int) -> None:
+        self.read_only_ports: frozenset[int] = frozenset()  # local ports of the read-only (metrics) listener
         self.monitors = {m.version: m for m in monitors}
         if default_version not in self.monitors:
             raise ValueError(f"default version {default_version} is not one of {sorted(self.monitors)}")
@@ -514,6 +521,9 @@ class DriftSidecar:
             return
         method = scope["method"]
         if method == "POST":
+            if self.read_only_ports and (scope.get("server") or ("", 0))[1] in self.read_only_ports:
+                await _respond(send, 405, b'{"error":"read-only listener: GET /metrics /status /healthz"}', close=True)
+                return
             await self._post(scope, receive, send)
             return
         path = scope["path"]
@@ -716,8 +726,16 @@ def build_sidecar(records: Sequence[ModelVersion], config: SidecarConfig, defaul
 def _parser() -> argparse.ArgumentParser:
     defaults = DriftMonitor()
     p = argparse.ArgumentParser(prog="python -m monitoring.sidecar", description=__doc__.split("\n\n")[0])
-    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 locally; 0.0.0.0 in a pod (default %(default)s)")
-    p.add_argument("--port", type=int, default=9081, help="0 picks a free port (printed)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="the listener for events and every route; keep it on loopback (%(default)s)"
+    )
+    p.add_argument("--port", type=int, default=8090, help="0 picks a free port (printed)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="also serve GET /metrics /status /healthz, and no events, on this port (0: a free one, printed)",
+    )
+    p.add_argument("--metrics-host", default="0.0.0.0", help="the read-only listener's address (default %(default)s)")
     p.add_argument(
         "--model-version",
         action="append",
@@ -752,8 +770,32 @@ def _setup_logging(verbose: bool) -> None:
     ours.propagate = False
 
 
+@dataclass(frozen=True)
+class Listener:
+    host: str
+    port: int  # 0: a free one
+
+
+def listeners(args: argparse.Namespace) -> tuple[Listener, Listener | None]:
+    """The ingest listener and the read-only metrics listener (None without --metrics-port)."""
+    ingest = Listener(args.host, args.port)
+    for name, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
+        if port is not None and not 0 <= port <= 65535:
+            raise ValueError(f"{name} {port}: expected 0-65535 (0: a free port)")
+    if args.metrics_port is None:
+        return ingest, None
+    if args.metrics_port == args.port and args.port != 0:
+        raise ValueError(f"--metrics-port {args.metrics_port} is the ingest --port too: give it a port of its own")
+    return ingest, Listener(args.metrics_host, args.metrics_port)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        ingest, metrics = listeners(args)
+    except ValueError as error:
+        parser.error(str(error))
     _setup_logging(args.verbose)
     disable_created_metrics()  # no *_created series: they would double the exposition
     from pydantic import ValidationError
@@ -787,7 +829,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     app.start()
     try:
-        serve(app, args.host, args.port)
+        serve(app, ingest, metrics)
     finally:
         app.stop()
     return 0
@@ -804,18 +846,41 @@ UVICORN_SETTINGS: dict[str, Any] = {
 }
 
 
-def serve(app: DriftSidecar, host: str, port: int) -> None:
+def serve(app: DriftSidecar, ingest: Listener, metrics: Listener | None = None) -> None:
+    """Serve `app` on the ingest listener and, if given, the read-only metrics listener: one server, one event loop,
+    both sockets (the app tells them apart by the local port of each request)."""
     import uvicorn
+
+    sockets = [_bind(ingest)]
+    if metrics is not None:
+        sockets.append(_bind(metrics))
+        app.read_only_ports = frozenset({sockets[1].getsockname()[1]})
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
             if self.started:
-                bound = self.servers[0].sockets[0].getsockname()[1] if self.servers else port
-                print(f"drift sidecar on http://{host}:{bound}", flush=True)
+                ports = [sock.getsockname()[1] for sock in sockets or ()]
+                print(f"drift sidecar on http://{_url_host(ingest.host)}:{ports[0]}", flush=True)
+                if metrics is not None:
+                    print(f"drift sidecar metrics on http://{_url_host(metrics.host)}:{ports[1]}", flush=True)
 
-    config = uvicorn.Config(app, **UVICORN_SETTINGS, host=host, port=port)
-    Server(config).run()
+    Server(uvicorn.Config(app, **UVICORN_SETTINGS)).run(sockets=sockets)
+
+
+def _bind(listener: Listener) -> socket.socket:
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    dualstack = listener.host == "::" and socket.has_dualstack_ipv6()  # "::" takes IPv4 connections too
+    try:
+        return socket.create_server(
+            (listener.host, listener.port), family=family, backlog=2048, dualstack_ipv6=dualstack
+        )
+    except OSError as error:
+        raise SystemExit(f"error: cannot listen on {listener.host}:{listener.port}: {error}") from None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 if __name__ == "__main__":

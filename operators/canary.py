@@ -5,6 +5,8 @@ A kopf timer (registered in operators.handlers) calls `tick` every analysis tick
 each ModelDeployment with `spec.canary.analysis`; `tick` acts once per `analysis.interval`:
 
 - a new candidate: record the start in status.canaryAnalysis and set `spec.canary.trafficPercent` to the first step;
+- while the HTTPRoute holds the canary's share back (KServe has not reported it ready, operators.httproute): move
+  the interval's start along, so the first interval judged is one in which the canary had its share;
 - otherwise read both versions' signals over the last interval, `decide`, and write the decision to
   status.history and an Event;
 - advance: `spec.canary.trafficPercent` = next step (the reconcile handler carries it to the InferenceService);
@@ -24,7 +26,7 @@ from typing import Any
 from kubeloop.analysis import AnalysisState, PrometheusSource, SignalSource, decide
 from kubeloop.analysis.signals import Queries, SignalError, duration_seconds
 from kubeloop.api import ModelDeployment, ModelVersion
-from operators import common
+from operators import common, httproute
 from operators.kube import ApiError, Kind, Kube, kind_of
 from operators.settings import Settings
 
@@ -86,6 +88,10 @@ def tick(
         emit(body, "Normal", "CanaryStarted", reason)
         return "start"
 
+    if httproute.canary_waiting(status):
+        kube.patch(MODELDEPLOYMENT, namespace, name, {"status": {"canaryAnalysis": {"lastChecked": common.iso(now)}}},
+                   subresource="status")  # fmt: skip
+        return None
     last = common.parse_time(current.get("lastChecked")) or now
     if (now - last).total_seconds() < duration_seconds(analysis.interval):
         return None

@@ -3,8 +3,8 @@
 - TrainingJob create/update/resume -> apply its children (ConfigMap, ServiceAccount, RayJob, Role, RoleBinding).
 - RayJob events -> mirror the RayJob's status into its TrainingJob; once it ends, register the ModelVersion the
   run reported.
-- ModelDeployment create/update/resume -> resolve its ModelVersions, apply the versions ConfigMap and the
-  InferenceService.
+- ModelDeployment create/update/resume -> resolve its ModelVersions, apply the versions ConfigMap, the
+  InferenceService and (Standard mode, a Gateway configured) the HTTPRoute that splits stable and canary traffic.
 - InferenceService events -> mirror URL, readiness and conditions into the ModelDeployment.
 - Every few seconds per ModelDeployment: its drift flag mirrored, retraining on sustained drift (operators.retrain),
   the canary analysis (operators.canary), on Prometheus signals.
@@ -28,7 +28,7 @@ import kopf
 from kubeloop.api import GROUP, VERSION, ModelDeployment, ModelVersion, Resource, TrainingJob
 from kubeloop.api.load import parse_resource
 from kubeloop.errors import SpecError
-from operators import canary, common, metrics, retrain
+from operators import canary, common, httproute, metrics, retrain
 from operators import inferenceservice as isvc
 from operators import rayjob as rj
 from operators.kube import Action, ApiError, Conflict, Kube, RestKube, apply, kind_of
@@ -41,6 +41,7 @@ MODELVERSION = kind_of("kubeloop.dev/v1alpha1", "ModelVersion")
 MODELDEPLOYMENT = kind_of("kubeloop.dev/v1alpha1", "ModelDeployment")
 CONFIGMAP = kind_of("v1", "ConfigMap")
 INFERENCESERVICE = kind_of("serving.kserve.io/v1beta1", "InferenceService")
+HTTPROUTE = kind_of(httproute.API_VERSION, "HTTPRoute")
 
 # --- injectable collaborators (unit tests replace them) ----------------------------------------------------------
 
@@ -122,12 +123,36 @@ def _apply_children(
             except Conflict as error:
                 emit(owner, "Warning", "NameConflict", str(error))
                 raise kopf.TemporaryError(str(error), delay=_settings().retry_delay * 4) from None
+            except ApiError as error:
+                if error.status != 404:
+                    raise
+                message = _not_served(desired, error)
+                emit(owner, "Warning", "KindNotServed", message)
+                raise kopf.TemporaryError(message, delay=_settings().retry_delay * 4) from None
             if action is not Action.UNCHANGED:
                 metrics.child(desired["kind"], action.value)
             done[desired["kind"]] = (action, obj)
     finally:
         _report(owner, done)
     return done
+
+
+_PROVIDERS = {
+    "RayJob": "install the KubeRay operator (platform/up.sh)",
+    "InferenceService": "install KServe (platform/up.sh)",
+    "HTTPRoute": "install the Gateway API CRDs (platform/up.sh installs them with Envoy Gateway), or run the "
+    'operator without a Gateway (chart value gateway.name: ""; a canary then gets no traffic)',
+}
+
+
+def _not_served(desired: Mapping[str, Any], error: ApiError) -> str:
+    """What a 404 on writing a child means (its kind is not installed in the cluster), and what to do."""
+    meta = desired["metadata"]
+    return (
+        f"{desired['kind']} {meta.get('namespace')}/{meta['name']}: the apiserver does not serve "
+        f"{desired['apiVersion']} {desired['kind']} ({error.message}); "
+        f"{_PROVIDERS.get(desired['kind'], 'install its CRD')}"
+    )
 
 
 def _report(owner: Mapping[str, Any], done: Mapping[str, tuple[Action, Mapping[str, Any]]]) -> None:
@@ -353,7 +378,7 @@ def _register(tj: TrainingJob, body: Mapping[str, Any], conditions: list[dict[st
 @kopf.on.update(GROUP, VERSION, "modeldeployments")
 @_timed("ModelDeployment")
 def reconcile_modeldeployment(body: Mapping[str, Any], patch: kopf.Patch, **_: Any) -> None:
-    """Resolve the ModelVersions, then apply the versions ConfigMap and the InferenceService."""
+    """Resolve the ModelVersions, then apply the versions ConfigMap, the InferenceService and the HTTPRoute."""
     try:
         md = _parse(body)
     except SpecError as error:
@@ -386,21 +411,30 @@ def reconcile_modeldeployment(body: Mapping[str, Any], patch: kopf.Patch, **_: A
                 f"v{version}: artifactUri {mv.spec.artifact_uri} is not a file:// path on the kubeloop volume; "
                 "the serving image loads artifacts from KUBELOOP_HOME",
             )
-    done = _apply_children(
-        body,
-        [
-            (isvc.desired_versions_configmap(md, versions), "replace", False),
-            (isvc.desired_inferenceservice(md, versions, settings, with_canary), "replace", False),
-        ],
-    )
+    canary_live = httproute.canary_ready(md, existing)
+    route = httproute.desired_httproute(md, settings, canary_live)
+    children = [
+        (isvc.desired_versions_configmap(md, versions), "replace", False),
+        (isvc.desired_inferenceservice(md, versions, settings, with_canary), "replace", False),
+    ]
+    done = _apply_children(body, children + ([(route, "replace", False)] if route else []))
     _, obj = done["InferenceService"]
-    for key, value in isvc.modeldeployment_status(md, obj, status, with_canary).items():
+    new = isvc.modeldeployment_status(md, obj, status, with_canary, httproute.url(md, settings) if route else None)
+    traffic = httproute.traffic_condition(md, settings, canary_live)
+    if traffic is not None:
+        new["conditions"] = common.merge_conditions(new["conditions"], [traffic], _generation(md))
+        if traffic["reason"] == "NoGateway":
+            emit(body, "Warning", "CanaryWithoutTraffic", traffic["message"])
+    for key, value in new.items():
         patch.status[key] = value
     if not with_canary:
         raise kopf.TemporaryError(
             f"canary v{md.spec.canary.version} waits for KServe to roll out v{md.spec.version}",  # type: ignore[union-attr]
             delay=settings.retry_delay,
         )
+    if route and md.spec.canary is not None and not canary_live:
+        message = f"canary v{md.spec.canary.version} gets its traffic once KServe reports it ready"
+        raise kopf.TemporaryError(message, delay=settings.retry_delay)
 
 
 def _generation(resource: Resource) -> int | None:
@@ -456,13 +490,24 @@ def sync_modeldeployment_status(obj: Mapping[str, Any]) -> dict[str, Any] | None
     assert isinstance(md, ModelDeployment)
     old = body.get("status") or {}
     with_canary = "kubeloop.dev/canary-waiting" not in (meta.get("annotations") or {})
-    new = isvc.modeldeployment_status(md, obj, old, with_canary)
+    new = isvc.modeldeployment_status(md, obj, old, with_canary, _route_url(md, body))
     if old.get("ready") is not True and new.get("ready") is True:
         emit(body, "Normal", "Ready", f"InferenceService {meta.get('name')} is ready at {new.get('url')}")
     if _unchanged(old, new):
         return None
     kube().patch(MODELDEPLOYMENT, md.metadata.namespace, md.metadata.name, {"status": new}, subresource="status")
     return new
+
+
+def _route_url(md: ModelDeployment, body: Mapping[str, Any]) -> str | None:
+    """The URL of the deployment's HTTPRoute, when it has one and the route is there."""
+    settings = _settings()
+    if not httproute.routed(md, settings):
+        return None
+    route = kube().get(HTTPROUTE, md.metadata.namespace, httproute.route_name(md))
+    if route is None or not common.is_owned_by(route, (body.get("metadata") or {}).get("uid", "")):
+        return None
+    return httproute.url(md, settings)
 
 
 # --- drift, retraining and canary analysis, on Prometheus signals (operators.retrain, operators.canary) --------------

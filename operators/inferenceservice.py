@@ -12,13 +12,35 @@ The predictor is an inlined pod spec (``containers``) so the drift detector can 
   read-only. The artifact URI is also an annotation of the pod (``kubeloop.dev/artifact-uri``).
 - ``drift-detector``: the monitoring image, ``python -m monitoring.sidecar`` on 127.0.0.1:<sidecarPort>, fed by
   the predictor's KServe payload logger (``logger.url: http://127.0.0.1:<sidecarPort>/``, mode all), which posts
-  every request and response as a CloudEvent to it on the pod's loopback.
+  every request and response as a CloudEvent to it on the pod's loopback. Its read-only listener
+  (``--metrics-port``: GET /metrics, /status, /healthz; events refused) is on 0.0.0.0:<sidecarMetricsPort>.
+
+Metrics: both containers' ``/metrics`` are reachable from outside the pod on named container ports, ``http1``
+(the server; ``SERVER_PORT_NAME``) and ``drift-metrics`` (the sidecar; ``SIDECAR_METRICS_PORT_NAME``), which the
+chart's PodMonitor scrapes. Why these names: KServe (Standard) builds the predictor Service from the first
+container's ports, naming the Service port after ``ports[0].name`` and treating a name with ``grpc`` or ``h2c`` as
+gRPC; its agent (injected with the logger) forwards to ``ports[0].containerPort`` of ``kserve-container``; and
+Knative accepts only ``http1``, ``h2c`` or no name on the serving port, one declared port per pod (so in Knative
+mode the sidecar's port is not declared, and Knative renames the server's to ``user-port`` in the pod). For plain
+Prometheus the pods carry ``prometheus.io/scrape|port|path`` naming the server's port; KServe's own
+``serving.kserve.io/enable-prometheus-scraping`` is set to "false" because, when true, KServe's pod mutator
+overwrites ``prometheus.io/port`` with queue-proxy's port (9091, or 9088 with metric aggregation), which only
+Knative pods have and which never includes the sidecar.
+
+Storage as KServe sees it: ``STORAGE_URI`` on ``kserve-container`` (``storage_uri``), because KServe refuses a
+Standard-mode canary whose stable predictor has neither a model nor a storage URI, and acts on it: with the
+kubeloop PVC configured it is ``pvc://<claim>/<artifact path under the home mount>``, which KServe's pod mutator
+mounts read-only at /mnt/models (no init container) and rewrites the variable to; the server keeps loading the
+artifact named by its ModelVersion manifest from the kubeloop volume. Without a PVC it is the artifact URI as it
+is, which KServe's storage initializer downloads into /mnt/models before the server starts (so it must be a URI
+the initializer can fetch, e.g. s3://; a ``file://`` path outside any volume fails the pod).
 
 Deployment modes (annotation ``serving.kserve.io/deploymentMode``):
 
 - Standard: autoscaled by an HPA (``serving.kserve.io/autoscalerClass: hpa``, cpu or memory); a canary is an
-  entry of ``spec.canary[]`` (KServe >= 0.20, Gateway API weights) ``{trafficPercent, predictor: {name: v<N>,
-  ...}}`` with the candidate's pod spec and no autoscaling fields (KServe sizes it from trafficPercent).
+  entry of ``spec.canary[]`` (KServe >= 0.20) ``{trafficPercent, predictor: {name: v<N>, ...}}`` with the
+  candidate's pod spec and no autoscaling fields (KServe sizes it from trafficPercent, but routes only to the
+  stable: the weights are kubeloop's HTTPRoute, operators.httproute).
 - Knative: ``autoscaling.knative.dev/class`` kpa (concurrency, rps, scale to zero) or hpa (cpu, memory); a canary
   is ``canaryTrafficPercent`` on the predictor, which then runs the candidate: KServe splits between the new
   revision and the last one rolled out at 100% (the stable). The operator therefore creates the stable alone
@@ -27,8 +49,10 @@ Deployment modes (annotation ``serving.kserve.io/deploymentMode``):
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import yaml
 
@@ -41,7 +65,13 @@ COMPONENT = "inference"
 VERSIONS_MOUNT = "/etc/kubeloop/versions"
 SERVER_CONTAINER = "kserve-container"  # KServe's name for the predictor's serving container
 SIDECAR_CONTAINER = "drift-detector"
+STORAGE_URI_ENV = "STORAGE_URI"  # KServe's storage URI of a custom container (CustomSpecStorageUriEnvVarKey)
+SERVER_PORT_NAME = "http1"  # valid in both modes (Knative allows only http1 | h2c on the serving port)
+SIDECAR_METRICS_PORT_NAME = "drift-metrics"
+KNATIVE_SERVER_PORT_NAME = "user-port"  # what Knative renames the serving port to in the pods it creates
+METRICS_PATH = "/metrics"
 ANNOTATION_MODE = "serving.kserve.io/deploymentMode"
+KSERVE_CANARY_CONDITION = "CanaryPredictorReady"
 ANNOTATION_AUTOSCALER = "serving.kserve.io/autoscalerClass"
 ANNOTATION_KNATIVE_CLASS = "autoscaling.knative.dev/class"
 ANNOTATION_SCRAPE = "serving.kserve.io/enable-prometheus-scraping"
@@ -51,6 +81,26 @@ KNATIVE_HPA = "hpa.autoscaling.knative.dev"
 
 def isvc_name(md: ModelDeployment) -> str:
     return md.metadata.name
+
+
+def canary_predictor_name(version: int) -> str:
+    """The name of a Standard-mode canary entry's predictor (KServe names its Deployment and Service after it)."""
+    return f"v{version}"
+
+
+def storage_uri(artifact_uri: str, settings: Settings) -> str:
+    """The artifact as KServe sees it (module docstring): under the home mount of the kubeloop PVC,
+    ``pvc://<claim>/<path relative to the mount>``; anything else, the artifact URI as it is."""
+    if artifact_uri.startswith("file://"):
+        path = unquote(urlparse(artifact_uri).path)
+    elif artifact_uri.startswith("/"):
+        path = artifact_uri
+    else:
+        return artifact_uri
+    relative = posixpath.relpath(posixpath.normpath(path), posixpath.normpath(settings.home_mount_path))
+    if not settings.storage_pvc or relative == ".." or relative.startswith("../"):
+        return artifact_uri
+    return f"pvc://{settings.storage_pvc}" if relative == "." else f"pvc://{settings.storage_pvc}/{relative}"
 
 
 def versions_configmap_name(md: ModelDeployment) -> str:
@@ -134,7 +184,9 @@ def _server(md: ModelDeployment, version: int, endpoint: str, settings: Settings
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["python", "-m", "serving.server"],
         "args": args,
-        "ports": [{"containerPort": settings.server_port, "protocol": "TCP"}],
+        # the only port, so KServe's Service and agent pick it (ports[0]); its number, not its name, in the probe:
+        # KServe's agent copies the probe into its own env and cannot resolve a port name
+        "ports": [{"name": SERVER_PORT_NAME, "containerPort": settings.server_port, "protocol": "TCP"}],
         "env": _env(settings),
         "resources": common.resources(res.cpu, res.memory, res.gpu),
         "readinessProbe": {
@@ -152,6 +204,7 @@ def _sidecar(md: ModelDeployment, version: int, settings: Settings) -> dict[str,
     the deployment's other version so events labelled with the other endpoint are attributed correctly."""
     drift = md.spec.drift
     args = ["--host", "127.0.0.1", "--port", str(settings.sidecar_port)]
+    args += ["--metrics-host", "0.0.0.0", "--metrics-port", str(settings.sidecar_metrics_port)]
     for other in [version, *(v for v in wanted_versions(md) if v != version)]:
         args += ["--model-version", f"{VERSIONS_MOUNT}/{version_key(other)}"]
     args += [
@@ -161,7 +214,7 @@ def _sidecar(md: ModelDeployment, version: int, settings: Settings) -> dict[str,
         "--p-value", str(drift.p_value),
         "--reference-size", str(drift.reference_size),
     ]  # fmt: skip
-    return {
+    container: dict[str, Any] = {
         "name": SIDECAR_CONTAINER,
         "image": settings.drift_image,
         "imagePullPolicy": settings.image_pull_policy,
@@ -172,6 +225,11 @@ def _sidecar(md: ModelDeployment, version: int, settings: Settings) -> dict[str,
         "volumeMounts": _mounts(settings),
         "securityContext": common.container_security_context(read_only_root=True),
     }
+    if md.spec.deployment_mode == "Standard":  # Knative refuses a second declared port in the pod
+        container["ports"] = [
+            {"name": SIDECAR_METRICS_PORT_NAME, "containerPort": settings.sidecar_metrics_port, "protocol": "TCP"}
+        ]
+    return container
 
 
 def logger_url(settings: Settings) -> str:
@@ -182,7 +240,9 @@ def _predictor(
     md: ModelDeployment, version: int, mv: ModelVersion, endpoint: str, settings: Settings
 ) -> dict[str, Any]:
     """A predictor component (KServe PredictorSpec) running one model version."""
-    containers = [_server(md, version, endpoint, settings)]
+    server = _server(md, version, endpoint, settings)
+    server["env"].append({"name": STORAGE_URI_ENV, "value": storage_uri(mv.spec.artifact_uri, settings)})
+    containers = [server]
     if md.spec.drift.enabled:
         containers.append(_sidecar(md, version, settings))
     predictor: dict[str, Any] = {
@@ -192,7 +252,14 @@ def _predictor(
             "app.kubernetes.io/component": COMPONENT,
             "app.kubernetes.io/part-of": common.PART_OF,
         },
-        "annotations": {"kubeloop.dev/artifact-uri": mv.spec.artifact_uri},
+        "annotations": {
+            "kubeloop.dev/artifact-uri": mv.spec.artifact_uri,
+            # plain Prometheus (the kubernetes-pods job): the server's port; the sidecar's is the container port
+            # named drift-metrics (monitoring/README.md has a scrape job for it)
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(settings.server_port),
+            "prometheus.io/path": METRICS_PATH,
+        },
         "securityContext": common.pod_security_context(settings.user_id),
         "containers": containers,
         "volumes": _volumes(md, settings),
@@ -217,7 +284,7 @@ def _annotations(md: ModelDeployment) -> dict[str, str]:
     spec = md.spec
     annotations = {
         ANNOTATION_MODE: spec.deployment_mode,
-        ANNOTATION_SCRAPE: "true",
+        ANNOTATION_SCRAPE: "false",  # else KServe rewrites prometheus.io/port to queue-proxy's (module docstring)
         "kubeloop.dev/stable-version": str(spec.version),
     }
     if spec.deployment_mode == "Standard":
@@ -269,7 +336,7 @@ def desired_inferenceservice(
         isvc_spec = {"predictor": predictor}
         if canary is not None:  # Standard: a named canary deployment beside the stable one
             candidate = _predictor(md, canary.version, versions[canary.version], "canary", settings)
-            candidate["name"] = f"v{canary.version}"
+            candidate["name"] = canary_predictor_name(canary.version)
             isvc_spec["canary"] = [{"trafficPercent": canary.traffic_percent, "predictor": candidate}]
     annotations = _annotations(md)
     if spec.canary is not None and canary is None:
@@ -305,8 +372,13 @@ def modeldeployment_status(
     isvc: Mapping[str, Any] | None,
     old_status: Mapping[str, Any] | None = None,
     with_canary: bool = True,
+    route_url: str | None = None,
 ) -> dict[str, Any]:
-    """ModelDeployment status fields from its InferenceService (a merge patch for the status subresource)."""
+    """ModelDeployment status fields from its InferenceService (a merge patch for the status subresource).
+
+    ``route_url``: the URL of kubeloop's HTTPRoute (operators.httproute) when it has one; the status URL then, since
+    only that route splits the traffic between stable and canary. Else the InferenceService's own URL.
+    """
     old = dict(old_status or {})
     generation = (md.metadata.model_extra or {}).get("generation")
     ready_cond = _isvc_condition(isvc, "Ready") if isvc else None
@@ -323,7 +395,8 @@ def modeldeployment_status(
             (ready_cond or {}).get("message") or f"InferenceService {isvc_name(md)}",
         )
     ]
-    canary_cond = _isvc_condition(isvc, "CanaryReady") if isvc else None
+    # KServe >= 0.20 (Standard mode): CanaryPredictorReady, True once every spec.canary[] Deployment is available
+    canary_cond = _isvc_condition(isvc, KSERVE_CANARY_CONDITION) if isvc else None
     if md.spec.canary is not None and md.spec.deployment_mode == "Standard":
         conditions.append(
             common.condition(
@@ -334,7 +407,7 @@ def modeldeployment_status(
             )
         )
     status: dict[str, Any] = {
-        "url": ((isvc or {}).get("status") or {}).get("url"),
+        "url": route_url or ((isvc or {}).get("status") or {}).get("url"),
         "ready": ready,
         "traffic": traffic_split(md, with_canary),
         "observedGeneration": int(generation) if generation is not None else None,

@@ -52,6 +52,7 @@ KINDS: dict[tuple[str, str], Kind] = {
         Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings"),
         Kind("ray.io/v1", "RayJob", "rayjobs"),
         Kind("serving.kserve.io/v1beta1", "InferenceService", "inferenceservices"),
+        Kind("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes"),
         Kind("kubeloop.dev/v1alpha1", "TrainingJob", "trainingjobs"),
         Kind("kubeloop.dev/v1alpha1", "ModelVersion", "modelversions"),
         Kind("kubeloop.dev/v1alpha1", "ModelDeployment", "modeldeployments"),

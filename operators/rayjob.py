@@ -218,14 +218,18 @@ def desired_rayjob(tj: TrainingJob, settings: Settings | None = None) -> dict[st
     """The RayJob that runs ``kubeloop run -f`` of this TrainingJob on a Ray cluster of its own."""
     settings = settings or current()
     workers = tj.spec.workers
-    worker_params: dict[str, str] = {}
+    # Each worker pod offers Ray exactly what one Ray Train worker reserves (kubeloop.training.job asks for
+    # workers.ray_cpus() and workers.gpu), so every pod holds one worker and no worker lands on the head.
+    worker_params: dict[str, str] = {"num-cpus": str(workers.ray_cpus())}
     if workers.gpu > 0:
         worker_params["num-gpus"] = str(workers.gpu)
     spec: dict[str, Any] = {
         "entrypoint": ENTRYPOINT,
         "submissionMode": "K8sJobMode",
         "shutdownAfterJobFinishes": True,
-        "backoffLimit": tj.spec.max_failures,
+        # One retry layer: spec.maxFailures is Ray Train's (worker-group restarts from the latest checkpoint in
+        # this Ray cluster). A RayJob retry would start a whole new RayCluster and multiply the attempts.
+        "backoffLimit": 0,
         "metadata": {"kubeloop.dev/trainingjob": f"{tj.metadata.namespace}/{tj.metadata.name}"},
         "rayClusterSpec": {
             "headGroupSpec": {

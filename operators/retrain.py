@@ -17,7 +17,9 @@ Every decision goes to status.history and a Kubernetes Event. The state lives in
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
+import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +28,7 @@ from kubeloop.analysis import RetrainState, SignalSource, decide_retrain
 from kubeloop.analysis.signals import SignalError
 from kubeloop.api import API_VERSION, ModelDeployment, ModelVersion, TrainingJob
 from kubeloop.api.load import parse_resource
+from kubeloop.api.trainingjob import NAME_MAX_LENGTH, name_is_valid
 from kubeloop.errors import SpecError
 from operators import common
 from operators.kube import ApiError, Kube, kind_of
@@ -111,8 +114,16 @@ def tick(
 
 
 def retrain_job_name(template: str, now: datetime) -> str:
+    """``<template>-rYYYYmmddHHMMSS``, always a valid TrainingJob name (DNS-1035, at most 47 characters, see
+    kubeloop.api.trainingjob). A template that does not fit (or is not a valid name) is cut and tagged with a
+    digest of its whole name, so two templates that share a long prefix still get different names."""
     suffix = now.strftime("-r%Y%m%d%H%M%S")
-    return template[: 63 - len(suffix)].rstrip("-") + suffix
+    room = NAME_MAX_LENGTH - len(suffix)
+    if len(template) <= room and name_is_valid(template):
+        return template + suffix
+    digest = "-" + hashlib.sha256(template.encode()).hexdigest()[:8]
+    head = re.sub(r"[^a-z0-9-]", "-", template.lower()).lstrip("-0123456789")
+    return (head[: room - len(digest)].rstrip("-") or "retrain") + digest + suffix
 
 
 def _create_job(kube: Kube, md: ModelDeployment, now: datetime) -> tuple[str, str | None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,14 @@ import kubeloop
 
 DEFAULT_IMAGE_TAG = kubeloop.__version__
 DEFAULT_REGISTRY = "ghcr.io/kubeloop"
+# KServe's agent container (injected into a predictor pod that has a logger, as kubeloop's do) listens on this port
+# (kserve pkg/constants InferenceServiceDefaultAgentPort); none of the predictor pod's own ports may take it
+KSERVE_AGENT_PORT = 9081
+
+
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_GATEWAY = re.compile(rf"({_DNS_LABEL}/)?{_DNS_LABEL}(\.{_DNS_LABEL})*")  # [namespace/]name
+_DOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
 
 
 def _env(name: str, default: str) -> str:
@@ -59,6 +68,20 @@ def _env_map(name: str, default: dict[str, str]) -> dict[str, str]:
     return parsed
 
 
+def _env_gateway(name: str, default: str) -> str:
+    value = _env(name, default).strip()
+    if value and not _GATEWAY.fullmatch(value):
+        raise ValueError(f"{name}={value!r}: expected the Gateway as namespace/name or name, or empty for none")
+    return value
+
+
+def _env_domain(name: str, default: str) -> str:
+    value = _env(name, default).strip()
+    if not _DOMAIN.fullmatch(value):
+        raise ValueError(f"{name}={value!r}: expected a DNS domain (the routes' hosts are <name>.<namespace>.<domain>)")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     # images of the workloads the operator creates
@@ -85,11 +108,20 @@ class Settings:
     gpu_node_selector: dict[str, str] = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
     gpu_toleration: bool = True
 
-    # the predictor pod: the model server (KServe's kserve-container) and the drift sidecar on localhost
+    # the predictor pod: the model server (KServe's kserve-container, /metrics on its port too), the drift sidecar's
+    # ingest listener for the KServe logger's CloudEvents (on the pod's loopback only) and its read-only listener on
+    # the pod network (/metrics, /status, /healthz) that Prometheus scrapes
     server_port: int = 8080
     sidecar_port: int = 8090
+    sidecar_metrics_port: int = 8091
     sidecar_cpu: str = "250m"
     sidecar_memory: str = "512Mi"
+
+    # Standard-mode traffic: an HTTPRoute per ModelDeployment (stable and canary weights) attached to this Gateway,
+    # "namespace/name" ("name": a Gateway in the deployment's namespace; empty: no HTTPRoute, and a canary gets no
+    # traffic), for the host <deployment>.<namespace>.<gateway_domain>
+    gateway: str = "kserve/kserve-ingress-gateway"
+    gateway_domain: str = "example.com"
 
     # drift, retraining and canary analysis: signals from Prometheus's HTTP API (none: no analysis), looked at every
     # analysis_tick_seconds per ModelDeployment; an empty query is kubeloop.analysis.Queries.cluster()'s selector
@@ -112,6 +144,30 @@ class Settings:
     webhook_cert: str = "/etc/kubeloop/webhook/tls.crt"
     webhook_key: str = "/etc/kubeloop/webhook/tls.key"
 
+    def __post_init__(self) -> None:
+        ports = {
+            "server port (KUBELOOP_SERVER_PORT)": self.server_port,
+            "sidecar port (KUBELOOP_SIDECAR_PORT)": self.sidecar_port,
+            "sidecar metrics port (KUBELOOP_SIDECAR_METRICS_PORT)": self.sidecar_metrics_port,
+        }
+        for name, port in ports.items():
+            if not 1 <= port <= 65535:
+                raise ValueError(f"{name} {port}: expected 1-65535")
+            if port == KSERVE_AGENT_PORT:
+                raise ValueError(
+                    f"{name} {port}: KServe's agent takes that port in predictor pods with a logger; choose another"
+                )
+        if len(set(ports.values())) != len(ports):
+            raise ValueError(f"the predictor pod's ports must differ, got {ports}")
+
+    @property
+    def gateway_ref(self) -> tuple[str | None, str] | None:
+        """The Gateway as (namespace, or None for the route's own; name); None when there is none."""
+        if not self.gateway:
+            return None
+        namespace, _, name = self.gateway.rpartition("/")
+        return namespace or None, name
+
     @classmethod
     def from_env(cls) -> Settings:
         default = cls()
@@ -131,8 +187,11 @@ class Settings:
             gpu_toleration=_env_bool("KUBELOOP_GPU_TOLERATION", default.gpu_toleration),
             server_port=_env_int("KUBELOOP_SERVER_PORT", default.server_port),
             sidecar_port=_env_int("KUBELOOP_SIDECAR_PORT", default.sidecar_port),
+            sidecar_metrics_port=_env_int("KUBELOOP_SIDECAR_METRICS_PORT", default.sidecar_metrics_port),
             sidecar_cpu=_env("KUBELOOP_SIDECAR_CPU", default.sidecar_cpu),
             sidecar_memory=_env("KUBELOOP_SIDECAR_MEMORY", default.sidecar_memory),
+            gateway=_env_gateway("KUBELOOP_GATEWAY", default.gateway),
+            gateway_domain=_env_domain("KUBELOOP_GATEWAY_DOMAIN", default.gateway_domain),
             prometheus_url=_env("KUBELOOP_PROMETHEUS_URL", default.prometheus_url),
             analysis_tick_seconds=_env_int("KUBELOOP_ANALYSIS_TICK_SECONDS", default.analysis_tick_seconds),
             query_requests=_env("KUBELOOP_QUERY_REQUESTS", default.query_requests),

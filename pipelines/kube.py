@@ -20,6 +20,7 @@ from kubeloop.api import TrainingJob
 from kubeloop.api.common import GROUP, VERSION
 from kubeloop.api.modeldeployment import ModelDeployment
 from kubeloop.api.modelversion import ModelVersion
+from kubeloop.api.trainingjob import NAME_MAX_LENGTH
 from kubeloop.errors import KubeloopError
 from kubeloop.log import event
 from kubeloop.registry import Registry
@@ -47,10 +48,11 @@ def pod_namespace() -> str:
 
 
 def trainingjob_name(job: TrainingJob) -> str:
-    """Named after its spec (which pins the dataset digest): a retried step finds and waits for the same job."""
+    """Named after its spec (which pins the dataset digest): a retried step finds and waits for the same job. Cut to
+    fit a TrainingJob name (at most NAME_MAX_LENGTH: the RayJob takes it)."""
     spec = json.dumps(job.spec.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=True)
     suffix = hashlib.sha256(spec.encode()).hexdigest()[:10]
-    return f"{job.metadata.name[: 63 - len(suffix) - 1].rstrip('-')}-{suffix}"
+    return f"{job.metadata.name[: NAME_MAX_LENGTH - len(suffix) - 1].rstrip('-')}-{suffix}"
 
 
 def run_trainingjob(

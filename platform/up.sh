@@ -86,6 +86,7 @@ if [[ "${KUBELOOP:-0}" == 1 ]]; then
     helm upgrade --install kubeloop "$ROOT/helm/kubeloop" --namespace kubeloop-system --create-namespace \
         --set metrics.serviceMonitor.enabled="$(wanted prometheus && echo true || echo false)" \
         --set metrics.prometheusRule.enabled="$(wanted prometheus && echo true || echo false)" \
+        --set predictor.podMonitor.enabled="$(wanted prometheus && echo true || echo false)" \
         --set webhook.enabled="$(wanted cert-manager && echo true || echo false)" \
         --wait --timeout 5m
     kubectl apply -n default -f "$HERE/kubeloop-home.yaml"

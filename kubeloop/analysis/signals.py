@@ -121,7 +121,9 @@ class Queries:
 
     @classmethod
     def cluster(cls) -> Queries:
-        """Per namespace (the `namespace` label Prometheus gives pod targets), from the model server and sidecar."""
+        """Per namespace, from the model server and drift sidecar of the predictor pods, as the chart's PodMonitor
+        (predictor.podMonitor) scrapes them: the servers export `model` and `version`, the scrape adds `namespace`
+        (and `pod`, `container`, `endpoint`, aggregated away: counters summed over replicas, the drift flag the max)."""
         where = '{namespace="$namespace",model="$model",version="$version"}'
         return cls(
             requests=f"kubeloop_requests_total{where}",

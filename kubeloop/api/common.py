@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
@@ -15,6 +16,10 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# RFC 1035 label: what KubeRay (and Services) ask of a name; Kubernetes checks the 63-character cap apart.
+DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+_SUFFIXES = {"": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+_SUFFIXES |= {"E": 10**18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 
 
 def _check_quantity(value: int | str) -> int | str:
@@ -25,6 +30,17 @@ def _check_quantity(value: int | str) -> int | str:
     if not _QUANTITY.match(value):
         raise ValueError(f"{value!r} is not a Kubernetes quantity (examples: 500m, 2, 4Gi)")
     return value
+
+
+def quantity_value(value: int | str) -> Decimal:
+    """The number a valid Quantity stands for: 500m -> 0.5, 2 -> 2, 4Gi -> 4294967296."""
+    if isinstance(value, int):
+        return Decimal(value)
+    match = _QUANTITY.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (examples: 500m, 2, 4Gi)")
+    suffix = match.group(2) or ""
+    return Decimal(value.removesuffix(suffix)) * _SUFFIXES[suffix]
 
 
 # Kubernetes resource quantities: 2, "500m", "4Gi" (x-kubernetes-int-or-string in the CRD, where the

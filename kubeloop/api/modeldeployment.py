@@ -9,6 +9,17 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from kubeloop.api.common import Condition, DnsLabel, Duration, KubeModel, PrinterColumn, Quantity, Resource
+from kubeloop.api.trainingjob import TrainingJobName
+
+DeploymentMode = Literal["Standard", "Knative"]
+# KServe's HPA (Standard mode, and Knative's hpa class, which kubeloop picks for cpu and memory) takes the target as
+# an average utilization percentage and refuses one above 100 (v0.20 validateScalingHPACompExtension).
+UTILIZATION_METRICS = ("cpu", "memory")
+MAX_UTILIZATION = 100
+MODE_IMMUTABLE = (
+    "deploymentMode cannot be changed: KServe refuses to switch an InferenceService's deployment mode; "
+    "delete and re-create the ModelDeployment to serve it in the other mode"
+)
 
 
 class CanaryChecks(KubeModel):
@@ -51,7 +62,15 @@ class Autoscaling(KubeModel):
                     "message": "maxReplicas must be >= minReplicas",
                     "fieldPath": ".maxReplicas",
                     "reason": "FieldValueInvalid",
-                }
+                },
+                {
+                    "rule": f"!has(self.target) || self.target <= {MAX_UTILIZATION} || "
+                    "(has(self.metric) && self.metric in ['concurrency', 'rps'])",
+                    "message": "spec.autoscaling.target is a utilization percentage for metric cpu or memory (the "
+                    f"default cpu included): at most {MAX_UTILIZATION}, as KServe's HPA accepts",
+                    "fieldPath": ".target",
+                    "reason": "FieldValueInvalid",
+                },
             ]
         }
     )
@@ -59,13 +78,25 @@ class Autoscaling(KubeModel):
     min_replicas: Annotated[int, Field(ge=0, le=1000)] = 1
     max_replicas: Annotated[int, Field(ge=1, le=1000)] = 1
     metric: Literal["cpu", "memory", "concurrency", "rps"] = "cpu"
-    target: Annotated[int, Field(ge=1)] = 80
+    target: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="cpu, memory: average utilization percent of the requests (1-100); concurrency: in-flight "
+            "requests per replica; rps: requests per second per replica.",
+        ),
+    ] = 80
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:
         if self.max_replicas < self.min_replicas:
             raise ValueError(
                 f"spec.autoscaling.maxReplicas ({self.max_replicas}) must be >= minReplicas ({self.min_replicas})"
+            )
+        if self.metric in UTILIZATION_METRICS and self.target > MAX_UTILIZATION:
+            raise ValueError(
+                f"spec.autoscaling.target ({self.target}) is a utilization percentage for metric {self.metric}: "
+                f"at most {MAX_UTILIZATION}, as KServe's HPA accepts"
             )
         return self
 
@@ -104,7 +135,7 @@ class Retrain(KubeModel):
     enabled: bool = False
     sustained_for: Duration = "5m"
     min_interval: Duration = "1h"
-    training_job: DnsLabel | None = Field(
+    training_job: TrainingJobName | None = Field(
         default=None, description="TrainingJob to copy (with fresh data) when drift persists."
     )
     analysis: CanaryAnalysis = Field(
@@ -145,7 +176,20 @@ class ModelDeploymentSpec(KubeModel):
 
     model: DnsLabel
     version: Annotated[int, Field(ge=1, description="The stable version.")]
-    deployment_mode: Literal["Standard", "Knative"] = "Standard"
+    deployment_mode: Annotated[
+        DeploymentMode,
+        Field(
+            description="KServe deployment mode. Standard: Deployments and an HPA, the canary split by a Gateway "
+            "API HTTPRoute. Knative: needs Knative Serving installed in the cluster (platform/up.sh does not "
+            "install it); scale to zero, concurrency and rps scaling, Knative's traffic split. Cannot be changed "
+            "after creation (KServe refuses it): re-create the ModelDeployment to switch.",
+            json_schema_extra={
+                "x-kubernetes-validations": [
+                    {"rule": "self == oldSelf", "message": MODE_IMMUTABLE, "reason": "FieldValueForbidden"}
+                ]
+            },
+        ),
+    ] = "Standard"
     canary: Canary | None = None
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     resources: Resources = Field(default_factory=Resources)
@@ -162,6 +206,13 @@ class ModelDeploymentSpec(KubeModel):
             if self.autoscaling.min_replicas == 0:
                 raise ValueError("spec.autoscaling.minReplicas 0 (scale to zero) needs deploymentMode Knative")
         return self
+
+
+def update_problem(old: ModelDeploymentSpec, new: ModelDeploymentSpec) -> str | None:
+    """Why new may not replace old (the transition rules of the CRD, for callers that see both), or None."""
+    if new.deployment_mode != old.deployment_mode:
+        return f"spec.{MODE_IMMUTABLE} (was {old.deployment_mode}, now {new.deployment_mode})"
+    return None
 
 
 class TrafficTarget(KubeModel):

@@ -2,15 +2,46 @@
 
 from __future__ import annotations
 
+import math
+import re
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from kubeloop.api.common import Condition, DnsLabel, KubeModel, PrinterColumn, Quantity, Resource
+from kubeloop.api.common import (
+    DNS1035_LABEL,
+    Condition,
+    DnsLabel,
+    KubeModel,
+    ObjectMeta,
+    PrinterColumn,
+    Quantity,
+    Resource,
+    quantity_value,
+)
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
 Backend = Literal["auto", "gloo", "nccl"]
+
+# The operator names the RayJob after the TrainingJob, and KubeRay refuses a RayJob whose name is not an RFC 1035
+# label of at most 47 characters (its RayCluster adds 6, its Services up to 10 more, within 63): the same rule holds
+# for TrainingJob names, so a bad name is refused on apply rather than failing later as ValidationFailed.
+NAME_MAX_LENGTH = 47
+NAME_RULE = (
+    f"metadata.name must be a DNS-1035 label of at most {NAME_MAX_LENGTH} characters (lowercase letters, digits "
+    "and '-', starting with a letter and ending with a letter or digit), since the RayJob takes the TrainingJob's "
+    "name and KubeRay refuses any other: rename it, e.g. arrests-mlp"
+)
+_NAME = re.compile(DNS1035_LABEL)
+
+# A reference to a TrainingJob by name (same rule as the TrainingJob's own name).
+TrainingJobName = Annotated[str, Field(min_length=1, max_length=NAME_MAX_LENGTH, pattern=DNS1035_LABEL)]
+
+
+def name_is_valid(name: str) -> bool:
+    """Whether name may name a TrainingJob (and so its RayJob)."""
+    return len(name) <= NAME_MAX_LENGTH and _NAME.match(name) is not None
 
 
 class ModelSpec(KubeModel):
@@ -56,13 +87,25 @@ class Hyperparameters(KubeModel):
 
 
 class Workers(KubeModel):
-    replicas: Annotated[int, Field(ge=1, le=512, description="Ray Train workers (DDP ranks).")] = 2
-    cpu: Quantity = 1
+    replicas: Annotated[int, Field(ge=1, le=512, description="Ray Train workers (DDP ranks), one per worker pod.")] = 2
+    cpu: Annotated[
+        Quantity,
+        Field(
+            description="CPU of each worker pod (requests = limits). Each Ray Train worker reserves it in whole "
+            "CPUs, rounded up (500m -> 1), and each worker pod offers exactly that many to Ray: one worker per pod."
+        ),
+    ] = 1
     memory: Quantity = "2Gi"
     gpu: Annotated[int, Field(ge=0, le=16, description="nvidia.com/gpu per worker.")] = 0
     allow_cpu_fallback: bool = Field(
         default=False, description="Run on CPU (gloo) when GPUs are asked for but none is present."
     )
+
+    def ray_cpus(self) -> int:
+        """The CPUs one Ray Train worker reserves, and one worker pod offers Ray (``ray start --num-cpus``):
+        ``cpu`` rounded up to whole CPUs, as Ray counts a node's CPUs (and as KubeRay derives num-cpus from a
+        container's limit), at least 1. Reserving all of its pod's CPUs keeps each worker in a pod of its own."""
+        return max(1, math.ceil(quantity_value(self.cpu)))
 
 
 class Checkpointing(KubeModel):
@@ -109,7 +152,16 @@ class TrainingJobSpec(KubeModel):
     workers: Workers = Field(default_factory=Workers)
     backend: Backend = Field(default="auto", description="Allreduce backend; auto is nccl with GPUs, else gloo.")
     checkpoint: Checkpointing = Field(default_factory=Checkpointing)
-    max_failures: Annotated[int, Field(ge=0, le=100, description="Worker failures survived from checkpoint.")] = 1
+    max_failures: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=100,
+            description="Worker failures survived: Ray Train restarts the worker group from the latest checkpoint, "
+            "inside the same Ray cluster, up to this many times. The only retry layer: the RayJob itself is never "
+            "retried (backoffLimit 0), so a failed driver or Ray cluster fails the TrainingJob.",
+        ),
+    ] = 1
     gate: Gate = Field(default_factory=Gate)
 
     @model_validator(mode="after")
@@ -154,6 +206,26 @@ class TrainingJob(Resource):
         PrinterColumn(name="Age", type="date", json_path=".metadata.creationTimestamp"),
     ]
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"self.metadata.name.size() <= {NAME_MAX_LENGTH} && "
+                    f"self.metadata.name.matches('{DNS1035_LABEL}')",
+                    "message": NAME_RULE,
+                    "reason": "FieldValueInvalid",
+                }
+            ]
+        }
+    )
+
     kind: Literal["TrainingJob"] = "TrainingJob"
     spec: TrainingJobSpec
     status: TrainingJobStatus | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _rayjob_name(cls, metadata: ObjectMeta) -> ObjectMeta:
+        if not name_is_valid(metadata.name):
+            raise ValueError(f"{NAME_RULE} (got {metadata.name!r})")
+        return metadata

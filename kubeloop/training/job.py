@@ -144,6 +144,31 @@ class TrainedModel:
     backend: str
 
 
+def train_settings(job: TrainingJob, gpus: int, events_path: Path | None = None) -> ray_runner.TrainSettings:
+    """How Ray Train runs the job: spec.workers.replicas workers of spec.workers.ray_cpus() CPUs and gpus GPUs each
+    (what a RayJob worker pod offers Ray, see operators.rayjob), spec.maxFailures worker-group restarts."""
+    spec = job.spec
+    run_dir = config.runs_dir() / job.metadata.name
+    return ray_runner.TrainSettings(
+        name=job.metadata.name,
+        builder=spec.model.builder,
+        params=spec.model.params,
+        epochs=spec.hyperparameters.epochs,
+        batch_size=spec.hyperparameters.batch_size,
+        learning_rate=spec.hyperparameters.learning_rate,
+        seed=spec.hyperparameters.seed,
+        workers=spec.workers.replicas,
+        cpus_per_worker=spec.workers.ray_cpus(),
+        gpus_per_worker=gpus,
+        backend="nccl" if gpus and spec.resolved_backend() == "nccl" else "gloo",
+        max_failures=spec.max_failures,
+        checkpoint_every=spec.checkpoint.every_epochs,
+        checkpoints_kept=spec.checkpoint.keep,
+        storage=run_dir / "ray",
+        events_path=events_path or run_dir / "events.jsonl",
+    )
+
+
 def train_model(
     job: TrainingJob,
     transform: TabularTransform,
@@ -155,29 +180,9 @@ def train_model(
 ) -> TrainedModel:
     """Ray Train DDP on the transformed rows (joins RAY_ADDRESS's cluster or starts a local one)."""
     spec = job.spec
-    gpus = resolve_gpus(job) if gpus is None else gpus
-    backend = "nccl" if gpus and spec.resolved_backend() == "nccl" else "gloo"
-
-    run_dir = config.runs_dir() / job.metadata.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    settings = ray_runner.TrainSettings(
-        name=job.metadata.name,
-        builder=spec.model.builder,
-        params=spec.model.params,
-        epochs=spec.hyperparameters.epochs,
-        batch_size=spec.hyperparameters.batch_size,
-        learning_rate=spec.hyperparameters.learning_rate,
-        seed=spec.hyperparameters.seed,
-        workers=spec.workers.replicas,
-        cpus_per_worker=1,
-        gpus_per_worker=gpus,
-        backend=backend,
-        max_failures=spec.max_failures,
-        checkpoint_every=spec.checkpoint.every_epochs,
-        checkpoints_kept=spec.checkpoint.keep,
-        storage=run_dir / "ray",
-        events_path=events_path or run_dir / "events.jsonl",
-    )
+    settings = train_settings(job, resolve_gpus(job) if gpus is None else gpus, events_path)
+    backend = settings.backend
+    settings.storage.parent.mkdir(parents=True, exist_ok=True)
     # a rerun of the same job starts fresh: Ray would otherwise restore the old run from its storage
     shutil.rmtree(settings.storage, ignore_errors=True)
     settings.events_path.unlink(missing_ok=True)
@@ -190,7 +195,7 @@ def train_model(
         epochs=settings.epochs,
         rows=len(train),
     )
-    started_here = ray_runner.connect(settings.workers)
+    started_here = ray_runner.connect(settings.workers, settings.cpus_per_worker)
     try:
         output = ray_runner.fit(
             settings,

@@ -16,6 +16,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from kubeloop.errors import SpecError
 from kubeloop.log import event
 from kubeloop.training.worker import STATE_FILE, train_loop_per_worker
 
@@ -36,7 +37,7 @@ class TrainSettings:
     learning_rate: float
     seed: int
     workers: int
-    cpus_per_worker: float
+    cpus_per_worker: int  # TrainingJob spec.workers.ray_cpus(): a RayJob worker pod offers exactly this many
     gpus_per_worker: int
     backend: str
     max_failures: int
@@ -53,15 +54,28 @@ class TrainOutput:
     epochs: int
 
 
-def connect(workers: int) -> bool:
-    """Join the cluster named by RAY_ADDRESS (in a RayJob), or start a local one. True when we started it."""
+def connect(workers: int, cpus_per_worker: int = 1) -> bool:
+    """Join the cluster named by RAY_ADDRESS (in a RayJob), or start a local one. True when we started it.
+
+    A local Ray is given at least the CPUs the workers reserve (Ray's CPUs are scheduling units, so a laptop may
+    run 2 workers of 2 CPUs on 2 cores); one started before (by the loop, a test) must already have them, or the
+    run would wait forever for resources: SpecError then, naming spec.workers.
+    """
+    needed = workers * cpus_per_worker
     if ray.is_initialized():
+        have = int(ray.cluster_resources().get("CPU", 0))
+        # in a RayJob the worker pods may still be joining: only a local Ray's size is final
+        if not os.environ.get("RAY_ADDRESS") and have < needed:
+            raise SpecError(
+                f"spec.workers: {workers} workers of {cpus_per_worker} CPU(s) need {needed} Ray CPUs, but the "
+                f"running local Ray has {have}: lower spec.workers.replicas or spec.workers.cpu"
+            )
         return False
     env = dict(_HEALTH_CHECK_ENV) | {k: v for k, v in os.environ.items() if k in _HEALTH_CHECK_ENV}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env={"env_vars": env})
         return False
-    cpus = max(os.cpu_count() or 1, workers)
+    cpus = max(os.cpu_count() or 1, needed)
     event(log, "ray.start", cpus=cpus)
     # worker output stays in Ray's session logs: progress comes from the events file, errors from fit()
     ray.init(num_cpus=cpus, runtime_env={"env_vars": env}, log_to_driver=False)
@@ -114,6 +128,27 @@ class _Progress(threading.Thread):
         return offset
 
 
+def scaling_config(settings: TrainSettings) -> ScalingConfig:
+    """settings.workers workers, each reserving settings.cpus_per_worker CPUs (and its GPUs)."""
+    resources: dict[str, float] = {"CPU": settings.cpus_per_worker}
+    if settings.gpus_per_worker:
+        resources["GPU"] = settings.gpus_per_worker
+    return ScalingConfig(
+        num_workers=settings.workers, use_gpu=settings.gpus_per_worker > 0, resources_per_worker=resources
+    )
+
+
+def run_config(settings: TrainSettings) -> RunConfig:
+    """Checkpoints in settings.storage; a failed worker restarts the worker group from the latest one, up to
+    settings.max_failures times (the TrainingJob's only retry layer)."""
+    return RunConfig(
+        name=settings.name,
+        storage_path=str(settings.storage),
+        failure_config=FailureConfig(max_failures=settings.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=settings.checkpoints_kept),
+    )
+
+
 def fit(
     settings: TrainSettings, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
 ) -> TrainOutput:
@@ -134,19 +169,8 @@ def fit(
             "events_path": str(settings.events_path),
         },
         torch_config=TorchConfig(backend=settings.backend),
-        scaling_config=ScalingConfig(
-            num_workers=settings.workers,
-            use_gpu=settings.gpus_per_worker > 0,
-            resources_per_worker={"CPU": settings.cpus_per_worker, "GPU": settings.gpus_per_worker}
-            if settings.gpus_per_worker
-            else {"CPU": settings.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=settings.name,
-            storage_path=str(settings.storage),
-            failure_config=FailureConfig(max_failures=settings.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=settings.checkpoints_kept),
-        ),
+        scaling_config=scaling_config(settings),
+        run_config=run_config(settings),
     )
     progress = _Progress(settings.events_path, settings.epochs)
     progress.start()

@@ -5,9 +5,14 @@
 #     etcd                                                     go.etcd.io/etcd/server/v3 (etcdmain)
 #     kwok                                                     sigs.k8s.io/kwok/cmd/kwok
 #     helm                                                     helm.sh/helm/v3/cmd/helm
+#     kserve-manager-<v>      KServe's controller + webhooks   github.com/kserve/kserve/cmd/manager (a wrapper module)
+#     kuberay-operator-<v>    the KubeRay operator             github.com/ray-project/kuberay/ray-operator
+#   ${CACHE}/controlplane-<k8s version>/upstream/{kserve,kuberay,gateway-api}-<v>/   their CRDs, webhook and config
+#     manifests, copied from the same module zips
 # Binaries already there are skipped, so a second run does nothing. Go's module and build caches live under
 # ${KUBELOOP_CACHE}/go/ so a rebuild (or another version) reuses what was downloaded and compiled.
-# Usage: build.sh [--print-bin-dir]     (versions: versions.env beside this script, overridable from the env)
+# Usage: build.sh [--print-bin-dir]     (versions: versions.env beside this script for the control plane and
+#   ../versions.env for KServe, KubeRay and Gateway API, the versions platform/up.sh installs; the env wins)
 # Needs: Go >= the go directive of k8s.io/kubernetes (1.26 for v1.37) on PATH or at /usr/local/go/bin/go, and
 # the Go module proxy. Set GOMAXPROCS / run under nice to share a machine.
 set -euo pipefail
@@ -15,7 +20,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 while IFS='=' read -r key value; do
     case "$key" in ''|'#'*) continue ;; esac
     [ -n "${!key:-}" ] || export "$key=$value"     # the environment wins over versions.env
-done < "$HERE/versions.env"
+done < <(cat "$HERE/versions.env" "$HERE/../versions.env")
 
 CACHE=${KUBELOOP_CACHE:-$HOME/.cache/kubeloop}
 CP="$CACHE/controlplane-$K8S_VERSION"
@@ -37,10 +42,13 @@ fi
 
 K8S_MINOR=$(echo "$K8S_VERSION" | cut -d. -f2)
 STAGING_VERSION="v0.${K8S_VERSION#v1.}"   # v1.37.2 -> v0.37.2
-ALL="kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm"
+ALL="kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm kserve-manager-$KSERVE_VERSION"
+ALL="$ALL kuberay-operator-v$KUBERAY_VERSION"
+STEPS=8
 total_start=$SECONDS
 step=0
-echo "build.sh: control plane $K8S_VERSION (etcd $ETCD_VERSION, kwok $KWOK_VERSION, helm $HELM_VERSION) -> $BIN"
+echo "build.sh: control plane $K8S_VERSION (etcd $ETCD_VERSION, kwok $KWOK_VERSION, helm $HELM_VERSION," \
+    "KServe $KSERVE_VERSION, KubeRay v$KUBERAY_VERSION, Gateway API $GATEWAY_API_VERSION) -> $BIN"
 echo "build.sh: $("$GO" version), GOMAXPROCS=${GOMAXPROCS:-all}, caches in $CACHE/go"
 
 fail() {  # fail LOG MESSAGE
@@ -55,12 +63,12 @@ run_step() {
     local log="$CP/logs/$name.log" start=$SECONDS
     step=$((step + 1))
     if [ -x "$BIN/$name" ]; then
-        echo "  [$step/6] $name: cached"
+        echo "  [$step/$STEPS] $name: cached"
         return 0
     fi
-    echo "  [$step/6] $name: building ..."
+    echo "  [$step/$STEPS] $name: building ..."
     "$@" >"$log" 2>&1 || fail "$log" "$name"
-    echo "  [$step/6] $name: built in $((SECONDS - start))s"
+    echo "  [$step/$STEPS] $name: built in $((SECONDS - start))s"
 }
 
 # --- Kubernetes: a wrapper module, since k8s.io/kubernetes requires its staging modules at v0.0.0 ---------------
@@ -152,21 +160,92 @@ SRC
 run_step etcd build_etcd
 
 # --- kwok and helm: plain `go install module@version` (their go.mod files have no replaces) --------------------
-build_install() {  # build_install NAME PKG@VERSION LDFLAGS
+build_install() {  # build_install NAME PKG@VERSION LDFLAGS [INSTALLED-NAME]
     local tmp="$CP/src/gobin-$1"
     rm -rf "$tmp"; mkdir -p "$tmp"
-    GOBIN="$tmp" "$GO" install -trimpath -ldflags "$3" "$2" && mv "$tmp/$1" "$BIN/$1" && rm -rf "$tmp"
+    GOBIN="$tmp" "$GO" install -trimpath -ldflags "$3" "$2" && mv "$tmp/${4:-$1}" "$BIN/$1" && rm -rf "$tmp"
 }
 run_step kwok build_install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" \
     "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
 run_step helm build_install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
     "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 
+# --- upstream controllers the cluster tests run as processes: KServe's manager, the KubeRay operator -----------
+module_dir() {  # module_dir MODULE@VERSION -> the unpacked module in GOMODCACHE
+    (cd "$CP/src" && GOFLAGS=-mod=mod "$GO" mod download -json "$1") | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p'
+}
+
+build_kserve() {
+    # KServe's go.mod pins k8s.io/* and controller-runtime with replaces, which a wrapper module must repeat
+    local dir="$CP/src/kserve-$KSERVE_VERSION" src
+    src=$(module_dir "github.com/kserve/kserve@$KSERVE_VERSION")
+    [ -d "$src" ] || { echo "could not download github.com/kserve/kserve@$KSERVE_VERSION"; return 1; }
+    mkdir -p "$dir"
+    {
+        echo "// Generated by platform/dev-controlplane/build.sh: KServe $KSERVE_VERSION's manager."
+        echo "module kubeloop.dev/dev-controlplane/kserve"
+        echo
+        sed -n 's/^go \([0-9.]*\)$/go \1/p' "$src/go.mod"
+        echo
+        echo "require github.com/kserve/kserve $KSERVE_VERSION"
+        echo
+        awk '/^replace \($/ {block=1; print; next} block {print; if ($0 == ")") block=0; next}
+             /^replace / {print}' "$src/go.mod"
+        grep -E '^exclude ' "$src/go.mod" || true
+        echo
+        echo "tool github.com/kserve/kserve/cmd/manager"
+    } >"$dir/go.mod"
+    rm -f "$dir/go.sum"
+    (cd "$dir" && "$GO" mod tidy \
+        && "$GO" build -trimpath -ldflags "-s -w" -o "$BIN/.kserve.tmp" github.com/kserve/kserve/cmd/manager) \
+        && mv "$BIN/.kserve.tmp" "$BIN/kserve-manager-$KSERVE_VERSION"
+}
+run_step "kserve-manager-$KSERVE_VERSION" build_kserve
+
+run_step "kuberay-operator-v$KUBERAY_VERSION" build_install "kuberay-operator-v$KUBERAY_VERSION" \
+    "github.com/ray-project/kuberay/ray-operator@v$KUBERAY_VERSION" "-s -w" ray-operator
+
+# their CRDs and manifests, from the same module zips (read by upstream.py). From the zip itself: `go mod download`
+# unpacks a module only when this Go satisfies its go directive (gateway-api v1.7.0 asks for Go 1.27).
+copy_upstream() {  # copy_upstream NAME MODULE@VERSION PATH...
+    local name=$1 module=$2 zip out
+    shift 2
+    out="$CP/upstream/$name"
+    [ -f "$out/.ok" ] && return 0
+    zip=$( (cd "$CP/src" && GOFLAGS=-mod=mod "$GO" mod download -json "$module" || true) \
+        | sed -n 's/^[[:space:]]*"Zip": "\(.*\)",$/\1/p')
+    [ -f "$zip" ] || { echo "build.sh: could not download $module" >&2; exit 1; }
+    rm -rf "$out"; mkdir -p "$out"
+    python3 - "$zip" "$module" "$out" "$@" <<'PY'
+import sys, zipfile
+from pathlib import Path
+archive, module, out, wanted = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4:]
+prefix = f"{module}/"
+with zipfile.ZipFile(archive) as z:
+    for member in z.namelist():
+        rel = member[len(prefix):]
+        if any(rel == w or rel.startswith(w.rstrip("/") + "/") for w in wanted) and not member.endswith("/"):
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(z.read(member))
+PY
+    for path in "$@"; do [ -e "$out/$path" ] || { echo "build.sh: $module has no $path" >&2; exit 1; }; done
+    touch "$out/.ok"
+    echo "  [upstream] $name: $* copied"
+}
+copy_upstream "kserve-$KSERVE_VERSION" "github.com/kserve/kserve@$KSERVE_VERSION" \
+    config/crd/full config/webhook/manifests.yaml config/configmap/inferenceservice.yaml config/rbac
+copy_upstream "kuberay-v$KUBERAY_VERSION" "github.com/ray-project/kuberay/ray-operator@v$KUBERAY_VERSION" \
+    config/crd/bases config/webhook config/rbac
+copy_upstream "gateway-api-$GATEWAY_API_VERSION" "sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION" config/crd/standard
+
 cat >"$CP/versions.txt" <<TXT
 kubernetes=$K8S_VERSION
 etcd=$ETCD_VERSION
 kwok=$KWOK_VERSION
 helm=$HELM_VERSION
+kserve=$KSERVE_VERSION
+kuberay=v$KUBERAY_VERSION
+gateway-api=$GATEWAY_API_VERSION
 go=$("$GO" env GOVERSION)
 TXT
 echo "build.sh: done in $((SECONDS - total_start))s: $BIN"

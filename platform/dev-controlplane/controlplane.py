@@ -215,17 +215,20 @@ class ControlPlane:
         (pki / "tokens.csv").chmod(0o600)
         shutil.copyfile(HERE / "kwok-stages.yaml", self.workdir / "kwok.yaml")
 
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start binary ``name`` of the bin directory in this plane's process group (upstream.py's controllers
+        join it too, so stop() stops them first), logging to logs/<name>.log; ``env`` adds variables."""
         log = open(self.workdir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "ETCDCTL_API")}
-        env["HOME"] = str(self.workdir)  # kwok and friends keep their dotfiles here, not in the user's home
+        child_env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "ETCDCTL_API")}
+        child_env["HOME"] = str(self.workdir)  # kwok and friends keep their dotfiles here, not in the user's home
+        child_env.update(env or {})
         proc = subprocess.Popen(
             [str(self.binaries / name), *args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,
-            env=env,
+            env=child_env,
             process_group=self.pgid or 0,
             preexec_fn=_die_with_parent if self.die_with_parent else None,
         )

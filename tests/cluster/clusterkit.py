@@ -1,6 +1,7 @@
 """Helpers for the cluster tests (imported by conftest.py and the test modules; a unique name on purpose).
 
-- ``load_controlplane()``: platform/dev-controlplane/controlplane.py, imported by path.
+- ``load_controlplane()``, ``load_upstream()``: platform/dev-controlplane/{controlplane,upstream}.py, imported by
+  path.
 - ``Cluster``: the cluster under test (kubeconfig, the dev control plane when this session started it).
 - ``wait_for()``: poll until true or fail the test.
 - ``service_account_kubeconfig()``: a kubeconfig acting as a ServiceAccount (token from the TokenRequest API),
@@ -22,21 +23,29 @@ import pytest
 import yaml
 
 HERE = Path(__file__).resolve().parent
-CONTROLPLANE_PY = HERE.parents[1] / "platform" / "dev-controlplane" / "controlplane.py"
+DEV_CONTROLPLANE = HERE.parents[1] / "platform" / "dev-controlplane"
 EXTERNAL_ENV = "KUBELOOP_TEST_KUBECONFIG"
 T = TypeVar("T")
 
 
-def load_controlplane() -> ModuleType:
-    """platform/ is not a package (it would shadow the stdlib's `platform`): import the module by path."""
-    name = "kubeloop_dev_controlplane"
+def _load(stem: str) -> ModuleType:
+    """platform/ is not a package (it would shadow the stdlib's `platform`): import its modules by path."""
+    name = f"kubeloop_dev_{stem}"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, CONTROLPLANE_PY)
+        spec = importlib.util.spec_from_file_location(name, DEV_CONTROLPLANE / f"{stem}.py")
         assert spec and spec.loader
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def load_controlplane() -> ModuleType:
+    return _load("controlplane")
+
+
+def load_upstream() -> ModuleType:
+    return _load("upstream")
 
 
 @dataclass

@@ -11,8 +11,11 @@ Which cluster:
 Every test here carries ``pytest.mark.cluster`` (added below), so ``-m "not cluster"`` leaves them out.
 Fixtures: ``cluster`` (clusterkit.Cluster), ``kubeconfig`` (admin, Path), ``namespace`` (fresh per test),
 ``sa_kubeconfig(namespace, name)`` (a ServiceAccount's kubeconfig, no permissions until bound); for the operator:
-``stand_ins`` (RayJob/InferenceService CRDs), ``chart`` (helm install of helm/kubeloop), ``operator_kubeconfig``
-(the chart's ServiceAccount), ``api``/``core`` (clients with the admin identity).
+``upstream`` (the real KubeRay operator and KServe controller with its webhooks, and the KServe, KubeRay and Gateway
+API CRDs, started on the dev control plane by platform/dev-controlplane/upstream.py; on another cluster they must be
+installed already), ``chart`` (helm install of helm/kubeloop), ``operator_kubeconfig`` (the chart's
+ServiceAccount), ``api``/``core`` (clients with the admin identity), ``kubeloop_home`` (the PersistentVolumeClaim the
+Ray and predictor pods mount, so they schedule and run).
 """
 
 from __future__ import annotations
@@ -26,21 +29,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from clusterkit import (
     EXTERNAL_ENV,
     HERE,
     Cluster,
     exists,
     load_controlplane,
+    load_upstream,
     service_account_kubeconfig,
     wait_for,
 )
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
-from operatorkit import OPERATOR_SA, RELEASE, REPO, STAND_INS, SYSTEM
+from operatorkit import OPERATOR_SA, RELEASE, REPO, SYSTEM
 
 from operators import chart as chart_render
+from operators.settings import Settings
 
 
 def _is_cluster_test(item: pytest.Item) -> bool:
@@ -60,7 +63,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if not any(_is_cluster_test(item) for item in session.items):
         return
     controlplane = load_controlplane()
-    if controlplane.is_built():
+    if controlplane.is_built() and load_upstream().is_built(controlplane.bin_dir()):
         return
     capture = session.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
@@ -84,8 +87,8 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
         yield Cluster(kubeconfig=path)
         return
     controlplane = load_controlplane()
-    if not controlplane.is_built():  # the collection hook builds; this covers other entry points
-        controlplane.build()
+    if not (controlplane.is_built() and load_upstream().is_built(controlplane.bin_dir())):
+        controlplane.build()  # the collection hook builds; this covers other entry points
     plane = controlplane.ControlPlane(die_with_parent=True)
     plane.start()
     capture = request.config.pluginmanager.getplugin("capturemanager")
@@ -132,37 +135,30 @@ def sa_kubeconfig(kubeconfig: Path, tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+UPSTREAM_CRDS = ("rayjobs.ray.io", "rayclusters.ray.io", "inferenceservices.serving.kserve.io",
+                 "httproutes.gateway.networking.k8s.io")  # fmt: skip
+
+
 @pytest.fixture(scope="session")
-def stand_ins(cluster: Cluster) -> bool:
-    """Install the stand-in RayJob/InferenceService CRDs where the real ones are absent; True if any was."""
+def upstream(request: pytest.FixtureRequest, cluster: Cluster) -> None:
+    """The real KubeRay operator and KServe controller (webhooks on) with their CRDs and Gateway API's.
+
+    On the dev control plane they are started here, as processes in its process group; another cluster must have
+    them installed (platform/up.sh), which is checked through the CRDs they serve."""
+    if cluster.dev is not None:
+        started = load_upstream().Upstream(cluster.dev).start()
+        capture = request.config.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled():
+            print(f"tests/cluster: KubeRay and KServe (webhooks on) up in {started.startup_seconds:.1f}s", flush=True)
+        return
     ext = client.ApiextensionsV1Api(cluster.client())
-    installed = False
-    for path in sorted(STAND_INS.glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
-        try:
-            existing = ext.read_custom_resource_definition(crd["metadata"]["name"])
-        except ApiException as error:
-            if error.status != 404:
-                raise
-            ext.create_custom_resource_definition(crd)
-            installed = True
-        else:
-            installed |= (existing.metadata.labels or {}).get("kubeloop.dev/stand-in") == "true"
-    for path in sorted(STAND_INS.glob("*.yaml")):
-        name = yaml.safe_load(path.read_text())["metadata"]["name"]
-        wait_for(
-            lambda n=name: any(
-                c.type == "Established" and c.status == "True"
-                for c in ext.read_custom_resource_definition(n).status.conditions or []
-            ),
-            60,
-            f"CRD {name} established",
-        )
-    return installed
+    missing = [name for name in UPSTREAM_CRDS if not exists(lambda n=name: ext.read_custom_resource_definition(n))]
+    if missing:
+        pytest.fail(f"the cluster lacks {', '.join(missing)}: install the stack first (platform/up.sh)")
 
 
 @pytest.fixture(scope="session")
-def chart(cluster: Cluster, kubeconfig: Path, stand_ins: bool) -> str:
+def chart(cluster: Cluster, kubeconfig: Path, upstream: None) -> str:
     """helm upgrade --install of helm/kubeloop into kubeloop-system; the helm output."""
     helm = chart_render.find_helm()
     if helm is None:
@@ -192,3 +188,41 @@ def api(cluster: Cluster) -> client.CustomObjectsApi:
 @pytest.fixture
 def core(cluster: Cluster) -> client.CoreV1Api:
     return client.CoreV1Api(cluster.client())
+
+
+@pytest.fixture
+def kubeloop_home(core: client.CoreV1Api, namespace: str) -> Iterator[str]:
+    """The ``kubeloop-home`` PersistentVolumeClaim the Ray pods and predictors mount (platform/kubeloop-home.yaml on
+    a real cluster), bound to a hostPath PersistentVolume that no pod here ever uses for real."""
+    claim = Settings().storage_pvc
+    pv_name = f"kubeloop-home-{namespace}"
+    core.create_persistent_volume(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv_name},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteMany", "ReadOnlyMany"],
+                "storageClassName": "",
+                "hostPath": {"path": f"/tmp/{pv_name}"},
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        }
+    )
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "volumeName": pv_name,
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+    yield claim
+    core.delete_persistent_volume(pv_name)

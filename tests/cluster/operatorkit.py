@@ -23,7 +23,6 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 REPO = Path(__file__).resolve().parents[2]
-STAND_INS = Path(__file__).resolve().parent / "stand_in_crds"
 RELEASE, SYSTEM = "kubeloop", "kubeloop-system"
 OPERATOR_SA = "kubeloop-operator"
 GROUP, VERSION = "kubeloop.dev", "v1alpha1"
@@ -134,3 +133,24 @@ def modelversion_doc(version: int = 1) -> dict[str, Any]:
     doc["spec"]["version"] = version
     doc["spec"]["artifactUri"] = f"file:///var/lib/kubeloop/registry/arrests/v{version}/artifact"
     return doc
+
+
+def owned_by(items: list[Any], uid: str) -> list[Any]:
+    """The items (dicts or client models) whose ownerReferences name ``uid``."""
+
+    def refs(item: Any) -> list[Any]:
+        meta = item["metadata"] if isinstance(item, dict) else item.metadata
+        found = meta.get("ownerReferences") if isinstance(meta, dict) else meta.owner_references
+        return [r["uid"] if isinstance(r, dict) else r.uid for r in found or []]
+
+    return [item for item in items if uid in refs(item)]
+
+
+def routed(api: client.CustomObjectsApi, namespace: str, md_uid: str) -> dict[str, int] | None:
+    """The weights of the HTTPRoute the operator owns for a ModelDeployment: {Service name: weight}."""
+    items = api.list_namespaced_custom_object("gateway.networking.k8s.io", "v1", namespace, "httproutes")["items"]
+    routes = owned_by(items, md_uid)
+    if len(routes) != 1:
+        return None
+    (rule,) = routes[0]["spec"]["rules"]
+    return {ref["name"]: ref.get("weight", 1) for ref in rule["backendRefs"]}

@@ -3,20 +3,23 @@
 No KServe data plane, model server or drift sidecar runs on the dev control plane, so this exporter stands in for
 them: it exports the series the operator's queries read by default (kubeloop.analysis.Queries.cluster(): the model
 server's requests by code, latency and prediction histograms, the drift sidecar's flag) for traffic
-generated at `rate` requests per second and split the way the InferenceService asks KServe to split it (its
-``kubeloop.dev/stable-version`` / ``kubeloop.dev/canary-version`` annotations and the canary's trafficPercent).
+generated at `rate` requests per second and split by the weights of the HTTPRoute the operator owns for the
+deployment (the stable predictor Service ``<isvc>-predictor``, a canary's ``<isvc>-v<N>-predictor``), as a Gateway
+would split it.
 What each version does (error rate, latency, predictions, drift) is set by the test.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from operatorkit import GROUP, VERSION, get, routed
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 GOLDEN = 0.6180339887498949  # low-discrepancy predictions: two versions with the same spread look the same at once
@@ -36,17 +39,19 @@ class Behaviour:
 Split = dict[int, int]  # version -> percent of the traffic
 
 
-def split_of(isvc: Mapping[str, Any] | None) -> Split:
-    """How KServe would route an InferenceService written by the operator (Standard mode)."""
-    if not isvc:
+def split_of(api: Any, namespace: str, name: str) -> Split:
+    """How a Gateway splits ModelDeployment ``name``'s traffic: its HTTPRoute's weights, per model version."""
+    md = get(api, GROUP, VERSION, "modeldeployments", namespace, name)
+    isvc = get(api, "serving.kserve.io", "v1beta1", "inferenceservices", namespace, name)
+    weights = routed(api, namespace, md["metadata"]["uid"]) if md else None
+    if not weights or not isvc:
         return {}
-    annotations = (isvc.get("metadata") or {}).get("annotations") or {}
-    stable = int(annotations["kubeloop.dev/stable-version"])
-    canaries = (isvc.get("spec") or {}).get("canary") or []
-    if not canaries or "kubeloop.dev/canary-version" not in annotations:
-        return {stable: 100}
-    percent = int(canaries[0].get("trafficPercent", 0))
-    return {stable: 100 - percent, int(annotations["kubeloop.dev/canary-version"]): percent}
+    stable = int(isvc["metadata"]["annotations"]["kubeloop.dev/stable-version"])
+    split: Split = {}
+    for service, weight in weights.items():
+        found = re.fullmatch(rf"{re.escape(name)}-v(\d+)-predictor", service)
+        split[int(found.group(1)) if found else stable] = weight
+    return split
 
 
 class ServingExporter:

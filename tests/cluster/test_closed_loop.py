@@ -5,9 +5,13 @@ RBAC enforced, its default queries) and a Prometheus server (Debian's binary, st
 kubeloop.analysis.prometheus) scraping a loopback exporter every second with the test's namespace as a target label
 (as Kubernetes service discovery would); the operator reads its signals through Prometheus's HTTP API only.
 
+Real too, from the ``upstream`` fixture: the KubeRay operator (the retraining RayJob becomes a RayCluster) and KServe
+(its webhooks admit each InferenceService the analysis writes, its controller makes the canary Deployments).
+
 Played by the test, because it cannot run here: the serving stack's metrics (serving_exporter.ServingExporter, whose
-traffic follows the split the operator writes into the InferenceService), and KubeRay plus the training run (the
-test writes the RayJob's status and the run's result the way they would; test_operator.py proves the run's side).
+traffic follows the weights of the HTTPRoute the operator writes), and the training run: the run's result in its
+ConfigMap and the Ray job's final status, which KubeRay would read from the Ray dashboard (test_operator.py proves
+the run's side).
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from operatorkit import (
     OperatorProcess,
     create,
     free_port,
-    inferenceservice,
     kubeloop_obj,
     modelversion_doc,
     rayjob,
@@ -68,9 +71,13 @@ def analysing_operator(
 
 
 @pytest.fixture
-def exporter(cluster: Cluster, prometheus: EmbeddedPrometheus, namespace: str) -> Iterator[ServingExporter]:
+def exporter(
+    cluster: Cluster, prometheus: EmbeddedPrometheus, namespace: str, kubeloop_home: str
+) -> Iterator[ServingExporter]:
+    """The serving stack's metrics for deployment ``arrests``; its predictor pods (KServe's, on kwok nodes) mount
+    ``kubeloop_home``, so they run and KServe reports a canary ready, which the route waits for."""
     api = client.CustomObjectsApi(cluster.client())
-    served = ServingExporter("arrests", lambda: split_of(inferenceservice(api, namespace, "arrests")))
+    served = ServingExporter("arrests", lambda: split_of(api, namespace, "arrests"))
     url = served.start(free_port())
     prometheus.scrape("serving", [url], labels={"namespace": namespace})
     wait_for(
@@ -105,7 +112,8 @@ def reasons(core: client.CoreV1Api, namespace: str) -> set[str]:
 
 
 def finish_training_run(api: client.CustomObjectsApi, core: client.CoreV1Api, namespace: str, tj: str, version: int):
-    """KubeRay and the run, played: the run publishes version `version` into its ConfigMap, the RayJob succeeds."""
+    """The run, played: it publishes version `version` into its ConfigMap, and the Ray job succeeds (the status
+    KubeRay would read from the Ray dashboard, written into the RayJob that the real KubeRay is running)."""
     wait_for(lambda: rayjob(api, namespace, tj), 60, f"the RayJob of {tj}")
     result = modelversion_doc(version)
     result["spec"]["lineage"]["trainingJob"] = f"{namespace}/{tj}"
@@ -122,10 +130,8 @@ def finish_training_run(api: client.CustomObjectsApi, core: client.CoreV1Api, na
 
 def test_sustained_drift_retrains_and_the_canary_walks_the_steps_to_promotion(
     analysing_operator: OperatorProcess, exporter: ServingExporter, api: client.CustomObjectsApi,
-    core: client.CoreV1Api, namespace: str, stand_ins: bool,
+    core: client.CoreV1Api, namespace: str,
 ) -> None:  # fmt: skip
-    if not stand_ins:
-        pytest.skip("a real KubeRay drives the RayJob here: this test plays it on the stand-in CRDs")
     v1 = modelversion_doc(1)
     v1["spec"]["stage"] = "Production"
     create(api, namespace, v1)
@@ -182,7 +188,7 @@ def test_sustained_drift_retrains_and_the_canary_walks_the_steps_to_promotion(
     # the registry is updated before the deployment moves: seeing v2 stable means it is Production already
     assert kubeloop_obj(api, "modelversions", namespace, "arrests-v2")["spec"]["stage"] == "Production"
     assert kubeloop_obj(api, "modelversions", namespace, "arrests-v1")["spec"]["stage"] == "Archived"
-    wait_for(lambda: split_of(inferenceservice(api, namespace, "arrests")) == {2: 100}, 30, "v2 at 100%")
+    wait_for(lambda: split_of(api, namespace, "arrests") == {2: 100}, 30, "v2 at 100%")
     expected = {"Retraining", "RetrainedVersionReady", "CanaryStarted", "CanaryAdvanced", "CanaryPromoted"}
     wait_for(lambda: expected <= reasons(core, namespace), 30, f"Events {sorted(expected)}")  # posted asynchronously
 
@@ -220,5 +226,5 @@ def test_failing_metrics_roll_the_canary_back_within_two_intervals(
 
     v3 = wait_for(rejected, 10, "v3 Rejected")
     assert "error rate" in v3["spec"]["stageReason"]
-    wait_for(lambda: split_of(inferenceservice(api, namespace, "arrests")) == {1: 100}, 30, "100% back to v1")
+    wait_for(lambda: split_of(api, namespace, "arrests") == {1: 100}, 30, "100% back to v1")
     wait_for(lambda: "CanaryRolledBack" in reasons(core, namespace), 30, "the CanaryRolledBack Event")

@@ -6,10 +6,11 @@ is ``python -m operators`` run here as a process whose kubeconfig holds the toke
 (The chart's own Deployment is scaled to 0 so that, on a real cluster, it cannot reconcile beside the one under
 test; on the dev control plane its pod is a kwok pod that runs nothing anyway.)
 
-No KubeRay or KServe controller runs here: RayJob and InferenceService are stand-in CRDs
-(tests/cluster/stand_in_crds/, installed only when the real ones are absent) and the tests write those objects'
-status the way KubeRay and KServe would. A pod built from the predictor spec is created, scheduled on a kwok node
-and reaches Running: the spec the operator writes is a valid pod.
+What the operator writes is judged by the real upstream controllers (the ``upstream`` fixture): the KubeRay operator
+turns the RayJob into a RayCluster and a submitter Job, KServe's webhooks default, validate and mutate the
+InferenceService and its pods, and its controller makes the predictor Deployments and Services; their pods run on
+kwok nodes. The one thing played here is what only a running Ray cluster could say: the Ray job's final status,
+which KubeRay reads from the Ray dashboard (test_the_ray_job_that_never_reports shows what KubeRay does without it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from clusterkit import Cluster, service_account_kubeconfig, wait_for
+from clusterkit import Cluster, exists, service_account_kubeconfig, wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from operatorkit import (
@@ -37,10 +38,13 @@ from operatorkit import (
     OperatorProcess,
     create,
     free_port,
+    get,
     inferenceservice,
     kubeloop_obj,
     modelversion_doc,
+    owned_by,
     rayjob,
+    routed,
     sample,
 )
 
@@ -118,9 +122,9 @@ def test_the_operators_identity_is_least_privilege(cluster: Cluster, operator_ku
 # --- TrainingJob -> RayJob ------------------------------------------------------------------------------------------
 
 
-def test_trainingjob_becomes_a_rayjob_and_registers_its_modelversion(
+def test_trainingjob_becomes_a_rayjob_that_kuberay_runs_and_registers_its_modelversion(
     cluster: Cluster, operator: OperatorProcess, api: client.CustomObjectsApi, core: client.CoreV1Api,
-    namespace: str, kubeconfig: Path, stand_ins: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    namespace: str, kubeconfig: Path, kubeloop_home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     tj = create(api, namespace, sample("trainingjob"))
     job = wait_for(lambda: rayjob(api, namespace, "arrests-mlp"), 60, "the RayJob")
@@ -131,7 +135,7 @@ def test_trainingjob_becomes_a_rayjob_and_registers_its_modelversion(
     desired = rj.desired_rayjob(model, Settings())
     assert contains(job["spec"], desired["spec"])
     assert job["spec"]["entrypoint"] == "kubeloop run -f /etc/kubeloop/trainingjob.yaml"
-    assert job["spec"]["backoffLimit"] == 2
+    assert job["spec"].get("backoffLimit", 0) == 0, "retries are Ray Train's (maxFailures), not new RayClusters"
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     (ref,) = job["metadata"]["ownerReferences"]
     assert (ref["kind"], ref["uid"], ref["controller"], ref["blockOwnerDeletion"]) == (
@@ -139,26 +143,35 @@ def test_trainingjob_becomes_a_rayjob_and_registers_its_modelversion(
     )  # fmt: skip
     cm = core.read_namespaced_config_map("arrests-mlp-trainingjob", namespace)
     assert yaml.safe_load(cm.data["trainingjob.yaml"])["spec"]["model"]["name"] == "arrests"
-    status = wait_for(
-        lambda: (kubeloop_obj(api, "trainingjobs", namespace, "arrests-mlp") or {}).get("status", {}).get("phase"),
-        60, "the TrainingJob's phase",
-    )  # fmt: skip
-    assert status == "Pending"
     events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=arrests-mlp").items
     assert any(e.reason == "Created" and "RayJob" in e.message for e in events)
 
-    if not stand_ins:
-        pytest.skip("a real KubeRay drives the RayJob here: the status steps below are the stand-in's")
+    # KubeRay: a RayCluster from the RayJob's spec, its head and worker pods running on kwok nodes, then the
+    # submitter Job; the RayJob's status moves on and the TrainingJob mirrors it
+    ray_cluster_name = wait_for(
+        lambda: (rayjob(api, namespace, "arrests-mlp").get("status") or {}).get("rayClusterName"),
+        60, "KubeRay to name the RayCluster",
+    )  # fmt: skip
+    ray_cluster = wait_for(
+        lambda: get(api, "ray.io", "v1", "rayclusters", namespace, ray_cluster_name), 60, "the RayCluster"
+    )
+    assert owned_by([ray_cluster], job["metadata"]["uid"])
+    (group,) = ray_cluster["spec"]["workerGroupSpecs"]
+    assert group["replicas"] == model.spec.workers.replicas
 
-    def set_rayjob_status(status: dict[str, Any]) -> None:
-        api.patch_namespaced_custom_object_status(
-            "ray.io", "v1", namespace, "rayjobs", "arrests-mlp", {"status": status}
-        )
+    def ray_pods_running() -> list[Any] | None:
+        pods = core.list_namespaced_pod(namespace, label_selector=f"ray.io/cluster={ray_cluster_name}").items
+        wanted = 1 + model.spec.workers.replicas  # the head and one pod per Ray Train worker
+        return pods if len(pods) == wanted and all(p.status.phase == "Running" for p in pods) else None
 
-    set_rayjob_status({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "dashboardURL": "head:8265"})
+    pods = wait_for(ray_pods_running, 120, "the Ray head and worker pods Running")
+    assert len(pods) == 1 + model.spec.workers.replicas
+    batch = client.BatchV1Api(core.api_client)
+    wait_for(lambda: exists(lambda: batch.read_namespaced_job("arrests-mlp", namespace)), 120, "the submitter Job")
     wait_for(
-        lambda: kubeloop_obj(api, "trainingjobs", namespace, "arrests-mlp")["status"].get("phase") == "Running",
-        60, "phase Running",
+        lambda: (kubeloop_obj(api, "trainingjobs", namespace, "arrests-mlp") or {}).get("status", {}).get("phase")
+        == "Running",
+        120, "the TrainingJob Running, from KubeRay's jobDeploymentStatus",
     )  # fmt: skip
 
     # the run reports its ModelVersion as the run's ServiceAccount: it may patch its ConfigMap, nothing else
@@ -194,7 +207,11 @@ def test_trainingjob_becomes_a_rayjob_and_registers_its_modelversion(
         )
     assert denied.value.status == 403
 
-    set_rayjob_status({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "endTime": "2026-11-23T10:00:00Z"})
+    # what the Ray dashboard would answer KubeRay once the run ends (no Ray runs in a kwok pod): the job SUCCEEDED
+    api.patch_namespaced_custom_object_status(
+        "ray.io", "v1", namespace, "rayjobs", "arrests-mlp",
+        {"status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "endTime": "2026-11-23T10:00:00Z"}},
+    )  # fmt: skip
     final = wait_for(
         lambda: (s := kubeloop_obj(api, "trainingjobs", namespace, "arrests-mlp")["status"]).get("modelVersion") and s,
         60, "the ModelVersion registered",
@@ -209,6 +226,28 @@ def test_trainingjob_becomes_a_rayjob_and_registers_its_modelversion(
     header = table.splitlines()[0].split()
     assert header[:5] == ["NAME", "PHASE", "WORKERS", "GPUS", "MODEL"], table
     assert "arrests-v1" in table and "Succeeded" in table
+    # KubeRay's own end of a finished job: shutdownAfterJobFinishes deletes the RayCluster
+    wait_for(
+        lambda: get(api, "ray.io", "v1", "rayclusters", namespace, ray_cluster_name) is None,
+        120, "KubeRay to delete the finished job's RayCluster",
+    )  # fmt: skip
+
+
+def test_the_ray_job_that_never_reports_fails_the_trainingjob_with_kuberays_reason(
+    operator: OperatorProcess, api: client.CustomObjectsApi, namespace: str, kubeloop_home: str
+) -> None:
+    """Left alone, the RayJob follows KubeRay's real path: the submitter Job's pod completes (kwok), no Ray
+    dashboard answers, and 30 s later KubeRay fails the RayJob; the TrainingJob says so, in KubeRay's words."""
+    create(api, namespace, sample("trainingjob"))
+    status = wait_for(
+        lambda: (s := (kubeloop_obj(api, "trainingjobs", namespace, "arrests-mlp") or {}).get("status", {}))
+        .get("phase") == "Failed" and s,
+        180, "the TrainingJob Failed",
+    )  # fmt: skip
+    job = rayjob(api, namespace, "arrests-mlp")
+    assert job["status"]["jobDeploymentStatus"] == "Failed"
+    assert status["jobDeploymentStatus"] == "Failed"
+    assert job["status"]["message"] in status["message"], (job["status"], status)
 
 
 def test_deleting_a_trainingjob_collects_its_children(
@@ -237,26 +276,14 @@ def test_deleting_a_trainingjob_collects_its_children(
 # --- ModelDeployment -> InferenceService ----------------------------------------------------------------------------
 
 
-def _pod_from_predictor(predictor: dict[str, Any], name: str) -> dict[str, Any]:
-    """What KServe would make of the predictor: its PodSpec fields (ComponentExtensionSpec fields dropped)."""
-    extension = {"minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "scaleMetricType", "autoScaling",
-                 "containerConcurrency", "timeout", "canaryTrafficPercent", "logger", "batcher", "labels",
-                 "annotations", "deploymentStrategy", "name"}  # fmt: skip
-    spec = {k: v for k, v in predictor.items() if k not in extension}
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "labels": predictor.get("labels", {}), "annotations": predictor.get("annotations")},
-        "spec": spec,
-    }
-
-
-def test_modeldeployment_becomes_an_inferenceservice_whose_pod_runs(
+def test_modeldeployment_is_served_by_kserve_and_its_canary_split_by_a_weighted_route(
     cluster: Cluster, operator: OperatorProcess, api: client.CustomObjectsApi, core: client.CoreV1Api,
-    namespace: str, kubeconfig: Path, stand_ins: bool,
+    namespace: str, kubeconfig: Path, kubeloop_home: str,
 ) -> None:  # fmt: skip
-    md_doc = sample("modeldeployment")
-    md = create(api, namespace, md_doc)
+    """Stable, a canary at each step, promoted, then a canary rolled back: what KServe (its webhooks and its
+    controller) and the operator make of each, in the InferenceService, Deployments, Services and the HTTPRoute."""
+    md = create(api, namespace, sample("modeldeployment"))
+    uid = md["metadata"]["uid"]
     wait_for(
         lambda: any(
             c["reason"] == "ModelVersionNotFound"
@@ -279,96 +306,110 @@ def test_modeldeployment_becomes_an_inferenceservice_whose_pod_runs(
     assert predictor["logger"] == {"url": f"http://127.0.0.1:{settings.sidecar_port}/", "mode": "all"}
     assert (predictor["minReplicas"], predictor["maxReplicas"], predictor["scaleMetric"]) == (1, 3, "cpu")
     assert obj["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
-    assert obj["metadata"]["ownerReferences"][0]["uid"] == md["metadata"]["uid"]
+    assert obj["metadata"]["ownerReferences"][0]["uid"] == uid
     versions = core.read_namespaced_config_map("arrests-model-versions", namespace)
     assert set(versions.data) == {"v1.yaml"}
 
-    # no KServe here: build the pod KServe would run from the predictor spec; it must schedule and run
-    pv_name = f"kubeloop-home-{namespace}"
-    core.create_persistent_volume(
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {"name": pv_name},
-            "spec": {
-                "capacity": {"storage": "1Gi"},
-                "accessModes": ["ReadWriteOnce", "ReadOnlyMany"],
-                "storageClassName": "",
-                "hostPath": {"path": f"/tmp/{pv_name}"},
-                "claimRef": {"namespace": namespace, "name": settings.storage_pvc},
-            },
-        }
-    )
-    try:
-        core.create_namespaced_persistent_volume_claim(
-            namespace,
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": settings.storage_pvc},
-                "spec": {
-                    "accessModes": ["ReadOnlyMany"],
-                    "storageClassName": "",
-                    "volumeName": pv_name,
-                    "resources": {"requests": {"storage": "1Gi"}},
-                },
-            },
+    # KServe: the stable predictor's Deployment and Service; its pod mutated by KServe's webhook (the payload
+    # logger's agent container joins ours) and running on a kwok node
+    apps = client.AppsV1Api(core.api_client)
+
+    def deployment(name: str) -> Any:
+        return exists(lambda: apps.read_namespaced_deployment(name, namespace)) and apps.read_namespaced_deployment(
+            name, namespace
         )
-        pod = _pod_from_predictor(predictor, "arrests-predictor-check")
-        core.create_namespaced_pod(namespace, pod)
 
-        def running() -> bool:
-            current = core.read_namespaced_pod("arrests-predictor-check", namespace)
-            return current.status.phase == "Running" and bool(current.spec.node_name)
+    def predictor_pods(name: str) -> list[Any]:
+        pods = core.list_namespaced_pod(namespace, label_selector="serving.kserve.io/inferenceservice=arrests").items
+        return [p for p in pods if p.metadata.name.startswith(f"{name}-") and p.status.phase == "Running"]
 
-        wait_for(running, 120, "the predictor pod to be scheduled and Running")
-        placed = core.read_namespaced_pod("arrests-predictor-check", namespace)
-        assert {c.name for c in placed.spec.containers} == {"kserve-container", "drift-detector"}
-        if cluster.dev:
-            node = core.read_node(placed.spec.node_name)
-            assert node.metadata.labels.get("type") == "kwok"
-    finally:
-        core.delete_namespaced_pod("arrests-predictor-check", namespace, grace_period_seconds=0)
-        core.delete_persistent_volume(pv_name)
+    wait_for(lambda: deployment("arrests-predictor"), 60, "KServe's Deployment arrests-predictor")
+    (pod,) = wait_for(lambda: predictor_pods("arrests-predictor"), 120, "the stable predictor pod Running")
+    assert {c.name for c in pod.spec.containers} >= {"kserve-container", "drift-detector", "agent"}
+    if cluster.dev:
+        assert core.read_node(pod.spec.node_name).metadata.labels.get("type") == "kwok"
+    service = core.read_namespaced_service("arrests-predictor", namespace)
+    assert service.spec.ports[0].port == 80
 
-    if not stand_ins:
-        return
-    # KServe reports the service ready: the deployment mirrors it
-    api.patch_namespaced_custom_object_status(
-        "serving.kserve.io", "v1beta1", namespace, "inferenceservices", "arrests",
-        {"status": {"url": "http://arrests.example.com", "conditions": [{"type": "Ready", "status": "True"}]}},
-    )  # fmt: skip
+    # KServe reports it Ready; the deployment mirrors that, and its URL is the route's
     status = wait_for(
         lambda: (s := kubeloop_obj(api, "modeldeployments", namespace, "arrests")["status"]).get("ready") and s,
-        60, "the deployment Ready",
+        120, "the deployment Ready (KServe's Ready condition)",
     )  # fmt: skip
-    assert status["url"] == "http://arrests.example.com"
     assert status["drift"] == {"state": "Unknown"}
+    assert wait_for(lambda: routed(api, namespace, uid), 60, "the HTTPRoute") == {"arrests-predictor": 100}
+    (route,) = owned_by(
+        api.list_namespaced_custom_object("gateway.networking.k8s.io", "v1", namespace, "httproutes")["items"], uid
+    )
+    assert status["url"] == f"http://{route['spec']['hostnames'][0]}"
 
-    # a canary: spec.canary[] with the candidate, and the printer columns say so
+    def step(version: int, percent: int) -> None:
+        """The canary at ``percent``: KServe's canary Deployment and Service, and the route's weights."""
+        name = f"arrests-v{version}-predictor"
+        api.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, "modeldeployments", "arrests",
+            {"spec": {"canary": {"version": version, "trafficPercent": percent}}},
+        )  # fmt: skip
+        wait_for(
+            lambda: [(c["predictor"]["name"], c["trafficPercent"]) for c in
+                     (inferenceservice(api, namespace, "arrests") or {}).get("spec", {}).get("canary") or []]
+            == [(f"v{version}", percent)],
+            60, f"spec.canary v{version} at {percent}% (admitted by KServe's validating webhook)",
+        )  # fmt: skip
+        wait_for(lambda: deployment(name), 60, f"KServe's canary Deployment {name}")
+        wait_for(lambda: predictor_pods(name), 120, f"the canary pod of {name} Running")
+        assert core.read_namespaced_service(name, namespace).spec.ports[0].port == 80
+        wait_for(
+            lambda: routed(api, namespace, uid) == {"arrests-predictor": 100 - percent, name: percent},
+            60, f"the route at {100 - percent}/{percent}",
+        )  # fmt: skip
+        wait_for(
+            lambda: any(
+                c["type"] == "CanaryReady" and c["status"] == "True"
+                for c in kubeloop_obj(api, "modeldeployments", namespace, "arrests")["status"]["conditions"]
+            ),
+            120, "CanaryReady (KServe's, once the canary Deployment is available)",
+        )  # fmt: skip
+        wait_for(
+            lambda: [t["percent"] for t in kubeloop_obj(api, "modeldeployments", namespace, "arrests")["status"][
+                "traffic"]] == [100 - percent, percent],
+            60, "the traffic split in the status",
+        )  # fmt: skip
+
+    def stable_only(version: int, gone: str) -> None:
+        wait_for(
+            lambda: not (isvc := inferenceservice(api, namespace, "arrests"))["spec"].get("canary")
+            and any(f"v{version}.yaml" in arg for arg in isvc["spec"]["predictor"]["containers"][0]["args"]),
+            60, f"the InferenceService serving v{version} alone",
+        )  # fmt: skip
+        wait_for(lambda: routed(api, namespace, uid) == {"arrests-predictor": 100}, 60, "the route at 100% stable")
+        wait_for(lambda: not deployment(gone), 60, f"KServe to delete the canary Deployment {gone}")
+        wait_for(
+            lambda: not exists(lambda: core.read_namespaced_service(gone, namespace)), 60, f"the Service {gone} gone"
+        )
+
     create(api, namespace, modelversion_doc(2))
-    api.patch_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        "modeldeployments",
-        "arrests",
-        {"spec": {"canary": {"version": 2, "trafficPercent": 20}}},
-    )
-    canary = wait_for(
-        lambda: (inferenceservice(api, namespace, "arrests") or {}).get("spec", {}).get("canary"), 60, "the canary"
-    )
-    assert canary[0]["trafficPercent"] == 20 and canary[0]["predictor"]["name"] == "v2"
-    wait_for(
-        lambda: [t["percent"] for t in kubeloop_obj(api, "modeldeployments", namespace, "arrests")["status"]["traffic"]]
-        == [80, 20],
-        60, "the traffic split in the status",
-    )  # fmt: skip
+    for percent in (10, 50):
+        step(2, percent)
     table = kubectl(kubeconfig, "get", "modeldeployments", "-n", namespace).stdout
     header = table.splitlines()[0].split()
     assert header == ["NAME", "MODEL", "STABLE", "CANARY", "TRAFFIC", "DRIFT", "READY", "URL"], table
     row = table.splitlines()[1].split()
-    assert row[:6] == ["arrests", "arrests", "1", "2", "20", "Unknown"], table
+    assert row[:6] == ["arrests", "arrests", "1", "2", "50", "Unknown"], table
+
+    # promoted: v2 is the stable, the canary goes
+    api.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, "modeldeployments", "arrests", {"spec": {"version": 2, "canary": None}}
+    )
+    stable_only(2, "arrests-v2-predictor")
+
+    # rolled back: a canary of v3 removed, v2 stays
+    create(api, namespace, modelversion_doc(3))
+    step(3, 10)
+    api.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, "modeldeployments", "arrests", {"spec": {"canary": None}}
+    )
+    stable_only(2, "arrests-v3-predictor")
 
 
 # --- restarts mid-reconcile -----------------------------------------------------------------------------------------
@@ -506,6 +547,9 @@ INVALID = [
     (_tj(model__name="Bad_Name"), "spec.model.name"),
     (_tj(dataset=None), "spec.dataset"),
     (_tj(maxFailures=-1), "spec.maxFailures"),
+    ({**_tj(), "metadata": {"name": "1bad"}}, "metadata.name"),  # not DNS-1035: KubeRay refuses the RayJob
+    ({**_tj(), "metadata": {"name": "bad." + "x" * 20}}, "metadata.name"),
+    ({**_tj(), "metadata": {"name": "x" * 48}}, "metadata.name"),  # KubeRay's RayJob names stop at 47
     (_md(autoscaling={"minReplicas": 3, "maxReplicas": 2}), "spec.autoscaling.maxReplicas"),
     (_md(canary={"version": 1, "trafficPercent": 10}), "spec.canary.version"),
     (_md(autoscaling={"minReplicas": 1, "maxReplicas": 2, "metric": "rps"}), "spec.autoscaling"),
@@ -513,6 +557,9 @@ INVALID = [
     (_md(drift={"detector": "chi2"}), "spec.drift.detector"),
     (_md(deploymentMode="Serverless"), "spec.deploymentMode"),
     (_md(retrain={"enabled": True}), "spec.retrain.trainingJob"),
+    (_md(retrain={"enabled": True, "trainingJob": "x" * 48}), "spec.retrain.trainingJob"),
+    (_md(autoscaling={"target": 101}), "spec.autoscaling.target"),  # KServe's HPA takes 1-100 percent
+    (_md(autoscaling={"metric": "memory", "target": 150}), "spec.autoscaling.target"),
     (_mv(lineage__datasetDigest="sha256:xyz"), "spec.lineage.datasetDigest"),
     (_mv(stage="Live"), "spec.stage"),
 ]

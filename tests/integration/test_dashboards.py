@@ -9,7 +9,6 @@ given real traffic (and one malformed request); the operator's metrics endpoint 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -18,13 +17,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import tools
 from test_report_card import Trained, structure_of, trained_models
 
 from kubeloop.report import dashboards
 
 pytestmark = pytest.mark.integration
 
-PROMTOOL = shutil.which("promtool")
 CANARY_PERCENT = 30
 
 
@@ -111,14 +110,12 @@ def test_every_dashboard_metric_is_exported_by_a_running_process(running: Runnin
         assert name in sampled, name
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install prometheus)")
 @pytest.mark.parametrize("process", ["stable", "canary", "sidecar", "splitter", "operator"])
 def test_promtool_check_metrics_is_clean(running: Running, process: str) -> None:
     versions = {"stable": running.trained.baseline.spec.version, "canary": running.trained.model.spec.version}
     name = f"server-v{versions[process]}" if process in versions else process
-    assert PROMTOOL is not None
     done = subprocess.run(
-        [PROMTOOL, "check", "metrics"], input=running.metrics[name], capture_output=True, text=True, timeout=60
+        [tools.promtool(), "check", "metrics"], input=running.metrics[name], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), f"{name}:\n{done.stdout}{done.stderr}"
 

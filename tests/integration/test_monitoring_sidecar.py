@@ -3,7 +3,8 @@ CloudEvents as KServe's logger sends them, real alibi-detect behind it.
 
 One sidecar serves the module (starting one imports alibi-detect: seconds): version 1 gets in-distribution traffic
 (KServe's Go header casing, v1 bodies, no ce-modelversion: the default version), version 2 gets a shift (lower-case
-headers, v2 bodies, ce-modelversion: 2), and both get malformed events.
+headers, v2 bodies, ce-modelversion: 2), and both get malformed events. It runs as in a predictor pod: the ingest
+listener on loopback, the read-only metrics listener on every address.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -41,9 +43,12 @@ START_TIMEOUT_S = 300  # alibi-detect's import: ~5 s on an idle machine, minutes
 
 
 class Sidecar:
-    def __init__(self, process: subprocess.Popen[str], url: str, stderr: Path, frame: pd.DataFrame, mv: Any) -> None:
-        self.process, self.url, self.stderr, self.frame, self.signature = process, url, stderr, frame, mv
-        self.client = httpx.Client(base_url=url, timeout=60)
+    def __init__(
+        self, process: subprocess.Popen[str], urls: dict[str, str], stderr: Path, frame: pd.DataFrame, mv: Any
+    ) -> None:
+        self.process, self.stderr, self.frame, self.signature = process, stderr, frame, mv
+        self.url, self.metrics_url = urls["ingest"], urls["metrics"]
+        self.client = httpx.Client(base_url=self.url, timeout=60)
 
     def post(self, headers: dict[str, str], body: Any) -> httpx.Response:
         return self.client.post("/", headers=headers, content=body)
@@ -101,7 +106,7 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
         frame = read_frame(snapshot)
         paths = [_record(home, snapshot.digest, v) for v in (1, 2)]
     stderr = home / "sidecar.stderr"
-    command = [sys.executable, "-m", "monitoring.sidecar", "--host", "127.0.0.1", "--port", "0"]
+    command = [sys.executable, "-m", "monitoring.sidecar", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
     for path in paths:
         command += ["--model-version", str(path)]
     command += ["--detector", "ks", "--window", str(WINDOW), "--p-value", "0.05", "--reference-size", "2000"]
@@ -111,19 +116,20 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    url = None
+    urls: dict[str, str] = {}
     deadline = time.monotonic() + START_TIMEOUT_S
-    while url is None and time.monotonic() < deadline and process.poll() is None:
+    while len(urls) < 2 and time.monotonic() < deadline and process.poll() is None:
         try:
-            match = re.match(r"drift sidecar on (http://\S+)", lines.get(timeout=1))
-            url = match.group(1) if match else None
+            match = re.match(r"drift sidecar (?:(metrics) )?on (http://\S+)", lines.get(timeout=1))
         except queue.Empty:
             continue
-    if url is None:
+        if match:
+            urls[match.group(1) or "ingest"] = match.group(2)
+    if len(urls) < 2:
         process.kill()
-        pytest.fail(f"sidecar did not start (exit {process.poll()}):\n{stderr.read_text()[-3000:]}")
+        pytest.fail(f"sidecar did not start (exit {process.poll()}, {urls}):\n{stderr.read_text()[-3000:]}")
     mv = ModelVersion.model_validate(yaml.safe_load(paths[0].read_text())).spec.signature.inputs
-    running = Sidecar(process, url, stderr, frame, mv)
+    running = Sidecar(process, urls, stderr, frame, mv)
     try:
         yield running
     finally:
@@ -253,3 +259,38 @@ def test_malformed_events_are_counted_and_the_process_stays_up(sidecar: Sidecar)
     ok = sidecar.post(traffic.event_headers("request", "ok"), traffic.v1_request([row]))
     assert ok.status_code == 200
     assert "malformed_event" in sidecar.log()  # logged, one line per reason at most every 10 s
+
+
+def _other_addresses() -> list[str]:
+    """Addresses of this machine other than 127.0.0.1: the one its default route leaves from (a pod's IP, in a pod)
+    when there is one, and 127.0.0.2 (loopback, but not the address the ingest listener is bound to)."""
+    found = ["127.0.0.2"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+            address = probe.getsockname()[0]
+        except OSError:
+            address = ""
+    if address and not address.startswith("127."):
+        found.insert(0, address)
+    return found
+
+
+def test_ingest_is_loopback_only_and_the_metrics_listener_is_read_only(sidecar: Sidecar) -> None:
+    ingest_port = int(sidecar.url.rsplit(":", 1)[1])
+    metrics_port = int(sidecar.metrics_url.rsplit(":", 1)[1])
+    assert sidecar.url.startswith("http://127.0.0.1:") and sidecar.metrics_url.startswith("http://0.0.0.0:")
+    event = traffic.event_headers("request", "outside"), traffic.v1_request([{"age": 30}])
+    received = sidecar.status()["events"]["received"]
+    for address in _other_addresses():
+        with pytest.raises(httpx.ConnectError):
+            httpx.post(f"http://{address}:{ingest_port}/", headers=event[0], content=event[1], timeout=5)
+        metrics = httpx.get(f"http://{address}:{metrics_port}/metrics", timeout=10)
+        assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+        assert 'kubeloop_drift_detected{model="arrests",version="1"}' in metrics.text
+        assert httpx.get(f"http://{address}:{metrics_port}/status", timeout=10).json()["defaultVersion"] == 1
+        assert httpx.get(f"http://{address}:{metrics_port}/healthz", timeout=10).status_code == 200
+        refused = httpx.post(f"http://{address}:{metrics_port}/", headers=event[0], content=event[1], timeout=10)
+        assert refused.status_code == 405, refused.text
+    assert sidecar.status()["events"]["received"] == received  # nothing from outside reached the detector
+    assert sidecar.client.get("/metrics").status_code == 200  # in the pod, the ingest listener serves reads too

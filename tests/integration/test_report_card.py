@@ -1,4 +1,4 @@
-"""The model report of a really trained model, checked as HTML and, with Chromium present, rendered headless to PNG.
+"""The model report of a really trained model, checked as HTML and rendered headless to PNG by Chromium.
 
 Once per session (`trained_models`, shared with test_dashboards.py): v1, a quick in-process model made with the
 TrainingJob's own step functions (snapshot, validation, split, transform, evaluation, gate, registry) and promoted
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tools
 from html_structure import Structure, structure_of
 
 from kubeloop.api.modelversion import ModelVersion
@@ -164,25 +165,16 @@ def test_report_of_a_trained_model(home: Path, trained: Trained) -> None:
     assert "No earlier Production version: nothing to compare with." in first_text
 
 
-def find_chromium() -> str | None:
-    for name in (os.environ.get("KUBELOOP_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if name and (found := shutil.which(name)):
-            return found
-    return None
-
-
-@pytest.mark.skipif(find_chromium() is None, reason="no Chromium (Debian: apt-get install chromium)")
 def test_report_renders_headless_to_png(home: Path, trained: Trained, tmp_path: Path) -> None:
     from PIL import Image, ImageStat
 
     from kubeloop.registry import Registry
     from kubeloop.report import write_report
 
+    chromium = tools.chromium()
     registry = Registry()
     path = write_report(registry.get("arrests", trained.model.spec.version), registry, tmp_path / "report.html")
     screenshot = tmp_path / "report.png"
-    chromium = find_chromium()
-    assert chromium is not None
     command = [
         chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",

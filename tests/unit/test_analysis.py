@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -189,3 +190,131 @@ def test_metrics_source_reads_increases_over_the_window() -> None:
         assert source.version_signals("arrests", 7, window_s=0.0).drift is None
     finally:
         server.shutdown()
+
+
+# ---- the cluster's default queries against series labelled as the chart's PodMonitor scrape labels them --------------
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def scraped_as(exposition: str, target: dict[str, str]) -> str:
+    """The samples of an exposition as Prometheus stores them from a target with these labels (honor_labels false,
+    the PodMonitor default: an exported label that a target label also names is kept as exported_<name>)."""
+    lines = []
+    for name, labels, value in parse_exposition(exposition):
+        stored = {(f"exported_{k}" if k in target else k): v for k, v in labels.items()}
+        stored.update(target)
+        body = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(stored.items()))
+        lines.append(f"{name}{{{body}}} {value!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _predictor_pod(stable: int, canary: int, drifting: bool) -> dict[str, str]:
+    """/metrics of one predictor pod's two containers serving `stable` (its sidecar also knows `canary`)."""
+    import numpy as np
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from monitoring.sidecar import Metrics
+    from serving.metrics import ServingMetrics
+
+    registry = CollectorRegistry()
+    server = ServingMetrics("arrests", stable, [], registry=registry)
+    for code, seconds in [(200, 0.004)] * 8 + [(500, 0.2)] * 2:
+        server.count_request("v1", code, seconds)
+    server.observe_batch({}, np.array([0.2, 0.9, 0.7]))
+    sidecar_registry = CollectorRegistry()
+    drift = Metrics(sidecar_registry)
+    drift.detected.labels("arrests", str(stable)).set(1 if drifting else 0)
+    drift.detected.labels("arrests", str(canary)).set(0)  # the other version's window, which this pod never fills
+    return {
+        "kserve-container": generate_latest(registry).decode(),
+        "drift-detector": generate_latest(sidecar_registry).decode(),
+    }
+
+
+def test_cluster_queries_select_the_series_a_podmonitor_scrape_stores() -> None:
+    from operators import inferenceservice as isvc
+
+    # prometheus-operator's target labels for a PodMonitor endpoint: namespace, pod, container, endpoint (the port's
+    # name), job (<namespace>/<PodMonitor name>) and instance
+    ports = {"kserve-container": isvc.SERVER_PORT_NAME, "drift-detector": isvc.SIDECAR_METRICS_PORT_NAME}
+    pods = {
+        ("ml", "arrests-predictor-7d9f"): _predictor_pod(1, 2, drifting=False),
+        ("ml", "arrests-predictor-v2-5c4b"): _predictor_pod(2, 1, drifting=True),
+        ("other", "arrests-predictor-1a2b"): _predictor_pod(1, 2, drifting=True),  # same model elsewhere
+    }
+    stored = ""
+    for (namespace, pod), containers in pods.items():
+        for container, text in containers.items():
+            target = {
+                "namespace": namespace,
+                "pod": pod,
+                "container": container,
+                "endpoint": ports[container],
+                "job": "kubeloop-system/kubeloop-predictors",
+                "instance": f"10.0.0.1:{container}",
+            }
+            stored += scraped_as(text, target)
+    assert "exported_" not in stored  # no exported label is shadowed by a target label
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = stored.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+
+        def signals(version: int, namespace: str) -> VersionSignals:
+            # a first scrape: each counter's increase is its whole value
+            source = MetricsSource([f"http://127.0.0.1:{server.server_port}/metrics"], Queries.cluster())
+            return source.version_signals("arrests", version, window_s=30.0, namespace=namespace)
+
+        canary = signals(2, "ml")
+        assert (canary.requests, canary.errors) == (10, 2)
+        assert canary.latency[-1] == (float("inf"), 10.0) and canary.p99() is not None
+        assert canary.predicted == 3 and canary.drift is True
+        stable = signals(1, "ml")
+        assert (stable.requests, stable.predicted, stable.drift) == (10, 3, False)  # the other namespace not in it
+        nowhere = signals(2, "staging")
+        assert (nowhere.requests, nowhere.predicted, nowhere.drift) == (0, 0, None)
+    finally:
+        server.shutdown()
+
+
+def test_annotation_scrapes_keep_model_and_version_too() -> None:
+    """Plain Prometheus's kubernetes-pods job copies every pod label to a target label (labelmap, names sanitized):
+    none of the predictor pods' labels may become one the servers export."""
+    from pathlib import Path
+
+    import yaml
+
+    from kubeloop.api import parse_resource
+    from operators import inferenceservice as isvc
+    from operators.settings import Settings
+
+    samples = Path(__file__).resolve().parents[2] / "manifests/samples"
+    md = yaml.safe_load((samples / "modeldeployment.yaml").read_text())
+    md["metadata"].update(namespace="ml", uid="md-uid")
+    md["spec"].update(drift={"enabled": True}, canary={"version": 2, "trafficPercent": 10})
+    versions = {}
+    for n in (1, 2):
+        mv = yaml.safe_load((samples / "modelversion.yaml").read_text())
+        mv["metadata"].update(name=f"arrests-v{n}", namespace="ml")
+        mv["spec"]["version"] = n
+        versions[n] = parse_resource(mv)
+    obj = isvc.desired_inferenceservice(parse_resource(md), versions, Settings())
+    exported = {"model", "version", "code", "protocol", "reason", "le", "feature", "value", "tier", "result"}
+    for component in [obj["spec"]["predictor"], obj["spec"]["canary"][0]["predictor"]]:
+        labels = {**obj["metadata"]["labels"], **component["labels"]}
+        mapped = {re.sub(r"[^a-zA-Z0-9_]", "_", key) for key in labels}
+        assert not mapped & exported, mapped & exported

@@ -115,3 +115,21 @@ def test_nothing_happens_before_the_interval_or_without_prometheus() -> None:
     events = []
     assert canary.tick(kube.body, kube, lambda *a: events.append(a), None, now=T0 + timedelta(seconds=11)) is None
     assert events[0][2] == "NoPrometheus"
+
+
+def test_no_interval_is_judged_while_the_route_holds_the_canary_back() -> None:
+    """KServe has not reported the canary ready, so the route sends it nothing: waiting is not a failed check, and
+    the first interval judged starts when the canary gets its share."""
+    kube = with_versions(FakeKube(deployment()))
+    assert canary.tick(kube.body, kube, lambda *a: None, FakeSource(errors=30), now=T0) == "start"
+    kube.body["status"]["conditions"] = [{"type": "TrafficSplit", "status": "False", "reason": "CanaryNotReady"}]
+    for seconds in (10, 20, 30):
+        assert (
+            canary.tick(kube.body, kube, lambda *a: None, FakeSource(errors=30), now=T0 + timedelta(seconds=seconds))
+            is None
+        )
+    assert kube.body["status"]["canaryAnalysis"]["failedChecks"] == 0
+    assert kube.body["status"]["canaryAnalysis"]["lastChecked"] == "2025-01-01T00:00:30Z"
+    kube.body["status"]["conditions"] = [{"type": "TrafficSplit", "status": "True", "reason": "HTTPRoute"}]
+    assert canary.tick(kube.body, kube, lambda *a: None, FakeSource(), now=T0 + timedelta(seconds=35)) is None
+    assert canary.tick(kube.body, kube, lambda *a: None, FakeSource(), now=T0 + timedelta(seconds=40)) == "advance"

@@ -5,6 +5,7 @@ What the generated CRDs accept and reject (and their agreement with these models
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ from kubeloop.api import (
     load_resources,
     parse_resource,
 )
+from kubeloop.api.common import quantity_value
+from kubeloop.api.modeldeployment import MODE_IMMUTABLE, update_problem
+from kubeloop.api.trainingjob import NAME_RULE
 from kubeloop.errors import SpecError
 
 SAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "samples"
@@ -154,6 +158,102 @@ def test_negative_quantities_rejected_naming_the_field(value: int | str) -> None
     obj = doc("trainingjob.yaml")
     obj["spec"]["workers"]["cpu"] = value
     assert "  spec.workers.cpu: must not be negative" in error_of(obj)
+
+
+@pytest.mark.parametrize(
+    ("cpu", "value", "ray_cpus"),
+    [
+        (1, "1", 1),
+        ("500m", "0.5", 1),
+        ("1", "1", 1),
+        ("1.5", "1.5", 2),
+        ("1500m", "1.5", 2),
+        ("2", "2", 2),
+        (8, "8", 8),
+    ],
+)
+def test_worker_cpu_quantity_and_the_cpus_ray_train_reserves(cpu: int | str, value: str, ray_cpus: int) -> None:
+    obj = doc("trainingjob.yaml")
+    obj["spec"]["workers"]["cpu"] = cpu
+    workers = parse_resource(obj).spec.workers
+    assert quantity_value(workers.cpu) == Decimal(value)
+    assert workers.ray_cpus() == ray_cpus  # Ray counts a node's CPUs in whole numbers: a fraction rounds up
+
+
+def test_quantity_value_of_memory_suffixes() -> None:
+    assert [quantity_value(q) for q in ("4Gi", "250M", "1k", "100m")] == [
+        4 * 2**30,
+        250 * 10**6,
+        1000,
+        Decimal("0.1"),
+    ]
+
+
+@pytest.mark.parametrize("name", ["a", "arrests-mlp", "a1", "x" * 47, "arrests-mlp-r20260101000000"])
+def test_trainingjob_names_kuberay_accepts(name: str) -> None:
+    obj = doc("trainingjob.yaml")
+    obj["metadata"]["name"] = name
+    assert parse_resource(obj).metadata.name == name
+
+
+@pytest.mark.parametrize("name", ["1arrests", "arrests.mlp", "x" * 48, "arrests-", "-arrests"])
+def test_trainingjob_names_kuberay_refuses_are_rejected_naming_the_field_and_the_fix(name: str) -> None:
+    obj = doc("trainingjob.yaml")
+    obj["metadata"]["name"] = name
+    message = error_of(obj)
+    assert "metadata.name" in message
+    if name.startswith("-") or name.endswith("-"):  # not even a Kubernetes name: ObjectMeta's own pattern
+        return
+    assert f"  {NAME_RULE} (got {name!r})" in message.splitlines()
+    assert "at most 47 characters" in NAME_RULE and "rename it" in NAME_RULE
+
+
+def test_retrain_names_a_trainingjob_by_the_same_rule() -> None:
+    obj = doc("modeldeployment.yaml")
+    obj["spec"]["retrain"] = {"enabled": True, "trainingJob": "1arrests"}
+    assert "spec.retrain.trainingJob: String should match pattern" in error_of(obj)
+    obj["spec"]["retrain"]["trainingJob"] = "x" * 48
+    assert "spec.retrain.trainingJob: String should have at most 47 characters" in error_of(obj)
+
+
+@pytest.mark.parametrize(
+    ("mode", "metric", "target", "ok"),
+    [
+        ("Standard", "cpu", 100, True),
+        ("Standard", "cpu", 101, False),
+        ("Standard", "memory", 101, False),
+        ("Knative", "cpu", 101, False),  # kubeloop gives cpu and memory to Knative's HPA class: the same bound
+        ("Knative", "concurrency", 150, True),
+        ("Knative", "rps", 500, True),
+    ],
+)
+def test_autoscaling_target_is_bounded_where_kserve_bounds_it(mode: str, metric: str, target: int, ok: bool) -> None:
+    obj = doc("modeldeployment.yaml")
+    obj["spec"]["deploymentMode"] = mode
+    obj["spec"]["autoscaling"].update(metric=metric, target=target)
+    if ok:
+        assert parse_resource(obj).spec.autoscaling.target == target
+    else:
+        assert error_of(obj).splitlines()[1:] == [
+            f"  spec.autoscaling.target ({target}) is a utilization percentage for metric {metric}: at most 100, "
+            "as KServe's HPA accepts"
+        ]
+
+
+def test_deployment_mode_may_not_change_on_update() -> None:
+    standard = parse_resource(doc("modeldeployment.yaml"))
+    assert isinstance(standard, ModelDeployment)
+    knative = standard.model_copy(update={"spec": standard.spec.model_copy(update={"deployment_mode": "Knative"})})
+    assert update_problem(standard.spec, standard.spec) is None
+    assert update_problem(standard.spec, knative.spec) == f"spec.{MODE_IMMUTABLE} (was Standard, now Knative)"
+    assert "re-create the ModelDeployment" in MODE_IMMUTABLE
+
+
+def test_knative_mode_says_it_needs_knative_serving() -> None:
+    description = ModelDeployment.model_json_schema(by_alias=True)["$defs"]["ModelDeploymentSpec"]["properties"][
+        "deploymentMode"
+    ]["description"]
+    assert "needs Knative Serving installed" in description and "platform/up.sh does not install it" in description
 
 
 def test_error_names_the_source_the_resource_and_every_bad_field() -> None:

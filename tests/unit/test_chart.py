@@ -2,19 +2,20 @@
 Grafana dashboards behind a value), and the kustomize base in manifests/ generated from it (up to date, equal to the
 chart's defaults).
 
-Needs a helm binary ($KUBELOOP_HELM, PATH, or the dev control plane's build); skipped without one.
+Needs helm ($KUBELOOP_HELM, PATH, or the dev control plane's build, which `./dev test` makes before pytest starts),
+promtool and kubectl; a test fails saying how to get one that is missing (tests/tools.py).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tools
 import yaml
 
 from kubeloop.report import dashboards
@@ -22,10 +23,6 @@ from operators import admission, chart
 
 REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "helm/kubeloop"
-HELM = chart.find_helm()
-pytestmark = pytest.mark.skipif(
-    HELM is None, reason="no helm binary (build the dev control plane or set KUBELOOP_HELM)"
-)
 
 ALL_ON = [
     "--set", "metrics.serviceMonitor.enabled=true",
@@ -44,6 +41,7 @@ EXPECTED_RULES = [
     {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
      "verbs": ["get", "list", "watch", "create", "patch", "update"]},
+    {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"], "verbs": ["get", "create", "update"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch", "update"]},
     {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "create", "patch"]},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
@@ -54,8 +52,7 @@ EXPECTED_RULES = [
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    assert HELM is not None
-    done = subprocess.run([HELM, *args], capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run([tools.helm(), *args], capture_output=True, text=True, timeout=120, check=False)
     if check and done.returncode != 0:
         pytest.fail(f"helm {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
     return done
@@ -165,12 +162,11 @@ def test_monitoring_and_webhook_are_off_by_default_and_render_when_on() -> None:
     assert {"name": "webhook", "containerPort": 9443, "protocol": "TCP"} in container["ports"]
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="no promtool (Debian package prometheus)")
 def test_prometheus_rules_are_valid(tmp_path: Path) -> None:
     rule = one(render(*ALL_ON), "PrometheusRule")
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump(rule["spec"]))
-    done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, check=False)
+    done = subprocess.run([tools.promtool(), "check", "rules", str(path)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -199,14 +195,12 @@ def test_chart_crds_are_the_generated_ones() -> None:
 
 
 def test_kustomize_base_is_up_to_date() -> None:
-    assert chart.check(REPO, HELM) == []
+    assert chart.check(REPO, tools.helm()) == []
 
 
 def test_kustomize_base_equals_the_chart_defaults() -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("no kubectl")
-    out = subprocess.run([kubectl, "kustomize", str(REPO / "manifests")], capture_output=True, text=True, check=True)
+    command = [tools.kubectl(), "kustomize", str(REPO / "manifests")]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
     built = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
     crds = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "manifests/crds").glob("*.yaml"))]
     expected = chart.kustomize_objects(render()) + crds
@@ -251,3 +245,108 @@ def test_chart_ships_the_dashboards_behind_a_value() -> None:
     helm("lint", "--strict", str(CHART_DIR), "--set", "dashboards.enabled=true")
     bad = helm("template", "k", str(CHART_DIR), "--set", "dashboards.enable=true", check=False)
     assert bad.returncode != 0 and "enable" in bad.stderr
+
+
+# --- the predictor pods' metrics: a PodMonitor behind a value -------------------------------------------------------
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) against a pod's labels."""
+    if any(labels.get(key) != value for key, value in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values") or []
+        matched = {
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+            "In": labels.get(key) in values,
+            "NotIn": key not in labels or labels[key] not in values,
+        }[operator]
+        if not matched:
+            return False
+    return True
+
+
+def _predictor_pod_labels() -> list[dict[str, str]]:
+    """The labels of the predictor pods of a ModelDeployment with a canary, as KServe builds them from what the
+    operator writes: the InferenceService's labels, then the predictor's (which win), then KServe's own."""
+    from kubeloop.api import parse_resource
+    from operators import inferenceservice as isvc
+
+    md_doc = yaml.safe_load((REPO / "manifests/samples/modeldeployment.yaml").read_text())
+    md_doc["metadata"].update(namespace="ml", uid="md-uid")
+    md_doc["spec"].update(canary={"version": 2, "trafficPercent": 10}, drift={"enabled": True})
+    versions = {}
+    for n in (1, 2):
+        mv_doc = yaml.safe_load((REPO / "manifests/samples/modelversion.yaml").read_text())
+        mv_doc["metadata"].update(name=f"arrests-v{n}", namespace="ml")
+        mv_doc["spec"]["version"] = n
+        versions[n] = parse_resource(mv_doc)
+    obj = isvc.desired_inferenceservice(parse_resource(md_doc), versions)
+    kserve = {"serving.kserve.io/inferenceservice": obj["metadata"]["name"], "component": "predictor"}
+    components = [obj["spec"]["predictor"], *(entry["predictor"] for entry in obj["spec"]["canary"])]
+    assert len(components) == 2
+    return [{**obj["metadata"]["labels"], **component["labels"], **kserve} for component in components]
+
+
+def test_podmonitor_scrapes_the_operators_predictor_pods_on_both_named_ports() -> None:
+    from operators import inferenceservice as isvc
+    from operators import rayjob
+    from operators.settings import Settings
+
+    assert not [doc for doc in render() if doc["kind"] == "PodMonitor"]  # off by default
+    docs = render("--set", "predictor.podMonitor.enabled=true", "--set", "predictor.podMonitor.labels.release=kps")
+    monitor = one(docs, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    meta = monitor["metadata"]
+    assert (meta["name"], meta["namespace"]) == ("kubeloop-predictors", "kubeloop-system")
+    assert meta["labels"]["release"] == "kps" and meta["labels"]["app.kubernetes.io/part-of"] == "kubeloop"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"any": True}  # ModelDeployments live in any namespace
+    for pod in _predictor_pod_labels():  # stable and canary
+        assert _selects(spec["selector"], pod), pod
+    # not the operator's own pod, not a training job's Ray pods (part-of kubeloop as well)
+    operator_pod = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert not _selects(spec["selector"], operator_pod)
+    job = rayjob.desired_rayjob(_trainingjob(), Settings())
+    ray_head = {
+        **job["metadata"]["labels"],
+        **job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"],
+    }
+    assert not _selects(spec["selector"], ray_head)
+    # every metrics port the operator declares (and Knative's name for the server's), at the servers' path
+    endpoints = spec["podMetricsEndpoints"]
+    assert {e["port"] for e in endpoints} == {
+        isvc.SERVER_PORT_NAME,
+        isvc.KNATIVE_SERVER_PORT_NAME,
+        isvc.SIDECAR_METRICS_PORT_NAME,
+    }
+    assert {(e["path"], e["interval"]) for e in endpoints} == {(isvc.METRICS_PATH, "10s")}
+    assert not any("honorLabels" in e or "relabelings" in e for e in endpoints)  # model, version as exported
+    helm("lint", "--strict", str(CHART_DIR), "--set", "predictor.podMonitor.enabled=true")
+    bad = helm("template", "k", str(CHART_DIR), "--set", "predictor.podMonitor.interval=often", check=False)
+    assert bad.returncode != 0 and "values don't meet the specifications of the schema" in bad.stderr
+
+
+def _trainingjob() -> Any:
+    from kubeloop.api import parse_resource
+
+    doc = yaml.safe_load((REPO / "manifests/samples/trainingjob.yaml").read_text())
+    doc["metadata"].update(namespace="ml", uid="tj-uid")
+    return parse_resource(doc)
+
+
+def test_predictor_port_defaults_are_the_operators() -> None:
+    from operators.settings import Settings
+
+    (container,) = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    defaults = Settings()
+    assert env["KUBELOOP_SERVER_PORT"] == str(defaults.server_port)
+    assert env["KUBELOOP_SIDECAR_PORT"] == str(defaults.sidecar_port)
+    assert env["KUBELOOP_SIDECAR_METRICS_PORT"] == str(defaults.sidecar_metrics_port)
+    moved = one(render("--set", "predictor.sidecarMetricsPort=9100"), "Deployment")
+    env = {e["name"]: e["value"] for e in moved["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBELOOP_SIDECAR_METRICS_PORT"] == "9100"
+    bad = helm("template", "k", str(CHART_DIR), "--set", "predictor.sidecarMetricsPort=0", check=False)
+    assert bad.returncode != 0 and "values don't meet the specifications of the schema" in bad.stderr

@@ -11,6 +11,7 @@ import copy
 import difflib
 import functools
 import itertools
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ import pytest
 import yaml
 from pydantic import BaseModel, Field
 
-from kubeloop.api import KINDS, TrainingJob, load_resources, parse_resource
+from kubeloop.api import KINDS, ModelDeployment, TrainingJob, load_resources, parse_resource
+from kubeloop.api.modeldeployment import update_problem
 from kubeloop.api.trainingjob import Hyperparameters, TrainingJobSpec
 from kubeloop.errors import SpecError
 from kubeloop.manifests import (
@@ -36,6 +38,7 @@ from kubeloop.manifests import (
     render_all,
     structural_errors,
 )
+from operators import admission
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = sorted((REPO / "manifests" / "samples").glob("*.yaml"))
@@ -104,25 +107,42 @@ def cel_program(rule: str) -> Any:
     return env.program(env.compile(rule))
 
 
-def cel_results(node: dict[str, Any], value: Any, path: str = "") -> list[tuple[str, dict[str, Any], bool]]:
-    """(path, rule, passed) for every x-kubernetes-validations rule reached by the value."""
+NO_OLD = object()  # a create, or a node with no old value to correlate with
+
+
+def cel_results(
+    node: dict[str, Any], value: Any, path: str = "", old: Any = NO_OLD
+) -> list[tuple[str, dict[str, Any], bool]]:
+    """(path, rule, passed) for every x-kubernetes-validations rule reached by the value.
+
+    A transition rule (one that reads oldSelf) runs only where the old object has a value at the same path
+    (an update), as in the apiserver; list items are not correlated (none of ours is a map list)."""
     if value is None:
         return []
     results = []
     for rule in node.get("x-kubernetes-validations", []):
+        bindings = {"self": celpy.json_to_cel(value)}
+        if "oldSelf" in rule["rule"]:
+            if old is NO_OLD or old is None:
+                continue
+            bindings["oldSelf"] = celpy.json_to_cel(old)
         try:
-            result = cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})
+            result = cel_program(rule["rule"]).evaluate(bindings)
         except celpy.CELEvalError:  # an evaluation error fails the rule, as in the apiserver
             result = None
         results.append((path, rule, isinstance(result, celpy.celtypes.BoolType) and bool(result)))
     join = (lambda name: f"{path}.{name}") if path else (lambda name: name)
+
+    def old_of(key: str) -> Any:
+        return old.get(key, NO_OLD) if isinstance(old, dict) else NO_OLD
+
     if isinstance(value, dict):
         for name, sub in node.get("properties", {}).items():
             if name in value:
-                results += cel_results(sub, value[name], join(name))
+                results += cel_results(sub, value[name], join(name), old_of(name))
         if isinstance(node.get("additionalProperties"), dict):
             for key, item in value.items():
-                results += cel_results(node["additionalProperties"], item, join(key))
+                results += cel_results(node["additionalProperties"], item, join(key), old_of(key))
     elif isinstance(value, list) and "items" in node:
         for index, item in enumerate(value):
             results += cel_results(node["items"], item, f"{path}[{index}]")
@@ -135,15 +155,17 @@ def crd_schema_and_validator(cls: type) -> tuple[dict[str, Any], jsonschema.Draf
     return schema, jsonschema.Draft4Validator(to_jsonschema(schema))
 
 
-def crd_violations(obj: dict[str, Any]) -> list[Violation]:
-    """What the apiserver (with kubectl's strict field validation) would reject in obj, by field path."""
+def crd_violations(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[Violation]:
+    """What the apiserver (with kubectl's strict field validation) would reject in obj, by field path: created,
+    or replacing old (both defaulted, as the apiserver defaults what it reads from etcd)."""
     schema, validator = crd_schema_and_validator(KINDS[obj["kind"]])
     obj = apply_defaults(schema, copy.deepcopy(obj))
     found = [
         Violation(".".join(str(part) for part in error.absolute_path), error.message, "schema")
         for error in validator.iter_errors(obj)
     ]
-    for path, rule, passed in cel_results(schema, obj):
+    previous = NO_OLD if old is None else apply_defaults(schema, copy.deepcopy(old))
+    for path, rule, passed in cel_results(schema, obj, old=previous):
         if not passed:
             field = rule.get("fieldPath", "").lstrip(".")
             found.append(Violation(f"{path}.{field}" if field else path, rule["message"], "cel"))
@@ -385,10 +407,12 @@ def test_sample_is_valid_for_the_models_the_schema_and_every_cel_rule(path: Path
     (resource,) = load_resources(path)
     doc = yaml.safe_load(path.read_text())
     assert crd_violations(doc) == []
+    assert crd_violations(doc, old=doc) == []  # an update that changes nothing
     schema = openapi_schema(crd_for(KINDS[doc["kind"]]))
-    results = cel_results(schema, apply_defaults(schema, copy.deepcopy(doc)))
+    defaulted = apply_defaults(schema, copy.deepcopy(doc))
+    results = cel_results(schema, defaulted, old=defaulted)
     declared = yaml.safe_dump(schema).count("rule:")
-    assert len(results) == declared  # the sample reaches every rule of its kind
+    assert len(results) == declared  # the sample, updated, reaches every rule of its kind (transition rules too)
     assert declared > 0 or doc["kind"] == "ModelVersion"  # ModelVersion has no cross-field rule
     assert all(passed for _, _, passed in results), [rule for _, rule, passed in results if not passed]
     # The CRD's defaults are the models' defaults: the defaulted object parses to the same resource.
@@ -410,6 +434,12 @@ def edit(kind: str, **changes: Any) -> dict[str, Any]:
             node.pop(leaf)
         else:
             node[leaf] = value
+    return doc
+
+
+def named(kind: str, name: str) -> dict[str, Any]:
+    doc = sample(kind)
+    doc["metadata"]["name"] = name
     return doc
 
 
@@ -484,6 +514,47 @@ INVALID: dict[str, Callable[[], Invalid]] = {
         "spec.dataset.label: Field required",
         "spec.dataset",
         "'label' is a required property",
+    ),
+    "TrainingJob name starting with a digit": lambda: Invalid(
+        named("TrainingJob", "1arrests"),
+        "metadata.name must be a DNS-1035 label of at most 47 characters",
+        "",  # a rule at the root: the apiserver reports it on the object, the message names the field
+        "metadata.name must be a DNS-1035 label of at most 47 characters",
+        source="cel",
+    ),
+    "TrainingJob name with a dot": lambda: Invalid(
+        named("TrainingJob", "arrests.mlp"),
+        "metadata.name must be a DNS-1035 label",
+        "",
+        "metadata.name must be a DNS-1035 label",
+        source="cel",
+    ),
+    "TrainingJob name of 48 characters": lambda: Invalid(
+        named("TrainingJob", "a" * 48),
+        "metadata.name must be a DNS-1035 label of at most 47 characters",
+        "",
+        "metadata.name must be a DNS-1035 label of at most 47 characters",
+        source="cel",
+    ),
+    "retrain trainingJob no TrainingJob can be named": lambda: Invalid(
+        edit("ModelDeployment", retrain={"enabled": True, "trainingJob": "1arrests"}),
+        "spec.retrain.trainingJob: String should match pattern",
+        "spec.retrain.trainingJob",
+        "'1arrests' does not match",
+    ),
+    "cpu utilization target 150": lambda: Invalid(
+        edit("ModelDeployment", autoscaling__target=150),
+        "spec.autoscaling.target (150) is a utilization percentage for metric cpu: at most 100",
+        "spec.autoscaling.target",
+        "spec.autoscaling.target is a utilization percentage for metric cpu or memory",
+        source="cel",
+    ),
+    "memory utilization target 101 with the metric's default mode": lambda: Invalid(
+        edit("ModelDeployment", deploymentMode=..., autoscaling__metric="memory", autoscaling__target=101),
+        "spec.autoscaling.target (101) is a utilization percentage for metric memory: at most 100",
+        "spec.autoscaling.target",
+        "at most 100",
+        source="cel",
     ),
     "canary version is the stable version": lambda: Invalid(
         edit("ModelDeployment", canary={"version": 1}),
@@ -569,6 +640,61 @@ def test_modeldeployment_cel_rules_agree_with_the_model_validators() -> None:
                 pydantic_message(doc),
                 crd_violations(doc),
             )
+
+
+def test_autoscaling_target_rule_agrees_with_the_model_validator() -> None:
+    """KServe v0.20's HPA check (validateScalingHPACompExtension) refuses a scaleTarget above 100 whatever the
+    metric it scales on; kubeloop sends cpu and memory to the HPA (Standard, or Knative's hpa class) and concurrency
+    and rps to Knative's KPA, which has no upper bound."""
+    grid = itertools.product(["Standard", "Knative", None], ["cpu", "memory", "concurrency", "rps", None])
+    for (mode, metric), target in itertools.product(grid, [1, 80, 100, 101, 1000, None]):
+        scaling: dict[str, Any] = {"minReplicas": 1, "maxReplicas": 2}
+        if metric:
+            scaling["metric"] = metric
+        if target:
+            scaling["target"] = target
+        doc = edit("ModelDeployment", deploymentMode=mode if mode else ..., autoscaling=scaling)
+        accepted_by_models = pydantic_message(doc) is None
+        assert accepted_by_models == (not crd_violations(doc)), (mode, metric, target, crd_violations(doc))
+        utilization = metric in ("cpu", "memory", None)
+        knative_metric = metric in ("concurrency", "rps")
+        assert accepted_by_models == (
+            not (utilization and (target or 80) > 100) and (mode == "Knative" or not knative_metric)
+        )
+
+
+def test_trainingjob_name_rule_agrees_with_the_model_validator() -> None:
+    """KubeRay's ValidateRayJobMetadata: at most 47 characters, and IsDNS1035Label."""
+    names = ["a", "ab", "a-b", "a1", "abc-123", "a" * 47, "a" * 46 + "1", "a" * 48, "1a", "a.b", "a_b", "A", "a-"]
+    for name in names:
+        doc = named("TrainingJob", name)
+        accepted_by_models = pydantic_message(doc) is None
+        assert accepted_by_models == (not crd_violations(doc)), (name, crd_violations(doc))
+        kuberay = len(name) <= 47 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) is not None
+        assert accepted_by_models == kuberay, name
+
+
+def test_deployment_mode_is_immutable_in_the_crd_the_models_and_the_webhook() -> None:
+    """A transition rule (self == oldSelf) on the defaulted field: leaving the field out means Standard, on create
+    and on update alike, so dropping an explicit Knative is a change too; KServe refuses any change of the mode."""
+    for before, after in itertools.product(["Standard", "Knative", None], repeat=2):
+        old = edit("ModelDeployment", deploymentMode=before if before else ...)
+        new = edit("ModelDeployment", deploymentMode=after if after else ...)
+        changed = (before or "Standard") != (after or "Standard")
+        violations = crd_violations(new, old=old)
+        if changed:
+            assert [(v.path, v.source) for v in violations] == [("spec.deploymentMode", "cel")], violations
+            assert "deploymentMode cannot be changed" in violations[0].message
+        else:
+            assert violations == []
+        old_md, new_md = parse_resource(old), parse_resource(new)
+        assert isinstance(old_md, ModelDeployment) and isinstance(new_md, ModelDeployment)
+        assert (update_problem(old_md.spec, new_md.spec) is not None) == changed
+        problem = admission.problems(new, old)
+        assert (problem is not None) == changed
+        if changed:
+            assert "spec.deploymentMode cannot be changed" in problem
+        assert crd_violations(new) == []  # creating either is fine
 
 
 def test_trainingjob_cel_rule_agrees_with_the_model_validator() -> None:

@@ -452,7 +452,14 @@ def test_sidecar_drops_windows_when_the_detector_queue_is_full(schema, reference
     assert sidecar.status()["versions"]["1"]["windowsDropped"] == 2
 
 
-def _call(app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> tuple:
+def _call(
+    app: Any,
+    method: str,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    chunks: list[bytes],
+    server: tuple[str, int] = ("127.0.0.1", 8090),
+) -> tuple:
     sent: list[dict[str, Any]] = []
     messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
 
@@ -462,7 +469,7 @@ def _call(app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]], 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": method, "path": path, "headers": headers}
+    scope = {"type": "http", "method": method, "path": path, "headers": headers, "server": server}
     asyncio.run(app(scope, receive, send))
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
@@ -480,3 +487,40 @@ def test_asgi_routes_and_body_limit(app) -> None:
     assert _call(app, "GET", "/status", [], [b""])[0] == 200
     assert _call(app, "GET", "/nothing", [], [b""])[0] == 404
     assert _call(app, "DELETE", "/status", [], [b""])[0] == 405
+
+
+def test_the_metrics_listener_is_read_only(app) -> None:
+    app.read_only_ports = frozenset({8091})
+    headers = [(k.encode(), v.encode()) for k, v in _request([ROW])[0].items()]
+    metrics = ("0.0.0.0", 8091)
+    status, body = _call(app, "POST", "/", headers, [traffic.v1_request([ROW])], server=metrics)
+    assert status == 405 and b"read-only" in body
+    assert app.status()["events"]["received"] == 0  # refused before parsing: nothing counted
+    for path in ("/metrics", "/status", "/healthz"):
+        assert _call(app, "GET", path, [], [b""], server=metrics)[0] == 200
+    assert _call(app, "POST", "/", headers, [traffic.v1_request([ROW])])[0] == 200  # the ingest listener takes it
+    assert app.status()["events"]["received"] == 1
+
+
+def test_listener_arguments() -> None:
+    from monitoring.sidecar import Listener, _parser, listeners
+
+    def parse(*argv: str) -> tuple[Listener, Listener | None]:
+        return listeners(_parser().parse_args([*argv, "--model-version", "arrests:1"]))
+
+    assert parse() == (Listener("127.0.0.1", 8090), None)  # embedded mode: one loopback listener, every route
+    assert parse("--port", "9000", "--metrics-port", "9001") == (Listener("127.0.0.1", 9000), Listener("0.0.0.0", 9001))
+    assert parse("--port", "0", "--metrics-port", "0", "--metrics-host", "::")[1] == Listener("::", 0)
+    with pytest.raises(ValueError, match="port of its own"):
+        parse("--port", "9000", "--metrics-port", "9000")
+    with pytest.raises(ValueError, match="0-65535"):
+        parse("--metrics-port", "70000")
+
+
+def test_bad_listener_arguments_exit_with_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    from monitoring.sidecar import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--port", "9000", "--metrics-port", "9000", "--model-version", "arrests:1"])
+    assert exit_info.value.code == 2
+    assert "--metrics-port 9000 is the ingest --port too" in capsys.readouterr().err

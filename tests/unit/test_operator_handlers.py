@@ -413,10 +413,13 @@ def test_modeldeployment_reconcile_converges(fake: FakeKube) -> None:
     md = fake.put(sample("modeldeployment"))
     md, error = run_md(fake, md)
     assert error is None
-    assert [w[1] for w in fake.writes if w[0] == "create"] == ["ConfigMap", "InferenceService"]
-    obj = fake.find("InferenceService", "arrests")
-    assert obj["metadata"]["ownerReferences"][0]["uid"] == md["metadata"]["uid"]
+    assert [w[1] for w in fake.writes if w[0] == "create"] == ["ConfigMap", "InferenceService", "HTTPRoute"]
+    for kind in ("InferenceService", "HTTPRoute"):
+        assert fake.find(kind, "arrests")["metadata"]["ownerReferences"][0]["uid"] == md["metadata"]["uid"]
     assert md["status"]["traffic"] == [{"version": 1, "percent": 100, "role": "stable"}]
+    assert md["status"]["url"] == "http://arrests.ml.example.com"
+    created = "ConfigMap arrests-model-versions, InferenceService arrests, HTTPRoute arrests created"
+    assert ("Normal", "Created", created) in fake.events
     fake.writes.clear()
     run_md(fake, md)
     assert [w for w in fake.writes if w[0] != "patch/status"] == []
@@ -463,6 +466,99 @@ def test_canary_then_promotion_removes_the_canary(fake: FakeKube) -> None:
     assert md["status"]["canaryPhase"] == "None"
 
 
+def backends(fake: FakeKube) -> list[tuple[str, int]]:
+    (rule,) = fake.find("HTTPRoute", "arrests")["spec"]["rules"]
+    return [(ref["name"], ref["weight"]) for ref in rule["backendRefs"]]
+
+
+def traffic_condition(md: dict[str, Any]) -> tuple[str, str]:
+    (cond,) = [c for c in md["status"]["conditions"] if c["type"] == "TrafficSplit"]
+    return cond["status"], cond["reason"]
+
+
+def test_the_httproute_follows_the_canary_through_steps_promotion_and_rollback(fake: FakeKube) -> None:
+    put_versions(fake, 1, 2, 3)
+    md = fake.put(sample("modeldeployment", canary={"version": 2, "trafficPercent": 10}))
+    md, error = run_md(fake, md)
+    # KServe has not reported the canary ready: the stable keeps all traffic, and the reconcile comes back
+    assert isinstance(error, kopf.TemporaryError) and "ready" in str(error)
+    assert backends(fake) == [("arrests-predictor", 100)]
+    assert traffic_condition(md) == ("False", "CanaryNotReady")
+    assert [t["percent"] for t in md["status"]["traffic"]] == [90, 10]  # the split asked for
+    obj = fake.find("InferenceService", "arrests")
+    obj["status"] = {"canaryStatuses": [{"name": "v2", "ready": True, "trafficPercent": 10}]}
+    md, error = run_md(fake, md)
+    assert error is None
+    assert backends(fake) == [("arrests-predictor", 90), ("arrests-v2-predictor", 10)]
+    assert traffic_condition(md) == ("True", "HTTPRoute")
+    for percent in (25, 50, 100):  # what operators.canary writes at each step
+        md["spec"]["canary"]["trafficPercent"] = percent
+        md, error = run_md(fake, md)
+        assert error is None
+        assert backends(fake) == [("arrests-predictor", 100 - percent), ("arrests-v2-predictor", percent)]
+        assert fake.find("InferenceService", "arrests")["spec"]["canary"][0]["trafficPercent"] == percent
+    md["spec"]["version"] = 2  # promoted
+    del md["spec"]["canary"]
+    md, error = run_md(fake, md)
+    assert error is None
+    assert backends(fake) == [("arrests-predictor", 100)]
+    md["spec"]["canary"] = {"version": 3, "trafficPercent": 10}
+    fake.find("InferenceService", "arrests")["status"] = {
+        "canaryStatuses": [{"name": "v3", "ready": True, "trafficPercent": 10}]
+    }
+    md, error = run_md(fake, md)
+    assert backends(fake) == [("arrests-predictor", 90), ("arrests-v3-predictor", 10)]
+    del md["spec"]["canary"]  # rolled back
+    md, error = run_md(fake, md)
+    assert error is None
+    assert backends(fake) == [("arrests-predictor", 100)]
+    assert traffic_condition(md) == ("True", "HTTPRoute")
+    assert len(fake.of_kind("HTTPRoute")) == 1
+
+
+def test_without_a_gateway_a_canary_is_said_to_get_no_traffic(fake: FakeKube, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handlers, "_settings", lambda: Settings(gateway=""))
+    put_versions(fake, 1, 2)
+    md = fake.put(sample("modeldeployment", canary={"version": 2, "trafficPercent": 10}))
+    md, error = run_md(fake, md)
+    assert error is None
+    assert fake.of_kind("HTTPRoute") == []
+    assert traffic_condition(md) == ("False", "NoGateway")
+    (warning,) = [e for e in fake.events if e[0] == "Warning"]
+    assert warning[1] == "CanaryWithoutTraffic" and "gets no traffic" in warning[2]
+    obj = fake.find("InferenceService", "arrests")
+    obj["status"] = {"url": "http://arrests-ml.example.com"}
+    handlers.sync_modeldeployment_status(obj)
+    assert fake.find("ModelDeployment", "arrests")["status"]["url"] == "http://arrests-ml.example.com"
+
+
+def test_knative_gets_no_httproute(fake: FakeKube) -> None:
+    put_versions(fake, 1)
+    md, error = run_md(fake, fake.put(sample("modeldeployment", deploymentMode="Knative")))
+    assert error is None
+    assert fake.of_kind("HTTPRoute") == []
+    assert "TrafficSplit" not in {c["type"] for c in md["status"]["conditions"]}
+
+
+def test_a_cluster_without_the_httproute_kind_is_told_what_to_install(
+    fake: FakeKube, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    create = fake.create
+
+    def no_httproutes(kind: kube.Kind, namespace: str | None, body: Any) -> dict[str, Any]:
+        if kind.kind == "HTTPRoute":
+            raise kube.ApiError(404, "Not Found", {"message": "the server could not find the requested resource"})
+        return create(kind, namespace, body)
+
+    monkeypatch.setattr(fake, "create", no_httproutes)
+    put_versions(fake, 1)
+    _, error = run_md(fake, fake.put(sample("modeldeployment")))
+    assert isinstance(error, kopf.TemporaryError)
+    assert "gateway.networking.k8s.io/v1 HTTPRoute" in str(error) and "Gateway API CRDs" in str(error)
+    assert sorted(e[1] for e in fake.events) == ["Created", "KindNotServed"]  # ConfigMap, InferenceService went in
+    assert len(fake.of_kind("InferenceService")) == 1
+
+
 def test_knative_canary_creates_the_stable_first(fake: FakeKube) -> None:
     put_versions(fake, 1, 2)
     md = fake.put(sample("modeldeployment", deploymentMode="Knative", canary={"version": 2, "trafficPercent": 20}))
@@ -505,12 +601,12 @@ def test_inferenceservice_status_is_mirrored(fake: FakeKube) -> None:
     put_versions(fake, 1)
     run_md(fake, fake.put(sample("modeldeployment")))
     obj = fake.find("InferenceService", "arrests")
-    obj["status"] = {"url": "http://arrests.ml.example.com", "conditions": [{"type": "Ready", "status": "True"}]}
+    obj["status"] = {"url": "http://arrests-ml.example.com", "conditions": [{"type": "Ready", "status": "True"}]}
     new = handlers.sync_modeldeployment_status(obj)
     assert new is not None
     status = fake.find("ModelDeployment", "arrests")["status"]
     assert status["ready"] is True
-    assert status["url"] == "http://arrests.ml.example.com"
+    assert status["url"] == "http://arrests.ml.example.com"  # kubeloop's HTTPRoute, not KServe's own host
     assert status["drift"] == {"state": "Unknown"}
     fake.writes.clear()
     assert handlers.sync_modeldeployment_status(obj) is None

@@ -11,10 +11,27 @@ kserve/kserve ``pkg/apis/serving/v1beta1/component.go``: ComponentExtensionSpec 
   ``logger``, ``batcher``, ``labels``, ``annotations`` (added to the component pod).
 kserve/kserve ``pkg/apis/serving/v1beta1/predictor_custom.go`` + ``pkg/constants/constants.go``: the predictor
   container of an inlined pod spec is the one named ``kserve-container`` (InferenceServiceContainerName);
-  ``STORAGE_URI`` on it would trigger the storage initializer (not used: artifacts are on the kubeloop volume).
+  ``STORAGE_URI`` on it is its storage URI (``GetStorageUri``).
+kserve/kserve v0.20.0 ``pkg/apis/serving/v1beta1/inference_service_validation.go`` (validateCanarySpecs): a
+  ``spec.canary`` needs a stable predictor whose implementation has a storage URI, or a ``model``.
+  ``pkg/webhook/admission/pod/storage_initializer_injector.go``: a ``pvc://<claim>/<path>`` storage URI is mounted
+  from the claim at /mnt/models (subPath <path>, no init container), any other gets a storage-initializer init
+  container downloading it there; ``STORAGE_URI`` is then rewritten to /mnt/models.
 kserve/kserve ``pkg/constants/constants.go``: annotations ``serving.kserve.io/deploymentMode`` (Standard |
   Knative; RawDeployment / Serverless are the deprecated names), ``serving.kserve.io/autoscalerClass`` (hpa |
   keda | external | none), ``serving.kserve.io/enable-prometheus-scraping``.
+kserve/kserve v0.20.0 ``pkg/controller/v1beta1/inferenceservice/reconcilers/service/service_reconciler.go``
+  (createDefaultSvc): the Standard-mode predictor Service takes the ports of the first container (or of
+  ``transformer-container``): ``ports[0]`` becomes Service port 80 named ``ports[0].name`` (target: the agent's 9081
+  when a logger or batcher is set), the others keep their numbers; a name containing ``grpc`` or ``h2c`` makes
+  it gRPC (appProtocol kubernetes.io/h2c; ``reconcilers/ingress/httproute_reconciler.go`` picks the REST port as
+  the first other one). ``pkg/webhook/admission/pod/agent_injector.go``: the agent (port 9081, ``agent-port``)
+  forwards to ``ports[0].containerPort`` of ``kserve-container`` and copies Containers[0]'s readiness probe.
+``pkg/webhook/admission/pod/metrics_aggregate_injector.go``: with ``serving.kserve.io/enable-prometheus-scraping``
+  "true" the pod mutator sets ``prometheus.io/port`` to 9091 (queue-proxy) or 9088 (queue-proxy's aggregation),
+  ports only Knative pods have; absent, the inferenceservice-config ``metricsAggregator`` default applies.
+knative/serving ``pkg/apis/serving/k8s_validation.go``: one declared container port in the whole pod, named
+  ``http1``, ``h2c`` or nothing; ``pkg/reconciler/revision/resources/deploy.go`` renames it ``user-port``.
 kserve/kserve ``pkg/apis/serving/v1beta1/inference_service_validation.go`` (validateAutoScalingCompExtension):
   in Knative mode cpu/memory scale metrics are validated against the HPA class (annotation
   ``autoscaling.knative.dev/class: hpa.autoscaling.knative.dev``), otherwise against the KPA (concurrency, rps).
@@ -22,13 +39,14 @@ kserve/kserve pull request #5672 (merged, KServe v0.20; ``inference_service.go``
   ``spec.canary`` is a list of CanarySpec ``{trafficPercent (0-100), predictor (PredictorSpec, name required)}``,
   Standard mode only, names unique, trafficPercent sum <= 100, no autoscaling fields on a canary; PredictorSpec
   gained ``name``; changing ``predictor.name`` requires a changed storage URI (so kubeloop names only canaries);
-  status ``canaryStatuses`` and a ``CanaryReady`` condition. Knative canary: ``canaryTrafficPercent`` splits
+  status ``canaryStatuses`` and a ``CanaryPredictorReady`` condition. Knative canary: ``canaryTrafficPercent`` splits
   between the latest revision and the last one rolled out at 100%
   (``status.components.predictor.latestRolledoutRevision``), docs/samples/v1beta1/rollout/README.md.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +135,7 @@ def test_server_container_runs_the_model_version() -> None:
     assert arg(server, "--inference-service") == "arrests"
     assert arg(server, "--namespace") == "ml"
     assert "--logger-url" not in server["args"]  # KServe's logger posts the CloudEvents in a cluster
-    assert server["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
+    assert server["ports"] == [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}]
     assert server["resources"] == {
         "requests": {"cpu": "500m", "memory": "1Gi"},
         "limits": {"cpu": "500m", "memory": "1Gi"},
@@ -140,7 +158,10 @@ def test_drift_sidecar_and_logger_wiring() -> None:
     assert arg(sidecar, "--window") == "300"
     assert arg(sidecar, "--p-value") == "0.01"
     assert arg(sidecar, "--reference-size") == "900"
-    assert "ports" not in sidecar  # loopback only: nothing outside the pod reaches it
+    # the ingest listener on loopback (only the logger in the pod posts to it), the read-only one on the pod network
+    assert arg(sidecar, "--host") == "127.0.0.1" and arg(sidecar, "--metrics-host") == "0.0.0.0"
+    assert arg(sidecar, "--metrics-port") == str(SETTINGS.sidecar_metrics_port)
+    assert sidecar["ports"] == [{"name": "drift-metrics", "containerPort": 8091, "protocol": "TCP"}]
     assert predictor["logger"] == {"url": f"http://127.0.0.1:{SETTINGS.sidecar_port}/", "mode": "all"}
 
 
@@ -253,6 +274,40 @@ def test_knative_autoscaler_class_follows_the_metric(metric: str, klass: str) ->
     assert obj["spec"]["predictor"]["minReplicas"] == 0
 
 
+def test_storage_uri_of_every_predictor_names_the_artifact_on_the_pvc() -> None:
+    md = deployment(canary={"version": 2, "trafficPercent": 10})
+    spec = isvc.desired_inferenceservice(md, VERSIONS, SETTINGS)["spec"]
+    stable, candidate = spec["predictor"], spec["canary"][0]["predictor"]
+    for component, n in ((stable, 1), (candidate, 2)):
+        server = containers(component)["kserve-container"]
+        env = {e["name"]: e["value"] for e in server["env"]}
+        assert env["STORAGE_URI"] == f"pvc://kubeloop-home/registry/arrests/v{n}/artifact"
+        assert env["KUBELOOP_HOME"] == SETTINGS.home_mount_path  # the server still reads the artifact there
+        sidecar = containers(component)["drift-detector"]
+        assert "STORAGE_URI" not in {e["name"] for e in sidecar["env"]}  # KServe reads kserve-container's only
+    knative = isvc.desired_inferenceservice(deployment(deploymentMode="Knative"), VERSIONS, SETTINGS)["spec"]
+    server = containers(knative["predictor"])["kserve-container"]
+    assert {"name": "STORAGE_URI", "value": "pvc://kubeloop-home/registry/arrests/v1/artifact"} in server["env"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "pvc", "expected"),
+    [
+        ("file:///kl/registry/arrests/v1/artifact", "home", "pvc://home/registry/arrests/v1/artifact"),
+        ("/kl/registry/arrests/v1/artifact", "home", "pvc://home/registry/arrests/v1/artifact"),
+        ("file:///kl/a%20b/./artifact", "home", "pvc://home/a b/artifact"),
+        ("file:///kl", "home", "pvc://home"),
+        ("file:///kl/../other/artifact", "home", "file:///kl/../other/artifact"),  # not on the volume
+        ("file:///kl-old/artifact", "home", "file:///kl-old/artifact"),
+        ("s3://models/arrests/v1", "home", "s3://models/arrests/v1"),
+        # no PVC: the URI as it is, for KServe's storage initializer to download (issue 16 moves artifacts to s3://)
+        ("file:///kl/registry/arrests/v1/artifact", "", "file:///kl/registry/arrests/v1/artifact"),
+    ],
+)
+def test_storage_uri(uri: str, pvc: str, expected: str) -> None:
+    assert isvc.storage_uri(uri, Settings(storage_pvc=pvc, home_mount_path="/kl")) == expected
+
+
 def test_versions_configmap_holds_each_model_version() -> None:
     md = deployment(canary={"version": 2, "trafficPercent": 10})
     cm = isvc.desired_versions_configmap(md, VERSIONS)
@@ -278,7 +333,7 @@ def test_status_from_a_ready_inferenceservice() -> None:
             "url": "http://arrests.ml.example.com",
             "conditions": [
                 {"type": "Ready", "status": "True", "reason": "", "message": ""},
-                {"type": "CanaryReady", "status": "False", "reason": "CanaryNotReady", "message": "0/1 ready"},
+                {"type": "CanaryPredictorReady", "status": "False", "reason": "CanariesNotReady", "severity": "Info"},
             ],
         },
     }
@@ -291,7 +346,14 @@ def test_status_from_a_ready_inferenceservice() -> None:
     assert status["observedGeneration"] == 2
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Ready"]["status"] == "True"
-    assert (conditions["CanaryReady"]["status"], conditions["CanaryReady"]["reason"]) == ("False", "CanaryNotReady")
+    assert (conditions["CanaryReady"]["status"], conditions["CanaryReady"]["reason"]) == ("False", "CanariesNotReady")
+
+
+def test_status_url_is_the_routes_when_kubeloop_routes() -> None:
+    obj = {"metadata": {"name": "arrests"}, "status": {"url": "http://arrests-ml.example.com"}}
+    routed = isvc.modeldeployment_status(deployment(), obj, route_url="http://arrests.ml.example.com")
+    assert routed["url"] == "http://arrests.ml.example.com"
+    assert isvc.modeldeployment_status(deployment(), obj)["url"] == "http://arrests-ml.example.com"
 
 
 def test_status_before_kserve_reports_anything() -> None:
@@ -307,3 +369,68 @@ def test_status_keeps_what_other_writers_own() -> None:
     status = isvc.modeldeployment_status(deployment(), None, old)
     assert "drift" not in status  # the sidecar's report stays
     assert "canaryPhase" not in status  # the canary controller's verdict stays
+
+
+# --- metrics: named container ports and scrape annotations ----------------------------------------------------------
+
+IANA_SVC_NAME = r"^(?=.{1,15}$)(?=.*[a-z])[a-z0-9]+(-[a-z0-9]+)*$"  # k8s validation.IsValidPortName
+
+
+def predictors(md: ModelDeployment) -> list[dict[str, Any]]:
+    spec = isvc.desired_inferenceservice(md, VERSIONS, SETTINGS)["spec"]
+    return [spec["predictor"], *(entry["predictor"] for entry in spec.get("canary", []))]
+
+
+def test_stable_and_canary_pods_name_the_server_and_sidecar_metrics_ports() -> None:
+    md = deployment(drift={"enabled": True}, canary={"version": 2, "trafficPercent": 10})
+    for predictor in predictors(md):
+        ports = [(c["name"], p) for c in predictor["containers"] for p in c.get("ports", [])]
+        assert [(name, p["name"], p["containerPort"]) for name, p in ports] == [
+            ("kserve-container", isvc.SERVER_PORT_NAME, SETTINGS.server_port),
+            ("drift-detector", isvc.SIDECAR_METRICS_PORT_NAME, SETTINGS.sidecar_metrics_port),
+        ]
+        for _, port in ports:
+            assert re.match(IANA_SVC_NAME, port["name"]), port
+            # KServe treats a Service port whose name holds grpc or h2c as gRPC: the REST port must not look like one
+            assert "grpc" not in port["name"] and "h2c" not in port["name"]
+        # KServe's Service and agent take the first container's first port: the model server's
+        assert predictor["containers"][0]["ports"][0]["containerPort"] == SETTINGS.server_port
+        # the ingest port stays undeclared: it is bound to the pod's loopback
+        assert SETTINGS.sidecar_port not in [p["containerPort"] for _, p in ports]
+
+
+def test_knative_pods_declare_only_the_server_port() -> None:
+    md = deployment(deploymentMode="Knative", drift={"enabled": True})
+    (predictor,) = predictors(md)
+    ports = [p for c in predictor["containers"] for p in c.get("ports", [])]
+    assert ports == [{"name": "http1", "containerPort": SETTINGS.server_port, "protocol": "TCP"}]
+    sidecar = containers(predictor)["drift-detector"]
+    assert arg(sidecar, "--metrics-port") == str(SETTINGS.sidecar_metrics_port)  # still listening, undeclared
+
+
+def test_scrape_annotations_name_the_server_port_and_keep_kserve_from_rewriting_them() -> None:
+    md = deployment(canary={"version": 2, "trafficPercent": 10})
+    obj = isvc.desired_inferenceservice(md, VERSIONS, SETTINGS)
+    assert obj["metadata"]["annotations"]["serving.kserve.io/enable-prometheus-scraping"] == "false"
+    for predictor in predictors(md):
+        annotations = predictor["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(SETTINGS.server_port)
+        assert annotations["prometheus.io/path"] == "/metrics"
+    moved = Settings(server_port=8000, sidecar_metrics_port=9100)
+    predictor = isvc.desired_inferenceservice(md, VERSIONS, moved)["spec"]["predictor"]
+    assert predictor["annotations"]["prometheus.io/port"] == "8000"
+    assert containers(predictor)["drift-detector"]["ports"][0]["containerPort"] == 9100
+
+
+@pytest.mark.parametrize(
+    ("ports", "problem"),
+    [
+        ({"sidecar_metrics_port": 8090}, "must differ"),
+        ({"server_port": 9081}, "KServe's agent"),
+        ({"sidecar_metrics_port": 0}, "expected 1-65535"),
+    ],
+)
+def test_predictor_ports_are_checked(ports: dict[str, int], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        Settings(**ports)

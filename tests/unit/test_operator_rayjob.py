@@ -22,6 +22,7 @@ ray-project/kuberay ``ray-operator/controllers/ray/rayjob_controller.go`` (getSu
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -94,14 +95,24 @@ def test_rayjob_identity_owner_and_labels() -> None:
 
 
 def test_rayjob_job_fields() -> None:
-    spec = rj.desired_rayjob(sample_trainingjob(maxFailures=4), SETTINGS)["spec"]
+    spec = rj.desired_rayjob(sample_trainingjob(), SETTINGS)["spec"]
     assert spec["entrypoint"] == "kubeloop run -f /etc/kubeloop/trainingjob.yaml"
     assert spec["submissionMode"] == "K8sJobMode"
     assert spec["shutdownAfterJobFinishes"] is True
-    assert spec["backoffLimit"] == 4
     assert "ttlSecondsAfterFinished" not in spec  # KubeRay's default 0: delete the cluster at once
     assert spec["rayClusterSpec"]["rayVersion"] == SETTINGS.ray_version
     assert spec["metadata"] == {"kubeloop.dev/trainingjob": "ml/arrests-mlp"}
+
+
+@pytest.mark.parametrize("max_failures", [0, 1, 4])
+def test_max_failures_is_ray_trains_only_the_rayjob_is_never_retried(max_failures: int) -> None:
+    """One retry layer: a RayJob retry is a whole new RayCluster, and under it Ray Train would retry again
+    ((N+1)^2 attempts). spec.maxFailures goes to Ray Train's FailureConfig (through the spec the run reads)."""
+    tj = sample_trainingjob(maxFailures=max_failures)
+    job = rj.desired_rayjob(tj, SETTINGS)
+    assert job["spec"]["backoffLimit"] == 0
+    run_reads = yaml.safe_load(rj.desired_configmap(tj)["data"]["trainingjob.yaml"])
+    assert run_reads["spec"]["maxFailures"] == max_failures
 
 
 def test_rayjob_ttl_when_configured() -> None:
@@ -149,7 +160,7 @@ def test_worker_group_from_spec_workers_without_gpus() -> None:
     group = worker_group(rj.desired_rayjob(tj, SETTINGS))
     assert group["groupName"] == "workers"
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (3, 3, 3)
-    assert group["rayStartParams"] == {}
+    assert group["rayStartParams"] == {"num-cpus": "2"}  # 1500m: a Ray Train worker reserves 2 whole CPUs
     c = container(group["template"])
     assert c["name"] == "ray-worker"
     assert c["image"] == SETTINGS.training_image
@@ -167,7 +178,7 @@ def test_worker_group_with_gpus() -> None:
     tj = sample_trainingjob(workers__gpu=2, backend="nccl")
     job = rj.desired_rayjob(tj, SETTINGS)
     group = worker_group(job)
-    assert group["rayStartParams"] == {"num-gpus": "2"}
+    assert group["rayStartParams"] == {"num-cpus": "1", "num-gpus": "2"}
     c = container(group["template"])
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert "nvidia.com/gpu" not in c["resources"]["requests"]  # extended resources: requests default to limits
@@ -178,6 +189,37 @@ def test_worker_group_with_gpus() -> None:
     head_pod = head(job)["template"]["spec"]
     assert "nvidia.com/gpu" not in container(head(job)["template"])["resources"]["limits"]
     assert "nodeSelector" not in head_pod
+
+
+@pytest.mark.parametrize(("cpu", "ray_cpus"), [(1, 1), ("500m", 1), ("1", 1), ("1500m", 2), ("2", 2), (4, 4)])
+def test_each_worker_pod_holds_exactly_one_ray_train_worker(cpu: int | str, ray_cpus: int) -> None:
+    """The pod offers Ray (num-cpus) what one Ray Train worker reserves (ScalingConfig resources_per_worker, from
+    the same Workers.ray_cpus()): one fits, two do not; the head offers none. The container keeps workers.cpu."""
+    tj = sample_trainingjob(workers__cpu=cpu, workers__replicas=3)
+    assert tj.spec.workers.ray_cpus() == ray_cpus
+    job = rj.desired_rayjob(tj, SETTINGS)
+    group = worker_group(job)
+    offered = int(group["rayStartParams"]["num-cpus"])
+    assert ray_cpus <= offered < 2 * ray_cpus
+    assert head(job)["rayStartParams"]["num-cpus"] == "0"
+    assert container(group["template"])["resources"]["requests"]["cpu"] == str(cpu)
+
+
+@pytest.mark.parametrize(("cpu", "gpu"), [("500m", 0), ("1500m", 0), (2, 1)])
+def test_ray_train_reserves_per_worker_what_each_worker_pod_offers(cpu: int | str, gpu: int) -> None:
+    """The run's ScalingConfig (kubeloop.training) and the RayJob's worker group (the operator) agree, and
+    spec.maxFailures is Ray Train's FailureConfig."""
+    from kubeloop.training import job as training
+    from kubeloop.training import ray_runner
+
+    tj = sample_trainingjob(workers__cpu=cpu, workers__gpu=gpu, workers__replicas=3, maxFailures=3)
+    settings = training.train_settings(tj, gpus=gpu)
+    scaling = ray_runner.scaling_config(settings)
+    group = worker_group(rj.desired_rayjob(tj, SETTINGS))
+    assert scaling.num_workers == group["replicas"] == 3
+    assert scaling.resources_per_worker["CPU"] == int(group["rayStartParams"]["num-cpus"])
+    assert scaling.resources_per_worker.get("GPU", 0) == int(group["rayStartParams"].get("num-gpus", 0)) == gpu
+    assert ray_runner.run_config(settings).failure_config.max_failures == 3
 
 
 def test_gpu_scheduling_follows_settings() -> None:
@@ -222,6 +264,24 @@ def test_a_trainingjob_without_uid_cannot_own_children() -> None:
     doc = yaml.safe_load((REPO / "manifests/samples/trainingjob.yaml").read_text())
     with pytest.raises(ValueError, match="uid"):
         rj.desired_rayjob(parse_resource(doc), SETTINGS)  # type: ignore[arg-type]
+
+
+def test_every_name_derived_from_the_longest_trainingjob_name_is_valid() -> None:
+    """A TrainingJob name of 47 characters (the most the CRD and the model allow): the RayJob keeps it, which KubeRay
+    accepts (DNS-1035, <= 47: its RayCluster adds 6 and the Services up to 10 more), and the other children's names
+    and the label values stay within 63."""
+    doc = yaml.safe_load((REPO / "manifests/samples/trainingjob.yaml").read_text())
+    doc["metadata"].update(name="a" + "-b" * 23, namespace="ml", uid="0a1b-uid")
+    tj = parse_resource(doc)
+    assert isinstance(tj, TrainingJob) and len(tj.metadata.name) == 47
+    rayjob = rj.desired_rayjob(tj, SETTINGS)
+    assert rayjob["metadata"]["name"] == tj.metadata.name
+    children = [rayjob, rj.desired_configmap(tj), rj.desired_service_account(tj), rj.desired_role(tj)]
+    children.append(rj.desired_role_binding(tj))
+    label = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    for child in children:
+        assert len(child["metadata"]["name"]) <= 63 and label.match(child["metadata"]["name"]), child["metadata"]
+        assert all(len(value) <= 63 for value in child["metadata"]["labels"].values()), child["metadata"]["labels"]
 
 
 # --- the spec ConfigMap, the run's identity ------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 
 from kubeloop.analysis import VersionSignals
+from kubeloop.api import TrainingJob, parse_resource
+from kubeloop.api.trainingjob import name_is_valid
 from operators import retrain
 from operators.kube import ApiError
 
@@ -111,6 +113,37 @@ def test_drift_must_last_sustained_for_then_one_copy_on_fresh_data_is_started() 
     for seconds in (62, 120, 4000):  # while it trains, nothing new starts
         assert tick(kube, source, seconds) is None
     assert len(kube.created) == 1
+
+
+def test_retrain_names_are_trainingjob_names_kuberay_accepts() -> None:
+    """<template>-rYYYYmmddHHMMSS within 47 characters (DNS-1035, KubeRay's RayJob rule) for any template, cut
+    and tagged with a digest of its whole name when it does not fit, so templates sharing a prefix stay apart."""
+    now = datetime(2026, 12, 31, 23, 59, 58, tzinfo=UTC)
+    assert retrain.retrain_job_name("arrests-mlp", now) == "arrests-mlp-r20261231235958"
+    assert retrain.retrain_job_name("a" * 31, now) == "a" * 31 + "-r20261231235958"  # exactly 47: kept whole
+    templates = ["a" * n for n in range(1, 48)] + ["x" * 40 + "-" * 6 + "y", "arrests-" + "m" * 39]
+    templates += ["1abc", "arrests.mlp", "Arrests_MLP", "---", ""]  # not TrainingJob names: still a valid result
+    names = [retrain.retrain_job_name(template, now) for template in templates]
+    for template, name in zip(templates, names, strict=True):
+        assert name_is_valid(name) and len(name) <= 47, (template, name)
+        assert name.endswith("-r20261231235958")
+    assert len(set(names)) == len(templates)
+    long_a, long_b = "arrests-mlp-" + "x" * 30 + "-one", "arrests-mlp-" + "x" * 30 + "-two"
+    a, b = retrain.retrain_job_name(long_a, now), retrain.retrain_job_name(long_b, now)
+    assert a != b and a.startswith("arrests-mlp-xxx") and b.startswith("arrests-mlp-xxx")
+
+
+def test_the_retraining_copy_of_the_longest_template_is_a_valid_trainingjob() -> None:
+    long_name = "arrests-" + "m" * 39  # 47 characters: the longest TrainingJob name
+    job = template()
+    job["metadata"]["name"] = long_name
+    kube, source = MemoryKube(deployment(trainingJob=long_name), job), Drift(True)
+    tick(kube, source, 0)
+    assert tick(kube, source, 61) == "retrain"
+    (created,) = kube.created
+    assert len(created["metadata"]["name"]) == 47
+    assert isinstance(parse_resource(created), TrainingJob)  # the name rule included
+    assert created["metadata"]["labels"][retrain.LABEL_RETRAIN_OF] == long_name
 
 
 def test_drift_that_stops_resets_the_clock() -> None:

@@ -7,17 +7,16 @@ check against the serving and drift processes' /metrics is tests/integration/tes
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import tools
 import yaml
 
 from kubeloop.report import dashboards
 
 REPO = Path(__file__).resolve().parents[2]
-PROMTOOL = shutil.which("promtool")
 BOARDS = dashboards.load()
 
 
@@ -85,7 +84,6 @@ def test_exported_names_include_families_without_samples() -> None:
     }
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install prometheus)")
 def test_every_query_is_valid_promql(tmp_path: Path) -> None:
     """promtool parses each query (Grafana's variables substituted) as a recording rule."""
     rules = [
@@ -95,7 +93,7 @@ def test_every_query_is_valid_promql(tmp_path: Path) -> None:
     ]
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
-    done = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([tools.promtool(), "check", "rules", str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"SUCCESS: {len(rules)} rules found" in done.stdout
 

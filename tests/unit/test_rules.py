@@ -8,21 +8,17 @@ import subprocess
 import textwrap
 from pathlib import Path
 
-import pytest
+import tools
 import yaml
-
-from operators import chart
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "monitoring/rules/kubeloop.rules.yaml"
 RULE_TESTS = REPO / "monitoring/rules/kubeloop.rules.test.yaml"
 TEMPLATE = REPO / "helm/kubeloop/templates/prometheusrule.yaml"
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="no promtool (Debian package prometheus)")
 
 
-def promtool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, check=False, cwd=RULES.parent)
+def promtool(*args: str, cwd: Path = RULES.parent) -> subprocess.CompletedProcess:
+    return subprocess.run([tools.promtool(), *args], capture_output=True, text=True, check=False, cwd=cwd)
 
 
 def test_rules_cover_drift_error_rate_and_latency() -> None:
@@ -37,27 +33,22 @@ def test_rules_cover_drift_error_rate_and_latency() -> None:
     assert tested == {rule["alert"] for rule in group["rules"]}
 
 
-@needs_promtool
 def test_promtool_check_rules() -> None:
     done = promtool("check", "rules", str(RULES))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3 rules found" in done.stdout
 
 
-@needs_promtool
 def test_promtool_test_rules() -> None:
     done = promtool("test", "rules", str(RULE_TESTS))
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@needs_promtool
 def test_promtool_test_rules_catches_a_broken_rule(tmp_path: Path) -> None:
     broken = RULES.read_text().replace("> 0.05", "> 0.5")
     (tmp_path / RULES.name).write_text(broken)
     shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
-    done = subprocess.run(
-        [PROMTOOL, "test", "rules", RULE_TESTS.name], capture_output=True, text=True, check=False, cwd=tmp_path
-    )
+    done = promtool("test", "rules", RULE_TESTS.name, cwd=tmp_path)
     assert done.returncode != 0 and "KubeloopHighErrorRate" in done.stdout + done.stderr
 
 
@@ -73,10 +64,9 @@ def test_chart_template_holds_the_same_group() -> None:
     assert group == yaml.safe_load(RULES.read_text())["groups"][0]
 
 
-@pytest.mark.skipif(chart.find_helm() is None, reason="no helm binary")
 def test_rendered_prometheusrule_ships_the_rules() -> None:
     done = subprocess.run(
-        [str(chart.find_helm()), "template", "kubeloop", str(REPO / "helm/kubeloop"), "--set",
+        [tools.helm(), "template", "kubeloop", str(REPO / "helm/kubeloop"), "--set",
          "metrics.prometheusRule.enabled=true", "--show-only", "templates/prometheusrule.yaml"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
