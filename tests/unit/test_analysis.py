@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -25,6 +26,25 @@ LAT_FAST = [(0.01, 90.0), (0.05, 100.0), (float("inf"), 100.0)]
 LAT_SLOW = [(0.01, 0.0), (0.05, 10.0), (0.5, 100.0), (float("inf"), 100.0)]
 PRED_LOW = [(0.25, 80.0), (0.5, 95.0), (0.75, 100.0), (float("inf"), 100.0)]
 PRED_HIGH = [(0.25, 0.0), (0.5, 5.0), (0.75, 20.0), (float("inf"), 100.0)]
+
+
+def serve_text(body: Callable[[], str]) -> ThreadingHTTPServer:
+    """A /metrics endpoint on loopback answering ``body()``; the caller shuts it down."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            data = body().encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 def signals(version: int, requests=100.0, errors=0.0, latency=LAT_FAST, predictions=PRED_LOW, drift=False):
@@ -166,19 +186,7 @@ def test_selectors_and_exposition_parsing() -> None:
 def test_metrics_source_reads_increases_over_the_window() -> None:
     values = {"ok": 10, "bad": 0, "total": 10}
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = (EXPOSITION % values).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_text(lambda: EXPOSITION % values)
     try:
         source = MetricsSource([f"http://127.0.0.1:{server.server_port}/metrics"], Queries())
         source.tick()
@@ -259,19 +267,7 @@ def test_cluster_queries_select_the_series_a_podmonitor_scrape_stores() -> None:
             stored += scraped_as(text, target)
     assert "exported_" not in stored  # no exported label is shadowed by a target label
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = stored.encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_text(lambda: stored)
     try:
 
         def signals(version: int, namespace: str) -> VersionSignals:

@@ -18,27 +18,15 @@ gateway-api ``apis/v1/httproute_types.go``: ``spec.parentRefs[] {group, kind, na
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from test_operator_inferenceservice import deployment
 
-from kubeloop.api import ModelDeployment, parse_resource
 from operators import httproute
 from operators.settings import Settings
 
-REPO = Path(__file__).resolve().parents[2]
 SETTINGS = Settings()  # Gateway kserve/kserve-ingress-gateway, domain example.com
-
-
-def deployment(**spec: Any) -> ModelDeployment:
-    doc = yaml.safe_load((REPO / "manifests/samples/modeldeployment.yaml").read_text())
-    doc["metadata"].update(namespace="ml", uid="md-uid", generation=3)
-    doc["spec"].update(spec)
-    md = parse_resource(doc)
-    assert isinstance(md, ModelDeployment)
-    return md
 
 
 def backends(route: dict[str, Any]) -> list[tuple[str, int, int]]:
