@@ -143,8 +143,13 @@ def test_trainingjob_becomes_a_rayjob_that_kuberay_runs_and_registers_its_modelv
     )  # fmt: skip
     cm = core.read_namespaced_config_map("arrests-mlp-trainingjob", namespace)
     assert yaml.safe_load(cm.data["trainingjob.yaml"])["spec"]["model"]["name"] == "arrests"
-    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=arrests-mlp").items
-    assert any(e.reason == "Created" and "RayJob" in e.message for e in events)
+    wait_for(
+        lambda: any(
+            e.reason == "Created" and "RayJob" in e.message
+            for e in core.list_namespaced_event(namespace, field_selector="involvedObject.name=arrests-mlp").items
+        ),
+        30, "the Created Event naming the RayJob (posted asynchronously)",
+    )  # fmt: skip
 
     # KubeRay: a RayCluster from the RayJob's spec, its head and worker pods running on kwok nodes, then the
     # submitter Job; the RayJob's status moves on and the TrainingJob mirrors it
