@@ -13,9 +13,9 @@ and MLP builder, briefly trained) behind:
   (b)  a stock `kserve.Model` + `kserve.ModelServer` with default settings whose predict only runs the model;
   (c)  a bare FastAPI `async def` endpoint running the same model (the framework-free ceiling).
 
-"Running the model" is the same call everywhere: `ModelArtifact.predict_proba(pd.DataFrame(instances))`, i.e. the
+"Running the model" is the same call everywhere: `ModelArtifact.predict(pd.DataFrame(instances))`, i.e. the
 fitted training transform and the network, on the request's one row (v1 protocol, rows as objects). Also timed
-in-process: the raw torch forward of one transformed row, the transform of one row, and predict_proba of one row.
+in-process: the raw torch forward of one transformed row, the transform of one row, and predict of one row.
 Every server gets wrk -c N for a warm-up and then the measured run; rounds alternate the servers.
 """
 
@@ -64,7 +64,7 @@ def stock_kserve(record: str, port: int, grpc_port: int) -> None:
             return True
 
         def predict(self, payload, headers=None):
-            return {"predictions": self.artifact.predict_proba(pd.DataFrame(payload["instances"])).tolist()}
+            return {"predictions": self.artifact.predict(pd.DataFrame(payload["instances"])).tolist()}
 
     model = Stock("arrests")
     model.load()
@@ -86,7 +86,7 @@ def bare_fastapi(record: str, port: int) -> None:
     @app.post("/v1/models/arrests:predict")
     async def predict(request: Request) -> dict:
         body = await request.json()
-        return {"predictions": artifact.predict_proba(pd.DataFrame(body["instances"])).tolist()}
+        return {"predictions": artifact.predict(pd.DataFrame(body["instances"])).tolist()}
 
     print(f"serving bare fastapi on http://127.0.0.1:{port}", flush=True)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
@@ -159,8 +159,8 @@ def in_process_timings(record: Path) -> dict:
     return {
         "torch_forward_us": best(forward, 2000),
         "transform_us": best(lambda: artifact.transform.transform(frame), 200),
-        "predict_proba_us": best(lambda: artifact.predict_proba(frame), 200),
-        "dataframe_and_predict_proba_us": best(lambda: artifact.predict_proba(pd.DataFrame(instances)), 200),
+        "predict_us": best(lambda: artifact.predict(frame), 200),
+        "dataframe_and_predict_us": best(lambda: artifact.predict(pd.DataFrame(instances)), 200),
     }
 
 

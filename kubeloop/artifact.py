@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from kubeloop.errors import KubeloopError
+from kubeloop.training import tasks
 from kubeloop.training.models import build_model
 from kubeloop.transform import TabularTransform
 
@@ -30,15 +31,24 @@ class ModelArtifact:
     def __init__(self, model: nn.Module, transform: TabularTransform, builder: str, params: dict[str, Any]):
         self.model, self.transform, self.builder, self.params = model.eval(), transform, builder, params
 
-    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """The model's answer per row: P(positive) (binary, shape n), class probabilities in the order of
+        transform.classes (multiclass, n by classes), the value in the label's units (regression, n)."""
         features = torch.from_numpy(self.transform.transform(frame))
+        task = self.transform.task
         with torch.no_grad():
-            return torch.sigmoid(self.model(features).squeeze(1)).numpy()
+            out = tasks.predictions(task, self.model(features)).numpy()
+        return self.transform.decode_value(out).astype(np.float32) if task == "regression" else out
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         torch.save(self.model.state_dict(), directory / WEIGHTS)
-        config = {"builder": self.builder, "params": self.params, "input_dim": self.transform.output_dim}
+        config = {
+            "builder": self.builder,
+            "params": self.params,
+            "input_dim": self.transform.output_dim,
+            "outputs": self.transform.label_width,
+        }
         (directory / MODEL_CONFIG).write_text(json.dumps(config, indent=2))
         self.transform.save(directory / TRANSFORM)
 
@@ -48,6 +58,6 @@ class ModelArtifact:
         if not (directory / MODEL_CONFIG).is_file():
             raise KubeloopError(f"{uri} is not a kubeloop model artifact: {MODEL_CONFIG} is missing")
         config = json.loads((directory / MODEL_CONFIG).read_text())
-        model = build_model(config["builder"], config["input_dim"], config["params"])
+        model = build_model(config["builder"], config["input_dim"], config["params"], config.get("outputs", 1))
         model.load_state_dict(torch.load(directory / WEIGHTS, weights_only=True))
         return cls(model, TabularTransform.load(directory / TRANSFORM), config["builder"], config["params"])

@@ -7,6 +7,7 @@ import json
 import yaml
 
 from kubeloop.api.modelversion import Metrics, ModelVersion
+from kubeloop.api.trainingjob import TASK_METRICS
 from kubeloop.artifact import local_path
 
 
@@ -17,15 +18,14 @@ def _fmt(value: float | None) -> str:
 def table(records: list[ModelVersion]) -> str:
     if not records:
         return "no model versions registered (train one: kubeloop quickstart, or kubeloop run -f trainingjob.yaml)"
-    rows = [("NAME", "STAGE", "AUC", "ACCURACY", "DATASET", "TRAINING JOB")]
+    rows = [("NAME", "STAGE", "TASK", "HEADLINE", "DATASET", "TRAINING JOB")]
     for mv in records:
-        overall = mv.spec.metrics.overall
         rows.append(
             (
                 mv.metadata.name,
                 mv.spec.stage,
-                _fmt(overall.roc_auc),
-                _fmt(overall.accuracy),
+                mv.spec.signature.task,
+                headline(mv),
                 mv.spec.lineage.dataset_digest[:19],
                 mv.spec.lineage.training_job,
             )
@@ -36,11 +36,22 @@ def table(records: list[ModelVersion]) -> str:
     )
 
 
-def metrics_line(metrics: Metrics) -> str:
-    return (
-        f"rows={metrics.rows} auc={_fmt(metrics.roc_auc)} accuracy={_fmt(metrics.accuracy)} "
-        f"precision={_fmt(metrics.precision)} recall={_fmt(metrics.recall)} log_loss={_fmt(metrics.log_loss)}"
-    )
+def headline(mv: ModelVersion) -> str:
+    """The task's two headline metrics: AUC and accuracy (binary), accuracy and macro F1 (multiclass), RMSE and R²
+    (regression)."""
+    overall = mv.spec.metrics.overall
+    names = HEADLINE[mv.spec.signature.task]
+    return " ".join(f"{LABELS[name]}={_fmt(getattr(overall, name))}" for name in names)
+
+
+HEADLINE = {"binary": ("roc_auc", "accuracy"), "multiclass": ("accuracy", "f1"), "regression": ("rmse", "r2")}
+LABELS = {"roc_auc": "auc", "log_loss": "log_loss"}
+LABELS |= {name: name for name in ("accuracy", "precision", "recall", "f1", "rmse", "mae", "r2")}
+
+
+def metrics_line(metrics: Metrics, task: str = "binary") -> str:
+    names = TASK_METRICS[task]
+    return f"rows={metrics.rows} " + " ".join(f"{LABELS[name]}={_fmt(getattr(metrics, name))}" for name in names)
 
 
 def detail(mv: ModelVersion) -> str:
@@ -52,17 +63,27 @@ def detail(mv: ModelVersion) -> str:
         f"  trained by: {lineage.training_job} ({lineage.workers} workers, {lineage.backend})",
         f"  code:       {lineage.code_version}",
         f"  hyperparameters: {json.dumps(lineage.hyperparameters, sort_keys=True)}",
-        f"  metrics:    {metrics_line(spec.metrics.overall)}",
+        f"  task:       {spec.signature.task}" + _answers(mv),
+        f"  metrics:    {metrics_line(spec.metrics.overall, spec.signature.task)}",
     ]
     if spec.metrics.slices:
         for value, metrics in spec.metrics.slices.values.items():
-            lines.append(f"    {spec.metrics.slices.column}={value}: {metrics_line(metrics)}")
+            lines.append(f"    {spec.metrics.slices.column}={value}: {metrics_line(metrics, spec.signature.task)}")
     if spec.gate:
         verdict = "passed" if spec.gate.passed else "failed: " + "; ".join(spec.gate.reasons)
         against = f" (against {spec.gate.compared_with})" if spec.gate.compared_with else ""
         lines.append(f"  gate:       {verdict}{against}")
     lines.append("  inputs:     " + ", ".join(f"{f.name}:{f.dtype}" for f in spec.signature.inputs))
     return "\n".join(lines)
+
+
+def _answers(mv: ModelVersion) -> str:
+    signature = mv.spec.signature
+    if signature.task == "binary":
+        return f" (answers P({signature.label} = {signature.positive_class!r}))"
+    if signature.task == "multiclass":
+        return f" (answers P(class) for {signature.label} in this order: {', '.join(signature.classes or [])})"
+    return f" (answers {signature.label})"
 
 
 def dump(mv: ModelVersion, output: str) -> str:

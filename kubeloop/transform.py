@@ -14,6 +14,7 @@ import pandas as pd
 from pandas.api import types as ptypes
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from kubeloop.api.modelversion import Task
 from kubeloop.data.snapshot import Dtype, dtype_of
 from kubeloop.errors import DataError
 
@@ -37,15 +38,29 @@ class Feature(BaseModel):
 
 
 class TabularTransform(BaseModel):
+    """Features in, and the label as the network learns it: binary, 1.0 for the positive class else 0.0;
+    multiclass, the index of the class in ``classes``; regression, the value standardized with the training
+    rows' mean and std (``decode_value`` undoes it)."""
+
     model_config = ConfigDict(frozen=True)
 
     label: str
-    positive_class: str
     features: list[Feature]
+    task: Task = "binary"
+    positive_class: str | None = None
+    classes: list[str] | None = None
+    label_mean: float | None = None
+    label_std: float | None = None
 
     @classmethod
     def fit(
-        cls, frame: pd.DataFrame, *, label: str, positive_class: str, exclude: Sequence[str] = ()
+        cls,
+        frame: pd.DataFrame,
+        *,
+        label: str,
+        task: Task = "binary",
+        positive_class: str | None = None,
+        exclude: Sequence[str] = (),
     ) -> TabularTransform:
         if frame.empty:
             raise DataError("cannot fit a transform on an empty frame: the training split has no rows")
@@ -55,7 +70,18 @@ class TabularTransform(BaseModel):
         features = [_fit_feature(str(name), frame[name]) for name in frame.columns if name not in {label, *exclude}]
         if not features:
             raise DataError(f"no feature columns left after excluding the label {label!r} and {list(exclude)}")
-        return cls(label=label, positive_class=positive_class, features=features)
+        if task == "binary":
+            if positive_class is None:
+                raise DataError("task binary needs the positive class: the label value that counts as positive")
+            return cls(label=label, features=features, positive_class=positive_class)
+        if task == "multiclass":
+            classes = sorted(_as_str(frame[label]).dropna().unique())
+            return cls(label=label, features=features, task=task, classes=classes)
+        values = _numeric(label, frame[label])
+        present = values[~np.isnan(values)]
+        std = float(present.std()) if present.size else 0.0
+        mean = float(present.mean()) if present.size else 0.0
+        return cls(label=label, features=features, task=task, label_mean=mean, label_std=std if std > 0 else 1.0)
 
     @property
     def feature_names(self) -> list[str]:
@@ -63,7 +89,13 @@ class TabularTransform(BaseModel):
 
     @property
     def output_dim(self) -> int:
+        """Width of the transformed features: the network's input."""
         return sum(f.width for f in self.features)
+
+    @property
+    def label_width(self) -> int:
+        """The network's outputs: one logit (binary), one per class (multiclass), one value (regression)."""
+        return len(self.classes) if self.task == "multiclass" and self.classes else 1
 
     def input_features(self) -> list[dict]:
         """The model's input signature: one entry per input column."""
@@ -88,14 +120,35 @@ class TabularTransform(BaseModel):
         return out.astype(np.float32)
 
     def encode_label(self, frame: pd.DataFrame) -> np.ndarray:
-        """1.0 where the label equals the positive class, else 0.0."""
+        """The label as the network learns it: float32 0/1 (binary), int64 class index (multiclass), float32
+        standardized value (regression)."""
         if self.label not in frame.columns:
             raise DataError(f"label column {self.label!r} is missing (columns: {list(frame.columns)})")
         series = frame[self.label]
         nulls = int(series.isna().sum())
         if nulls:
             raise DataError(f"label column {self.label!r} has {nulls} nulls: drop or fill those rows")
-        return (_as_str(series) == self.positive_class).to_numpy(dtype=np.float32)
+        if self.task == "binary":
+            return (_as_str(series) == self.positive_class).to_numpy(dtype=np.float32)
+        if self.task == "multiclass":
+            codes = pd.Categorical(_as_str(series), categories=self.classes).codes
+            if (codes < 0).any():
+                unknown = sorted(_as_str(series)[codes < 0].unique())[:5]
+                raise DataError(
+                    f"label column {self.label!r} holds classes the model was not trained on: {unknown} "
+                    f"(trained on {self.classes})"
+                )
+            return codes.astype(np.int64)
+        return ((_numeric(self.label, series) - self.label_mean) / self.label_std).astype(np.float32)
+
+    def label_values(self, frame: pd.DataFrame) -> np.ndarray:
+        """The label in evaluation's terms: 0/1 (binary), class index (multiclass), the value itself (regression)."""
+        encoded = self.encode_label(frame)
+        return self.decode_value(encoded) if self.task == "regression" else encoded.astype(np.int64)
+
+    def decode_value(self, standardized: np.ndarray) -> np.ndarray:
+        """Regression: the network's standardized output in the label's units."""
+        return np.asarray(standardized, dtype=np.float64) * self.label_std + self.label_mean
 
     def save(self, path: Path) -> Path:
         """Write to ``path`` if it ends in .json, else to ``path/transform.json``; returns the file."""

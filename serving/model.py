@@ -3,7 +3,7 @@ validation against its signature, both inference protocols, kubeloop's metrics, 
 
 Concurrent requests are merged into one model call (KServe's batcher idea, without its wait): a request's rows are
 queued and the first request of an event-loop turn schedules one flush for the turn after, so the rows of every
-request that reached the model in between go through `ModelArtifact.predict_proba` (the trained transform, then
+request that reached the model in between go through `ModelArtifact.predict` (the trained transform, then
 the network) together. An idle server adds no delay; a busy one pays the transform's fixed cost once per turn.
 """
 
@@ -189,9 +189,9 @@ class KubeloopModel(kserve.Model):
         return np.split(probabilities, offsets)
 
     def _forward(self, columns: dict[str, np.ndarray]) -> np.ndarray:
-        """The trained model on validated rows: ModelArtifact.predict_proba (the fitted transform, then the net)."""
+        """The trained model on validated rows: ModelArtifact.predict (the fitted transform, then the net)."""
         frame = pd.DataFrame({name: columns[name] for name in self.names}, copy=False)
-        return self.artifact.predict_proba(frame).astype(np.float32, copy=False)
+        return self.artifact.predict(frame).astype(np.float32, copy=False)
 
     def _cached_forward(self, columns: dict[str, np.ndarray]) -> np.ndarray:
         cache = self.cache

@@ -10,19 +10,29 @@ from pydantic import ConfigDict, Field
 from kubeloop.api.common import Condition, DnsLabel, KubeModel, PrinterColumn, Resource
 
 Stage = Literal["Candidate", "Production", "Archived", "Rejected"]
+Task = Literal["binary", "multiclass", "regression"]
 FeatureType = Literal["float", "int", "bool", "string"]
 
 
 class Metrics(KubeModel):
+    """The metrics of one set of rows; each task fills its own (binary and multiclass: classification, with
+    precision, recall, f1 and rocAuc macro-averaged over classes for multiclass; regression: rmse, mae, r2)."""
+
     rows: Annotated[int, Field(ge=0)]
-    positive_rate: Annotated[float, Field(ge=0, le=1)]
-    accuracy: Annotated[float, Field(ge=0, le=1)]
-    precision: Annotated[float, Field(ge=0, le=1)]
-    recall: Annotated[float, Field(ge=0, le=1)]
+    positive_rate: Annotated[float, Field(ge=0, le=1)] | None = Field(default=None, description="binary")
+    class_rates: dict[str, float] | None = Field(default=None, description="multiclass: share of rows per class")
+    accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    precision: Annotated[float, Field(ge=0, le=1)] | None = None
+    recall: Annotated[float, Field(ge=0, le=1)] | None = None
+    f1: Annotated[float, Field(ge=0, le=1)] | None = None
     roc_auc: Annotated[float, Field(ge=0, le=1)] | None = Field(
         default=None, description="Undefined (null) when the rows hold a single class."
     )
-    log_loss: Annotated[float, Field(ge=0)]
+    log_loss: Annotated[float, Field(ge=0)] | None = None
+    rmse: Annotated[float, Field(ge=0)] | None = None
+    mae: Annotated[float, Field(ge=0)] | None = None
+    r2: float | None = Field(default=None, description="Undefined (null) when the label is constant.")
+    label_mean: float | None = Field(default=None, description="regression: mean of the label")
 
 
 class SliceMetrics(KubeModel):
@@ -46,9 +56,14 @@ class Feature(KubeModel):
 
 
 class Signature(KubeModel):
+    """What the model takes and answers: binary, P(positive_class) per row; multiclass, a probability per class
+    in the order of ``classes``; regression, the predicted value of the label."""
+
     inputs: Annotated[list[Feature], Field(min_length=1)]
     label: str
-    positive_class: str
+    task: Task = "binary"
+    positive_class: str | None = None
+    classes: list[str] | None = Field(default=None, description="multiclass: the output order of the probabilities")
 
 
 class Lineage(KubeModel):

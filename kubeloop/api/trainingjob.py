@@ -7,7 +7,8 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic.alias_generators import to_camel
 
 from kubeloop.api.common import (
     DNS1035_LABEL,
@@ -20,9 +21,38 @@ from kubeloop.api.common import (
     Resource,
     quantity_value,
 )
+from kubeloop.api.modelversion import Task
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
 Backend = Literal["auto", "gloo", "nccl"]
+
+# The gate metrics each task defines (camelCase as in the spec); any other bound is refused before anything runs.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss"),
+    "multiclass": ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss"),
+    "regression": ("rmse", "mae", "r2"),
+}
+
+
+def _class_value(value: Any) -> Any:
+    """A label value as the data's text: YAML reads `positiveClass: 1` as an integer, which means the class "1"."""
+    if isinstance(value, bool):
+        raise ValueError(
+            f"got the YAML boolean {str(value).lower()}: quote the label value as it appears in the data "
+            '(positiveClass: "yes")'
+        )
+    if isinstance(value, int):
+        return str(value)
+    return value
+
+
+# A label value: a string in the data's spelling, or an integer for integer labels (int-or-string in the CRD).
+ClassValue = Annotated[
+    str,
+    BeforeValidator(_class_value),
+    Field(min_length=1),
+    WithJsonSchema({"x-kubernetes-int-or-string": True}),
+]
 
 # The operator names the RayJob after the TrainingJob, and KubeRay refuses a RayJob whose name is not an RFC 1035
 # label of at most 47 characters (its RayCluster adds 6, its Services up to 10 more, within 63): the same rule holds
@@ -69,7 +99,10 @@ class DatasetSpec(KubeModel):
         ),
     ] = None
     label: Annotated[str, Field(min_length=1)]
-    positive_class: Annotated[str, Field(min_length=1)]
+    positive_class: ClassValue | None = Field(
+        default=None,
+        description="task binary: the label value that counts as positive (required there, refused otherwise).",
+    )
     slice_column: str | None = Field(default=None, description="Categorical column to evaluate metrics per value.")
     schema_uri: str | None = Field(default=None, description="YAML DatasetSchema the data must satisfy.")
     baseline: Literal["production", "none"] = Field(
@@ -114,13 +147,23 @@ class Checkpointing(KubeModel):
 
 
 class GateMetrics(KubeModel):
-    """Bounds on evaluation metrics: a floor for accuracy/precision/recall/rocAuc, a ceiling for logLoss."""
+    """Bounds on evaluation metrics: a floor for accuracy/precision/recall/f1/rocAuc/r2, a ceiling for
+    logLoss/rmse/mae. Classification (binary, multiclass: precision, recall, f1 and rocAuc macro-averaged over
+    the classes, rocAuc one-vs-rest) and regression (rmse, mae, r2) each take only their own."""
 
     accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
     precision: Annotated[float, Field(ge=0, le=1)] | None = None
     recall: Annotated[float, Field(ge=0, le=1)] | None = None
+    f1: Annotated[float, Field(ge=0, le=1)] | None = None
     roc_auc: Annotated[float, Field(ge=0, le=1)] | None = None
     log_loss: Annotated[float, Field(ge=0)] | None = None
+    rmse: Annotated[float, Field(ge=0)] | None = None
+    mae: Annotated[float, Field(ge=0)] | None = None
+    r2: Annotated[float, Field(le=1)] | None = None
+
+    def bounded(self) -> list[str]:
+        """The metrics this sets a bound on (snake_case)."""
+        return [name for name, value in self if value is not None]
 
 
 class Gate(KubeModel):
@@ -141,11 +184,28 @@ class TrainingJobSpec(KubeModel):
                     "message": "backend nccl needs GPUs: set spec.workers.gpu >= 1, or use backend auto or gloo",
                     "fieldPath": ".backend",
                     "reason": "FieldValueInvalid",
-                }
+                },
+                {
+                    "rule": "(has(self.task) && self.task != 'binary') || has(self.dataset.positiveClass)",
+                    "message": "task binary needs spec.dataset.positiveClass, the label value that counts as "
+                    "positive; with more than two classes set spec.task: multiclass",
+                    "fieldPath": ".dataset.positiveClass",
+                    "reason": "FieldValueRequired",
+                },
+                {
+                    "rule": "!has(self.task) || self.task == 'binary' || !has(self.dataset.positiveClass)",
+                    "message": "spec.dataset.positiveClass is only for task binary: remove it",
+                    "fieldPath": ".dataset.positiveClass",
+                    "reason": "FieldValueForbidden",
+                },
             ]
         }
     )
 
+    task: Task = Field(
+        default="binary",
+        description="binary (P(positive) per row), multiclass (a probability per class) or regression (a value).",
+    )
     model: ModelSpec
     dataset: DatasetSpec
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
@@ -168,6 +228,24 @@ class TrainingJobSpec(KubeModel):
     def _nccl_needs_gpu(self) -> TrainingJobSpec:
         if self.backend == "nccl" and self.workers.gpu == 0:
             raise ValueError("spec.backend: nccl needs GPUs: set spec.workers.gpu >= 1, or use backend auto or gloo")
+        return self
+
+    @model_validator(mode="after")
+    def _fields_of_the_task(self) -> TrainingJobSpec:
+        if self.task == "binary" and self.dataset.positive_class is None:
+            raise ValueError(
+                "spec.dataset.positiveClass: task binary needs the label value that counts as positive "
+                '(e.g. positiveClass: "Yes"); with more than two classes set spec.task: multiclass'
+            )
+        if self.task != "binary" and self.dataset.positive_class is not None:
+            raise ValueError(f"spec.dataset.positiveClass: only for task binary, not {self.task}: remove it")
+        allowed = TASK_METRICS[self.task]
+        for field, bounds in (("thresholds", self.gate.thresholds), ("maxRegression", self.gate.max_regression)):
+            for name in bounds.bounded():
+                if name not in allowed:
+                    camel = to_camel(name)
+                    names = ", ".join(map(to_camel, allowed))
+                    raise ValueError(f"spec.gate.{field}.{camel}: not a {self.task} metric; use {names}")
         return self
 
     def resolved_backend(self) -> Literal["gloo", "nccl"]:

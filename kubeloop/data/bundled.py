@@ -14,7 +14,7 @@ from kubeloop.errors import DataError
 class BundledDataset:
     name: str
     label: str
-    positive_class: str
+    positive_class: str | None  # binary labels only
     slice_column: str
     schema: DatasetSchema
 
@@ -49,7 +49,50 @@ ARRESTS = BundledDataset(
     ),
 )
 
-BUNDLED = {ARRESTS.name: ARRESTS}
+# Palmer penguins (Gorman, Williams and Fraser, 2014; 344 rows): which of three species? A multiclass label with
+# a categorical slice (`island`) and a few nulls (2 rows without measurements, 11 without `sex`).
+PENGUINS = BundledDataset(
+    name="penguins",
+    label="species",
+    positive_class=None,
+    slice_column="island",
+    schema=DatasetSchema(
+        label="species",
+        columns=[
+            ColumnSpec(name="species", dtype="string", categories=["Adelie", "Chinstrap", "Gentoo"]),
+            ColumnSpec(name="island", dtype="string", categories=["Biscoe", "Dream", "Torgersen"]),
+            ColumnSpec(name="bill_length_mm", dtype="float", max_null_rate=0.01, min=30, max=60),
+            ColumnSpec(name="bill_depth_mm", dtype="float", max_null_rate=0.01, min=13, max=22),
+            ColumnSpec(name="flipper_length_mm", dtype="float", max_null_rate=0.01, min=170, max=235),
+            ColumnSpec(name="body_mass_g", dtype="float", max_null_rate=0.01, min=2700, max=6300),
+            ColumnSpec(name="sex", dtype="string", max_null_rate=0.05, categories=["female", "male"]),
+        ],
+    ),
+)
+
+# Abalone (UCI, Nash et al. 1994; 4,177 rows): the number of shell rings (age) from physical measurements. A
+# regression label with a categorical slice (`sex`: male, female, infant).
+ABALONE = BundledDataset(
+    name="abalone",
+    label="rings",
+    positive_class=None,
+    slice_column="sex",
+    schema=DatasetSchema(
+        label="rings",
+        columns=[
+            ColumnSpec(name="sex", dtype="string", categories=["F", "I", "M"]),
+            *(
+                ColumnSpec(name=name, dtype="float", min=0, max=3)
+                for name in ("length", "diameter", "height", "whole_weight", "shucked_weight")
+            ),
+            ColumnSpec(name="viscera_weight", dtype="float", min=0, max=1),
+            ColumnSpec(name="shell_weight", dtype="float", min=0, max=1.5),
+            ColumnSpec(name="rings", dtype="int", min=1, max=29),
+        ],
+    ),
+)
+
+BUNDLED = {dataset.name: dataset for dataset in (ARRESTS, PENGUINS, ABALONE)}
 
 
 def get_bundled(name: str) -> BundledDataset:

@@ -125,7 +125,7 @@ def held_out(record: ModelVersion) -> HeldOut:
         test = frame
         how = f"all {len(frame)} rows of the snapshot (the lineage records no testFraction and seed)"
     artifact = ModelArtifact.load(record.spec.artifact_uri)
-    return HeldOut(test, artifact.transform.encode_label(test).astype(int), artifact.predict_proba(test), how)
+    return HeldOut(test, artifact.transform.encode_label(test).astype(int), artifact.predict(test), how)
 
 
 def revalidate(record: ModelVersion, previous: ModelVersion | None) -> Any:

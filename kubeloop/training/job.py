@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -27,7 +27,7 @@ from kubeloop.api.modelversion import (
     ModelVersionSpec,
     Signature,
 )
-from kubeloop.api.trainingjob import TrainingJob
+from kubeloop.api.trainingjob import TASK_METRICS, TrainingJob
 from kubeloop.artifact import ModelArtifact
 from kubeloop.data.snapshot import Snapshot, ingest, load_snapshot, read_frame
 from kubeloop.data.validation import DatasetSchema, ValidationFailed, ValidationReport, validate
@@ -133,7 +133,8 @@ def split_snapshot(job: TrainingJob, snapshot: Snapshot) -> tuple[pd.DataFrame, 
 
 def fit_transform(job: TrainingJob, train: pd.DataFrame) -> TabularTransform:
     """The feature transform, fitted on the training rows only."""
-    return TabularTransform.fit(train, label=job.spec.dataset.label, positive_class=job.spec.dataset.positive_class)
+    dataset = job.spec.dataset
+    return TabularTransform.fit(train, label=dataset.label, task=job.spec.task, positive_class=dataset.positive_class)
 
 
 @dataclass
@@ -166,6 +167,7 @@ def train_settings(job: TrainingJob, gpus: int, events_path: Path | None = None)
         checkpoints_kept=spec.checkpoint.keep,
         storage=run_dir / "ray",
         events_path=events_path or run_dir / "events.jsonl",
+        task=spec.task,
     )
 
 
@@ -180,7 +182,11 @@ def train_model(
 ) -> TrainedModel:
     """Ray Train DDP on the transformed rows (joins RAY_ADDRESS's cluster or starts a local one)."""
     spec = job.spec
-    settings = train_settings(job, resolve_gpus(job) if gpus is None else gpus, events_path)
+    settings = replace(
+        train_settings(job, resolve_gpus(job) if gpus is None else gpus, events_path),
+        outputs=transform.label_width,
+        label_std=transform.label_std or 1.0,
+    )
     backend = settings.backend
     settings.storage.parent.mkdir(parents=True, exist_ok=True)
     # a rerun of the same job starts fresh: Ray would otherwise restore the old run from its storage
@@ -210,7 +216,7 @@ def train_model(
 
             ray.shutdown()
 
-    model = build_model(spec.model.builder, transform.output_dim, spec.model.params)
+    model = build_model(spec.model.builder, transform.output_dim, spec.model.params, transform.label_width)
     model.load_state_dict(output.model_state)
     artifact = ModelArtifact(model, transform, spec.model.builder, spec.model.params)
     return TrainedModel(artifact=artifact, history=output.history, epochs=output.epochs, backend=backend)
@@ -227,14 +233,16 @@ def evaluate_model(
     transform = artifact.transform
     slice_column = job.spec.dataset.slice_column
     evaluation = evaluate(
-        transform.encode_label(test),
-        artifact.predict_proba(test),
+        transform.label_values(test),
+        artifact.predict(test),
         slice_column,
         test[slice_column].to_numpy() if slice_column else None,
         per_epoch=history,
+        task=job.spec.task,
+        classes=transform.classes,
     )
     production = registry.production(job.spec.model.name)
-    return evaluation, gate(evaluation, job.spec.gate, production)
+    return evaluation, gate(evaluation, job.spec.gate, production, job.spec.task)
 
 
 def register_model(
@@ -272,7 +280,9 @@ def register_model(
             signature=Signature(
                 inputs=[Feature(**feature) for feature in artifact.transform.input_features()],
                 label=spec.dataset.label,
+                task=spec.task,
                 positive_class=spec.dataset.positive_class,
+                classes=artifact.transform.classes,
             ),
             gate=decision,
             stage="Candidate" if decision.passed else "Rejected",
@@ -286,9 +296,7 @@ def register_model(
         "registry.registered",
         model_version=record.metadata.name,
         stage=record.spec.stage,
-        roc_auc=overall.roc_auc,
-        accuracy=overall.accuracy,
-        log_loss=overall.log_loss,
+        **{name: getattr(overall, name) for name in TASK_METRICS[spec.task]},
     )
     return record
 

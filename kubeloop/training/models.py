@@ -10,8 +10,9 @@ from torch import nn
 from kubeloop.errors import SpecError
 
 
-def mlp(input_dim: int, hidden_units: Sequence[int] = (32, 16), dropout: float = 0.0) -> nn.Module:
-    """A binary classifier returning one logit per row."""
+def mlp(input_dim: int, hidden_units: Sequence[int] = (32, 16), dropout: float = 0.0, outputs: int = 1) -> nn.Module:
+    """A multilayer perceptron returning `outputs` values per row: one logit (binary), one per class (multiclass)
+    or the value (regression)."""
     layers: list[nn.Module] = []
     width = input_dim
     for units in hidden_units:
@@ -19,7 +20,7 @@ def mlp(input_dim: int, hidden_units: Sequence[int] = (32, 16), dropout: float =
         if dropout:
             layers.append(nn.Dropout(dropout))
         width = int(units)
-    layers.append(nn.Linear(width, 1))
+    layers.append(nn.Linear(width, outputs))
     return nn.Sequential(*layers)
 
 
@@ -34,9 +35,14 @@ def resolve_builder(reference: str) -> Callable[..., nn.Module]:
     return builder
 
 
-def build_model(reference: str, input_dim: int, params: dict) -> nn.Module:
+def build_model(reference: str, input_dim: int, params: dict, outputs: int = 1) -> nn.Module:
+    """The builder's network; a builder is asked for `outputs` (keyword) only when more than one is needed, so a
+    single-output builder need not take it."""
     builder = resolve_builder(reference)
+    extra = {"outputs": outputs} if outputs != 1 else {}
     try:
-        return builder(input_dim, **params)
+        return builder(input_dim, **params, **extra)
     except TypeError as error:
-        raise SpecError(f"spec.model.params: {reference} rejected {sorted(params)}: {error}") from None
+        asked = sorted(params) + (["outputs"] if extra else [])
+        hint = f" (multiclass asks the builder for outputs={outputs}: give it that keyword)" if extra else ""
+        raise SpecError(f"spec.model.params: {reference} rejected {asked}: {error}{hint}") from None

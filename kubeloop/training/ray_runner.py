@@ -45,6 +45,9 @@ class TrainSettings:
     checkpoints_kept: int
     storage: Path
     events_path: Path
+    task: str = "binary"
+    outputs: int = 1  # the network's outputs: TabularTransform.label_width
+    label_std: float = 1.0  # regression: validation RMSE is reported in the label's units
 
 
 @dataclass
@@ -116,13 +119,13 @@ class _Progress(threading.Thread):
                         resumed_from_epoch=item["resumed_from_epoch"],
                     )
                 else:
+                    validation = {key: value for key, value in item.items() if key.startswith("val_")}
                     event(
                         log,
                         "train.epoch",
                         epoch=f"{item['epoch']}/{self.epochs}",
                         train_loss=item["train_loss"],
-                        val_loss=item["val_loss"],
-                        val_auc=item["val_auc"],
+                        **validation,
                         seconds=item["epoch_seconds"],
                     )
         return offset
@@ -167,6 +170,9 @@ def fit(
             "seed": settings.seed,
             "checkpoint_every": settings.checkpoint_every,
             "events_path": str(settings.events_path),
+            "task": settings.task,
+            "outputs": settings.outputs,
+            "label_std": settings.label_std,
         },
         torch_config=TorchConfig(backend=settings.backend),
         scaling_config=scaling_config(settings),

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from ray.train.torch import get_device, prepare_model
 from torch import nn
 
+from kubeloop.training import tasks
 from kubeloop.training.models import build_model
 
 STATE_FILE = "state.pt"
@@ -50,19 +51,6 @@ def _emit(path: str | None, event: dict[str, Any]) -> None:
             stream.write(json.dumps(event) + "\n")
 
 
-def _validation(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    from sklearn.metrics import roc_auc_score
-
-    model.eval()
-    with torch.no_grad():
-        logits = model(x).squeeze(1)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, y).item()
-    model.train()
-    labels = y.cpu().numpy()
-    auc = float(roc_auc_score(labels, logits.cpu().numpy())) if 0 < labels.mean() < 1 else float("nan")
-    return {"val_loss": loss, "val_auc": auc}
-
-
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -75,6 +63,7 @@ def train_epoch(
     world: int,
     batch_size: int,
     device: torch.device,
+    task: str = "binary",
 ) -> tuple[float, np.ndarray]:
     """One epoch of this rank's shard; returns the mean loss over all ranks and the shard's row indices.
 
@@ -87,11 +76,11 @@ def train_epoch(
     shard = np.sort(order[rank::world][:per_rank])
     xs, ys = x[shard].to(device), y[shard].to(device)
     batch = max(1, batch_size // world)
-    loss_fn = nn.BCEWithLogitsLoss()
+    loss_fn = tasks.loss_function(task)
     total, steps = torch.zeros((), device=device), 0
     for start in range(0, per_rank, batch):
         optimizer.zero_grad()
-        loss = loss_fn(model(xs[start : start + batch]).squeeze(1), ys[start : start + batch])
+        loss = loss_fn(tasks.fitted(task, model(xs[start : start + batch])), ys[start : start + batch])
         loss.backward()
         optimizer.step()
         total += loss.detach()
@@ -109,12 +98,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
+    task = config.get("task", "binary")
     x_train = torch.as_tensor(config["x_train"], dtype=torch.float32)
-    y_train = torch.as_tensor(config["y_train"], dtype=torch.float32)
+    y_train = tasks.targets(task, config["y_train"])
     x_test = torch.as_tensor(config["x_test"], dtype=torch.float32).to(device)
-    y_test = torch.as_tensor(config["y_test"], dtype=torch.float32).to(device)
+    y_test = tasks.targets(task, config["y_test"]).to(device)
 
-    module = build_model(config["builder"], x_train.shape[1], config["params"])
+    module = build_model(config["builder"], x_train.shape[1], config["params"], int(config.get("outputs", 1)))
     optimizer_state, start_epoch, history = None, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -155,6 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             world=world,
             batch_size=int(config["batch_size"]),
             device=device,
+            task=task,
         )
         metrics = {
             "epoch": epoch + 1,
@@ -162,7 +153,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch_seconds": time.perf_counter() - started,
         }
         if rank == 0:
-            metrics |= _validation(model, x_test, y_test)
+            model.eval()
+            with torch.no_grad():
+                metrics |= tasks.validation_metrics(task, model(x_test), y_test, float(config.get("label_std", 1.0)))
+            model.train()
             history.append(metrics)
         if rank == 0 and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
             with tempfile.TemporaryDirectory() as directory:

@@ -84,7 +84,7 @@ def register_model(home: Path, *, seed: int = 0, steps: int = 60, nullable: bool
             workers=1,
             backend="gloo",
         ),
-        metrics=evaluate(transform.encode_label(frame), artifact.predict_proba(frame)),
+        metrics=evaluate(transform.encode_label(frame), artifact.predict(frame)),
         signature=Signature(
             inputs=[Feature(**f, nullable=nullable) for f in transform.input_features()],
             label="released",

@@ -138,7 +138,7 @@ def predict_v2(client, server: Process, body: object, **kwargs):
 def test_v1_and_v2_predictions_equal_the_artifact(server, client, artifact):
     frame = arrests_frame()
     instances = rows(frame, 200, start=100)
-    expected = artifact.predict_proba(frame.drop(columns=["released"]).iloc[100:300])
+    expected = artifact.predict(frame.drop(columns=["released"]).iloc[100:300])
 
     as_objects = predict_v1(client, server, {"instances": instances})
     assert as_objects.status_code == 200, as_objects.text
@@ -172,7 +172,7 @@ def test_concurrent_requests_each_get_their_own_rows(server, artifact):
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         for (start, n), predictions in pool.map(call, jobs):
-            expected = artifact.predict_proba(features.iloc[start : start + n])
+            expected = artifact.predict(features.iloc[start : start + n])
             np.testing.assert_allclose(predictions, expected, atol=1e-6)
 
 
@@ -413,7 +413,7 @@ def test_prediction_cache_static_then_dynamic(processes, client, artifact):
         response = predict_v1(client, cached, {"instances": rows(frame, n, start=start)})
         assert response.status_code == 200, response.text
         np.testing.assert_allclose(
-            response.json()["predictions"], artifact.predict_proba(features.iloc[start : start + n]), atol=1e-6
+            response.json()["predictions"], artifact.predict(features.iloc[start : start + n]), atol=1e-6
         )
 
     ask(0, CACHED)  # all precomputed

@@ -76,7 +76,7 @@ def to_jsonschema(node: dict[str, Any]) -> dict[str, Any]:
     if node.get("x-kubernetes-int-or-string"):
         out["type"] = ["integer", "string"]  # pattern applies to strings, minimum to integers, as in Go
     if node.get("nullable") and "type" in out:
-        out["type"] = [out["type"], "null"]
+        out["type"] = [*out["type"], "null"] if isinstance(out["type"], list) else [out["type"], "null"]
         if "enum" in out:
             out["enum"] = [*out["enum"], None]
     if "properties" in out and not node.get("x-kubernetes-preserve-unknown-fields"):
@@ -182,8 +182,9 @@ def pydantic_message(obj: dict[str, Any]) -> str | None:
 
 @functools.cache
 def _samples_by_kind() -> dict[str, dict[str, Any]]:
-    docs = [yaml.safe_load(path.read_text()) for path in SAMPLES]
-    return {doc["kind"]: doc for doc in docs}
+    """The sample named after each kind (trainingjob.yaml, …); other samples of a kind show its variants."""
+    docs = {path.stem: yaml.safe_load(path.read_text()) for path in SAMPLES}
+    return {kind: docs[kind.lower()] for kind in KINDS}
 
 
 def sample(kind: str) -> dict[str, Any]:
@@ -245,7 +246,8 @@ def test_schema_translation_details() -> None:
     params = spec["properties"]["model"]["properties"]["params"]
     assert params["x-kubernetes-preserve-unknown-fields"] is True and "additionalProperties" not in params
     # CEL rules where the model declares them
-    assert [rule["fieldPath"] for rule in spec["x-kubernetes-validations"]] == [".backend"]
+    paths = [rule["fieldPath"] for rule in spec["x-kubernetes-validations"]]
+    assert paths == [".backend", ".dataset.positiveClass", ".dataset.positiveClass"]
     text = yaml.safe_dump(schema)
     for absent in ("$ref", "$defs", "anyOf", "title", "const", "examples"):
         assert absent not in text
@@ -399,7 +401,8 @@ def test_check_reports_missing_and_orphaned_files_and_generate_fixes_them(tmp_pa
 
 
 def test_there_is_a_sample_of_every_kind() -> None:
-    assert sorted(yaml.safe_load(p.read_text())["kind"] for p in SAMPLES) == sorted(KINDS)
+    assert {yaml.safe_load(p.read_text())["kind"] for p in SAMPLES} == set(KINDS)
+    assert set(_samples_by_kind()) == set(KINDS)
 
 
 @pytest.mark.parametrize("path", SAMPLES, ids=[p.name for p in SAMPLES])
@@ -714,3 +717,20 @@ def test_trainingjob_cel_rule_agrees_with_the_model_validator() -> None:
         accepted_by_models = pydantic_message(doc) is None
         assert accepted_by_models == (not crd_violations(doc)), (backend, gpu, workers)
         assert accepted_by_models == (backend != "nccl" or (workers and gpu == 1))
+
+
+def test_task_and_positive_class_rules_agree_with_the_model_validator() -> None:
+    """binary (the default) needs positiveClass; multiclass and regression refuse it: in the CRD and the models."""
+    for task, positive in itertools.product(["binary", "multiclass", "regression", None], ["Yes", 1, None]):
+        doc = sample("TrainingJob")
+        spec = doc["spec"]
+        spec.pop("gate")  # the sample's AUC gate is binary-only, a rule of the models alone
+        if task is not None:
+            spec["task"] = task
+        if positive is None:
+            spec["dataset"].pop("positiveClass")
+        else:
+            spec["dataset"]["positiveClass"] = positive
+        accepted_by_models = pydantic_message(doc) is None
+        assert accepted_by_models == (not crd_violations(doc)), (task, positive)
+        assert accepted_by_models == ((task in ("binary", None)) == (positive is not None)), (task, positive)
