@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from kubeloop.api import ModelDeployment, TrainingJob
 from kubeloop.api.load import format_validation_error, load_resources, parse_resource
 from kubeloop.api.modelversion import Evaluation, GateDecision, ModelVersion
+from kubeloop.api.trainingjob import TASK_METRICS
 from kubeloop.config import snapshots_dir
 from kubeloop.data.snapshot import Snapshot, load_snapshot
 from kubeloop.data.validation import ValidationFailed
@@ -157,10 +158,13 @@ def ingest(
 
 @step("validate")
 def validate(training_job: dict[str, Any], report: ArtifactLike) -> None:
-    """Schema and baseline checks; the step fails (and the run stops) with the validation errors."""
+    """The spec against the data (preflight), then schema and baseline checks; the step fails (and the run stops)
+    naming the fields or the validation errors."""
     from kubeloop.training.job import validate_snapshot
+    from kubeloop.training.preflight import preflight
 
     job, snapshot = _job(training_job)
+    preflight(job, snapshot)
     try:
         result = validate_snapshot(job, snapshot, Registry())
     except ValidationFailed as failed:
@@ -274,7 +278,8 @@ def evaluate(training_job: dict[str, Any], model: ArtifactLike, evaluation: Arti
     verdict = "passed" if decision.passed else "failed"
     evaluation.metadata.update(gate=verdict, reasons=decision.reasons, compared_with=decision.compared_with or "none")
     print(f"gate {verdict}" + (": " + "; ".join(decision.reasons) if decision.reasons else ""))
-    record("evaluate", gate=verdict, reasons=decision.reasons, roc_auc=result.overall.roc_auc)
+    headline = {name: getattr(result.overall, name) for name in TASK_METRICS[job.spec.task]}
+    record("evaluate", gate=verdict, reasons=decision.reasons, **headline)
     return verdict
 
 
@@ -284,7 +289,9 @@ def _metric_values(result: Evaluation) -> dict[str, float]:
 
     def add(prefix: str, metrics: Any) -> None:
         for name, value in metrics.model_dump(by_alias=True).items():
-            if value is not None:  # rocAuc is undefined on a single-class test set
+            if isinstance(value, dict):  # classRates: one series per class
+                values.update({f"{prefix}{name}/{key}": float(share) for key, share in value.items()})
+            elif value is not None:  # rocAuc is undefined on a single-class test set; each task fills its own
                 values[prefix + name] = float(value)
 
     add("", result.overall)

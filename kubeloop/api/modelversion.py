@@ -120,6 +120,7 @@ class ModelVersion(Resource):
         PrinterColumn(name="Model", type="string", json_path=".spec.model"),
         PrinterColumn(name="Version", type="integer", json_path=".spec.version"),
         PrinterColumn(name="Stage", type="string", json_path=".spec.stage"),
+        PrinterColumn(name="Task", type="string", json_path=".spec.signature.task"),
         PrinterColumn(name="AUC", type="number", json_path=".spec.metrics.overall.rocAuc"),
         PrinterColumn(name="Dataset", type="string", json_path=".spec.lineage.datasetDigest", priority=1),
         PrinterColumn(name="Age", type="date", json_path=".metadata.creationTimestamp"),

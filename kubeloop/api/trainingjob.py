@@ -278,6 +278,7 @@ class TrainingJob(Resource):
     SHORT_NAMES: ClassVar[list[str]] = ["tj"]
     PRINTER_COLUMNS: ClassVar[list[PrinterColumn]] = [
         PrinterColumn(name="Phase", type="string", json_path=".status.phase"),
+        PrinterColumn(name="Task", type="string", json_path=".spec.task"),
         PrinterColumn(name="Workers", type="integer", json_path=".spec.workers.replicas"),
         PrinterColumn(name="GPUs", type="integer", json_path=".spec.workers.gpu"),
         PrinterColumn(name="Model Version", type="string", json_path=".status.modelVersion"),

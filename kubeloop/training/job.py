@@ -1,4 +1,5 @@
-"""A TrainingJob, end to end: snapshot → validate → transform → Ray DDP training → evaluate → gate → register.
+"""A TrainingJob, end to end: snapshot → preflight (the spec against the data) → validate → transform → Ray DDP
+training → evaluate → gate → register.
 
 `run_training_job` runs for `kubeloop run -f trainingjob.yaml` on a laptop and as the RayJob entrypoint in a
 cluster (there RAY_ADDRESS names the RayJob's cluster). It composes the public step functions below, which the
@@ -37,7 +38,8 @@ from kubeloop.log import event
 from kubeloop.registry import Registry
 from kubeloop.training import ray_runner
 from kubeloop.training.models import build_model
-from kubeloop.training.worker import split_indices
+from kubeloop.training.preflight import preflight
+from kubeloop.training.split import split_rows
 from kubeloop.transform import TabularTransform
 
 log = logging.getLogger(__name__)
@@ -124,10 +126,18 @@ def validate_snapshot(job: TrainingJob, snapshot: Snapshot, registry: Registry) 
 
 
 def split_snapshot(job: TrainingJob, snapshot: Snapshot) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The snapshot's train and test rows: a seeded split, so the digest and the seed reproduce it."""
+    """The snapshot's train and test rows: a seeded split, stratified by label (and slice), so the digest and the
+    seed reproduce it."""
     frame = read_frame(snapshot)
-    hyperparameters = job.spec.hyperparameters
-    train_rows, test_rows = split_indices(len(frame), hyperparameters.test_fraction, hyperparameters.seed)
+    spec = job.spec
+    train_rows, test_rows = split_rows(
+        frame,
+        task=spec.task,
+        label=spec.dataset.label,
+        slice_column=spec.dataset.slice_column,
+        test_fraction=spec.hyperparameters.test_fraction,
+        seed=spec.hyperparameters.seed,
+    )
     return frame.iloc[train_rows], frame.iloc[test_rows]
 
 
@@ -305,6 +315,7 @@ def run_training_job(job: TrainingJob, registry: Registry | None = None, events_
     registry = registry or Registry()
     gpus = resolve_gpus(job)
     snapshot = snapshot_dataset(job)
+    preflight(job, snapshot)
     report = validate_snapshot(job, snapshot, registry)
     train, test = split_snapshot(job, snapshot)
     transform = fit_transform(job, train)

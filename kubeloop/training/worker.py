@@ -27,13 +27,6 @@ from kubeloop.training.models import build_model
 STATE_FILE = "state.pt"
 
 
-def split_indices(rows: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The train/test split of a snapshot: a seeded permutation, so lineage (digest + seed) reproduces it."""
-    order = np.random.default_rng(seed).permutation(rows)
-    test_rows = max(1, round(rows * test_fraction))
-    return np.sort(order[test_rows:]), np.sort(order[:test_rows])
-
-
 def _digest(array: np.ndarray | torch.Tensor) -> str:
     data = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else array
     return hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()[:16]
