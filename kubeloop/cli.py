@@ -117,9 +117,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-
     from kubeloop.data.snapshot import ingest, list_snapshots, load_snapshot
-    from kubeloop.data.validation import DatasetSchema, validate
+    from kubeloop.data.validation import DatasetSchema, type_findings, validate
 
     if args.action == "list":
         for snap in list_snapshots():
@@ -131,7 +130,13 @@ def _data(args: argparse.Namespace) -> int:
     snapshot = ingest(args.target)
     if args.action == "ingest":
         print(f"{snapshot.digest}  rows={snapshot.rows}  columns={len(snapshot.columns)}")
+        # stored as read; a column read as text for a few stray values is worth knowing before anyone trains on it
+        for finding in type_findings(snapshot):
+            print(finding, file=sys.stderr)
         return 0
+    if args.label and args.label not in snapshot.columns:
+        columns = ", ".join(snapshot.columns)
+        raise SpecError(f"--label {args.label!r} is not a column of {args.target}; its columns are: {columns}")
     schema = DatasetSchema.from_yaml(Path(args.schema)) if args.schema else None
     baseline = load_snapshot(args.baseline) if args.baseline else None
     report = validate(snapshot, schema, baseline, label=args.label)
@@ -190,7 +195,7 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("target", nargs="?", help="a path or URI (ingest, validate) or a digest (show)")
     data.add_argument("--schema", help="YAML DatasetSchema to validate against")
     data.add_argument("--baseline", help="digest of the baseline snapshot")
-    data.add_argument("--label", help="label column (for the balance check)")
+    data.add_argument("--label", help="label column, compared by class shares (default: the schema's label)")
     data.add_argument("--json", action="store_true", help="print the validation report as JSON")
     data.set_defaults(handler=_data)
     return root

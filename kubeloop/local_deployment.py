@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubeloop.api import ModelDeployment
+from kubeloop.api.modeldeployment import rejected_versions, version_refusal
+from kubeloop.errors import SpecError
 from kubeloop.log import event
 from kubeloop.processes import ProcessGroup, free_port
 from kubeloop.registry import Registry
@@ -41,7 +43,27 @@ class LocalDeployment:
             pairs.append((spec.canary.version, "canary"))
         return pairs
 
+    def admit(self) -> None:
+        """Refuse a Rejected version the spec names (SpecError) unless spec.allowRejected, which is warned about."""
+        spec, name = self.deployment.spec, self.deployment.metadata.name
+        versions = {version: self.registry.get(spec.model, version) for version, _ in self.versions()}
+        refusal = version_refusal(spec, versions)
+        if refusal is not None:
+            raise SpecError(f"ModelDeployment {name}: {refusal}")
+        for rejected in rejected_versions(spec, versions):
+            event(
+                log,
+                "deployment.rejected_served",
+                level=logging.WARNING,
+                name=name,
+                field=rejected.field,
+                version=rejected.ref,
+                reason=rejected.reason,
+                because="spec.allowRejected",
+            )
+
     def start(self) -> Endpoints:
+        self.admit()
         spec, name = self.deployment.spec, self.deployment.metadata.name
         records = {version: self.registry.record_path(spec.model, version) for version, _ in self.versions()}
         sidecar = None

@@ -13,7 +13,9 @@ each ModelDeployment with `spec.canary.analysis`; `tick` acts once per `analysis
 - promote: `spec.version` = the candidate, `spec.canary` removed, its ModelVersion Production (the old one Archived);
 - rollback: `spec.canary` removed (100% to stable), its ModelVersion Rejected with the reason, never deleted.
 
-Where the analysis stands lives in status.canaryAnalysis, so an operator restart resumes it.
+Nothing is judged while the reconcile refused the spec for naming a Rejected version (condition VersionAdmitted
+False), nor while spec.allowRejected serves one (reason RejectedAllowed): a version that failed its gate is never
+promoted. Where the analysis stands lives in status.canaryAnalysis, so an operator restart resumes it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 from kubeloop.analysis import AnalysisState, PrometheusSource, SignalSource, decide
 from kubeloop.analysis.signals import Queries, SignalError, duration_seconds
 from kubeloop.api import ModelDeployment, ModelVersion
-from operators import common, httproute
+from operators import common, httproute, inferenceservice
 from operators.kube import ApiError, Kind, Kube, kind_of
 from operators.settings import Settings
 
@@ -61,11 +63,11 @@ def tick(
     now = now or datetime.now(UTC)
     md = ModelDeployment.model_validate(dict(body))
     canary = md.spec.canary
-    if canary is None or canary.analysis is None:
+    status = dict(body.get("status") or {})
+    if canary is None or canary.analysis is None or not inferenceservice.analysable(status):
         return None
     analysis = canary.analysis
     namespace, name = md.metadata.namespace, md.metadata.name
-    status = dict(body.get("status") or {})
     history = list(status.get("history") or [])
     current = status.get("canaryAnalysis") or {}
 

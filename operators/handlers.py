@@ -4,7 +4,9 @@
 - RayJob events -> mirror the RayJob's status into its TrainingJob; once it ends, register the ModelVersion the
   run reported.
 - ModelDeployment create/update/resume -> resolve its ModelVersions, apply the versions ConfigMap, the
-  InferenceService and (Standard mode, a Gateway configured) the HTTPRoute that splits stable and canary traffic.
+  InferenceService and (Standard mode, a Gateway configured) the HTTPRoute that splits stable and canary traffic;
+  a spec naming a Rejected version without spec.allowRejected is refused (condition VersionAdmitted False, a
+  Warning Event) and nothing of it applied.
 - InferenceService events -> mirror URL, readiness and conditions into the ModelDeployment.
 - Every few seconds per ModelDeployment: its drift flag mirrored, retraining on sustained drift (operators.retrain),
   the canary analysis (operators.canary), on Prometheus signals.
@@ -399,6 +401,12 @@ def reconcile_modeldeployment(body: Mapping[str, Any], patch: kopf.Patch, **_: A
         emit(body, "Warning", reason, message)
         raise kopf.TemporaryError(message, delay=settings.retry_delay)
     existing = kube().get(INFERENCESERVICE, md.metadata.namespace, isvc.isvc_name(md))
+    admission = isvc.admission(md, versions)
+    status["conditions"] = common.merge_conditions(status.get("conditions"), [admission], _generation(md))
+    if admission["status"] == "False":
+        _refuse(body, patch, md, status, existing is None, admission["message"])
+    if admission["reason"] == "RejectedAllowed":
+        emit(body, "Warning", "RejectedVersionServed", admission["message"])
     with_canary = not (
         md.spec.canary is not None and md.spec.deployment_mode == "Knative" and not isvc.stable_rolled_out(existing)
     )
@@ -437,13 +445,36 @@ def reconcile_modeldeployment(body: Mapping[str, Any], patch: kopf.Patch, **_: A
         raise kopf.TemporaryError(message, delay=settings.retry_delay)
 
 
+def _refuse(
+    body: Mapping[str, Any],
+    patch: kopf.Patch,
+    md: ModelDeployment,
+    status: dict[str, Any],
+    unserved: bool,
+    message: str,
+) -> None:
+    """Apply nothing of a spec that names a Rejected version: say why on the ModelDeployment, until its spec changes.
+
+    ``unserved``: no InferenceService exists, so nothing serves (else it serves the last spec admitted, and its
+    readiness stays what KServe reports)."""
+    conditions = status["conditions"]
+    if unserved:
+        patch.status["ready"] = False
+        ready = common.condition("Ready", False, "VersionRejected", "nothing is served: " + message)
+        conditions = common.merge_conditions(conditions, [ready], _generation(md))
+    patch.status["conditions"] = conditions
+    emit(body, "Warning", "VersionRejected", message)
+    raise kopf.PermanentError(message)
+
+
 def _generation(resource: Resource) -> int | None:
     generation = (resource.metadata.model_extra or {}).get("generation")
     return int(generation) if generation is not None else None
 
 
 def resolve_versions(md: ModelDeployment) -> tuple[dict[int, ModelVersion], tuple[str, str] | None]:
-    """The ModelVersions a deployment names, or (reason, message) saying why it cannot be served yet."""
+    """The ModelVersions a deployment names, or (reason, message) saying why it cannot be served yet (a Rejected
+    one is returned: whether it may be served is operators.inferenceservice.admission's call)."""
     versions: dict[int, ModelVersion] = {}
     missing: list[str] = []
     for version in isvc.wanted_versions(md):
@@ -459,8 +490,6 @@ def resolve_versions(md: ModelDeployment) -> tuple[dict[int, ModelVersion], tupl
         assert isinstance(mv, ModelVersion)
         if mv.spec.model != md.spec.model or mv.spec.version != version:
             return {}, ("ModelVersionMismatch", f"ModelVersion {name} is {mv.spec.model} v{mv.spec.version}")
-        if mv.spec.stage == "Rejected":
-            return {}, ("ModelVersionRejected", f"ModelVersion {name} was rejected: {mv.spec.stage_reason or ''}")
         versions[version] = mv
     if missing:
         return {}, ("ModelVersionNotFound", f"no ModelVersion {', '.join(missing)} in {md.metadata.namespace}")

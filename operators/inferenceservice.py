@@ -57,6 +57,7 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from kubeloop.api import ModelDeployment, ModelVersion
+from kubeloop.api.modeldeployment import rejected_versions, version_refusal
 from operators import common
 from operators.settings import Settings, current
 
@@ -77,6 +78,7 @@ ANNOTATION_KNATIVE_CLASS = "autoscaling.knative.dev/class"
 ANNOTATION_SCRAPE = "serving.kserve.io/enable-prometheus-scraping"
 KNATIVE_KPA = "kpa.autoscaling.knative.dev"
 KNATIVE_HPA = "hpa.autoscaling.knative.dev"
+ADMITTED = "VersionAdmitted"  # the ModelDeployment condition saying whether the versions it names may be served
 
 
 def isvc_name(md: ModelDeployment) -> str:
@@ -360,6 +362,41 @@ def stable_rolled_out(isvc: Mapping[str, Any] | None) -> bool:
 # --- status: InferenceService -> ModelDeployment -------------------------------------------------------------
 
 
+def admission(md: ModelDeployment, versions: Mapping[int, ModelVersion]) -> dict[str, Any]:
+    """The VersionAdmitted condition of a deployment naming these ModelVersions: False (VersionRejected) when it
+    names a Rejected one without spec.allowRejected, and then nothing of this spec is applied; True (Admitted, or
+    RejectedAllowed when spec.allowRejected lets a Rejected one be served) otherwise."""
+    refusal = version_refusal(md.spec, versions)
+    if refusal is not None:
+        return common.condition(ADMITTED, False, "VersionRejected", refusal)
+    rejected = rejected_versions(md.spec, versions)
+    if rejected:
+        message = "; ".join(map(str, rejected)) + ": served because spec.allowRejected is true (debugging)"
+        if md.spec.canary is not None and md.spec.canary.analysis is not None:
+            message += "; the canary analysis does not run while a Rejected version is served"
+        return common.condition(ADMITTED, True, "RejectedAllowed", message)
+    stages = [f"{md.spec.model}:{version} {versions[version].spec.stage}" for version in wanted_versions(md)]
+    return common.condition(ADMITTED, True, "Admitted", ", ".join(stages))
+
+
+def _admission_of(status: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == ADMITTED), None)
+
+
+def admitted(status: Mapping[str, Any]) -> bool:
+    """Whether a ModelDeployment's status says its spec was applied (not refused for naming a Rejected version):
+    while refused, the InferenceService still serves the last spec admitted."""
+    cond = _admission_of(status)
+    return cond is None or cond.get("status") != "False"
+
+
+def analysable(status: Mapping[str, Any]) -> bool:
+    """Whether the canary analysis may judge the deployment: its spec was admitted with no Rejected version in it
+    (one served under spec.allowRejected is for debugging: the analysis must not promote it, nor judge against it)."""
+    cond = _admission_of(status)
+    return cond is None or (cond.get("status") == "True" and cond.get("reason") == "Admitted")
+
+
 def _isvc_condition(isvc: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
     for cond in (isvc.get("status") or {}).get("conditions") or []:
         if cond.get("type") == type_:
@@ -419,4 +456,7 @@ def modeldeployment_status(
         status["canaryPhase"] = "None"
     if not old.get("drift"):
         status["drift"] = {"state": "Unknown"}  # the drift sidecar reports it; nothing has yet
+    if not admitted(old):  # the InferenceService serves the last spec admitted: its split and generation stay
+        for key in ("traffic", "canaryPhase", "observedGeneration"):
+            status.pop(key, None)
     return {k: v for k, v in status.items() if v is not None}

@@ -379,16 +379,16 @@ def registered_modelversion(tj: TrainingJob, result: str) -> dict[str, Any]:
 
 
 def metrics_status(modelversion: Mapping[str, Any]) -> dict[str, Any]:
-    """TrainingJob status fields from the registered ModelVersion: its name, headline metrics, epochs."""
+    """TrainingJob status fields from the registered ModelVersion: its name, the task's metrics, epochs, and the
+    training data's validation report."""
     spec = modelversion.get("spec") or {}
     overall = (spec.get("metrics") or {}).get("overall") or {}
-    metrics = {
-        key: float(overall[key])
-        for key in ("accuracy", "precision", "recall", "rocAuc", "logLoss", "positiveRate")
-        if overall.get(key) is not None
-    }
+    # every number the task filled (binary: rocAuc, …; multiclass: f1, …; regression: rmse, r2, …)
+    metrics = {key: float(value) for key, value in overall.items() if key != "rows" and isinstance(value, int | float)}
     out: dict[str, Any] = {"modelVersion": (modelversion.get("metadata") or {}).get("name"), "metrics": metrics}
     per_epoch = (spec.get("metrics") or {}).get("perEpoch")
     if per_epoch:
         out["epochsCompleted"] = len(per_epoch)
+    if spec.get("validation"):
+        out["validation"] = spec["validation"]
     return out

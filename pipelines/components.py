@@ -75,12 +75,13 @@ def register(
     training_job: dict,
     model: Input[Model],
     evaluation: Input[Artifact],
+    report: Input[Artifact],
     registered: Output[Model],
 ) -> NamedTuple("RegisterOutputs", [("model_version", str), ("model", str), ("version", int), ("stage", str)]):
-    """Register the ModelVersion (Candidate, or Rejected by the gate) with its lineage."""
+    """Register the ModelVersion (Candidate, or Rejected by the gate) with its lineage and data validation."""
     from pipelines import steps
 
-    return steps.register(training_job, model, evaluation, registered)
+    return steps.register(training_job, model, evaluation, report, registered)
 
 
 @component

@@ -57,7 +57,12 @@ def _train_and_register(
     transform = c.transform(training_job=job, dataset=ingest.outputs["dataset"]).after(validate)
     train = c.train(training_job=job, runner=runner, transform=transform.outputs["transform"])
     evaluate = c.evaluate(training_job=job, model=train.outputs["model"])
-    register = c.register(training_job=job, model=train.outputs["model"], evaluation=evaluate.outputs["evaluation"])
+    register = c.register(
+        training_job=job,
+        model=train.outputs["model"],
+        evaluation=evaluate.outputs["evaluation"],
+        report=validate.outputs["report"],
+    )
     for task in (ingest, validate, evaluate, register):
         task.set_caching_options(False)
     configure(ingest, home_pvc=kubeloop_home_pvc, reads_data=True)

@@ -33,7 +33,7 @@ from kubeloop.api.modelversion import Evaluation, GateDecision, ModelVersion
 from kubeloop.api.trainingjob import TASK_METRICS
 from kubeloop.config import snapshots_dir
 from kubeloop.data.snapshot import Snapshot, load_snapshot
-from kubeloop.data.validation import ValidationFailed
+from kubeloop.data.validation import ValidationFailed, ValidationReport
 from kubeloop.errors import KubeloopError, SpecError
 from kubeloop.log import event, setup
 from kubeloop.registry import Registry
@@ -303,7 +303,11 @@ def _metric_values(result: Evaluation) -> dict[str, float]:
 
 @step("register")
 def register(
-    training_job: dict[str, Any], model: ArtifactLike, evaluation: ArtifactLike, registered: ArtifactLike
+    training_job: dict[str, Any],
+    model: ArtifactLike,
+    evaluation: ArtifactLike,
+    report: ArtifactLike,
+    registered: ArtifactLike,
 ) -> tuple[str, str, int, str]:
     """A ModelVersion with lineage (Candidate, or Rejected when the gate failed): returns its name and stage."""
     from kubeloop.artifact import ModelArtifact
@@ -329,6 +333,7 @@ def register(
             decision,
             info["backend"],
             registry,
+            ValidationReport.model_validate_json(Path(report.path).read_text()),
             image=os.environ.get(IMAGE_ENV),
         )
     spec = version_record.spec

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from itertools import pairwise
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, NamedTuple
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from kubeloop.api.common import Condition, DnsLabel, Duration, KubeModel, PrinterColumn, Quantity, Resource
+from kubeloop.api.modelversion import ModelVersion
 from kubeloop.api.trainingjob import TrainingJobName
 
 DeploymentMode = Literal["Standard", "Knative"]
@@ -191,6 +193,12 @@ class ModelDeploymentSpec(KubeModel):
         ),
     ] = "Standard"
     canary: Canary | None = None
+    allow_rejected: bool = Field(
+        default=False,
+        description="For debugging: serve spec.version or spec.canary.version even when its ModelVersion is "
+        "Rejected (it failed its gate, or a canary analysis rolled it back). Without it such a deployment is "
+        "refused: locally with exit code 2, in a cluster with condition VersionAdmitted False and a Warning Event.",
+    )
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     resources: Resources = Field(default_factory=Resources)
     drift: DriftMonitor = Field(default_factory=DriftMonitor)
@@ -213,6 +221,38 @@ def update_problem(old: ModelDeploymentSpec, new: ModelDeploymentSpec) -> str | 
     if new.deployment_mode != old.deployment_mode:
         return f"spec.{MODE_IMMUTABLE} (was {old.deployment_mode}, now {new.deployment_mode})"
     return None
+
+
+class RejectedVersion(NamedTuple):
+    field: str  # the spec field naming it: spec.version or spec.canary.version
+    ref: str  # MODEL:VERSION
+    reason: str  # the ModelVersion's stageReason
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.ref} is Rejected ({self.reason})"
+
+
+def rejected_versions(spec: ModelDeploymentSpec, versions: Mapping[int, ModelVersion]) -> list[RejectedVersion]:
+    """The versions the spec names (stable, then canary) whose ModelVersion in ``versions`` is Rejected."""
+    named = [("spec.version", spec.version)]
+    if spec.canary is not None:
+        named.append(("spec.canary.version", spec.canary.version))
+    return [
+        RejectedVersion(field, f"{spec.model}:{version}", mv.spec.stage_reason or "no reason recorded")
+        for field, version in named
+        if (mv := versions.get(version)) is not None and mv.spec.stage == "Rejected"
+    ]
+
+
+def version_refusal(spec: ModelDeploymentSpec, versions: Mapping[int, ModelVersion]) -> str | None:
+    """Why the spec may not serve these versions (it names a Rejected one without spec.allowRejected), or None."""
+    rejected = rejected_versions(spec, versions)
+    if not rejected or spec.allow_rejected:
+        return None
+    return (
+        "; ".join(map(str, rejected)) + ": serve a Candidate or Production version, or set spec.allowRejected: "
+        "true to serve it anyway for debugging"
+    )
 
 
 class TrafficTarget(KubeModel):

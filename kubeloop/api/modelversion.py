@@ -8,6 +8,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import ConfigDict, Field
 
 from kubeloop.api.common import Condition, DnsLabel, KubeModel, PrinterColumn, Resource
+from kubeloop.api.validation import ValidationReport
 
 Stage = Literal["Candidate", "Production", "Archived", "Rejected"]
 Task = Literal["binary", "multiclass", "regression"]
@@ -95,6 +96,9 @@ class ModelVersionSpec(KubeModel):
     metrics: Evaluation
     signature: Signature
     gate: GateDecision | None = None
+    validation: ValidationReport | None = Field(
+        default=None, description="The training data's validation: findings, and distances to the baseline snapshot."
+    )
     stage: Stage = "Candidate"
     stage_reason: str | None = None
 

@@ -22,6 +22,7 @@ from kubeloop.api.common import (
     quantity_value,
 )
 from kubeloop.api.modelversion import Task
+from kubeloop.api.validation import ValidationReport
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
 Backend = Literal["auto", "gloo", "nccl"]
@@ -267,6 +268,9 @@ class TrainingJobStatus(KubeModel):
     completion_time: datetime | None = None
     epochs_completed: int | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+    validation: ValidationReport | None = Field(
+        default=None, description="The training data's validation (findings, distances to the baseline)."
+    )
     model_version: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None

@@ -1,37 +1,101 @@
-"""Validate a snapshot against a declared schema and against a baseline snapshot (drift in the data)."""
+"""Validate a snapshot: column types, a declared schema, and drift from a baseline snapshot.
+
+Against a baseline every column shared by both gets a distance between its two distributions, as TFDV does:
+
+- string and bool columns: the L-infinity distance between category shares (the largest change in the share of
+  one category, in [0, 1]);
+- int and float columns: the Jensen-Shannon distance (``scipy.spatial.distance.jensenshannon``, base 2, in
+  [0, 1]) between histograms whose bins are fixed from the baseline: one per distinct baseline value when it has
+  at most ``BINS + 1`` of them, else one per baseline decile; plus one bin below the baseline's min and one above
+  its max. PSI over the same bins on request.
+
+Nulls are left out of the distributions (the null rate has its own check). A distance above its threshold is a
+finding (rule ``drift``) of the configured severity. The label column (the ``label`` argument, else the schema's)
+is compared by class shares (L-infinity, rule ``label_balance``) unless it is a float column or its column spec
+names another metric; when no label is known it is compared like any other column.
+
+Default thresholds (``DEFAULT_THRESHOLDS``): linf 0.1, jensen_shannon 0.2, psi 0.25. Between two versions of 300
+rows drawn from one distribution, sampling noise alone keeps the L-infinity distance of a two-category column
+under 0.1 in about 99% of cases and the Jensen-Shannon distance under 0.18; a category share moving by more than
+10 points, or a positive feature scaled by 1.3 (Jensen-Shannon 0.4 and more), is an error. Smaller data is
+noisier: raise the thresholds in the schema.
+
+The schema (YAML, camelCase or snake_case keys)::
+
+    label: released
+    allowExtraColumns: false
+    onAllNull: warning              # an all-null column: error | warning | ignore (default warning)
+    onConstant: warning             # a column with one distinct value: error | warning | ignore
+    categoricalDistance: {threshold: 0.1, severity: error}             # string/bool columns (metric linf)
+    numericDistance: {metric: jensen_shannon, threshold: 0.2, severity: error}  # or metric psi
+    columns:
+      - {name: colour, dtype: string, categories: [Black, White], distance: {threshold: 0.2, severity: warning}}
+      - {name: age, dtype: int, min: 12, max: 100, maxNullRate: 0.01, distance: {metric: psi}}
+      - {name: note, dtype: string, nullable: true, onAllNull: ignore, onConstant: error}
+
+A column's ``distance`` wins over the schema-wide setting field by field (a metric set without a threshold gets
+that metric's default); ``severity: ignore`` keeps the distance in the report without a finding.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
+import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
+from scipy.spatial.distance import jensenshannon
 
-from kubeloop.data.snapshot import CATEGORY_CAP, Dtype, Snapshot, read_frame
+from kubeloop.api.validation import (
+    METRIC_NAMES,
+    FeatureDistance,
+    Finding,
+    Metric,
+    Policy,
+    Rule,
+    Severity,
+    ValidationReport,
+)
+from kubeloop.data.snapshot import CATEGORY_CAP, Dtype, Snapshot, dtype_of, read_frame
 from kubeloop.errors import DataError, KubeloopError
 
-Rule = Literal[
-    "missing_column",
-    "extra_column",
-    "type_mismatch",
-    "null_rate",
-    "range",
-    "domain",
-    "label_balance",
-    "empty",
+__all__ = [
+    "ColumnSpec",
+    "DatasetSchema",
+    "DistanceSpec",
+    "FeatureDistance",
+    "Finding",
+    "Rule",
+    "Severity",
+    "ValidationFailed",
+    "ValidationReport",
+    "infer_schema",
+    "type_findings",
+    "validate",
 ]
-Severity = Literal["error", "warning"]
 
 RANGE_SLACK = 0.1  # baseline [min, max] is widened by this share of its range before values count as new
 UNSEEN_ERROR_SHARE = 0.01  # unseen categories in more than this share of rows are an error, else a warning
+MOSTLY_NUMERIC = 0.9  # a string column whose values parse as numbers at least this often is a broken numeric one
+BINS = 10  # histogram bins between the baseline's min and max, for the numeric distances
+DEFAULT_THRESHOLDS: dict[Metric, float] = {"linf": 0.1, "jensen_shannon": 0.2, "psi": 0.25}
+_PSI_FLOOR = 1e-4  # empty bins count as this share, or PSI would be infinite
 _EXAMPLES = 5
+_NUMERIC = ("float", "int")
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class DistanceSpec(_Model):
+    """How a column's distance to the baseline is measured and judged; unset fields fall back to the defaults."""
+
+    metric: Metric | None = None
+    threshold: float | None = Field(default=None, ge=0)
+    severity: Policy | None = None
 
 
 class ColumnSpec(_Model):
@@ -43,12 +107,35 @@ class ColumnSpec(_Model):
     min: float | None = None
     max: float | None = None
     categories: list[str] | None = None
+    distance: DistanceSpec | None = None
+    # severity of an all-null or constant column; unset: the schema's onAllNull / onConstant
+    on_all_null: Policy | None = None
+    on_constant: Policy | None = None
+
+    @model_validator(mode="after")
+    def _metric_fits_dtype(self) -> ColumnSpec:
+        if self.distance and self.distance.metric not in (None, "linf") and self.dtype not in _NUMERIC:
+            raise ValueError(
+                f"distance.metric {self.distance.metric} needs an int or float column, {self.name} is {self.dtype}: "
+                "use linf"
+            )
+        return self
 
 
 class DatasetSchema(_Model):
     columns: list[ColumnSpec]
     label: str | None = None
     allow_extra_columns: bool = False
+    categorical_distance: DistanceSpec = Field(default_factory=DistanceSpec)
+    numeric_distance: DistanceSpec = Field(default_factory=DistanceSpec)
+    on_all_null: Policy = "warning"
+    on_constant: Policy = "warning"
+
+    @model_validator(mode="after")
+    def _categorical_is_linf(self) -> DatasetSchema:
+        if self.categorical_distance.metric not in (None, "linf"):
+            raise ValueError(f"categoricalDistance.metric must be linf, not {self.categorical_distance.metric}")
+        return self
 
     @classmethod
     def from_yaml(cls, path: Path) -> DatasetSchema:
@@ -62,40 +149,11 @@ class DatasetSchema(_Model):
             problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
             raise DataError(f"invalid dataset schema {path}: {problems}") from e
 
-
-class Finding(BaseModel):
-    column: str | None
-    rule: Rule
-    severity: Severity
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.severity.upper()}  {self.column or '-'}  {self.rule}: {self.message}"
+    def column(self, name: str) -> ColumnSpec | None:
+        return next((spec for spec in self.columns if spec.name == name), None)
 
 
-class ValidationReport(BaseModel):
-    snapshot_digest: str
-    baseline_digest: str | None
-    findings: list[Finding]
-
-    @computed_field
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    @property
-    def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "error"]
-
-    def to_json(self) -> str:
-        return self.model_dump_json(indent=2)
-
-    def to_text(self) -> str:
-        against = f" against baseline {self.baseline_digest}" if self.baseline_digest else ""
-        warnings = len(self.findings) - len(self.errors)
-        verdict = "OK" if self.ok else "FAILED"
-        head = f"{self.snapshot_digest}{against}: {verdict} ({len(self.errors)} errors, {warnings} warnings)"
-        return "\n".join([head, *map(str, self.findings)])
+_DEFAULT_SCHEMA = DatasetSchema(columns=[], allow_extra_columns=True)
 
 
 class ValidationFailed(KubeloopError):
@@ -132,38 +190,65 @@ def validate(
     baseline: Snapshot | None = None,
     *,
     label: str | None = None,
-    balance_tolerance: float = 0.1,
     null_rate_tolerance: float = 0.05,
 ) -> ValidationReport:
-    """Check the snapshot against the declared schema and/or the baseline snapshot's stats.
+    """Check the snapshot's types, then against the declared schema and/or the baseline snapshot.
 
-    Label balance is compared only with a baseline and a label (``label``, else the schema's).
+    The label (``label``, else the schema's) must be a column; with a baseline its class shares are compared.
     """
     findings: list[Finding] = []
+    distances: list[FeatureDistance] = []
+    label = label or (schema.label if schema else None)
     if snapshot.rows == 0:
-        findings.append(Finding(column=None, rule="empty", severity="error", message="the snapshot has no rows"))
+        findings.append(_finding("error", None, "empty", "the snapshot has no rows"))
     else:
         frame = read_frame(snapshot)
+        findings += type_findings(frame, schema)
         if schema is not None:
-            findings += _against_schema(snapshot, frame, schema)
+            findings += _against_schema(frame, schema)
+        if label and label not in frame.columns and not (schema and schema.column(label)):
+            findings.append(_finding("error", label, "missing_column", "the label column is absent from the data"))
         if baseline is not None:
-            findings += _against_baseline(snapshot, frame, baseline, null_rate_tolerance)
-            label = label or (schema.label if schema else None)
-            if label:
-                findings += _label_balance(frame, baseline, label, balance_tolerance)
+            skip = {f.column for f in findings if f.rule in ("type_mismatch", "mixed_type") and f.severity == "error"}
+            found, distances = _against_baseline(
+                frame, baseline, schema or _DEFAULT_SCHEMA, label, null_rate_tolerance, skip
+            )
+            findings += found
     return ValidationReport(
         snapshot_digest=snapshot.digest,
         baseline_digest=baseline.digest if baseline else None,
         findings=findings,
+        distances=distances,
     )
 
 
-def _error(column: str | None, rule: Rule, message: str) -> Finding:
-    return Finding(column=column, rule=rule, severity="error", message=message)
+def type_findings(data: pd.DataFrame | Snapshot, schema: DatasetSchema | None = None) -> list[Finding]:
+    """Findings about column types that would otherwise go unnoticed; part of `validate`, usable on its own.
+
+    - ``mixed_type`` (error): a string column whose non-null values mostly (``MOSTLY_NUMERIC``) parse as numbers
+      but a few do not, e.g. ``?`` or ``12,5``: a numeric column that was read as text. A column the schema
+      declares follows the schema instead: ``type_mismatch`` (error) when the declared dtype does not fit,
+      with the count and examples of the values that do not.
+    - ``all_null`` and ``constant``: a column with only nulls, or one distinct non-null value; severity from the
+      column's ``onAllNull`` / ``onConstant``, else the schema's, else warning (``ignore``: no finding).
+    """
+    frame = read_frame(data) if isinstance(data, Snapshot) else data
+    schema = schema or _DEFAULT_SCHEMA
+    findings: list[Finding] = []
+    for name in frame.columns:
+        series, spec = frame[name], schema.column(name)
+        actual = dtype_of(series)
+        if spec is not None and not _compatible(spec.dtype, actual):
+            mismatch = f"declared {spec.dtype}, found {actual}{_type_detail(spec.dtype, series)}"
+            findings.append(_finding("error", name, "type_mismatch", mismatch))
+        elif spec is None and actual == "string":
+            findings += _mixed_type(name, series)
+        findings += _uninformative(name, series, spec, schema)
+    return findings
 
 
-def _warning(column: str | None, rule: Rule, message: str) -> Finding:
-    return Finding(column=column, rule=rule, severity="warning", message=message)
+def _finding(severity: Severity, column: str | None, rule: Rule, message: str) -> Finding:
+    return Finding(column=column, rule=rule, severity=severity, message=message)
 
 
 def _compatible(expected: Dtype, actual: Dtype) -> bool:
@@ -176,46 +261,77 @@ def _examples(values: pd.Series) -> str:
     return ", ".join(repr(v) for v in unique[:_EXAMPLES]) + more
 
 
-def _non_numeric_example(snapshot: Snapshot, column: str) -> str:
-    for value in snapshot.stats[column].categories or {}:
-        try:
-            float(value)
-        except ValueError:
-            return f" (e.g. {value!r})"
+def _unparsable(series: pd.Series) -> tuple[pd.Series, int]:
+    """The non-null values that do not parse as numbers, and how many non-null values there are."""
+    values = series.dropna().astype(str)
+    parsed = pd.to_numeric(values.str.strip(), errors="coerce")
+    return values[parsed.isna()], len(values)
+
+
+def _type_detail(expected: Dtype, series: pd.Series) -> str:
+    """Why a column is not of the expected dtype: how many values are not, and examples."""
+    if expected in _NUMERIC and dtype_of(series) == "string":
+        bad, total = _unparsable(series)
+        return f": {len(bad)} of {total} values do not parse as numbers ({_examples(bad)})"
+    if expected == "int" and dtype_of(series) == "float":
+        values = series.dropna().astype("float64")
+        fractional = values[values != values.round()]
+        if len(fractional):
+            return f": {len(fractional)} of {len(values)} values are not whole numbers ({_examples(fractional)})"
     return ""
 
 
-def _against_schema(snapshot: Snapshot, frame: pd.DataFrame, schema: DatasetSchema) -> list[Finding]:
+def _mixed_type(name: str, series: pd.Series) -> list[Finding]:
+    bad, total = _unparsable(series)
+    if not len(bad) or total - len(bad) < MOSTLY_NUMERIC * total:
+        return []
+    msg = (
+        f"{len(bad)} of {total} values do not parse as numbers ({_examples(bad)}), so the column was read as "
+        "text: fix or blank those values, or declare the column with dtype string in the schema if it is text"
+    )
+    return [_finding("error", name, "mixed_type", msg)]
+
+
+def _uninformative(name: str, series: pd.Series, spec: ColumnSpec | None, schema: DatasetSchema) -> list[Finding]:
+    values = series.dropna()
+    if values.empty:
+        policy = (spec and spec.on_all_null) or schema.on_all_null
+        rule: Rule = "all_null"
+        msg = f"all {len(series)} values are null: the column carries no information (severity: onAllNull)"
+    elif values.nunique() == 1:
+        policy = (spec and spec.on_constant) or schema.on_constant
+        rule = "constant"
+        msg = (
+            f"every non-null value is {str(values.iloc[0])!r}: the column carries no information (severity: onConstant)"
+        )
+    else:
+        return []
+    return [] if policy == "ignore" else [_finding(policy, name, rule, msg)]
+
+
+def _against_schema(frame: pd.DataFrame, schema: DatasetSchema) -> list[Finding]:
     findings = []
-    declared = {spec.name for spec in schema.columns}
     for spec in schema.columns:
-        if spec.name not in snapshot.columns:
-            findings.append(_error(spec.name, "missing_column", "declared column is absent from the data"))
+        if spec.name not in frame.columns:
+            findings.append(_finding("error", spec.name, "missing_column", "declared column is absent from the data"))
             continue
-        actual = snapshot.columns[spec.name]
-        if not _compatible(spec.dtype, actual):
-            hint = _non_numeric_example(snapshot, spec.name) if spec.dtype in ("float", "int") else ""
-            findings.append(_error(spec.name, "type_mismatch", f"declared {spec.dtype}, found {actual}{hint}"))
-            continue
-        findings += _null_rate(spec, snapshot.stats[spec.name].null_rate)
-        findings += _declared_range(spec, frame[spec.name])
+        series = frame[spec.name]
+        if not _compatible(spec.dtype, dtype_of(series)):
+            continue  # a type_mismatch of type_findings: ranges and domains would mean nothing
+        findings += _null_rate(spec, float(series.isna().mean()))
+        findings += _declared_range(spec, series)
         if spec.categories is not None:
-            values = frame[spec.name].dropna().astype(str)
+            values = series.dropna().astype(str)
             outside = values[~values.isin(spec.categories)]
             if len(outside):
-                findings.append(
-                    _error(
-                        spec.name,
-                        "domain",
-                        f"{len(outside)} values outside declared categories ({_examples(outside)})",
-                    )
-                )
+                msg = f"{len(outside)} values outside declared categories ({_examples(outside)})"
+                findings.append(_finding("error", spec.name, "domain", msg))
     if not schema.allow_extra_columns:
-        for name in snapshot.columns:
+        declared = {spec.name for spec in schema.columns}
+        for name in frame.columns:
             if name not in declared:
-                findings.append(
-                    _error(name, "extra_column", "column is not declared (declare it or set allowExtraColumns)")
-                )
+                msg = "column is not declared (declare it or set allowExtraColumns)"
+                findings.append(_finding("error", name, "extra_column", msg))
     return findings
 
 
@@ -224,53 +340,68 @@ def _null_rate(spec: ColumnSpec, null_rate: float) -> list[Finding]:
     if null_rate <= allowed:
         return []
     limit = "column is not nullable" if allowed == 0 else f"above declared max {allowed:.1%}"
-    return [_error(spec.name, "null_rate", f"{null_rate:.1%} nulls, {limit}")]
+    return [_finding("error", spec.name, "null_rate", f"{null_rate:.1%} nulls, {limit}")]
 
 
 def _declared_range(spec: ColumnSpec, series: pd.Series) -> list[Finding]:
-    if spec.dtype not in ("float", "int") or (spec.min is None and spec.max is None):
+    if spec.dtype not in _NUMERIC or (spec.min is None and spec.max is None):
         return []
     values = series.dropna().astype("float64")
     findings = []
     if spec.min is not None and (below := int((values < spec.min).sum())):
         msg = f"{below} values below declared min {spec.min:g} (min seen {values.min():g})"
-        findings.append(_error(spec.name, "range", msg))
+        findings.append(_finding("error", spec.name, "range", msg))
     if spec.max is not None and (above := int((values > spec.max).sum())):
         msg = f"{above} values above declared max {spec.max:g} (max seen {values.max():g})"
-        findings.append(_error(spec.name, "range", msg))
+        findings.append(_finding("error", spec.name, "range", msg))
     return findings
 
 
 def _against_baseline(
-    snapshot: Snapshot, frame: pd.DataFrame, baseline: Snapshot, null_rate_tolerance: float
-) -> list[Finding]:
-    findings = []
+    frame: pd.DataFrame,
+    baseline: Snapshot,
+    schema: DatasetSchema,
+    label: str | None,
+    null_rate_tolerance: float,
+    skip: set[str | None],
+) -> tuple[list[Finding], list[FeatureDistance]]:
+    """Findings against the baseline, and every shared column's distance; `skip`: columns whose type is wrong."""
+    shared = [name for name in baseline.columns if name in frame.columns]
+    base_frame = read_frame(baseline, columns=shared)
+    findings, distances = [], []
     for name, base_dtype in baseline.columns.items():
-        if name not in snapshot.columns:
-            findings.append(_error(name, "missing_column", "column of the baseline is absent"))
+        if name not in frame.columns:
+            findings.append(_finding("error", name, "missing_column", "column of the baseline is absent"))
             continue
-        dtype = snapshot.columns[name]
+        if name in skip:
+            continue
+        series = frame[name]
+        dtype = dtype_of(series)
         if (base_dtype, dtype) == ("int", "float"):
             # pandas writes an int column with nulls as 1.0, 2.0: still numbers, so worth a look, not a stop
-            findings.append(_warning(name, "type_mismatch", "baseline has int, found float"))
+            findings.append(_finding("warning", name, "type_mismatch", "baseline has int, found float"))
         elif not _compatible(base_dtype, dtype):
-            findings.append(_error(name, "type_mismatch", f"baseline has {base_dtype}, found {dtype}"))
+            msg = f"baseline has {base_dtype}, found {dtype}{_type_detail(base_dtype, series)}"
+            findings.append(_finding("error", name, "type_mismatch", msg))
             continue
-        base, now = baseline.stats[name], snapshot.stats[name]
-        if now.null_rate - base.null_rate > null_rate_tolerance:
-            msg = (
-                f"null rate rose from {base.null_rate:.1%} to {now.null_rate:.1%} (tolerance {null_rate_tolerance:.1%})"
-            )
-            findings.append(_error(name, "null_rate", msg))
-        if dtype in ("float", "int") and base.min is not None and base.max is not None:
-            findings += _baseline_range(name, frame[name], base.min, base.max)
+        base = baseline.stats[name]
+        null_rate = float(series.isna().mean())
+        if null_rate - base.null_rate > null_rate_tolerance:
+            msg = f"null rate rose from {base.null_rate:.1%} to {null_rate:.1%} (tolerance {null_rate_tolerance:.1%})"
+            findings.append(_finding("error", name, "null_rate", msg))
+        if dtype in _NUMERIC and base.min is not None and base.max is not None:
+            findings += _baseline_range(name, series, base.min, base.max)
         # a capped baseline domain is incomplete, so "unseen" would be meaningless
         if base.categories is not None and len(base.categories) < CATEGORY_CAP:
-            findings += _unseen(name, frame[name], base.categories, snapshot.rows)
-    for name in snapshot.columns:
+            findings += _unseen(name, series, base.categories)
+        distance = _distance(name, base_frame[name], series, schema, is_label=name == label)
+        if distance is not None:
+            distances.append(distance)
+            findings += _drifted(distance, is_label=name == label)
+    for name in frame.columns:
         if name not in baseline.columns:
-            findings.append(_warning(name, "extra_column", "column is new since the baseline"))
-    return findings
+            findings.append(_finding("warning", name, "extra_column", "column is new since the baseline"))
+    return findings, distances
 
 
 def _baseline_range(name: str, series: pd.Series, lo: float, hi: float) -> list[Finding]:
@@ -279,40 +410,103 @@ def _baseline_range(name: str, series: pd.Series, lo: float, hi: float) -> list[
     findings = []
     if below := int((values < lo - slack).sum()):
         msg = f"{below} values below baseline min {lo:g} widened by 10% (min seen {values.min():g})"
-        findings.append(_warning(name, "range", msg))
+        findings.append(_finding("warning", name, "range", msg))
     if above := int((values > hi + slack).sum()):
         msg = f"{above} values above baseline max {hi:g} widened by 10% (max seen {values.max():g})"
-        findings.append(_warning(name, "range", msg))
+        findings.append(_finding("warning", name, "range", msg))
     return findings
 
 
-def _unseen(name: str, series: pd.Series, known: dict[str, int], rows: int) -> list[Finding]:
+def _unseen(name: str, series: pd.Series, known: dict[str, int]) -> list[Finding]:
     values = series.dropna().astype(str)
     unseen = values[~values.isin(list(known))]
     if unseen.empty:
         return []
-    share = len(unseen) / rows
+    share = len(unseen) / len(series)
     msg = f"{len(unseen)} values ({share:.1%} of rows) unseen in the baseline ({_examples(unseen)})"
-    return [(_error if share > UNSEEN_ERROR_SHARE else _warning)(name, "domain", msg)]
+    return [_finding("error" if share > UNSEEN_ERROR_SHARE else "warning", name, "domain", msg)]
 
 
-def _label_balance(frame: pd.DataFrame, baseline: Snapshot, label: str, tolerance: float) -> list[Finding]:
-    if label not in frame.columns or label not in baseline.columns:
-        return []
-    now = frame[label].dropna().astype(str).value_counts(normalize=True)
-    categories = baseline.stats[label].categories
-    if categories is not None:
-        base = pd.Series(categories, dtype="float64") / sum(categories.values())
-    else:  # numeric label: the stats hold no class counts, so read just that column of the baseline
-        base = read_frame(baseline, columns=[label])[label].dropna().astype(str).value_counts(normalize=True)
-    classes = sorted(set(now.index) | set(base.index))
-    shifts = {c: float(now.get(c, 0.0)) - float(base.get(c, 0.0)) for c in classes}
-    # binary labels shift both classes equally: name the one that grew
-    worst = max(classes, key=lambda c: (round(abs(shifts[c]), 9), shifts[c]), default=None)
-    if worst is None or abs(shifts[worst]) <= tolerance:
-        return []
-    msg = (
-        f"share of class {worst!r} moved from {base.get(worst, 0.0):.1%} to {now.get(worst, 0.0):.1%} "
-        f"(tolerance {tolerance:.1%})"
+def _rule_for(name: str, dtype: Dtype, schema: DatasetSchema, is_label: bool) -> tuple[Metric, float, Policy]:
+    """The metric, threshold and severity for one column: its spec, else the schema's defaults, else ours."""
+    own = (spec.distance if (spec := schema.column(name)) else None) or DistanceSpec()
+    numeric = dtype in _NUMERIC
+    kind = schema.numeric_distance if numeric else schema.categorical_distance
+    # a label is a set of classes unless it is a float (a regression target)
+    default_metric: Metric = "linf" if not numeric or (is_label and dtype == "int") else "jensen_shannon"
+    metric = own.metric or (None if is_label else kind.metric) or default_metric
+    threshold = own.threshold
+    if threshold is None:
+        kind_metric = kind.metric or ("jensen_shannon" if numeric else "linf")
+        threshold = kind.threshold if kind.threshold is not None and kind_metric == metric else None
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLDS[metric]
+    return metric, threshold, own.severity or kind.severity or "error"
+
+
+def _distance(
+    name: str, base: pd.Series, now: pd.Series, schema: DatasetSchema, is_label: bool
+) -> FeatureDistance | None:
+    dtype = dtype_of(base)
+    metric, threshold, severity = _rule_for(name, dtype, schema, is_label)
+    base, now = base.dropna(), now.dropna()
+    if base.empty or now.empty:
+        return None
+    rule = {"column": name, "metric": metric, "threshold": threshold, "severity": severity}
+    if metric == "linf":
+        before = _class_values(base).value_counts(normalize=True)
+        after = _class_values(now).value_counts(normalize=True)
+        shifts = after.sub(before, fill_value=0.0)
+        # two classes move by the same amount: name the one that grew
+        category = max(shifts.index, key=lambda c: (round(abs(shifts[c]), 9), shifts[c], str(c)))
+        return FeatureDistance(
+            **rule,
+            value=abs(float(shifts[category])),
+            category=category,
+            before=float(before.get(category, 0.0)),
+            after=float(after.get(category, 0.0)),
+        )
+    base_values, now_values = base.astype("float64").to_numpy(), now.astype("float64").to_numpy()
+    edges = _bin_edges(base_values)
+    p, q = _histogram(base_values, edges), _histogram(now_values, edges)
+    if metric == "psi":
+        a, b = np.maximum(p, _PSI_FLOOR), np.maximum(q, _PSI_FLOOR)
+        value = float(np.sum((b - a) * np.log(b / a)))
+    else:
+        value = float(np.nan_to_num(jensenshannon(p, q, base=2)))
+    return FeatureDistance(
+        **rule, value=max(value, 0.0), before=float(base_values.mean()), after=float(now_values.mean())
     )
-    return [_error(label, "label_balance", msg)]
+
+
+def _class_values(series: pd.Series) -> pd.Series:
+    """Values as class names: numbers that are whole read the same from an int and a float column (1, not 1.0)."""
+    if dtype_of(series) in _NUMERIC:
+        numbers = series.astype("float64")
+        if (numbers == numbers.round()).all():
+            return numbers.astype("int64").astype(str)
+        return numbers.astype(str)
+    return series.astype(str)
+
+
+def _bin_edges(base: np.ndarray) -> np.ndarray:
+    """Bin edges from the baseline: its distinct values when few, else its deciles; the max gets its own bin."""
+    distinct = np.unique(base)
+    inner = distinct if len(distinct) <= BINS + 1 else np.unique(np.quantile(base, np.linspace(0, 1, BINS + 1)))
+    return np.append(inner, np.nextafter(inner[-1], np.inf))
+
+
+def _histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Shares per bin: below the first edge, [edge i, edge i+1) for each, at or above the last edge."""
+    counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+    return counts / counts.sum()
+
+
+def _drifted(distance: FeatureDistance, is_label: bool) -> list[Finding]:
+    if not distance.exceeded or distance.severity == "ignore":
+        return []
+    judged = f"{METRIC_NAMES[distance.metric]} {distance.value:.3f} above threshold {distance.threshold:g}"
+    if is_label and distance.metric == "linf":
+        moved = f"share of class {distance.category!r} moved from {distance.before:.1%} to {distance.after:.1%}"
+        return [_finding(distance.severity, distance.column, "label_balance", f"{moved}: {judged}")]
+    return [_finding(distance.severity, distance.column, "drift", f"{judged}: {distance.moved()}")]

@@ -263,6 +263,7 @@ def register_model(
     decision: GateDecision,
     backend: str,
     registry: Registry,
+    validation: ValidationReport,
     image: str | None = None,
 ) -> ModelVersion:
     """A new version in the registry: Candidate when the gate passed, else Rejected (with the reasons)."""
@@ -295,6 +296,7 @@ def register_model(
                 classes=artifact.transform.classes,
             ),
             gate=decision,
+            validation=validation,
             stage="Candidate" if decision.passed else "Rejected",
             stage_reason=None if decision.passed else "; ".join(decision.reasons),
         ),
@@ -321,5 +323,5 @@ def run_training_job(job: TrainingJob, registry: Registry | None = None, events_
     transform = fit_transform(job, train)
     trained = train_model(job, transform, train, test, gpus=gpus, events_path=events_path)
     evaluation, decision = evaluate_model(job, trained.artifact, test, registry, trained.history)
-    record = register_model(job, snapshot, trained.artifact, evaluation, decision, trained.backend, registry)
+    record = register_model(job, snapshot, trained.artifact, evaluation, decision, trained.backend, registry, report)
     return JobOutcome(model_version=record, snapshot=snapshot, validation=report, epochs=trained.epochs)

@@ -417,6 +417,44 @@ def test_modeldeployment_is_served_by_kserve_and_its_canary_split_by_a_weighted_
     stable_only(2, "arrests-v3-predictor")
 
 
+def test_a_rejected_version_is_refused_with_a_condition_and_an_event_until_the_spec_allows_it(
+    operator: OperatorProcess, api: client.CustomObjectsApi, core: client.CoreV1Api, namespace: str,
+    kubeloop_home: str,
+) -> None:  # fmt: skip
+    """A ModelDeployment naming a Rejected ModelVersion: no InferenceService, condition VersionAdmitted False and a
+    Warning Event naming spec.version and the stage reason; once spec.allowRejected is true it is served."""
+    mv = modelversion_doc(1)
+    mv["spec"].update(stage="Rejected", stageReason="rocAuc 0.61 is below the threshold 0.7")
+    create(api, namespace, mv)
+    create(api, namespace, sample("modeldeployment"))
+
+    def admission(status: str) -> dict[str, Any] | None:
+        md = kubeloop_obj(api, "modeldeployments", namespace, "arrests") or {}
+        conditions = (md.get("status") or {}).get("conditions") or []
+        return next((c for c in conditions if c["type"] == "VersionAdmitted" and c["status"] == status), None)
+
+    def warning(reason: str) -> Any:
+        events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=arrests").items
+        return next((e for e in events if e.reason == reason and e.type == "Warning"), None)
+
+    refused = wait_for(lambda: admission("False"), 60, "VersionAdmitted False")
+    assert refused["reason"] == "VersionRejected"
+    assert refused["message"] == (
+        "spec.version: arrests:1 is Rejected (rocAuc 0.61 is below the threshold 0.7): serve a Candidate or "
+        "Production version, or set spec.allowRejected: true to serve it anyway for debugging"
+    )
+    event = wait_for(lambda: warning("VersionRejected"), 30, "the VersionRejected Event (posted asynchronously)")
+    assert event.message == refused["message"]
+    assert inferenceservice(api, namespace, "arrests") is None
+
+    api.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, "modeldeployments", "arrests", {"spec": {"allowRejected": True}}
+    )
+    wait_for(lambda: inferenceservice(api, namespace, "arrests"), 60, "the InferenceService, once allowed")
+    assert wait_for(lambda: admission("True"), 60, "VersionAdmitted True")["reason"] == "RejectedAllowed"
+    wait_for(lambda: warning("RejectedVersionServed"), 30, "the RejectedVersionServed Event")
+
+
 # --- restarts mid-reconcile -----------------------------------------------------------------------------------------
 
 

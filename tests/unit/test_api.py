@@ -22,7 +22,13 @@ from kubeloop.api import (
     parse_resource,
 )
 from kubeloop.api.common import quantity_value
-from kubeloop.api.modeldeployment import MODE_IMMUTABLE, update_problem
+from kubeloop.api.modeldeployment import (
+    MODE_IMMUTABLE,
+    RejectedVersion,
+    rejected_versions,
+    update_problem,
+    version_refusal,
+)
 from kubeloop.api.trainingjob import NAME_RULE
 from kubeloop.errors import SpecError
 
@@ -247,6 +253,31 @@ def test_deployment_mode_may_not_change_on_update() -> None:
     assert update_problem(standard.spec, standard.spec) is None
     assert update_problem(standard.spec, knative.spec) == f"spec.{MODE_IMMUTABLE} (was Standard, now Knative)"
     assert "re-create the ModelDeployment" in MODE_IMMUTABLE
+
+
+def test_rejected_versions_are_refused_unless_the_spec_allows_them() -> None:
+    obj = doc("modeldeployment.yaml")
+    obj["spec"]["canary"] = {"version": 2}
+    md = parse_resource(obj)
+    assert isinstance(md, ModelDeployment) and md.spec.allow_rejected is False
+    stable = parse_resource(doc("modelversion.yaml"))
+    assert isinstance(stable, ModelVersion)
+    canary = stable.model_copy(deep=True)
+    canary.spec.version, canary.spec.stage, canary.spec.stage_reason = 2, "Rejected", None
+    versions = {1: stable, 2: canary}
+    assert rejected_versions(md.spec, versions) == [
+        RejectedVersion("spec.canary.version", "arrests:2", "no reason recorded")
+    ]
+    assert version_refusal(md.spec, versions) == (
+        "spec.canary.version: arrests:2 is Rejected (no reason recorded): serve a Candidate or Production version, "
+        "or set spec.allowRejected: true to serve it anyway for debugging"
+    )
+    assert rejected_versions(md.spec, {1: stable}) == []  # a version not read is not judged here
+    obj["spec"]["allowRejected"] = True
+    allowed = parse_resource(obj)
+    assert isinstance(allowed, ModelDeployment) and allowed.spec.allow_rejected is True
+    assert version_refusal(allowed.spec, versions) is None
+    assert len(rejected_versions(allowed.spec, versions)) == 1  # still said, as a warning, where it is served
 
 
 def test_knative_mode_says_it_needs_knative_serving() -> None:

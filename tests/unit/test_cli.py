@@ -6,8 +6,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from kubeloop.api import ModelVersion, load_resources
+from kubeloop.api.validation import ValidationReport
 from kubeloop.cli import main
 from kubeloop.data.bundled import bundled_path
+from kubeloop.registry import Registry
 
 
 def test_manifests_check_passes_on_the_checkout(capsys):
@@ -49,8 +52,71 @@ def test_data_validate_exits_non_zero_and_names_column_and_rule(tmp_path, capsys
     assert report["ok"] is False
 
 
+def _write(path: Path, **columns: list) -> str:
+    pd.DataFrame(columns).to_csv(path, index=False)
+    return str(path)
+
+
+def test_data_validate_with_a_label_that_is_not_a_column_exits_2_naming_both(tmp_path, capsys):
+    path = _write(tmp_path / "t.csv", age=[30, 40], Target=["Yes", "No"])
+
+    assert main(["data", "validate", path, "--label", "target"]) == 2
+    err = capsys.readouterr().err
+    assert "--label 'target' is not a column of" in err and "its columns are: age, Target" in err
+
+
+def test_data_validate_checks_the_schemas_label_and_prints_the_report_as_json(tmp_path, capsys):
+    city = ["Oslo" if i % 2 else "Lima" for i in range(100)]
+    base = _write(tmp_path / "base.csv", city=city, label=["Yes"] * 30 + ["No"] * 70)
+    flipped = _write(tmp_path / "now.csv", city=city, label=["Yes"] * 70 + ["No"] * 30)
+    schema = tmp_path / "schema.yaml"
+    schema.write_text("label: label\ncolumns:\n  - {name: city, dtype: string}\n  - {name: label, dtype: string}\n")
+    assert main(["data", "ingest", base]) == 0
+    digest = capsys.readouterr().out.split()[0]
+
+    assert main(["data", "validate", base, "--baseline", digest, "--schema", str(schema)]) == 0
+    assert "OK (0 errors, 0 warnings)" in capsys.readouterr().out
+    assert main(["data", "validate", flipped, "--baseline", digest, "--schema", str(schema), "--json"]) == 1
+    report = ValidationReport.model_validate_json(capsys.readouterr().out)
+    assert [(f.column, f.rule, f.severity) for f in report.findings] == [("label", "label_balance", "error")]
+    assert "L-infinity distance 0.400" in report.findings[0].message
+    assert [(d.column, d.metric) for d in report.distances] == [("city", "linf"), ("label", "linf")]
+    assert report.baseline_digest == digest and not report.ok
+
+
+def test_data_ingest_names_a_numeric_column_read_as_text(tmp_path, capsys):
+    path = _write(tmp_path / "t.csv", x=[*range(20), "?"])
+
+    assert main(["data", "ingest", path]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("sha256:")
+    assert "ERROR  x  mixed_type: 1 of 21 values do not parse as numbers ('?')" in err
+
+
 def test_models_list_on_an_empty_registry_says_how_to_fill_it(capsys):
     assert main(["models", "list"]) == 0
     assert "kubeloop quickstart" in capsys.readouterr().out
     assert main(["models", "show", "arrests"]) == 1
     assert "no model named 'arrests'" in capsys.readouterr().err
+
+
+def test_run_refuses_to_serve_a_rejected_version_naming_the_field(tmp_path, capsys, kubeloop_home):
+    (sample,) = load_resources(Path("manifests/samples/modelversion.yaml"))
+    assert isinstance(sample, ModelVersion)
+    registry = Registry()
+    version, _ = registry.allocate("arrests")
+    reason = "rocAuc 0.61 is below the threshold 0.7"
+    registry.save(sample.spec.model_copy(update={"version": version, "stage": "Rejected", "stage_reason": reason}), "")
+    doc = yaml.safe_load(Path("manifests/samples/modeldeployment.yaml").read_text())
+    doc["spec"]["version"] = version
+    path = tmp_path / "md.yaml"
+    path.write_text(yaml.safe_dump(doc))
+
+    assert main(["run", "-f", str(path)]) == 2
+    last = capsys.readouterr().err.rstrip().splitlines()[-1]
+    assert last == (
+        f"error: ModelDeployment arrests: spec.version: arrests:1 is Rejected ({reason}): serve a Candidate or "
+        "Production version, or set spec.allowRejected: true to serve it anyway for debugging"
+    )
+    assert list((kubeloop_home / "deployments").glob("*")) == []  # nothing started
+    assert registry.get("arrests", version).spec.stage == "Rejected"

@@ -129,7 +129,7 @@ def test_bundled_arrests_ingests() -> None:
 
 
 def test_unknown_bundled_dataset_lists_the_known_ones() -> None:
-    with pytest.raises(DataError, match="unknown bundled dataset 'iris': known are arrests"):
+    with pytest.raises(DataError, match="unknown bundled dataset 'iris': known are abalone, arrests, penguins"):
         ingest("bundled://iris")
 
 

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from operators import admission, handlers, kube, metrics
+from operators import canary as canary_analysis
 from operators import inferenceservice as isvc
 from operators import rayjob as rj
 from operators.settings import Settings
@@ -440,13 +441,78 @@ def test_modeldeployment_waits_for_its_modelversion(fake: FakeKube) -> None:
     assert len(fake.of_kind("InferenceService")) == 1
 
 
-def test_a_rejected_version_is_not_served(fake: FakeKube) -> None:
+def reject(fake: FakeKube, version: int, reason: str) -> None:
+    fake.find("ModelVersion", f"arrests-v{version}")["spec"].update(stage="Rejected", stageReason=reason)
+
+
+def condition(md: dict[str, Any], type_: str) -> tuple[str, str, str]:
+    (cond,) = [c for c in md["status"]["conditions"] if c["type"] == type_]
+    return cond["status"], cond["reason"], cond["message"]
+
+
+def test_a_rejected_version_is_refused_until_the_spec_allows_it(fake: FakeKube) -> None:
     put_versions(fake, 1)
-    mv = fake.find("ModelVersion", "arrests-v1")
-    mv["spec"]["stage"] = "Rejected"
+    reject(fake, 1, "rocAuc 0.61 is below the threshold 0.7")
     md, error = run_md(fake, fake.put(sample("modeldeployment")))
-    assert isinstance(error, kopf.TemporaryError)
-    assert md["status"]["conditions"][0]["reason"] == "ModelVersionRejected"
+    message = (
+        "spec.version: arrests:1 is Rejected (rocAuc 0.61 is below the threshold 0.7): serve a Candidate or "
+        "Production version, or set spec.allowRejected: true to serve it anyway for debugging"
+    )
+    assert isinstance(error, kopf.PermanentError) and str(error) == message  # nothing to retry: the spec must change
+    assert condition(md, "VersionAdmitted") == ("False", "VersionRejected", message)
+    assert condition(md, "Ready") == ("False", "VersionRejected", "nothing is served: " + message)
+    assert md["status"]["ready"] is False
+    assert fake.events == [("Warning", "VersionRejected", message)]
+    assert fake.writes == [("patch/status", "ModelDeployment", "arrests")]  # no child written
+
+    fake.events.clear()
+    md["spec"]["allowRejected"] = True
+    md, error = run_md(fake, md)
+    assert error is None
+    assert len(fake.of_kind("InferenceService")) == 1
+    served = "spec.version: arrests:1 is Rejected (rocAuc 0.61 is below the threshold 0.7): served because "
+    served += "spec.allowRejected is true (debugging)"
+    assert condition(md, "VersionAdmitted") == ("True", "RejectedAllowed", served)
+    assert ("Warning", "RejectedVersionServed", served) in fake.events
+    assert md["status"]["traffic"] == [{"version": 1, "percent": 100, "role": "stable"}]
+
+
+def test_a_rejected_canary_leaves_the_stable_serving_as_it_was(fake: FakeKube) -> None:
+    put_versions(fake, 1, 2, 3)
+    md, error = run_md(fake, fake.put(sample("modeldeployment")))
+    assert error is None and condition(md, "VersionAdmitted") == ("True", "Admitted", "arrests:1 Production")
+    served = copy.deepcopy(fake.find("InferenceService", "arrests"))
+    served["status"] = {"url": "http://arrests-ml.example.com", "conditions": [{"type": "Ready", "status": "True"}]}
+    fake.find("InferenceService", "arrests")["status"] = served["status"]
+    handlers.sync_modeldeployment_status(served)
+    md = fake.find("ModelDeployment", "arrests")
+    reject(fake, 2, "rolled back: error rate 9.0% > 1.0%")
+    fake.writes.clear()
+    canary = {"version": 2, "trafficPercent": 10, "analysis": {"steps": [10, 50, 100]}}
+    md["spec"]["canary"] = canary
+    md, error = run_md(fake, md)
+    assert isinstance(error, kopf.PermanentError)
+    status, reason, message = condition(md, "VersionAdmitted")
+    assert (status, reason) == ("False", "VersionRejected")
+    assert message.startswith("spec.canary.version: arrests:2 is Rejected (rolled back: error rate 9.0% > 1.0%): ")
+    assert fake.writes == [("patch/status", "ModelDeployment", "arrests")]  # the InferenceService is left as it was
+    assert condition(md, "Ready")[0] == "True" and md["status"]["ready"] is True  # v1 still serves
+    # KServe's events keep being mirrored, without claiming the refused split
+    handlers.sync_modeldeployment_status(fake.find("InferenceService", "arrests"))
+    md = fake.find("ModelDeployment", "arrests")
+    assert md["status"]["traffic"] == [{"version": 1, "percent": 100, "role": "stable"}]
+    assert md["status"]["canaryPhase"] == "None"
+    # and the canary analysis judges nothing
+    fake.writes.clear()
+    assert canary_analysis.tick(md, fake, lambda *event: fake.events.append(event[1:]), None) is None
+    assert fake.writes == []
+
+    md["spec"]["canary"] = canary | {"version": 3}  # the spec fixed: it proceeds
+    md, error = run_md(fake, md)
+    assert isinstance(error, kopf.TemporaryError) and "once KServe reports it ready" in str(error)
+    assert condition(md, "VersionAdmitted") == ("True", "Admitted", "arrests:1 Production, arrests:3 Production")
+    assert fake.find("InferenceService", "arrests")["spec"]["canary"][0]["predictor"]["name"] == "v3"
+    assert [t["version"] for t in md["status"]["traffic"]] == [1, 3]
 
 
 def test_canary_then_promotion_removes_the_canary(fake: FakeKube) -> None:

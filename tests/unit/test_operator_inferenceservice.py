@@ -371,6 +371,63 @@ def test_status_keeps_what_other_writers_own() -> None:
     assert "canaryPhase" not in status  # the canary controller's verdict stays
 
 
+def rejected(n: int, reason: str) -> ModelVersion:
+    mv = version(n)
+    mv.spec.stage, mv.spec.stage_reason = "Rejected", reason
+    return mv
+
+
+ANALYSIS = {"steps": [10, 100]}
+
+
+@pytest.mark.parametrize(
+    ("spec", "versions", "expected"),
+    [
+        ({}, {1: version(1)}, ("True", "Admitted", "arrests:1 Production")),
+        (
+            {"canary": {"version": 2}},
+            {1: version(1), 2: rejected(2, "rocAuc 0.55 < 0.6")},
+            ("False", "VersionRejected", "spec.canary.version: arrests:2 is Rejected (rocAuc 0.55 < 0.6): serve a "
+             "Candidate or Production version, or set spec.allowRejected: true to serve it anyway for debugging"),
+        ),
+        (
+            {"canary": {"version": 2}},
+            {1: rejected(1, "a"), 2: rejected(2, "b")},
+            ("False", "VersionRejected", "spec.version: arrests:1 is Rejected (a); spec.canary.version: arrests:2 is "
+             "Rejected (b): serve a Candidate or Production version, or set spec.allowRejected: true to serve it "
+             "anyway for debugging"),
+        ),
+        (
+            {"allowRejected": True, "canary": {"version": 2, "analysis": ANALYSIS}},
+            {1: version(1), 2: rejected(2, "b")},
+            ("True", "RejectedAllowed", "spec.canary.version: arrests:2 is Rejected (b): served because "
+             "spec.allowRejected is true (debugging); the canary analysis does not run while a Rejected version is "
+             "served"),
+        ),
+        ({"allowRejected": True}, {1: version(1)}, ("True", "Admitted", "arrests:1 Production")),
+    ],
+)  # fmt: skip
+def test_admission_refuses_a_rejected_version_the_spec_does_not_allow(
+    spec: dict[str, Any], versions: dict[int, ModelVersion], expected: tuple[str, str, str]
+) -> None:
+    cond = isvc.admission(deployment(**spec), versions)
+    assert (cond["type"], cond["status"], cond["reason"], cond["message"]) == ("VersionAdmitted", *expected)
+    status = {"conditions": [cond]}
+    assert isvc.admitted(status) is (expected[0] == "True")
+    assert isvc.analysable(status) is (expected[1] == "Admitted")
+
+
+def test_status_of_a_refused_spec_keeps_the_split_the_inferenceservice_serves() -> None:
+    md = deployment(canary={"version": 2, "trafficPercent": 25})
+    refused = isvc.admission(md, {1: version(1), 2: rejected(2, "rolled back")})
+    obj = {"metadata": {"name": "arrests"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    status = isvc.modeldeployment_status(md, obj, {"conditions": [refused]})
+    assert status["ready"] is True
+    assert not {"traffic", "canaryPhase", "observedGeneration"} & set(status)  # the refused spec is not what serves
+    assert {c["type"]: c["status"] for c in status["conditions"]}["VersionAdmitted"] == "False"
+    assert isvc.admitted({}) and isvc.analysable({})  # written before the condition existed: as admitted
+
+
 # --- metrics: named container ports and scrape annotations ----------------------------------------------------------
 
 IANA_SVC_NAME = r"^(?=.{1,15}$)(?=.*[a-z])[a-z0-9]+(-[a-z0-9]+)*$"  # k8s validation.IsValidPortName

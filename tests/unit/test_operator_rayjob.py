@@ -475,3 +475,24 @@ def test_metrics_status_from_the_modelversion() -> None:
     assert out["metrics"]["rocAuc"] == pytest.approx(0.724)
     assert out["metrics"]["accuracy"] == pytest.approx(0.842)
     assert out["epochsCompleted"] == 8
+
+
+def test_metrics_status_carries_the_tasks_metrics_and_the_validation_report() -> None:
+    doc = yaml.safe_load(reported())
+    doc["spec"]["signature"] |= {"task": "regression"}
+    doc["spec"]["signature"].pop("positiveClass", None)
+    doc["spec"]["metrics"]["overall"] = {"rows": 835, "rmse": 2.26, "mae": 1.55, "r2": 0.5, "labelMean": 9.9}
+    doc["spec"]["metrics"].pop("slices", None)
+    digest = doc["spec"]["lineage"]["datasetDigest"]
+    doc["spec"]["validation"] = {
+        "snapshotDigest": digest,
+        "baselineDigest": digest,
+        "findings": [{"column": "age", "rule": "constant", "severity": "warning", "message": "one value: 30"}],
+        "distances": [
+            {"column": "age", "metric": "jensen_shannon", "value": 0.05, "threshold": 0.2, "severity": "error"}
+        ],
+    }
+    out = rj.metrics_status(rj.registered_modelversion(sample_trainingjob(), yaml.safe_dump(doc)))
+    assert out["metrics"] == {"rmse": 2.26, "mae": 1.55, "r2": 0.5, "labelMean": 9.9}
+    assert out["validation"]["distances"][0]["value"] == 0.05
+    assert out["validation"]["findings"][0]["rule"] == "constant"

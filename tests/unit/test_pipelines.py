@@ -27,7 +27,7 @@ TRAINING_EDGES = {
     "transform": {"ingest", "validate"},
     "train": {"ingest", "transform"},
     "evaluate": {"ingest", "train"},
-    "register": {"ingest", "train", "evaluate"},
+    "register": {"ingest", "validate", "train", "evaluate"},
 }
 
 

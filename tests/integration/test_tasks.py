@@ -1,0 +1,91 @@
+"""Multiclass and regression TrainingJobs end to end: the samples trained with 2 Ray Train workers (gloo), gated,
+registered with their signature, then served (v1 and v2) with the drift sidecar watching their predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kubeloop.api import TrainingJob, load_resources
+from kubeloop.artifact import ModelArtifact
+from kubeloop.data.bundled import bundled_path
+from kubeloop.evaluation import metrics
+from kubeloop.registry import Registry
+from kubeloop.training.job import run_training_job, split_snapshot
+
+pytestmark = pytest.mark.integration
+
+SAMPLES = {
+    "multiclass": "manifests/samples/trainingjob-multiclass.yaml",
+    "regression": "manifests/samples/trainingjob-regression.yaml",
+}
+
+
+def sample(task: str) -> TrainingJob:
+    (job,) = load_resources(SAMPLES[task])
+    assert isinstance(job, TrainingJob) and job.spec.task == task
+    return job
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tmp_path_factory, request):
+    """Both samples trained once for the module, in one state directory."""
+    home = tmp_path_factory.mktemp("kubeloop-home")
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("KUBELOOP_HOME", str(home))
+    request.addfinalizer(monkeypatch.undo)
+    return home, {task: run_training_job(sample(task)) for task in SAMPLES}
+
+
+def test_multiclass_sample_trains_gates_and_registers_class_probabilities(trained, monkeypatch):
+    home, outcomes = trained
+    monkeypatch.setenv("KUBELOOP_HOME", str(home))
+    outcome = outcomes["multiclass"]
+    record = outcome.model_version
+    assert record.spec.stage == "Candidate" and record.spec.gate.passed
+    assert record.spec.lineage.workers == 2 and record.spec.lineage.backend == "gloo"
+    signature = record.spec.signature
+    assert signature.task == "multiclass" and signature.positive_class is None
+    assert signature.classes == ["Adelie", "Chinstrap", "Gentoo"]
+    overall = record.spec.metrics.overall
+    assert overall.accuracy >= 0.9 and overall.f1 >= 0.85 and overall.roc_auc > 0.95
+    assert overall.rmse is None and overall.positive_rate is None
+    assert set(overall.class_rates) == set(signature.classes)
+    assert set(record.spec.metrics.slices.values) == {"Biscoe", "Dream", "Torgersen"}
+    assert all("val_accuracy" in epoch for epoch in record.spec.metrics.per_epoch)
+
+    # the artifact answers a probability per class, in the signature's order, matching the registered metrics
+    artifact = ModelArtifact.load(record.spec.artifact_uri)
+    _, test = split_snapshot(sample("multiclass"), outcome.snapshot)
+    proba = artifact.predict(test)
+    assert proba.shape == (len(test), 3) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
+    labels = artifact.transform.label_values(test)
+    assert metrics(labels, proba, "multiclass", signature.classes) == overall
+    # stratified: every class is in the test rows in about its overall share
+    frame = outcome.snapshot
+    assert overall.rows == len(test) and min(overall.class_rates.values()) > 0.15
+    assert frame.rows == 344
+
+
+def test_regression_sample_trains_gates_and_registers_values(trained, monkeypatch):
+    home, outcomes = trained
+    monkeypatch.setenv("KUBELOOP_HOME", str(home))
+    outcome = outcomes["regression"]
+    record = outcome.model_version
+    assert record.spec.stage == "Candidate" and record.spec.gate.passed
+    assert record.spec.signature.task == "regression" and record.spec.signature.classes is None
+    overall = record.spec.metrics.overall
+    assert overall.rmse < 2.6 and overall.r2 > 0.4 and overall.mae < overall.rmse
+    assert overall.accuracy is None and overall.roc_auc is None
+    assert set(record.spec.metrics.slices.values) == {"F", "I", "M"}
+    assert all("val_rmse" in epoch for epoch in record.spec.metrics.per_epoch)
+
+    artifact = ModelArtifact.load(record.spec.artifact_uri)
+    _, test = split_snapshot(sample("regression"), outcome.snapshot)
+    values = artifact.predict(test)
+    assert values.shape == (len(test),)
+    # answers are rings, in the label's units (the network trains on the standardized label)
+    assert 5 < float(values.mean()) < 15 and overall.label_mean == pytest.approx(test["rings"].mean())
+    assert metrics(artifact.transform.label_values(test), values, "regression") == overall
+    assert Registry().get("abalone", 1).spec.stage == "Candidate"
+    assert bundled_path("abalone").is_file()
