@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from kubeloop.api import ModelVersion, load_resources
@@ -120,3 +121,56 @@ def test_run_refuses_to_serve_a_rejected_version_naming_the_field(tmp_path, caps
     )
     assert list((kubeloop_home / "deployments").glob("*")) == []  # nothing started
     assert registry.get("arrests", version).spec.stage == "Rejected"
+
+
+def _training_data(tmp_path: Path, frame: pd.DataFrame, **dataset: object) -> Path:
+    data = tmp_path / "data.csv"
+    frame.to_csv(data, index=False)
+    doc = yaml.safe_load(Path("manifests/samples/trainingjob.yaml").read_text())
+    doc["spec"]["dataset"] = {"uri": str(data), "label": "outcome", "positiveClass": "yes", **dataset}
+    doc["spec"]["gate"] = {}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _frame(rows: int = 60, **columns: list) -> pd.DataFrame:
+    base = {
+        "outcome": (["yes", "no"] * rows)[:rows],
+        "age": [20 + i % 30 for i in range(rows)],
+        "city": (["Oslo", "Bergen", "Molde"] * rows)[:rows],
+    }
+    return pd.DataFrame(base | columns)
+
+
+CASES = {
+    "three classes with task binary": (
+        {"outcome": (["yes", "no", "maybe"] * 20)},
+        {},
+        2,
+        "spec.task: binary (the default), but label column 'outcome' holds 3 classes",
+    ),
+    "positive class not in the data": ({}, {"positiveClass": "Yes"}, 2, "spec.dataset.positiveClass"),
+    "slice column that does not exist": ({}, {"sliceColumn": "cty"}, 2, "did you mean 'city'?"),
+    "label typo": ({}, {"label": "Outcome"}, 2, "spec.dataset.label: the data has no column 'Outcome'"),
+    "one row": ({}, {"uri": None}, 2, "the data has 1 row"),
+    "numbers with stray text": (
+        {"age": [str(20 + i) for i in range(57)] + ["?", "12,5", "?"]},
+        {},
+        1,
+        "3 of 60 values do not parse as numbers",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_run_refuses_a_spec_that_does_not_fit_its_data_before_training(case, tmp_path, capsys, kubeloop_home):
+    columns, dataset, code, message = CASES[case]
+    frame = _frame(**columns)
+    if dataset.get("uri", "") is None:
+        frame, dataset = frame.head(1), {}
+    path = _training_data(tmp_path, frame, **dataset)
+    assert main(["run", "-f", str(path)]) == code
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (kubeloop_home / "registry").exists() and not (kubeloop_home / "runs").exists()
