@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from pydantic.alias_generators import to_camel
 from sklearn.metrics import (
     accuracy_score,
     f1_score,
@@ -16,7 +17,7 @@ from sklearn.metrics import (
 )
 
 from kubeloop.api.modelversion import Evaluation, GateDecision, Metrics, ModelVersion, SliceMetrics, Task
-from kubeloop.api.trainingjob import TASK_METRICS, Gate
+from kubeloop.api.trainingjob import TASK_METRICS, Gate, GateMetrics
 
 LOWER_IS_BETTER = {"log_loss", "rmse", "mae"}
 UNDEFINED = {"roc_auc": "single-class test set", "r2": "constant label in the test set"}
@@ -136,4 +137,15 @@ def gate(evaluation: Evaluation, spec: Gate, production: ModelVersion | None, ta
                     f"{name} {value:.4f} is worse than Production {compared_with} ({before:.4f}) by "
                     f"{worse:.4f}, more than the allowed {margin}"
                 )
-    return GateDecision(passed=not reasons, reasons=reasons, compared_with=compared_with)
+    return GateDecision(
+        passed=not reasons,
+        reasons=reasons,
+        compared_with=compared_with,
+        thresholds=_bounds(spec.thresholds),
+        max_regression=_bounds(spec.max_regression),
+    )
+
+
+def _bounds(metrics: GateMetrics) -> dict[str, float]:
+    """The bounds set, by the metrics' camelCase names as the spec writes them."""
+    return {to_camel(name): getattr(metrics, name) for name in metrics.bounded()}

@@ -9,9 +9,10 @@ a window per version. ``POST`` (any path) takes one event: the handler parses an
 window is handed to a detection thread through a bounded queue (a window that finds the queue full is dropped and
 its events counted in ``kubeloop_drift_events_dropped_total``), so the sink answers in microseconds and never
 blocks KServe's logger (whose own queue of 100 blocks predictions when it fills). Request events feed the drift
-windows, response events a per-version prediction window (for canary analysis). ``GET /metrics`` (Prometheus),
-``GET /status`` (JSON), ``GET /healthz``. A malformed event is answered 4xx, counted by reason and logged (at
-most one line per reason per ``LOG_EVERY_S``); it never stops the process.
+windows, response events a per-version prediction window (for canary analysis), read per the ModelVersion's
+``spec.signature.task``: a score (binary), class probabilities (multiclass), a value (regression).
+``GET /metrics`` (Prometheus), ``GET /status`` (JSON), ``GET /healthz``. A malformed event is answered 4xx, counted
+by reason and logged (at most one line per reason per ``LOG_EVERY_S``); it never stops the process.
 
 Listeners: ``--host``/``--port`` serves every route; keep it on loopback, the logger posts from inside the pod. With
 ``--metrics-port`` a second, read-only listener (``--metrics-host``, 0.0.0.0 by default) serves the GET routes to
@@ -53,7 +54,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from kubeloop.api.modeldeployment import DriftMonitor, DriftStatus
-from kubeloop.api.modelversion import ModelVersion
+from kubeloop.api.modelversion import ModelVersion, Task
+from kubeloop.data.snapshot import ColumnStats
 from kubeloop.log import event
 from monitoring.detectors import (
     ALARM_K,
@@ -70,8 +72,9 @@ from monitoring.detectors import (
     skew,
     window_statistics,
 )
-from monitoring.events import REASONS, Malformed, RequestParser, parse_event, parse_predictions
+from monitoring.events import REASONS, Malformed, Predictions, RequestParser, parse_event, parse_predictions
 from monitoring.schema import Schema
+from serving.metrics import value_buckets
 
 log = logging.getLogger("monitoring.sidecar")  # not __name__: that is __main__ under python -m
 
@@ -156,18 +159,32 @@ class EventCounters:
 
     TYPES = ("request", "response", "unknown")
 
-    def __init__(self, versions: Sequence[tuple[str, str]]) -> None:
+    def __init__(self, monitors: Sequence[VersionMonitor]) -> None:
         self.received: dict[str, int] = dict.fromkeys(self.TYPES, 0)
         self.malformed: dict[str, int] = dict.fromkeys(REASONS, 0)  # every reason exported from the start
         self.dropped = 0
-        self.rows: dict[tuple[str, str], int] = dict.fromkeys(versions, 0)
-        self.buckets: dict[tuple[str, str], list[int]] = {v: [0] * (len(PREDICTION_BUCKETS) + 1) for v in versions}
-        self.score_sums: dict[tuple[str, str], float] = dict.fromkeys(versions, 0.0)
+        self.rows: dict[tuple[str, str], int] = {m.labels: 0 for m in monitors}
+        self.bounds = {m.labels: m.prediction_buckets for m in monitors}
+        self.buckets = {m.labels: [0] * (len(m.prediction_buckets) + 1) for m in monitors}
+        self.score_sums: dict[tuple[str, str], float] = {m.labels: 0.0 for m in monitors}
+        self.classes = {m.labels: m.classes for m in monitors if m.task == "multiclass"}
+        self.predicted = {labels: [0] * len(classes) for labels, classes in self.classes.items()}
 
-    def observe_scores(self, labels: tuple[str, str], scores: list[float]) -> None:
-        counts = self.buckets[labels]
+    def observe(self, labels: tuple[str, str], predictions: Predictions) -> None:
+        """One response's predictions into the histogram: the score or value, or (multiclass) the predicted class's
+        probability, and the predicted class counted."""
+        predicted = self.predicted.get(labels)
+        if predicted is None:
+            scores = predictions
+        else:
+            scores = []
+            for row in predictions:
+                best = max(range(len(row)), key=row.__getitem__)
+                predicted[best] += 1
+                scores.append(row[best])
+        bounds, counts = self.bounds[labels], self.buckets[labels]
         for score in scores:
-            counts[bisect_left(PREDICTION_BUCKETS, score)] += 1
+            counts[bisect_left(bounds, score)] += 1
         self.score_sums[labels] += sum(scores)
 
     def collect(self) -> Iterator[Metric]:
@@ -189,14 +206,27 @@ class EventCounters:
             "kubeloop_drift_rows", "Rows (instances) appended to drift windows", labels=["model", "version"]
         )
         scores = HistogramMetricFamily(
-            "kubeloop_drift_prediction", "Predicted scores seen in response events", labels=["model", "version"]
+            "kubeloop_drift_prediction",
+            "Predictions seen in response events: the score (binary), the predicted class's probability (multiclass), "
+            "the value (regression)",
+            labels=["model", "version"],
         )
         for labels, value in self.rows.items():
             rows.add_metric(list(labels), value)
             cumulative = list(accumulate(self.buckets[labels]))
-            bounds = [*(str(b) for b in PREDICTION_BUCKETS), "+Inf"]
+            bounds = [*(str(b) for b in self.bounds[labels]), "+Inf"]
             scores.add_metric(list(labels), list(zip(bounds, cumulative, strict=True)), self.score_sums[labels])
         yield from (received, malformed, dropped, rows, scores)
+        if self.predicted:
+            predicted = CounterMetricFamily(
+                "kubeloop_drift_predicted_class",
+                "Rows of response events by predicted class (multiclass)",
+                labels=["model", "version", "class"],
+            )
+            for labels, counts in self.predicted.items():
+                for label, count in zip(self.classes[labels], counts, strict=True):
+                    predicted.add_metric([*labels, label], count)
+            yield predicted
 
 
 @dataclass
@@ -208,7 +238,10 @@ class VersionMonitor:
     detector: Detector
     tracker: DriftTracker
     window: int
-    predictions: deque[float]
+    predictions: deque[Any]  # the last predictions: numbers, or (multiclass) lists of class probabilities
+    task: Task = "binary"
+    classes: tuple[str, ...] = ()  # multiclass: the order of the probabilities (spec.signature.classes)
+    prediction_buckets: tuple[float, ...] = PREDICTION_BUCKETS
     parser: RequestParser = field(init=False)
     # the event loop's side: the window being filled
     columns: list[list[Any]] = field(init=False)
@@ -261,7 +294,7 @@ class DriftSidecar:
         self.metrics = Metrics(self.registry)
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=config.detection_queue)
         self.metrics.pending.set_function(self._jobs.qsize)
-        self.counters = EventCounters([m.labels for m in self.monitors.values()])
+        self.counters = EventCounters(list(self.monitors.values()))
         self.registry.register(self.counters)
         self._received = self.counters.received
         self._last_logged: dict[str, float] = {}
@@ -311,10 +344,10 @@ class DriftSidecar:
                 monitor.requests += 1
                 self._append(monitor, rows.n, rows.columns)
             else:
-                scores = parse_predictions(payload)
+                predictions = parse_predictions(payload, monitor.task, len(monitor.classes))
                 monitor.responses += 1
-                monitor.predictions.extend(scores)
-                self.counters.observe_scores(monitor.labels, scores)
+                monitor.predictions.extend(predictions)
+                self.counters.observe(monitor.labels, predictions)
         except Malformed as error:
             return self._reject(error)
         return 200, ""
@@ -470,6 +503,7 @@ class DriftSidecar:
         out: dict[str, Any] = {
             "model": m.model,
             "version": m.version,
+            "task": m.task,
             "drift": drift,
             "state": m.tracker.state,
             "referenceRows": m.reference.size,
@@ -485,7 +519,7 @@ class DriftSidecar:
             "recentFlags": list(m.tracker.recent),
             "skew": _clean(m.last_skew),
             "serving": _clean(m.last_stats),
-            "predictions": _prediction_summary(m.predictions),
+            "predictions": _prediction_summary(m),
             "history": list(m.history),
         }
         if last is not None:
@@ -503,12 +537,9 @@ class DriftSidecar:
                 "tests": {k: t.test for k, t in last.features.items()},
             }
         if m is not self.default and len(m.predictions) and len(self.default.predictions):
-            out["predictionShift"] = {
-                "against": self.default.version,
-                "ksDistance": ks_distance(
-                    np.fromiter(m.predictions, float), np.fromiter(self.default.predictions, float)
-                ),
-            }
+            shift = prediction_shift(m, self.default)
+            if shift is not None:
+                out["predictionShift"] = shift
         return out
 
     # ---- ASGI --------------------------------------------------------------------------------------------------
@@ -627,12 +658,39 @@ def _clean(nested: dict[str, dict[str, float]]) -> dict[str, dict[str, float | N
     return {k: {s: _finite(v) for s, v in stats.items()} for k, stats in nested.items()}
 
 
-def _prediction_summary(predictions: deque[float]) -> dict[str, Any]:
-    if not predictions:
+def _prediction_summary(monitor: VersionMonitor) -> dict[str, Any]:
+    """Count, mean and p10/p50/p90 of the kept predictions: of the score (binary), the value (regression), the
+    predicted class's probability (multiclass, which adds each class's share of the predictions)."""
+    if not monitor.predictions:
         return {"count": 0}
-    values = np.fromiter(predictions, float)
-    q10, q50, q90 = np.quantile(values, [0.1, 0.5, 0.9])
-    return {"count": len(values), "mean": float(values.mean()), "p10": float(q10), "p50": float(q50), "p90": float(q90)}
+    values = np.array(monitor.predictions, dtype=np.float64)
+    scores = values.max(axis=1) if values.ndim == 2 else values
+    q10, q50, q90 = np.quantile(scores, [0.1, 0.5, 0.9])
+    summary: dict[str, Any] = {
+        "count": len(scores),
+        "mean": float(scores.mean()),
+        "p10": float(q10),
+        "p50": float(q50),
+        "p90": float(q90),
+    }
+    if values.ndim == 2:
+        shares = np.bincount(values.argmax(axis=1), minlength=len(monitor.classes)) / len(values)
+        summary["classShares"] = dict(zip(monitor.classes, shares.tolist(), strict=True))
+    return summary
+
+
+def prediction_shift(monitor: VersionMonitor, default: VersionMonitor) -> dict[str, Any] | None:
+    """How far a version's kept predictions are from the default version's: the two-sample KS distance of the
+    scores or values; multiclass, the largest over the classes of the KS distance of that class's probability
+    (``byClass`` lists them), which moves with the predicted-class mix and with the confidence alike. None when the
+    two versions' outputs do not compare (another task, other classes)."""
+    if (monitor.task, monitor.classes) != (default.task, default.classes):
+        return None
+    ours, theirs = np.array(monitor.predictions, dtype=np.float64), np.array(default.predictions, dtype=np.float64)
+    if ours.ndim == 1:
+        return {"against": default.version, "ksDistance": ks_distance(ours, theirs)}
+    by_class = {label: ks_distance(ours[:, i], theirs[:, i]) for i, label in enumerate(monitor.classes)}
+    return {"against": default.version, "ksDistance": max(by_class.values()), "byClass": by_class}
 
 
 def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -666,8 +724,15 @@ def read_model_version(ref: str) -> ModelVersion:
 
 def build_monitor(record: ModelVersion, config: SidecarConfig) -> VersionMonitor:
     from kubeloop.data.snapshot import load_snapshot
+    from kubeloop.errors import KubeloopError
 
     spec = record.spec
+    signature = spec.signature
+    if signature.task == "multiclass" and not signature.classes:
+        raise KubeloopError(
+            f"{record.metadata.name}: spec.signature.classes is empty: a multiclass ModelVersion names its classes, "
+            "the order of its probabilities"
+        )
     snapshot = load_snapshot(spec.lineage.dataset_digest)
     schema = Schema.from_signature(spec.signature, snapshot.stats)
     reference = Reference.from_snapshot(schema, snapshot, config.reference_size, config.seed)
@@ -704,7 +769,18 @@ def build_monitor(record: ModelVersion, config: SidecarConfig) -> VersionMonitor
         tracker=DriftTracker(config.alarm_k, config.alarm_m),
         window=config.window,
         predictions=deque(maxlen=config.prediction_window or config.window),
+        task=signature.task,
+        classes=tuple(signature.classes or ()),
+        prediction_buckets=_prediction_buckets(signature.task, snapshot.stats.get(signature.label)),
     )
+
+
+def _prediction_buckets(task: Task, label: ColumnStats | None) -> tuple[float, ...]:
+    """Probabilities: tenths. Values: round steps over the training snapshot's label mean -3..+3 std, the bounds
+    the model server's own histogram takes from the training split (so they most often coincide)."""
+    if task != "regression":
+        return PREDICTION_BUCKETS
+    return value_buckets(label.mean, label.std) if label is not None else value_buckets(None, None)
 
 
 def build_sidecar(records: Sequence[ModelVersion], config: SidecarConfig, default_version: int | None) -> DriftSidecar:

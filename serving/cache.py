@@ -1,5 +1,6 @@
 """The optional prediction cache: static (precomputed for a declared key set), dynamic (LRU, computed on demand for
-the long tail) or hybrid (both). A key is one row's validated feature values in signature order."""
+the long tail) or hybrid (both). A key is one row's validated feature values in signature order; its value is
+the model's answer for the row: a number, or (multiclass) the list of its class probabilities."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pandas as pd
 
 CacheMode = Literal["off", "static", "dynamic", "hybrid"]
 MODES: tuple[str, ...] = ("off", "static", "dynamic", "hybrid")
+Output = float | list[float]
 
 
 def row_keys(columns: dict[str, np.ndarray], names: list[str]) -> list[tuple[Hashable, ...]]:
@@ -33,8 +35,8 @@ class PredictionCache:
             raise ValueError(f"cache mode must be one of static, dynamic, hybrid; got {mode!r}")
         self.mode = mode
         self.size = size
-        self.static: dict[Hashable, float] = {}
-        self.dynamic: OrderedDict[Hashable, float] = OrderedDict()
+        self.static: dict[Hashable, Output] = {}
+        self.dynamic: OrderedDict[Hashable, Output] = OrderedDict()
         self.hits = {"static": 0, "dynamic": 0}
         self.misses = 0
 
@@ -42,12 +44,12 @@ class PredictionCache:
     def uses_dynamic(self) -> bool:
         return self.mode in ("dynamic", "hybrid")
 
-    def preload(self, keys: list[tuple[Hashable, ...]], probabilities: np.ndarray) -> None:
-        self.static.update(zip(keys, probabilities.tolist(), strict=True))
+    def preload(self, keys: list[tuple[Hashable, ...]], outputs: np.ndarray) -> None:
+        self.static.update(zip(keys, outputs.tolist(), strict=True))
 
-    def lookup(self, keys: list[tuple[Hashable, ...]]) -> tuple[list[float | None], list[int]]:
+    def lookup(self, keys: list[tuple[Hashable, ...]]) -> tuple[list[Output | None], list[int]]:
         """Cached values (None where missing) and the indices of the misses."""
-        found: list[float | None] = []
+        found: list[Output | None] = []
         misses: list[int] = []
         static, dynamic = self.static, self.dynamic
         for i, key in enumerate(keys):
@@ -63,11 +65,11 @@ class PredictionCache:
         self.misses += len(misses)
         return found, misses
 
-    def store(self, keys: list[tuple[Hashable, ...]], probabilities: list[float]) -> None:
+    def store(self, keys: list[tuple[Hashable, ...]], outputs: list[Output]) -> None:
         if not self.uses_dynamic or self.size <= 0:
             return
         dynamic = self.dynamic
-        for key, value in zip(keys, probabilities, strict=True):
+        for key, value in zip(keys, outputs, strict=True):
             if key in self.static:
                 continue
             dynamic[key] = value

@@ -7,6 +7,7 @@ value. Request counters are plain prometheus_client counters with their label ch
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import Counter as Tally
 from collections.abc import Iterable, Sequence
@@ -16,12 +17,17 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kubeloop.api.modelversion import Feature
+from kubeloop.api.modelversion import Feature, Task
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PREDICTION_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 Z_STEPS = (-3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 OTHER, NULL = "__other__", "__null__"
+PREDICTION_HELP: dict[Task, str] = {
+    "binary": "Predicted probability of the positive class.",
+    "multiclass": "Probability of the predicted class (the model's confidence).",
+    "regression": "Predicted value of the label (buckets: a round step on the training label's mean -3..+3 std).",
+}
 
 
 def feature_buckets(mean: float | None, std: float | None) -> tuple[float, ...]:
@@ -33,6 +39,25 @@ def feature_buckets(mean: float | None, std: float | None) -> tuple[float, ...]:
     if mean is None or std is None or not np.isfinite(mean) or not np.isfinite(std) or std <= 0:
         return (0.0,)
     bounds = {float(f"{mean + k * std:.6g}") for k in Z_STEPS}
+    if mean >= 0:
+        bounds = {max(bound, 0.0) for bound in bounds}
+    return tuple(sorted(bounds))
+
+
+def value_buckets(mean: float | None, std: float | None) -> tuple[float, ...]:
+    """Bucket bounds for a regression model's predicted values: multiples of a round step (1, 2, 2.5 or 5 times a
+    power of ten, the first at least half the training label's std) from its mean - 3 std to mean + 3 std.
+
+    Bounds on a grid of round multiples coincide for two versions trained on similar data, so their histograms
+    compare bucket by bucket (the canary analysis's KS distance). A non-negative mean gets no bounds below 0, as in
+    `feature_buckets`.
+    """
+    if mean is None or std is None or not np.isfinite(mean) or not np.isfinite(std) or std <= 0:
+        return (0.0,)
+    exponent = math.floor(math.log10(std / 2))
+    step = next(m * 10.0**exponent for m in (1, 2, 2.5, 5, 10) if m * 10.0**exponent >= std / 2)
+    low, high = math.floor((mean - 3 * std) / step), math.ceil((mean + 3 * std) / step)
+    bounds = {round(k * step, 1 - exponent) + 0.0 for k in range(low, high + 1)}  # + 0.0: no -0.0
     if mean >= 0:
         bounds = {max(bound, 0.0) for bound in bounds}
     return tuple(sorted(bounds))
@@ -53,7 +78,12 @@ class _BulkHistogram:
 
 
 class ServingMetrics(Collector):
-    """All of one model server's kubeloop metrics (one model version per process)."""
+    """All of one model server's kubeloop metrics (one model version per process).
+
+    The prediction histogram holds one number per row whatever the task: P(positive) (binary), the predicted
+    class's probability (multiclass, which also counts rows per predicted class), the value (regression, buckets
+    from the training label's mean and std: `label_stats`).
+    """
 
     def __init__(
         self,
@@ -62,13 +92,21 @@ class ServingMetrics(Collector):
         features: Sequence[Feature],
         numeric_stats: dict[str, tuple[float | None, float | None]] | None = None,
         registry: CollectorRegistry | None = REGISTRY,
+        *,
+        task: Task = "binary",
+        classes: Sequence[str] = (),
+        label_stats: tuple[float | None, float | None] = (None, None),
     ):
         self.model, self.version = model, str(version)
         registry = registry if registry is not None else CollectorRegistry()
         self._lock = threading.Lock()
         numeric_stats = numeric_stats or {}
         self.features = list(features)
-        self._prediction = _BulkHistogram(PREDICTION_BUCKETS)
+        self.task, self.classes = task, list(classes)
+        if task == "multiclass" and not self.classes:
+            raise ValueError("a multiclass model's metrics need its classes (spec.signature.classes)")
+        self._prediction = _BulkHistogram(value_buckets(*label_stats) if task == "regression" else PREDICTION_BUCKETS)
+        self._predicted = np.zeros(len(self.classes), dtype=np.int64)
         self._values = {
             f.name: _BulkHistogram(feature_buckets(*numeric_stats.get(f.name, (None, None))))
             for f in self.features
@@ -135,11 +173,19 @@ class ServingMetrics(Collector):
             child = self._error_children[reason] = self.errors.labels(self.model, self.version, reason)
         child.inc()
 
-    def observe_batch(self, columns: dict[str, np.ndarray], probabilities: np.ndarray) -> None:
-        """Prediction and input statistics of one model call."""
-        self.batch_rows.observe(len(probabilities))
+    def observe_batch(self, columns: dict[str, np.ndarray], outputs: np.ndarray) -> None:
+        """Prediction and input statistics of one model call; `outputs` as the model answers: one number per row,
+        or (multiclass) one row of class probabilities."""
+        self.batch_rows.observe(len(outputs))
+        if outputs.ndim == 2:
+            scores = outputs.max(axis=1)
+            predicted = np.bincount(outputs.argmax(axis=1), minlength=len(self.classes))
+        else:
+            scores, predicted = outputs, None
         with self._lock:
-            self._prediction.observe_many(probabilities.astype(np.float64, copy=False))
+            self._prediction.observe_many(scores.astype(np.float64, copy=False))
+            if predicted is not None:
+                self._predicted += predicted
             for name, histogram in self._values.items():
                 values = columns[name]
                 nulls = int(np.isnan(values).sum())
@@ -158,9 +204,19 @@ class ServingMetrics(Collector):
         base = [self.model, self.version]
         with self._lock:
             prediction = HistogramMetricFamily(
-                "kubeloop_prediction", "Predicted probability of the positive class.", labels=("model", "version")
+                "kubeloop_prediction", PREDICTION_HELP[self.task], labels=("model", "version")
             )
             prediction.add_metric(base, _buckets(self._prediction), self._prediction.sum)
+            families: list[Metric] = [prediction]
+            if self.task == "multiclass":
+                predicted = CounterMetricFamily(
+                    "kubeloop_predicted_class",
+                    "Rows by predicted class (the class of the highest probability).",
+                    labels=("model", "version", "class"),
+                )
+                for label, count in zip(self.classes, self._predicted.tolist(), strict=True):
+                    predicted.add_metric([*base, label], count)
+                families.append(predicted)
             values = HistogramMetricFamily(
                 "kubeloop_feature_value",
                 "Served values of numeric input features (buckets at the training mean -3..+3 std).",
@@ -182,7 +238,7 @@ class ServingMetrics(Collector):
             )
             for f in self.features:
                 nulls.add_metric([*base, f.name], self._nulls.get(f.name, 0))
-        return [prediction, values, categories, nulls]
+        return [*families, values, categories, nulls]
 
     def describe(self) -> Iterable[Metric]:
         return []

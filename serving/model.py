@@ -1,6 +1,12 @@
 """The kserve.Model that serves a ModelVersion: its artifact (network + the fitted transform from training), input
 validation against its signature, both inference protocols, kubeloop's metrics, an optional prediction cache.
 
+What it answers per row follows the signature's task (`ModelArtifact.predict`): binary, P(positive class), output
+`probability` of shape [n]; multiclass, one probability per class in the order of `spec.signature.classes`, output
+`probabilities` of shape [n, classes] (v2 data row-major, as the Open Inference Protocol flattens tensors; v1 one
+list per row); regression, the value in the label's units, output `value` of shape [n]. An output that is not finite
+(NaN or inf: inputs far outside the training data can overflow the float32 network) is never answered as a 200.
+
 Concurrent requests are merged into one model call (KServe's batcher idea, without its wait): a request's rows are
 queued and the first request of an event-loop turn schedules one flush for the turn after, so the rows of every
 request that reached the model in between go through `ModelArtifact.predict` (the trained transform, then
@@ -22,7 +28,7 @@ import pandas as pd
 from kserve.errors import InferenceError
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from kubeloop.api.modelversion import ModelVersion
+from kubeloop.api.modelversion import ModelVersion, Task
 from kubeloop.artifact import ModelArtifact
 from kubeloop.errors import KubeloopError
 from kubeloop.log import event
@@ -30,7 +36,7 @@ from serving.cache import PredictionCache, read_rows, row_keys
 from serving.metrics import ServingMetrics
 from serving.validation import DEFAULT_MAX_BATCH, V2_DATATYPES, Batch, InvalidRequest, SignatureValidator
 
-OUTPUT = "probability"
+OUTPUTS: dict[Task, str] = {"binary": "probability", "multiclass": "probabilities", "regression": "value"}
 MAX_MERGED_ROWS = 4096
 
 log = logging.getLogger("kubeloop.serving.model")
@@ -52,7 +58,10 @@ class KubeloopModel(kserve.Model):
         self.merge_requests = merge_requests
         self.record = record
         self.version = record.spec.version
-        self.features = list(record.spec.signature.inputs)
+        signature = record.spec.signature
+        self.task, self.classes = signature.task, list(signature.classes or [])
+        self.output = OUTPUTS[self.task]
+        self.features = list(signature.inputs)
         self.names = [f.name for f in self.features]
         self.validator = SignatureValidator(self.features, max_batch)
         self.cache, self.cache_file = cache, cache_file
@@ -71,10 +80,24 @@ class KubeloopModel(kserve.Model):
                 f"{self.record.metadata.name}: the signature's inputs {self.names} differ from the features the "
                 f"artifact's transform was fitted on {trained}"
             )
+        transform = artifact.transform
+        if (transform.task, transform.classes or []) != (self.task, self.classes):
+            raise KubeloopError(
+                f"{self.record.metadata.name}: spec.signature.task {self.task} (classes {self.classes}) differs from "
+                f"the artifact's transform: task {transform.task} (classes {transform.classes or []})"
+            )
         self.artifact = artifact
         if self.metrics is None:
-            stats = {f.name: (f.mean, f.std) for f in artifact.transform.features if f.categories is None}
-            self.metrics = ServingMetrics(self.record.spec.model, self.version, self.features, stats)
+            stats = {f.name: (f.mean, f.std) for f in transform.features if f.categories is None}
+            self.metrics = ServingMetrics(
+                self.record.spec.model,
+                self.version,
+                self.features,
+                stats,
+                task=self.task,
+                classes=self.classes,
+                label_stats=(transform.label_mean, transform.label_std),
+            )
         if self.cache is not None and self.cache_file:
             self._preload_cache(self.cache_file)
         self.ready = True
@@ -85,9 +108,10 @@ class KubeloopModel(kserve.Model):
         for start in range(0, len(rows), self.validator.max_batch):
             try:
                 batch = self.validator.from_v1({"instances": rows[start : start + self.validator.max_batch]})
-            except InvalidRequest as error:
+                outputs = _check_finite(self._forward(batch.columns))
+            except (InvalidRequest, InferenceError) as error:
                 raise KubeloopError(f"--cache-file {path}: rows from {start}: {error}") from None
-            self.cache.preload(row_keys(batch.columns, self.names), self._forward(batch.columns))
+            self.cache.preload(row_keys(batch.columns, self.names), outputs)
         self._update_cache_gauges()
         event(log, "cache.preloaded", rows=len(rows), keys=len(self.cache.static), mode=self.cache.mode)
 
@@ -96,7 +120,10 @@ class KubeloopModel(kserve.Model):
         return [{"name": f.name, "datatype": V2_DATATYPES[f.dtype][0], "shape": [-1]} for f in self.features]
 
     def get_output_types(self) -> list[dict]:
-        return [{"name": OUTPUT, "datatype": "FP32", "shape": [-1]}]
+        """The task's output; a multiclass one's columns follow spec.signature.classes (kserve's metadata has no
+        field to name them)."""
+        shape = [-1, len(self.classes)] if self.task == "multiclass" else [-1]
+        return [{"name": self.output, "datatype": "FP32", "shape": shape}]
 
     # ---- the kserve handlers
     async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Batch:
@@ -115,15 +142,15 @@ class KubeloopModel(kserve.Model):
         return payload  # validated against the signature in preprocess
 
     async def predict(self, batch: Batch, headers: dict[str, str] | None = None) -> dict | InferResponse:
-        probabilities = await self._submit(batch) if self.merge_requests else self._compute_one(batch)
+        outputs = await self._submit(batch) if self.merge_requests else self._compute_one(batch)
         if batch.protocol == "v1":
-            return {"predictions": probabilities.tolist()}
+            return {"predictions": outputs.tolist()}
         request = batch.request
         return InferResponse(
             response_id=request.id or str(uuid.uuid4()),
             model_name=self.name,
             model_version=str(self.version),
-            infer_outputs=[InferOutput(name=OUTPUT, shape=[batch.rows], datatype="FP32", data=probabilities)],
+            infer_outputs=[InferOutput(name=self.output, shape=list(outputs.shape), datatype="FP32", data=outputs)],
             requested_outputs=request.request_outputs,
         )
 
@@ -154,9 +181,8 @@ class KubeloopModel(kserve.Model):
     def _compute_one(self, batch: Batch) -> np.ndarray:
         try:
             return self._compute([batch])[0]
-        except Exception:
-            log.exception("model call failed on a request of %d rows", batch.rows)
-            raise InferenceError("the model failed on this request; see the server log") from None
+        except Exception as error:
+            raise _failure(error, batch.rows) from None
 
     def _run_group(self, group: Sequence[tuple[Batch, asyncio.Future]]) -> None:
         live = [(batch, future) for batch, future in group if not future.done()]  # a cancelled request is skipped
@@ -164,10 +190,9 @@ class KubeloopModel(kserve.Model):
             return
         try:
             results = self._compute([batch for batch, _ in live])
-        except Exception:
+        except Exception as error:
             if len(live) == 1:
-                log.exception("model call failed on a request of %d rows", live[0][0].rows)
-                live[0][1].set_exception(InferenceError("the model failed on this request; see the server log"))
+                live[0][1].set_exception(_failure(error, live[0][0].rows))
                 return
             for item in live:  # isolate the request that fails
                 self._run_group([item])
@@ -181,12 +206,13 @@ class KubeloopModel(kserve.Model):
             columns = batches[0].columns
         else:
             columns = {name: np.concatenate([b.columns[name] for b in batches]) for name in self.names}
-        probabilities = self._forward(columns) if self.cache is None else self._cached_forward(columns)
-        self.metrics.observe_batch(columns, probabilities)
+        outputs = self._forward(columns) if self.cache is None else self._cached_forward(columns)
+        _check_finite(outputs)
+        self.metrics.observe_batch(columns, outputs)
         if len(batches) == 1:
-            return [probabilities]
+            return [outputs]
         offsets = np.cumsum([b.rows for b in batches])[:-1]
-        return np.split(probabilities, offsets)
+        return np.split(outputs, offsets)  # along the rows: a multiclass request keeps its [rows, classes]
 
     def _forward(self, columns: dict[str, np.ndarray]) -> np.ndarray:
         """The trained model on validated rows: ModelArtifact.predict (the fitted transform, then the net)."""
@@ -217,6 +243,27 @@ class KubeloopModel(kserve.Model):
             metrics.cache_misses.inc(misses)
         metrics.cache_entries.labels(*labels, "static").set(len(cache.static))
         metrics.cache_entries.labels(*labels, "dynamic").set(len(cache.dynamic))
+
+
+def _check_finite(outputs: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(outputs) if outputs.ndim == 1 else np.isfinite(outputs).all(axis=1)
+    if not finite.all():
+        rows = np.flatnonzero(~finite)
+        raise InferenceError(
+            f"the model's output is not finite (NaN or inf) for {len(rows)} row(s) of this request, the first "
+            f"{rows[:5].tolist()}: inputs far outside the training data's range overflow its float32 arithmetic"
+        )
+    return outputs
+
+
+def _failure(error: Exception, rows: int) -> InferenceError:
+    """What a request whose model call failed is answered (HTTP 500): an InferenceError as raised, else a generic
+    one, the traceback in the log. Called in the except block."""
+    if isinstance(error, InferenceError):
+        event(log, "request.failed", logging.WARNING, rows=rows, error=str(error))
+        return error
+    log.exception("model call failed on a request of %d rows", rows)
+    return InferenceError("the model failed on this request; see the server log")
 
 
 def _native(value: Any) -> Any:

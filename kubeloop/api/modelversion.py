@@ -86,6 +86,12 @@ class GateDecision(KubeModel):
     passed: bool
     reasons: list[str] = Field(default_factory=list)
     compared_with: str | None = Field(default=None, description="The Production version it was compared with.")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="The bounds it was held to (the TrainingJob's spec.gate.thresholds)."
+    )
+    max_regression: dict[str, float] = Field(
+        default_factory=dict, description="The regressions against Production it allowed (spec.gate.maxRegression)."
+    )
 
 
 class ModelVersionSpec(KubeModel):

@@ -54,32 +54,46 @@ def _render(fig: Any, alt: str) -> Plot:
     return Plot(buffer.getvalue(), alt)
 
 
-def training_curves(per_epoch: Sequence[Mapping[str, float]]) -> Plot:
-    """Loss (train and validation) and validation AUC per epoch, and the seconds each epoch took."""
+# the per-epoch validation metric each task records, with its axis label and title
+VALIDATION = {
+    "val_auc": ("ROC AUC", "Validation AUC"),
+    "val_accuracy": ("accuracy", "Validation accuracy"),
+    "val_rmse": ("RMSE (label units)", "Validation RMSE"),
+}
+
+
+def training_curves(per_epoch: Sequence[Mapping[str, float]], loss: str = "log loss") -> Plot:
+    """Loss (train and validation, `loss` naming it) and the validation metric the history holds (val_auc,
+    val_accuracy or val_rmse) per epoch, and the seconds each epoch took."""
     epochs = [int(row.get("epoch", i + 1)) for i, row in enumerate(per_epoch)]
-    fig, (loss_ax, auc_ax) = _figure(9.0, 3.4, ncols=2)
+    fig, (loss_ax, val_ax) = _figure(9.0, 3.4, ncols=2)
     for key, label, colour in (("train_loss", "train loss", COLOURS[0]), ("val_loss", "validation loss", COLOURS[1])):
         values = [row.get(key) for row in per_epoch]
         if any(v is not None for v in values):
             loss_ax.plot(epochs, [np.nan if v is None else v for v in values], "o-", label=label, color=colour)
-    loss_ax.set(xlabel="epoch", ylabel="log loss", title="Loss")
+    loss_ax.set(xlabel="epoch", ylabel=loss, title="Loss")
     loss_ax.legend(loc="best", fontsize=8)
     loss_ax.grid(alpha=0.3)
-    aucs = [row.get("val_auc") for row in per_epoch]
-    if any(v is not None for v in aucs):
-        auc_ax.plot(epochs, [np.nan if v is None else v for v in aucs], "o-", color=COLOURS[2], label="validation AUC")
-    auc_ax.set(xlabel="epoch", ylabel="ROC AUC", title="Validation AUC")
-    auc_ax.grid(alpha=0.3)
+    key = next((k for k in VALIDATION if any(row.get(k) is not None for row in per_epoch)), None)
+    ylabel, title = VALIDATION[key] if key else ("", "No validation metric recorded")
+    if key:
+        values = [row.get(key) for row in per_epoch]
+        val_ax.plot(epochs, [np.nan if v is None else v for v in values], "o-", color=COLOURS[2], label=title)
+    val_ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    val_ax.grid(alpha=0.3)
     seconds = [row.get("epoch_seconds") for row in per_epoch]
     if any(v is not None for v in seconds):
-        time_ax = auc_ax.twinx()
+        time_ax = val_ax.twinx()
         time_ax.bar(epochs, [0 if v is None else v for v in seconds], alpha=0.15, color=COLOURS[7], label="seconds")
         time_ax.set_ylabel("seconds per epoch", color=COLOURS[7])
-        auc_ax.set_zorder(time_ax.get_zorder() + 1)
-        auc_ax.patch.set_visible(False)
-    for ax in (loss_ax, auc_ax):
-        ax.set_xticks(epochs)
-    return _render(fig, f"Training curves over {len(epochs)} epochs: loss and validation AUC")
+        val_ax.set_zorder(time_ax.get_zorder() + 1)
+        val_ax.patch.set_visible(False)
+    for ax in (loss_ax, val_ax):
+        if len(epochs) <= 15:
+            ax.set_xticks(epochs)
+        else:  # a tick per epoch would overlap
+            ax.xaxis.set_major_locator(_pyplot().MaxNLocator(10, integer=True))
+    return _render(fig, f"Training curves over {len(epochs)} epochs: loss; {title}")
 
 
 def roc_and_pr(labels: np.ndarray, proba: np.ndarray, baseline_rate: float) -> Plot:
@@ -133,8 +147,9 @@ def calibration(labels: np.ndarray, proba: np.ndarray, bins: int = 10) -> tuple[
 
 
 def slices(column: str, rows: Mapping[str, Mapping[str, float | None]], overall: Mapping[str, float | None]) -> Plot:
-    """Grouped bars per slice value for each metric, with the overall figure as a horizontal tick."""
-    metrics = [name for name in ("roc_auc", "accuracy", "precision", "recall") if overall.get(name) is not None]
+    """Grouped bars per slice value for each metric of `overall` that has a value, the overall figure as a
+    horizontal tick. Metrics within [0, 1] (classification) share the axis 0 to 1; others (RMSE, MAE) scale to fit."""
+    metrics = [name for name, value in overall.items() if value is not None]
     values = list(rows)
     fig, ax = _figure(max(6.0, 1.6 * len(metrics) + 1), 3.6)
     width = 0.8 / max(1, len(values))
@@ -145,10 +160,113 @@ def slices(column: str, rows: Mapping[str, Mapping[str, float | None]], overall:
     for j, metric in enumerate(metrics):
         ax.hlines(overall[metric], j - 0.45, j + 0.45, colors="black", linestyles="--", linewidth=1.2)
     ax.set_xticks(x, [m.replace("_", " ") for m in metrics])
-    ax.set(ylim=(0, 1.05), ylabel="value", title=f"Metrics per {column} (dashed: overall)")
+    drawn = [v for row in rows.values() for m in metrics if (v := row.get(m)) is not None]
+    drawn += [overall[m] for m in metrics]
+    top = max(drawn, default=1.0)
+    ax.set(ylim=(0, 1.05 if top <= 1 else top * 1.15), ylabel="value", title=f"Metrics per {column} (dashed: overall)")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
     return _render(fig, f"Metrics per value of {column} against the overall figure")
+
+
+def confusion_matrix(counts: np.ndarray, classes: Sequence[str]) -> Plot:
+    """Rows of the held-out set by true class (rows) and predicted class (columns), the count in each cell;
+    shaded by the share of the true class, so that a small class's errors show as clearly as a large one's."""
+    k = len(classes)
+    side = max(4.5, 0.6 * k + 2.5)
+    fig, ax = _figure(side + 1.2, side)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                colour = "white" if shares[i, j] > 0.6 else "black"
+                ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=9, color=colour)
+    ax.set_xticks(range(k), list(classes), rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
+    ax.set_yticks(range(k), list(classes))
+    ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix (held-out rows)")
+    fig.colorbar(image, ax=ax, label="share of the true class", shrink=0.8)
+    return _render(fig, f"Confusion matrix over {k} classes: held-out rows by true and predicted class")
+
+
+def roc_one_vs_rest(labels: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> Plot:
+    """One ROC curve per class (that class against all others), for each class both present and absent among
+    the rows."""
+    from sklearn.metrics import auc, roc_curve
+
+    fig, ax = _figure(6.5, 4.2)
+    for i, name in enumerate(classes):
+        positive = labels == i
+        if not 0 < positive.sum() < len(labels):
+            continue
+        fpr, tpr, _ = roc_curve(positive, proba[:, i])
+        style = "-" if i < len(COLOURS) else "--"
+        ax.plot(fpr, tpr, style, color=COLOURS[i % len(COLOURS)], label=f"{name} (AUC {auc(fpr, tpr):.3f})")
+    ax.plot([0, 1], [0, 1], ":", color=COLOURS[7], label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC, one class against the rest")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8, ncols=1 if len(classes) <= 8 else 2)
+    ax.grid(alpha=0.3)
+    return _render(fig, f"One-vs-rest ROC curves for {len(classes)} classes on the held-out rows")
+
+
+def class_balance(classes: Sequence[str], counts: Mapping[str, np.ndarray]) -> Plot:
+    """Each class's share of the rows in each named set (train, test), side by side."""
+    fig, ax = _figure(max(6.0, 0.9 * len(classes) + 2), 3.4)
+    x = np.arange(len(classes))
+    width = 0.8 / max(1, len(counts))
+    for i, (name, values) in enumerate(counts.items()):
+        shares = values / max(1, values.sum())
+        ax.bar(
+            x + (i - (len(counts) - 1) / 2) * width,
+            shares,
+            width,
+            color=COLOURS[i % 8],
+            label=f"{name} ({int(values.sum())} rows)",
+        )
+    ax.set_xticks(x, list(classes), rotation=45 if len(classes) > 6 else 0)
+    ax.set(ylabel="share of rows", title="Class balance", ylim=(0, 1.05))
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    return _render(fig, f"Share of each of {len(classes)} classes in {' and '.join(counts)}")
+
+
+def regression_fit(actual: np.ndarray, predicted: np.ndarray, label: str) -> Plot:
+    """Predicted against actual values (the diagonal is a perfect model) and the histogram of the residuals
+    (actual minus predicted)."""
+    fig, (scatter, hist) = _figure(9.0, 3.8, ncols=2)
+    low, high = float(min(actual.min(), predicted.min())), float(max(actual.max(), predicted.max()))
+    scatter.scatter(actual, predicted, s=8, alpha=0.4, color=COLOURS[0], edgecolors="none", label="held-out rows")
+    scatter.plot([low, high], [low, high], "--", color=COLOURS[1], label="predicted = actual")
+    scatter.set(xlabel=f"actual {label}", ylabel=f"predicted {label}", title="Predicted against actual")
+    scatter.legend(loc="upper left", fontsize=8)
+    scatter.grid(alpha=0.3)
+    residuals = actual - predicted
+    hist.hist(residuals, bins=min(40, max(10, len(residuals) // 20)), color=COLOURS[0])
+    hist.axvline(0, ls="--", color=COLOURS[1], label="no error")
+    hist.axvline(float(residuals.mean()), color="black", label=f"mean {residuals.mean():+.3f}")
+    hist.set(xlabel=f"residual (actual - predicted {label})", ylabel="rows", title="Residuals")
+    hist.legend(loc="upper right", fontsize=8)
+    hist.grid(alpha=0.3)
+    return _render(fig, f"Predicted against actual {label} and the residuals on {len(actual)} held-out rows")
+
+
+def residuals_by_slice(column: str, residuals: Mapping[str, np.ndarray]) -> Plot:
+    """A box of the residuals (actual minus predicted) per slice value: where the model errs, and which way."""
+    names = list(residuals)
+    fig, ax = _figure(max(6.0, 0.9 * len(names) + 2), 3.6)
+    ax.boxplot(
+        [residuals[name] for name in names],
+        showfliers=False,
+        patch_artist=True,
+        boxprops={"facecolor": COLOURS[0], "alpha": 0.5},
+        medianprops={"color": COLOURS[1]},
+    )
+    ax.set_xticks(range(1, len(names) + 1), [f"{name}\n({len(residuals[name])} rows)" for name in names])
+    ax.axhline(0, ls="--", color="black", linewidth=1)
+    ax.set(xlabel=column, ylabel="residual (actual - predicted)", title=f"Errors per {column} (boxes: quartiles)")
+    ax.grid(axis="y", alpha=0.3)
+    return _render(fig, f"Residuals per value of {column} on the held-out rows")
 
 
 def p_values(p: Mapping[str, float | None], threshold: float | None, title: str) -> Plot:

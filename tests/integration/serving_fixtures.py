@@ -1,7 +1,8 @@
 """Helpers for the serving tests and bench/serving_wrk.py: a real registered model, server processes, a sink.
 
-The model: the bundled arrests data, `TabularTransform.fit` on it (the class training uses), the MLP builder
-training uses, trained in-process for a few full-batch Adam steps (seconds; not a Ray TrainingJob), saved as a
+The model: a bundled data set (arrests for a binary model, penguins for a multiclass one, abalone for a regression),
+`TabularTransform.fit` on it (the class training uses), the MLP builder training uses, trained in-process for a few
+full-batch Adam steps on the task's loss (kubeloop.training.tasks; seconds, not a Ray TrainingJob), saved as a
 `ModelArtifact` and registered through `Registry.allocate/save` with a ModelVersion record.
 
 The sink (`python tests/integration/serving_fixtures.py sink --port 0 [--delay S]`): a small real HTTP server standing
@@ -33,14 +34,26 @@ READY = re.compile(r"(?:serving .* on|splitting on) (http://\S+)")
 
 
 # ---------------------------------------------------------------- the model
-def arrests_frame() -> pd.DataFrame:
+# bundled data set (= the model's name) -> its label, the task, the positive class
+DATASETS = {
+    "arrests": ("released", "binary", "Yes"),
+    "penguins": ("species", "multiclass", None),
+    "abalone": ("rings", "regression", None),
+}
+
+
+def bundled_frame(name: str) -> pd.DataFrame:
     from kubeloop.data.bundled import bundled_path
 
-    return pd.read_csv(bundled_path("arrests"))
+    return pd.read_csv(bundled_path(name))
 
 
-def register_model(home: Path, *, seed: int = 0, steps: int = 60, nullable: bool = False):
-    """Train and register one arrests model under `home`; returns its ModelVersion record."""
+def arrests_frame() -> pd.DataFrame:
+    return bundled_frame("arrests")
+
+
+def register_model(home: Path, *, seed: int = 0, steps: int = 60, nullable: bool = False, dataset: str = "arrests"):
+    """Train and register one model of a bundled data set under `home`; returns its ModelVersion record."""
     import torch
 
     from kubeloop.api.modelversion import Feature, Lineage, ModelVersionSpec, Signature
@@ -48,33 +61,36 @@ def register_model(home: Path, *, seed: int = 0, steps: int = 60, nullable: bool
     from kubeloop.data.bundled import bundled_path
     from kubeloop.evaluation import evaluate
     from kubeloop.registry import Registry
+    from kubeloop.training import tasks
     from kubeloop.training.models import mlp
     from kubeloop.transform import TabularTransform
 
-    frame = arrests_frame()
-    transform = TabularTransform.fit(frame, label="released", positive_class="Yes")
+    label, task, positive = DATASETS[dataset]
+    frame = bundled_frame(dataset)
+    transform = TabularTransform.fit(frame, label=label, task=task, positive_class=positive)
     torch.manual_seed(seed)
     params = {"hidden_units": [16]}
-    model = mlp(transform.output_dim, **params)
+    model = mlp(transform.output_dim, **params, outputs=transform.label_width)
     features = torch.from_numpy(transform.transform(frame))
-    labels = torch.from_numpy(transform.encode_label(frame))
+    labels = tasks.targets(task, transform.encode_label(frame))
+    loss_function = tasks.loss_function(task)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(features).squeeze(1), labels)
+        loss = loss_function(tasks.fitted(task, model(features)), labels)
         loss.backward()
         optimizer.step()
     artifact = ModelArtifact(model, transform, "kubeloop.training.models:mlp", params)
     registry = Registry(home / "registry")
-    version, directory = registry.allocate("arrests")
+    version, directory = registry.allocate(dataset)
     artifact.save(directory / "artifact")
-    digest = hashlib.sha256(bundled_path("arrests").read_bytes()).hexdigest()
+    digest = hashlib.sha256(bundled_path(dataset).read_bytes()).hexdigest()
     spec = ModelVersionSpec(
-        model="arrests",
+        model=dataset,
         version=version,
         artifact_uri=(directory / "artifact").resolve().as_uri(),
         lineage=Lineage(
-            dataset_uri="bundled://arrests",
+            dataset_uri=f"bundled://{dataset}",
             dataset_digest=f"sha256:{digest}",
             dataset_rows=len(frame),
             training_job="tests/serving-fixture",
@@ -84,18 +100,20 @@ def register_model(home: Path, *, seed: int = 0, steps: int = 60, nullable: bool
             workers=1,
             backend="gloo",
         ),
-        metrics=evaluate(transform.encode_label(frame), artifact.predict(frame)),
+        metrics=evaluate(transform.label_values(frame), artifact.predict(frame), task=task, classes=transform.classes),
         signature=Signature(
             inputs=[Feature(**f, nullable=nullable) for f in transform.input_features()],
-            label="released",
-            positive_class="Yes",
+            label=label,
+            task=task,
+            positive_class=positive,
+            classes=transform.classes,
         ),
     )
     return registry.save(spec, reason="serving test fixture")
 
 
-def record_path(home: Path, version: int) -> Path:
-    return home / "registry" / "arrests" / f"v{version}" / "modelversion.yaml"
+def record_path(home: Path, version: int, model: str = "arrests") -> Path:
+    return home / "registry" / model / f"v{version}" / "modelversion.yaml"
 
 
 # ---------------------------------------------------------------- processes
@@ -211,6 +229,17 @@ def shared_home(tmp_path_factory) -> Path:
     return home
 
 
+def task_home(tmp_path_factory) -> Path:
+    """One KUBELOOP_HOME per test session with penguins v1 (multiclass) and abalone v1 (regression); their features
+    nullable, as training declares them (penguins has nulls)."""
+    home = tmp_path_factory.getbasetemp() / "serving-task-models"
+    if not (home / "ready").exists():
+        register_model(home, dataset="penguins", nullable=True)
+        register_model(home, dataset="abalone", nullable=True)
+        (home / "ready").touch()
+    return home
+
+
 def scrape(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of metric `name` whose labels include `labels`, in Prometheus text format."""
     total = 0.0
@@ -264,10 +293,11 @@ def http_many(
     return asyncio.run(run())
 
 
-def rows(frame: pd.DataFrame, n: int, start: int = 0) -> list[dict]:
-    features = frame.drop(columns=["released"]).iloc[start : start + n]
+def rows(frame: pd.DataFrame, n: int, start: int = 0, label: str = "released") -> list[dict]:
+    """JSON-ready feature rows (the label dropped, nulls as None)."""
+    features = frame.drop(columns=[label]).iloc[start : start + n]
     return [
-        {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+        {k: None if pd.isna(v) else v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
         for row in features.to_dict("records")
     ]
 

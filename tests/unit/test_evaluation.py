@@ -61,3 +61,49 @@ def test_gate_compares_against_production_with_a_margin():
     decision = gate(weak, spec, record)
     assert not decision.passed and decision.compared_with == "arrests-v1"
     assert "roc_auc" in decision.reasons[0] and "worse than Production arrests-v1 (0.7240)" in decision.reasons[0]
+
+
+def test_gate_records_the_bounds_it_held_the_version_to():
+    evaluation = evaluate(np.array([1, 0, 1, 0]), np.array([0.9, 0.1, 0.8, 0.2]))
+    spec = Gate.model_validate({"thresholds": {"rocAuc": 0.7, "f1": 0.5}, "maxRegression": {"rocAuc": 0.02}})
+    decision = gate(evaluation, spec, None)
+    assert decision.passed
+    assert decision.thresholds == {"rocAuc": 0.7, "f1": 0.5}
+    assert decision.max_regression == {"rocAuc": 0.02}
+
+
+def test_multiclass_and_regression_metrics_and_gate():
+    labels = np.array([0, 1, 2, 2, 1, 0])
+    proba = np.array(
+        [[0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.1, 0.2, 0.7], [0.2, 0.5, 0.3], [0.2, 0.6, 0.2], [0.6, 0.3, 0.1]]
+    )
+    result = metrics(labels, proba, "multiclass", ["a", "b", "c"])
+    assert result.accuracy == pytest.approx(5 / 6) and result.class_rates == pytest.approx(
+        {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}
+    )
+    assert result.roc_auc == pytest.approx(roc_auc_score(labels, proba, multi_class="ovr"))
+    assert result.positive_rate is None and result.rmse is None
+    decision = gate(
+        evaluate(labels, proba, task="multiclass", classes=["a", "b", "c"]),
+        Gate.model_validate({"thresholds": {"accuracy": 0.9}}),
+        None,
+        "multiclass",
+    )
+    assert decision.reasons == ["accuracy 0.8333 is below the threshold 0.9 by 0.0667"]
+
+    values, predicted = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.5, 2.0, 2.5, 4.0])
+    result = metrics(values, predicted, "regression")
+    assert result.rmse == pytest.approx(np.sqrt(0.125)) and result.mae == pytest.approx(0.25)
+    assert result.r2 == pytest.approx(1 - 0.5 / 5) and result.accuracy is None
+    decision = gate(
+        evaluate(values, predicted, task="regression"),
+        Gate.model_validate({"thresholds": {"rmse": 0.3, "r2": 0.95}}),
+        None,
+        "regression",
+    )
+    assert decision.reasons == [
+        "rmse 0.3536 is above the threshold 0.3 by 0.0536",
+        "r2 0.9000 is below the threshold 0.95 by 0.0500",
+    ]
+    constant = metrics(np.array([2.0, 2.0]), np.array([2.0, 2.5]), "regression")
+    assert constant.r2 is None

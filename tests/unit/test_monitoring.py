@@ -4,7 +4,9 @@ the sidecar application in-process. alibi-detect is imported once for the module
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import subprocess
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import tools
 import yaml
+from prometheus_client import generate_latest
 
 from kubeloop.api.modelversion import ModelVersion, Signature
 from kubeloop.data.bundled import bundled_path
@@ -302,6 +306,39 @@ def test_predictions_v1_and_v2() -> None:
     assert parse_predictions(two_classes) == [0.7, 0.4]
 
 
+def test_predictions_per_task() -> None:
+    rows = [[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]
+    assert parse_predictions({"predictions": rows}, "multiclass", 3) == rows
+    flat = {"outputs": [{"name": "probabilities", "shape": [2, 3], "datatype": "FP32", "data": [*rows[0], *rows[1]]}]}
+    assert parse_predictions(flat, "multiclass", 3) == rows
+    nested = {"outputs": [{"name": "label", "data": [0, 2]}, {"name": "probabilities", "shape": [2, 3], "data": rows}]}
+    assert parse_predictions(nested, "multiclass", 3) == rows
+    assert parse_predictions({"predictions": [9.5, 11]}, "regression") == [9.5, 11.0]
+    v2 = {"outputs": [{"name": "value", "shape": [2, 1], "datatype": "FP32", "data": [[9.5], [11.0]]}]}
+    assert parse_predictions(v2, "regression") == [9.5, 11.0]
+
+
+@pytest.mark.parametrize(
+    ("payload", "task", "reason"),
+    [
+        ({"predictions": [[0.5, 0.5]]}, "multiclass", "shape_mismatch"),  # 2 of 3 classes
+        ({"predictions": [0.5]}, "multiclass", "wrong_type"),
+        ({"predictions": [[0.5, "x", 0.2]]}, "multiclass", "wrong_type"),
+        ({"predictions": [[0.5, math.inf, 0.2]]}, "multiclass", "wrong_type"),
+        ({"outputs": [{"name": "probabilities", "shape": [2], "data": [0.1, 0.9]}]}, "multiclass", "shape_mismatch"),
+        ({"outputs": [{"name": "probabilities", "shape": [1, 3], "data": [0.1, 0.9]}]}, "multiclass", "shape_mismatch"),
+        ({"predictions": []}, "multiclass", "empty"),
+        ({"predictions": [[1.0, 2.0]]}, "regression", "wrong_type"),
+        ({"predictions": [math.nan]}, "regression", "wrong_type"),
+        ({"outputs": [{"name": "value", "shape": [1, 2], "data": [1.0, 2.0]}]}, "regression", "shape_mismatch"),
+    ],
+)
+def test_malformed_task_responses(payload, task, reason) -> None:
+    with pytest.raises(Malformed) as info:
+        parse_predictions(payload, task, 3)
+    assert info.value.reason == reason
+
+
 def _headers(**override: Any) -> dict[str, str]:
     headers = {"ce-specversion": "1.0", "ce-type": REQUEST_TYPE, "ce-id": "1", "content-type": "application/json"}
     headers.update(override)
@@ -450,6 +487,114 @@ def test_sidecar_drops_windows_when_the_detector_queue_is_full(schema, reference
         sidecar.ingest(*_request([ROW] * 10))
     assert sidecar.counters.dropped == 4  # window 1 queued; windows 2 and 3 (2 events each) dropped
     assert sidecar.status()["versions"]["1"]["windowsDropped"] == 2
+
+
+CLASSES = ("Adelie", "Chinstrap", "Gentoo")
+
+
+def _task_sidecar(schema, reference, detector, task: str, **fields: Any):
+    """A stable (v1) and a canary (v2) version of one multiclass or regression model, in-process; the request side
+    (the arrests schema) is not what these tests are about."""
+    from monitoring.sidecar import DriftSidecar, SidecarConfig, VersionMonitor
+
+    def monitor(version: int) -> VersionMonitor:
+        return VersionMonitor(
+            "m", version, schema, reference, detector, detectors.DriftTracker(), 50, deque(maxlen=100), task, **fields
+        )
+
+    return DriftSidecar([monitor(1), monitor(2)], SidecarConfig(window=50), default_version=1)
+
+
+def _responses(app: Any, version: int, body: dict[str, Any]) -> None:
+    headers = lower_headers(traffic.event_headers("response", "r", version=version))
+    assert app.ingest(headers, json.dumps(body).encode()) == (200, "")
+
+
+def test_multiclass_predictions_status_shift_and_metrics(schema, reference, detector) -> None:
+    app = _task_sidecar(schema, reference, detector, "multiclass", classes=CLASSES)
+    stable = [[0.8, 0.1, 0.1]] * 30 + [[0.1, 0.7, 0.2]] * 10  # 3/4 Adelie, confident
+    canary = [[0.2, 0.2, 0.6]] * 40  # all Gentoo, less sure
+    for start in range(0, 40, 10):
+        _responses(app, 1, {"predictions": stable[start : start + 10]})
+        flat = [p for row in canary[start : start + 10] for p in row]
+        _responses(app, 2, {"outputs": [{"name": "probabilities", "shape": [10, 3], "datatype": "FP32", "data": flat}]})
+    versions = app.status()["versions"]
+    v1, v2 = versions["1"], versions["2"]
+    assert v1["task"] == "multiclass" and v1["predictions"]["count"] == 40
+    assert v1["predictions"]["classShares"] == {"Adelie": 0.75, "Chinstrap": 0.25, "Gentoo": 0.0}
+    assert v1["predictions"]["mean"] == pytest.approx(0.775)  # the predicted class's probability
+    assert v1["predictions"]["p10"] == pytest.approx(0.7) and v1["predictions"]["p90"] == pytest.approx(0.8)
+    assert v2["predictions"]["classShares"] == {"Adelie": 0.0, "Chinstrap": 0.0, "Gentoo": 1.0}
+    assert "predictionShift" not in v1  # the default version is what the others are compared with
+    shift = v2["predictionShift"]
+    # P(Adelie) and P(Chinstrap): 0.2 everywhere vs 0.8 or 0.1 for 3/4 of the stable rows; P(Gentoo): 0.6 vs <= 0.2
+    assert shift["byClass"] == {"Adelie": 0.75, "Chinstrap": 0.75, "Gentoo": 1.0}
+    assert shift == {"against": 1, "ksDistance": 1.0, "byClass": shift["byClass"]}
+    text = generate_latest(app.registry).decode()
+    for version, counts in (("1", (30, 10, 0)), ("2", (0, 0, 40))):
+        for label, count in zip(CLASSES, counts, strict=True):
+            line = f'kubeloop_drift_predicted_class_total{{class="{label}",model="m",version="{version}"}} {count}.0'
+            assert line in text
+    assert 'kubeloop_drift_prediction_bucket{le="0.7",model="m",version="2"} 40.0' in text
+    assert 'kubeloop_drift_prediction_bucket{le="0.7",model="m",version="1"} 10.0' in text
+    assert 'kubeloop_drift_prediction_count{model="m",version="1"} 40.0' in text
+    _promtool_clean(text)
+
+
+def test_regression_predictions_status_shift_and_metrics(schema, reference, detector) -> None:
+    from serving.metrics import value_buckets
+
+    bounds = value_buckets(10.0, 3.0)
+    app = _task_sidecar(schema, reference, detector, "regression", prediction_buckets=bounds)
+    values = np.linspace(4.0, 16.0, 40)
+    _responses(app, 1, {"predictions": values.tolist()})
+    shifted = values + 3.0
+    _responses(app, 2, {"outputs": [{"name": "value", "shape": [40], "datatype": "FP32", "data": shifted.tolist()}]})
+    v1, v2 = app.status()["versions"]["1"], app.status()["versions"]["2"]
+    assert v1["task"] == "regression"
+    assert v1["predictions"] == {
+        "count": 40,
+        "mean": pytest.approx(10.0),
+        "p10": pytest.approx(np.quantile(values, 0.1)),
+        "p50": pytest.approx(10.0),
+        "p90": pytest.approx(np.quantile(values, 0.9)),
+    }
+    assert v2["predictionShift"] == {"against": 1, "ksDistance": pytest.approx(0.25)}  # 3 of a 12 wide range
+    text = generate_latest(app.registry).decode()
+    assert bounds == tuple(float(b) for b in range(0, 21, 2))
+    assert 'kubeloop_drift_prediction_bucket{le="10.0",model="m",version="1"} 20.0' in text
+    below = int((shifted <= 18).sum())
+    assert f'kubeloop_drift_prediction_bucket{{le="18.0",model="m",version="2"}} {below}.0' in text
+    assert 'kubeloop_drift_prediction_sum{model="m",version="2"} 520.0' in text
+    assert "kubeloop_drift_predicted_class" not in text
+    _promtool_clean(text)
+
+
+def test_versions_of_other_tasks_or_classes_get_no_prediction_shift(schema, reference, detector) -> None:
+    from monitoring.sidecar import DriftSidecar, SidecarConfig, VersionMonitor
+
+    def monitor(version: int, task: str, classes: tuple[str, ...] = ()) -> VersionMonitor:
+        tracker = detectors.DriftTracker()
+        return VersionMonitor("m", version, schema, reference, detector, tracker, 50, deque(), task, classes)
+
+    app = DriftSidecar(
+        [monitor(1, "binary"), monitor(2, "regression"), monitor(3, "multiclass", CLASSES[:2])],
+        SidecarConfig(window=50),
+        default_version=1,
+    )
+    _responses(app, 1, {"predictions": [0.2, 0.9]})
+    _responses(app, 2, {"predictions": [12.5]})
+    _responses(app, 3, {"predictions": [[0.4, 0.6]]})
+    versions = app.status()["versions"]
+    assert [versions[v]["predictions"]["count"] for v in "123"] == [2, 1, 1]
+    assert not any("predictionShift" in versions[v] for v in "123")
+    headers = lower_headers(traffic.event_headers("response", "r", version=3))
+    assert app.ingest(headers, b'{"predictions": [[0.2, 0.3, 0.5]]}') == (400, "shape_mismatch")
+
+
+def _promtool_clean(text: str) -> None:
+    done = subprocess.run([tools.promtool(), "check", "metrics"], input=text, capture_output=True, text=True)
+    assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
 
 
 def _call(

@@ -231,11 +231,26 @@ def test_every_plot_is_a_png() -> None:
         for e in (1, 2, 3)
     ]
     overall = {"roc_auc": 0.8, "accuracy": 0.75, "precision": 0.8, "recall": 0.9}
+    classes = ["Adelie", "Chinstrap", "Gentoo"]
+    class_labels = rng.integers(0, 3, 300)
+    class_proba = rng.dirichlet(np.ones(3), 300) + np.eye(3)[class_labels]
+    class_proba /= class_proba.sum(axis=1, keepdims=True)
+    actual = rng.normal(10, 3, 500)
+    predicted = actual + rng.normal(0, 1.5, 500)
+    errors = {"rmse": 2.1, "mae": 1.6}
     figures = [
         plots.training_curves(per_epoch),
+        plots.training_curves([{**row, "val_auc": None, "val_accuracy": 0.9} for row in per_epoch], "cross-entropy"),
+        plots.training_curves([{"epoch": e, "train_loss": 1 / e, "val_rmse": 3 - e / 20} for e in range(1, 41)]),
         plots.roc_and_pr(labels, proba, float(labels.mean())),
         plots.calibration(labels.astype(float), proba)[0],
         plots.slices("colour", {"Black": overall, "White": {**overall, "roc_auc": None}}, overall),
+        plots.slices("sex", {"F": errors, "I": {"rmse": 1.7, "mae": 1.2}}, errors),
+        plots.confusion_matrix(np.array([[38, 1, 0], [0, 17, 0], [2, 0, 29]]), classes),
+        plots.roc_one_vs_rest(class_labels, class_proba, classes),
+        plots.class_balance(classes, {"train": np.array([114, 51, 93]), "held-out": np.array([38, 17, 31])}),
+        plots.regression_fit(actual, predicted, "rings"),
+        plots.residuals_by_slice("sex", {"F": actual[:200] - predicted[:200], "M": actual[200:] - predicted[200:]}),
         plots.p_values({"age": 1e-9, "colour": 0.4, "year": None}, 0.05 / 3, "last window"),
         plots.p_value_history(
             [{"pValues": {"age": 0.3, "colour": 0.01}, "flagged": False}, {"pValues": {"age": 1e-6}, "flagged": True}],
@@ -269,3 +284,77 @@ def test_report_of_a_version_whose_snapshot_and_artifact_are_elsewhere(kubeloop_
     for src, _alt in structure.images:  # the training curves, drawn from the record alone
         assert_png(__import__("base64").b64decode(src.removeprefix("data:image/png;base64,")))
     assert "http://" not in text.replace("http://www.w3.org", "")  # nothing loaded from elsewhere
+
+
+def test_report_of_multiclass_and_regression_records_from_elsewhere(kubeloop_home: Path) -> None:
+    """Records of the other tasks copied from another machine: the card shows each task's metrics, label, gate
+    and slices from the record alone, escapes what came from the data, and does not compare them with the binary
+    Production version."""
+    from kubeloop.api.modelversion import Evaluation, GateDecision, Metrics, ModelVersion, SliceMetrics
+    from kubeloop.registry import Registry
+    from kubeloop.report import write_report
+
+    sample = ModelVersion.model_validate(yaml.safe_load((REPO / "manifests/samples/modelversion.yaml").read_text()))
+    registry = Registry()
+    registry.allocate(sample.spec.model)
+    registry.save(sample.spec.model_copy(update={"version": 1}), "copied")
+    registry.promote(sample.spec.model, 1, "copied")
+    hostile = '<script>alert("x")</script>'
+    tasks = {
+        "multiclass": (
+            Metrics(rows=40, accuracy=0.8, f1=0.75, precision=0.7, recall=0.72, log_loss=0.5),
+            {"epoch": 1.0, "train_loss": 1.0, "val_loss": 0.9, "val_accuracy": 0.7},
+            "f1 0.7500 is below the threshold 0.8 by 0.0500",
+        ),
+        "regression": (
+            Metrics(rows=40, rmse=2.25, mae=1.5, r2=0.52, label_mean=9.95),
+            {"epoch": 1.0, "train_loss": 1.0, "val_loss": 0.9, "val_rmse": 2.5},
+            "rmse 2.2500 is above the threshold 2.0 by 0.2500",
+        ),
+    }
+    for version, (task, (overall, epoch, reason)) in enumerate(tasks.items(), start=2):
+        registry.allocate(sample.spec.model)
+        signature = sample.spec.signature.model_copy(
+            update={
+                "task": task,
+                "positive_class": None,
+                "classes": ["A&B", hostile] if task == "multiclass" else None,
+            }
+        )
+        per_slice = overall.model_copy(update={"rows": 20, "class_rates": {"A&B": 0.5, hostile: 0.5}})
+        record = registry.save(
+            sample.spec.model_copy(
+                update={
+                    "version": version,
+                    "signature": signature,
+                    "metrics": Evaluation(
+                        overall=overall.model_copy(update={"class_rates": {"A&B": 0.6, hostile: 0.4}}),
+                        slices=SliceMetrics(column="colour", values={hostile: per_slice, "White": per_slice}),
+                        per_epoch=[epoch],
+                    ),
+                    "gate": GateDecision(passed=False, reasons=[reason], compared_with=None),
+                    "stage": "Rejected",
+                }
+            ),
+            "copied",
+        )
+        text = write_report(record, registry).read_text()
+        structure = structure_of(text)
+        assert [i for i in structure.ids if i in SECTIONS] == list(SECTIONS)
+        assert hostile not in text and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in text
+        assert f"<th>task</th><td>{task}</td>" in text
+        assert "is a binary model, this one " + task + ": their metrics do not compare" in text
+        assert f"<li>{reason}</li>" in text
+        assert len(structure.images) == 2  # the training curves and the slices, from the record alone
+        for src, _alt in structure.images:
+            assert_png(__import__("base64").b64decode(src.removeprefix("data:image/png;base64,")))
+        if task == "multiclass":
+            assert "<th>accuracy</th><td>0.800</td></tr><tr><th>F1 (macro)</th><td>0.750</td>" in text
+            assert "in order: <code>A&amp;B</code>, <code>&lt;script&gt;" in text
+            assert "<tr><td>F1 (macro)</td><td>0.750</td></tr>" in text  # the gate's table
+            assert "<th>val_accuracy</th>" in text and "A&amp;B 50%" in text
+        else:
+            assert "<th>RMSE</th><td>2.250</td></tr><tr><th>R²</th><td>0.520</td>" in text
+            assert "in the label's own units: mean 9.950 on the held-out rows" in text
+            assert "<tr><td>R²</td><td>0.520</td><td>0.520</td></tr>" not in text  # nothing recomputed here
+            assert "<tr><td>RMSE</td><td>2.250</td></tr>" in text and "<th>val_rmse</th>" in text

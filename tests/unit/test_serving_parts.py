@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import subprocess
 from collections import Counter
 
 import numpy as np
 import pytest
+import tools
 from kserve.protocol.infer_type import InferInput, InferRequest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kubeloop.api.modelversion import Feature
 from serving.cache import PredictionCache, row_keys
-from serving.metrics import PayloadMetrics, ServingMetrics, feature_buckets
+from serving.metrics import PayloadMetrics, ServingMetrics, feature_buckets, value_buckets
 from serving.payload_logger import REQUEST_TYPE, EventSource, PayloadLogger, _Answers, cloudevent_headers, event_id
 from serving.splitter import Backend, Splitter, SplitterMetrics, bucket
 from serving.validation import InvalidRequest, SignatureValidator
@@ -154,16 +156,18 @@ def test_feature_buckets_follow_the_training_distribution():
     assert feature_buckets(None, None) == (0.0,)
 
 
+COLUMNS = {
+    "colour": np.array(["White", "Green", None], dtype=object),
+    "age": np.array([20.0, 30.0, 95.0]),
+    "score": np.array([0.1, np.nan, 0.3]),
+    "employed": np.array([1.0, 0.0, np.nan]),
+}
+
+
 def test_batch_statistics_are_aggregated_per_call():
     registry = CollectorRegistry()
     metrics = ServingMetrics("m", 3, FEATURES, {"age": (30.0, 10.0)}, registry=registry)
-    columns = {
-        "colour": np.array(["White", "Green", None], dtype=object),
-        "age": np.array([20.0, 30.0, 95.0]),
-        "score": np.array([0.1, np.nan, 0.3]),
-        "employed": np.array([1.0, 0.0, np.nan]),
-    }
-    metrics.observe_batch(columns, np.array([0.07, 0.5, 0.97], dtype=np.float32))
+    metrics.observe_batch(COLUMNS, np.array([0.07, 0.5, 0.97], dtype=np.float32))
     metrics.count_request("v1", 200, 0.004)
     metrics.count_error("wrong_type")
     samples = parse(generate_latest(registry).decode())
@@ -185,6 +189,59 @@ def test_batch_statistics_are_aggregated_per_call():
     assert value("kubeloop_request_duration_seconds_bucket", le="0.005") == 1
     assert value("kubeloop_request_errors_total", reason="wrong_type") == 1
     assert value("kubeloop_inference_batch_rows_count") == 1
+
+
+def test_value_buckets_are_round_steps_over_the_training_label():
+    assert value_buckets(10.0, 2.0) == tuple(float(b) for b in range(4, 17))  # step 1: half the std
+    assert value_buckets(9.93, 3.22) == tuple(float(b) for b in range(0, 21, 2))  # abalone rings: step 2, from 0
+    assert value_buckets(0.52, 0.12) == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # no 0.30000000000000004
+    assert value_buckets(-5.0, 1.0) == tuple(-8.0 + 0.5 * k for k in range(13))  # negative mean: negative bounds
+    assert value_buckets(1.0, 1.0)[0] == 0.0  # no negative bounds for a non-negative label
+    assert value_buckets(1234.0, 100.0) == tuple(float(b) for b in range(900, 1551, 50))  # step 50
+    assert value_buckets(None, None) == value_buckets(3.0, 0.0) == (0.0,)
+
+
+def test_multiclass_metrics_count_predicted_classes_and_confidence():
+    registry = CollectorRegistry()
+    metrics = ServingMetrics("m", 2, FEATURES, registry=registry, task="multiclass", classes=["a", "b", "c"])
+    outputs = np.array([[0.62, 0.28, 0.1], [0.1, 0.19, 0.71], [0.02, 0.15, 0.83]], dtype=np.float32)
+    metrics.observe_batch(COLUMNS, outputs)
+    text = generate_latest(registry).decode()
+    samples = parse(text)
+    base = {"model": "m", "version": "2"}
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, frozenset({**base, **labels}.items()))]
+
+    assert [value("kubeloop_predicted_class_total", **{"class": c}) for c in "abc"] == [1, 0, 2]
+    assert value("kubeloop_prediction_bucket", le="0.65") == 1  # the predicted class's probability
+    assert value("kubeloop_prediction_bucket", le="0.75") == 2
+    assert value("kubeloop_prediction_count") == 3 and value("kubeloop_inference_batch_rows_count") == 1
+    assert value("kubeloop_prediction_sum") == pytest.approx(0.62 + 0.71 + 0.83)
+    assert "# HELP kubeloop_prediction Probability of the predicted class (the model's confidence)." in text
+    promtool_clean(text)
+    with pytest.raises(ValueError, match=r"spec\.signature\.classes"):
+        ServingMetrics("m", 2, FEATURES, registry=CollectorRegistry(), task="multiclass")
+
+
+def test_regression_metrics_bucket_values_by_the_training_label():
+    registry = CollectorRegistry()
+    metrics = ServingMetrics("m", 1, FEATURES, registry=registry, task="regression", label_stats=(10.0, 2.0))
+    metrics.observe_batch(COLUMNS, np.array([3.0, 10.0, 17.5], dtype=np.float32))
+    text = generate_latest(registry).decode()
+    samples = parse(text)
+    base = {"model": "m", "version": "1"}
+    buckets = {dict(labels)["le"]: v for (name, labels), v in samples.items() if name == "kubeloop_prediction_bucket"}
+    assert list(buckets) == [*(repr(float(b)) for b in range(4, 17)), "+Inf"]
+    assert (buckets["4.0"], buckets["10.0"], buckets["16.0"], buckets["+Inf"]) == (1, 2, 2, 3)
+    assert samples[("kubeloop_prediction_sum", frozenset(base.items()))] == 30.5
+    assert "kubeloop_predicted_class" not in text
+    promtool_clean(text)
+
+
+def promtool_clean(text: str) -> None:
+    done = subprocess.run([tools.promtool(), "check", "metrics"], input=text, capture_output=True, text=True)
+    assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
 
 
 def parse(text: str) -> dict[tuple[str, frozenset], float]:
@@ -215,6 +272,18 @@ def test_cache_tiers_and_lru_bound():
     assert static_only.lookup([("x",)])[1] == [0]
     with pytest.raises(ValueError):
         PredictionCache("off")
+
+
+def test_cache_keeps_class_probabilities_per_row():
+    cache = PredictionCache("hybrid", size=10)
+    keys = [("a",), ("b",), ("c",)]
+    cache.preload([keys[0]], np.array([[0.7, 0.2, 0.1]], dtype=np.float32))
+    found, misses = cache.lookup(keys)
+    assert misses == [1, 2]
+    cache.store([keys[1], keys[2]], [[0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
+    found, misses = cache.lookup(keys)
+    assert misses == []
+    np.testing.assert_allclose(np.asarray(found), [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]], rtol=1e-6)
 
 
 def test_cache_keys_treat_nan_as_null():
