@@ -117,7 +117,9 @@ class TabularTransform(BaseModel):
                 hit = codes >= 0
                 out[np.flatnonzero(hit), offset + codes[hit]] = 1.0
             offset += feature.width
-        return out.astype(np.float32)
+        # a finite but absurd input (1e300) overflows float32 to inf: the server refuses the non-finite answer
+        with np.errstate(over="ignore"):
+            return out.astype(np.float32)
 
     def encode_label(self, frame: pd.DataFrame) -> np.ndarray:
         """The label as the network learns it: float32 0/1 (binary), int64 class index (multiclass), float32

@@ -3,15 +3,22 @@ registered with their signature, then served (v1 and v2) with the drift sidecar 
 
 from __future__ import annotations
 
+import time
+
+import httpx
 import numpy as np
 import pytest
 
-from kubeloop.api import TrainingJob, load_resources
+from kubeloop.api import ModelDeployment, TrainingJob, load_resources
 from kubeloop.artifact import ModelArtifact
 from kubeloop.data.bundled import bundled_path
+from kubeloop.data.snapshot import read_frame
 from kubeloop.evaluation import metrics
+from kubeloop.local_deployment import LocalDeployment
 from kubeloop.registry import Registry
+from kubeloop.traffic import payload, send
 from kubeloop.training.job import run_training_job, split_snapshot
+from serving.validation import V2_DATATYPES
 
 pytestmark = pytest.mark.integration
 
@@ -89,3 +96,71 @@ def test_regression_sample_trains_gates_and_registers_values(trained, monkeypatc
     assert metrics(artifact.transform.label_values(test), values, "regression") == overall
     assert Registry().get("abalone", 1).spec.stage == "Candidate"
     assert bundled_path("abalone").is_file()
+
+
+def _wait_for_predictions(sidecar: str, version: int, rows: int) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        status = httpx.get(f"{sidecar}/status", timeout=10).json()["versions"][str(version)]
+        if status["predictions"]["count"] >= rows or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("task", list(SAMPLES))
+def test_served_v1_and_v2_and_monitored_per_task(trained, monkeypatch, task):
+    """The registered version behind `kubeloop run -f` of a ModelDeployment: v1 and v2 answer what the artifact
+    answers (class probabilities in the signature's order, or the value), and the drift sidecar watches them."""
+    home, outcomes = trained
+    monkeypatch.setenv("KUBELOOP_HOME", str(home))
+    record = outcomes[task].model_version
+    signature = record.spec.signature
+    deployment = ModelDeployment.model_validate(
+        {
+            "metadata": {"name": record.spec.model},
+            "spec": {"model": record.spec.model, "version": 1, "drift": {"window": 100, "referenceSize": 200}},
+        }
+    )
+    frame = read_frame(outcomes[task].snapshot)
+    features = frame[[f.name for f in signature.inputs]].dropna().iloc[:100]
+    expected = ModelArtifact.load(record.spec.artifact_uri).predict(features)
+    with LocalDeployment(deployment, Registry()) as local:
+        endpoints = local.start()
+        v1 = httpx.post(
+            f"{endpoints.url}/v1/models/{record.spec.model}:predict", json=payload(features.iloc[:5]), timeout=30
+        )
+        assert v1.status_code == 200, v1.text
+        assert np.allclose(np.array(v1.json()["predictions"]), expected[:5], atol=1e-5)
+
+        columns = [
+            {
+                "name": f.name,
+                "shape": [5],
+                "datatype": V2_DATATYPES[f.dtype][0],
+                "data": features[f.name].iloc[:5].tolist(),
+            }
+            for f in signature.inputs
+        ]
+        v2 = httpx.post(f"{endpoints.url}/v2/models/{record.spec.model}/infer", json={"inputs": columns}, timeout=30)
+        assert v2.status_code == 200, v2.text
+        (output,) = v2.json()["outputs"]
+        if task == "multiclass":
+            assert (output["name"], output["shape"]) == ("probabilities", [5, 3])
+            assert np.allclose(np.reshape(output["data"], (5, 3)), expected[:5], atol=1e-5)
+        else:
+            assert (output["name"], output["shape"]) == ("value", [5])
+            assert np.allclose(output["data"], expected[:5], atol=1e-4)
+
+        result = send(endpoints.url, record.spec.model, features.iloc[5:])
+        assert result.failed == 0, result.errors[:3]
+        status = _wait_for_predictions(endpoints.sidecar, 1, len(features))
+    assert status["task"] == task and status["predictions"]["count"] == len(features)
+    assert status["windowsEvaluated"] >= 1 and status["state"] == "NoDrift"
+    if task == "multiclass":
+        shares = status["predictions"]["classShares"]
+        assert list(shares) == signature.classes and sum(shares.values()) == pytest.approx(1)
+        assert shares == pytest.approx(
+            dict(zip(signature.classes, np.bincount(expected.argmax(axis=1), minlength=3) / len(expected), strict=True))
+        )
+    else:
+        assert status["predictions"]["mean"] == pytest.approx(float(expected.mean()), rel=1e-3)
