@@ -229,7 +229,8 @@ def test_trainingjob_becomes_a_rayjob_that_kuberay_runs_and_registers_its_modelv
 
     table = kubectl(kubeconfig, "get", "trainingjobs", "-n", namespace).stdout
     header = table.splitlines()[0].split()
-    assert header[:5] == ["NAME", "PHASE", "WORKERS", "GPUS", "MODEL"], table
+    assert header[:6] == ["NAME", "PHASE", "TASK", "WORKERS", "GPUS", "MODEL"], table
+    assert table.splitlines()[1].split()[2] == "binary"  # the CRD defaults spec.task
     assert "arrests-v1" in table and "Succeeded" in table
     # KubeRay's own end of a finished job: shutdownAfterJobFinishes deletes the RayCluster
     wait_for(
