@@ -51,6 +51,7 @@ def prometheus_source(settings: Settings) -> SignalSource | None:
         requests=settings.query_requests or defaults.requests,
         latency_buckets=settings.query_latency or defaults.latency_buckets,
         prediction_buckets=settings.query_predictions or defaults.prediction_buckets,
+        predicted_classes=settings.query_predicted_classes or defaults.predicted_classes,
         drift=settings.query_drift or defaults.drift,
     )
     return PrometheusSource(settings.prometheus_url, queries)

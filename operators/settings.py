@@ -130,6 +130,7 @@ class Settings:
     query_requests: str = ""
     query_latency: str = ""
     query_predictions: str = ""
+    query_predicted_classes: str = ""
     query_drift: str = ""
 
     # reconciling
@@ -197,6 +198,7 @@ class Settings:
             query_requests=_env("KUBELOOP_QUERY_REQUESTS", default.query_requests),
             query_latency=_env("KUBELOOP_QUERY_LATENCY", default.query_latency),
             query_predictions=_env("KUBELOOP_QUERY_PREDICTIONS", default.query_predictions),
+            query_predicted_classes=_env("KUBELOOP_QUERY_PREDICTED_CLASSES", default.query_predicted_classes),
             query_drift=_env("KUBELOOP_QUERY_DRIFT", default.query_drift),
             workers=_env_int("KUBELOOP_WORKERS", default.workers),
             retry_delay=_env_int("KUBELOOP_RETRY_DELAY", default.retry_delay),

@@ -6,8 +6,10 @@ signals of that interval:
 - error rate of the candidate <= maxErrorRate;
 - p99 latency of the candidate / p99 of the stable version <= maxP99LatencyRatio (skipped while one side has no
   traffic, e.g. at 100%);
-- KS distance between the candidate's and the stable version's prediction histograms <= maxPredictionShift
-  (skipped while one side has too few predictions);
+- prediction shift <= maxPredictionShift (skipped while one side has too few predictions): the KS distance between
+  the candidate's and the stable version's prediction histograms (P(positive), the predicted class's probability,
+  or the value, per task); for a multiclass model the larger of that and the L-infinity gap between the two
+  versions' predicted-class shares, since a changed class mix at the same confidence leaves the histogram as is;
 - no drift flagged on the candidate (failOnDrift).
 
 All passing: advance to the next step, or promote after the last one. A failing interval counts one failed check;
@@ -20,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Literal
 
-from kubeloop.analysis.signals import VersionSignals, ks_distance
+from kubeloop.analysis.signals import VersionSignals, ks_distance, share_gap
 from kubeloop.api.modeldeployment import CanaryAnalysis, CanaryChecks
 
 Action = Literal["advance", "hold", "promote", "rollback"]
@@ -156,17 +158,9 @@ def run_checks(
             )
         )
     else:
-        shift = ks_distance(candidate.predictions, stable.predictions) or 0.0
+        shift, why = prediction_shift(stable, candidate)
         status = "fail" if shift > checks.max_prediction_shift else "pass"
-        out.append(
-            CheckResult(
-                "predictionShift",
-                status,
-                shift,
-                checks.max_prediction_shift,
-                f"KS distance {shift:.3f} between candidate and stable predictions",
-            )
-        )
+        out.append(CheckResult("predictionShift", status, shift, checks.max_prediction_shift, why))
 
     if checks.fail_on_drift:
         if candidate.drift is None:
@@ -176,6 +170,21 @@ def run_checks(
         else:
             out.append(CheckResult("drift", "pass", 0.0, 0.0, "no drift on the candidate"))
     return out
+
+
+def prediction_shift(stable: VersionSignals, candidate: VersionSignals) -> tuple[float, str]:
+    """The candidate's prediction shift from the stable version, and in words what decided it (named first)."""
+    ks = ks_distance(candidate.predictions, stable.predictions) or 0.0
+    ours, theirs = candidate.class_shares(), stable.class_shares()
+    if ours is None or theirs is None:
+        return ks, f"KS distance {ks:.3f} between candidate and stable predictions"
+    gap, label = share_gap(ours, theirs)
+    histogram = f"KS distance {ks:.3f} of the confidence histograms"
+    mix = (
+        f"predicted-class share gap {gap:.3f} (class {label!r}: {ours.get(label, 0.0):.1%} of the candidate's "
+        f"predictions, {theirs.get(label, 0.0):.1%} of the stable's)"
+    )
+    return (gap, f"{mix} > {histogram}") if gap > ks else (ks, f"{histogram} >= {mix}")
 
 
 def decide(

@@ -4,7 +4,8 @@ Per model version and analysis window (the increase of each counter over the win
 
 - requests by HTTP status code (errors: 5xx), from the traffic layer in front of the versions;
 - the latency histogram (buckets), for p99;
-- the prediction histogram (buckets), for the candidate-vs-stable prediction shift;
+- the prediction histogram (buckets) and, for a multiclass model, the rows per predicted class, for the
+  candidate-vs-stable prediction shift;
 - the drift detector's flag (a gauge, its latest value).
 
 Which series carry them is one `Queries` object of PromQL selectors with `$model` and `$version` placeholders, so any
@@ -58,6 +59,7 @@ class VersionSignals:
     latency: Buckets = field(default_factory=list)
     predictions: Buckets = field(default_factory=list)
     drift: bool | None = None  # None: no detector reports this version
+    classes: dict[str, float] = field(default_factory=dict)  # rows per predicted class (multiclass only)
 
     @property
     def error_rate(self) -> float | None:
@@ -69,6 +71,11 @@ class VersionSignals:
     @property
     def predicted(self) -> float:
         return self.predictions[-1][1] if self.predictions else 0.0
+
+    def class_shares(self) -> dict[str, float] | None:
+        """Each predicted class's share of the rows; None when no class was counted (not multiclass, no rows)."""
+        total = sum(self.classes.values())
+        return {label: count / total for label, count in self.classes.items()} if total > 0 else None
 
 
 def histogram_quantile(q: float, buckets: Buckets) -> float | None:
@@ -103,20 +110,29 @@ def ks_distance(a: Buckets, b: Buckets) -> float | None:
     return gap
 
 
+def share_gap(a: dict[str, float], b: dict[str, float]) -> tuple[float, str]:
+    """L-infinity distance of two class-share maps (a class missing on one side has share 0 there): the largest
+    gap and the class it is at."""
+    label = max(sorted(a.keys() | b.keys()), key=lambda c: abs(a.get(c, 0.0) - b.get(c, 0.0)))
+    return abs(a.get(label, 0.0) - b.get(label, 0.0)), label
+
+
 @dataclass(frozen=True)
 class Queries:
     """PromQL selectors of the series behind each signal (`$model`, `$version`, `$namespace` are substituted).
 
     The defaults name the embedded mode's processes: the traffic splitter's request counter and latency histogram
-    (it sees every request, failed upstreams included), the model server's prediction histogram and the drift
-    sidecar's flag. `cluster()` names the model servers' own series per namespace, for KServe, where no kubeloop
-    splitter sits in front of the versions.
+    (it sees every request, failed upstreams included), the model server's prediction histogram and predicted-class
+    counter (multiclass models only; summed by its `class` label) and the drift sidecar's flag. `cluster()` names
+    the model servers' own series per namespace, for KServe, where no kubeloop splitter sits in front of the
+    versions.
     """
 
     requests: str = 'kubeloop_splitter_requests_total{version="$version"}'
     code_label: str = "code"
     latency_buckets: str = 'kubeloop_splitter_request_duration_seconds_bucket{version="$version"}'
     prediction_buckets: str = 'kubeloop_prediction_bucket{model="$model",version="$version"}'
+    predicted_classes: str = 'kubeloop_predicted_class_total{model="$model",version="$version"}'
     drift: str = 'kubeloop_drift_detected{model="$model",version="$version"}'
 
     @classmethod
@@ -129,6 +145,7 @@ class Queries:
             requests=f"kubeloop_requests_total{where}",
             latency_buckets=f"kubeloop_request_duration_seconds_bucket{where}",
             prediction_buckets=f"kubeloop_prediction_bucket{where}",
+            predicted_classes=f"kubeloop_predicted_class_total{where}",
             drift=f"kubeloop_drift_detected{where}",
         )
 
@@ -189,6 +206,9 @@ class PrometheusSource:
                 (labels.get("le", "+Inf"), value) for labels, value in increase(q.prediction_buckets, "le")
             ),
             drift=(drift[0][1] >= 1) if drift else None,
+            classes={
+                labels.get("class", ""): _finite(value) for labels, value in increase(q.predicted_classes, "class")
+            },
         )
 
 
@@ -326,6 +346,7 @@ class MetricsSource:
             latency=_buckets(increase(q.latency_buckets, "le").items()),
             predictions=_buckets(increase(q.prediction_buckets, "le").items()),
             drift=(max(flags) >= 1) if flags else None,
+            classes=increase(q.predicted_classes, "class"),
         )
 
 

@@ -28,7 +28,13 @@ class CanaryChecks(KubeModel):
     max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.01
     max_p99_latency_ratio: Annotated[float, Field(gt=0, description="Candidate p99 / stable p99.")] = 1.5
     max_prediction_shift: Annotated[
-        float, Field(ge=0, le=1, description="KS distance between candidate and stable predictions.")
+        float,
+        Field(
+            ge=0,
+            le=1,
+            description="KS distance between candidate and stable prediction histograms; for multiclass, the larger "
+            "of that and the largest gap between their predicted-class shares.",
+        ),
     ] = 0.2
     fail_on_drift: bool = True
 

@@ -2,6 +2,9 @@
 
 `history` is the list of recent windows when the sidecar's /status gives one per version (key ``history``:
 ``[{"time", "pValues": {feature: p}, "flagged", "state"}, ...]``); without it the report shows the last window.
+
+The kept predictions' summary depends on the version's task (``task`` in /status): P(positive) for binary, the
+predicted class's probability (confidence) plus each class's share for multiclass, the predicted value for regression.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from kubeloop.report import promtext
 class DriftView:
     url: str
     version: int
+    task: str
     detector: str
     window: int
     threshold: float | None
@@ -37,12 +41,28 @@ class DriftView:
     skew: dict[str, dict[str, float | None]]
     predictions: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
+    prediction_shift: dict[str, Any] | None = None  # against the sidecar's default version; absent for that one
 
     def predictions_text(self) -> str:
         p = self.predictions or {}
         if not p.get("count"):
             return "none seen yet"
-        return f"{p['count']} kept: mean {p['mean']:.3f}, p10 {p['p10']:.3f}, p50 {p['p50']:.3f}, p90 {p['p90']:.3f}"
+        digits = ".6g" if self.task == "regression" else ".3f"  # a value in the label's unit, or a probability
+        what = {"binary": "P(positive)", "multiclass": "confidence (the predicted class's probability)"}
+        text = f"{p['count']} kept: mean {what.get(self.task, 'value')} {p['mean']:{digits}}, " + ", ".join(
+            f"{q} {p[q]:{digits}}" for q in ("p10", "p50", "p90")
+        )
+        shares = p.get("classShares")
+        if shares:
+            text += "; predicted classes: " + ", ".join(f"{label} {share:.1%}" for label, share in shares.items())
+        shift = self.prediction_shift
+        if shift and shift.get("ksDistance") is not None:
+            text += f"; shift from v{shift.get('against', '?')}: KS distance {shift['ksDistance']:.3f}"
+            by_class = shift.get("byClass") or {}
+            if by_class:
+                largest = max(by_class, key=lambda label: by_class[label] or 0.0)
+                text += f" (largest on P({largest}))"
+        return text
 
 
 def read_drift(url: str, version: int, timeout: float = 5.0) -> DriftView:
@@ -63,6 +83,7 @@ def read_drift(url: str, version: int, timeout: float = 5.0) -> DriftView:
     return DriftView(
         url=base,
         version=version,
+        task=str(mine.get("task", "binary")),
         detector=str(status.get("detector", "?")),
         window=int(status.get("window", 0)),
         threshold=(last or {}).get("threshold", rule.get("alpha")),
@@ -83,4 +104,5 @@ def read_drift(url: str, version: int, timeout: float = 5.0) -> DriftView:
         skew=mine.get("skew") or {},
         predictions=mine.get("predictions") or {},
         history=list(mine.get("history") or []),
+        prediction_shift=mine.get("predictionShift"),
     )

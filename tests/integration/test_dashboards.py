@@ -1,5 +1,6 @@
 """The dashboards against the running processes: every metric a dashboard queries is one that kubeloop's real
-model servers, drift sidecar, traffic splitter and operator export on /metrics, and `promtool check metrics` is
+model servers, drift sidecar, traffic splitter and operator export on /metrics (the multiclass-only predicted-class
+counters from a multiclass server's and sidecar's metrics built in-process), and `promtool check metrics` is
 clean on each of those outputs. While they run: `kubeloop status`'s live table, and the report's drift section.
 
 The processes: a canary ModelDeployment (stable v1, canary v2 of the session's trained models, see
@@ -93,9 +94,31 @@ def _wait_for_a_window(sidecar: str, version: int, timeout: float = 120) -> None
     raise AssertionError(f"the sidecar evaluated no window of v{version} in {timeout}s")
 
 
-def test_every_dashboard_metric_is_exported_by_a_running_process(running: Running) -> None:
+def _multiclass_metrics(record) -> list[str]:
+    """/metrics of a multiclass model server and drift sidecar, built in-process as the processes build theirs: the
+    predicted-class counters only a multiclass model's processes declare, which the binary ones running here do not."""
+    import dataclasses
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from monitoring.sidecar import DriftSidecar, SidecarConfig, build_monitor
+    from serving.metrics import ServingMetrics
+
+    classes = ("Adelie", "Chinstrap", "Gentoo")
+    registry = CollectorRegistry()
+    ServingMetrics(record.spec.model, 1, [], registry=registry, task="multiclass", classes=classes)
+    config = SidecarConfig(window=50)
+    monitor = dataclasses.replace(build_monitor(record, config), task="multiclass", classes=classes)
+    sidecar = DriftSidecar([monitor], config, default_version=monitor.version)
+    return [generate_latest(registry).decode(), generate_latest(sidecar.registry).decode()]
+
+
+def test_every_dashboard_metric_is_exported_by_a_running_process(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBELOOP_HOME", str(running.trained.home))  # the sidecar's reference: the model's snapshot
     exported: set[str] = set()
-    for text in running.metrics.values():
+    for text in [*running.metrics.values(), *_multiclass_metrics(running.trained.model)]:
         exported |= dashboards.exported_names(text)
     missing = {
         name: sorted(dashboards.dashboard_metrics(board) - exported) for name, board in dashboards.load().items()

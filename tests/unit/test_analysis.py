@@ -1,16 +1,29 @@
-"""The canary analysis engine and the retrain policy (pure), and the signal math and direct /metrics source."""
+"""The canary analysis engine and the retrain policy (pure), the signal math, and both signal sources (the direct
+/metrics scraper, and Prometheus's HTTP API on a real Prometheus) on the model servers' real expositions."""
 
 from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
-from kubeloop.analysis import AnalysisState, MetricsSource, RetrainState, VersionSignals, decide, decide_retrain
+from kubeloop.analysis import (
+    AnalysisState,
+    CheckResult,
+    MetricsSource,
+    PrometheusSource,
+    RetrainState,
+    VersionSignals,
+    decide,
+    decide_retrain,
+)
+from kubeloop.analysis.prometheus import EmbeddedPrometheus
 from kubeloop.analysis.signals import (
     Queries,
     Selector,
@@ -18,6 +31,7 @@ from kubeloop.analysis.signals import (
     histogram_quantile,
     ks_distance,
     parse_exposition,
+    share_gap,
 )
 from kubeloop.api.modeldeployment import AnalysisRecord, CanaryAnalysis, CanaryChecks, Retrain
 
@@ -47,8 +61,10 @@ def serve_text(body: Callable[[], str]) -> ThreadingHTTPServer:
     return server
 
 
-def signals(version: int, requests=100.0, errors=0.0, latency=LAT_FAST, predictions=PRED_LOW, drift=False):
-    return VersionSignals(version, requests, errors, list(latency), list(predictions), drift)
+def signals(
+    version: int, requests=100.0, errors=0.0, latency=LAT_FAST, predictions=PRED_LOW, drift=False, classes=None
+):
+    return VersionSignals(version, requests, errors, list(latency), list(predictions), drift, dict(classes or {}))
 
 
 def test_durations() -> None:
@@ -71,6 +87,14 @@ def test_ks_distance_of_histograms() -> None:
     assert ks_distance(PRED_LOW, PRED_LOW) == 0
     assert ks_distance(PRED_LOW, PRED_HIGH) == pytest.approx(0.9)
     assert ks_distance(PRED_LOW, []) is None
+
+
+def test_share_gap_is_the_largest_class_share_difference() -> None:
+    assert share_gap({"a": 0.5, "b": 0.5}, {"a": 0.2, "b": 0.5, "c": 0.3}) == (pytest.approx(0.3), "a")
+    assert share_gap({"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}) == (0.0, "a")
+    assert signals(1).class_shares() is None  # not multiclass
+    assert signals(1, classes={"a": 0.0}).class_shares() is None  # no rows
+    assert signals(1, classes={"a": 30.0, "b": 10.0}).class_shares() == {"a": 0.75, "b": 0.25}
 
 
 def walk(analysis, stable, candidate, intervals):
@@ -111,6 +135,53 @@ def test_each_check_can_fail_and_two_failures_roll_back(candidate: VersionSignal
     assert decisions[-1].next_percent == 0
     assert [c.name for c in decisions[-1].checks if c.status == "fail"] == [failing]
     assert "rolling back to v1" in decisions[-1].reason and "failed check 2 of 2" in decisions[-1].reason
+
+
+STABLE_MIX = {"Adelie": 34.0, "Chinstrap": 33.0, "Gentoo": 33.0}
+
+
+def prediction_shift_check(decision) -> CheckResult:
+    (check,) = [c for c in decision.checks if c.name == "predictionShift"]
+    return check
+
+
+def test_a_multiclass_canary_predicting_another_class_mix_at_the_same_confidence_fails() -> None:
+    """Same confidence histogram, so a KS distance of 0; but the candidate predicts Adelie for 80% of the rows where
+    the stable version does for 34%: the class-share gap decides."""
+    stable = signals(1, classes=STABLE_MIX)
+    candidate = signals(2, classes={"Adelie": 80.0, "Chinstrap": 10.0, "Gentoo": 10.0})
+    assert ks_distance(candidate.predictions, stable.predictions) == 0
+    decisions = walk(ANALYSIS, stable, candidate, 10)
+    assert [d.action for d in decisions] == ["hold", "rollback"]
+    check = prediction_shift_check(decisions[-1])
+    assert check.status == "fail" and check.value == pytest.approx(0.46)
+    assert check.reason == (
+        "predicted-class share gap 0.460 (class 'Adelie': 80.0% of the candidate's predictions, 34.0% of the "
+        "stable's) > KS distance 0.000 of the confidence histograms"
+    )
+    assert check.reason in decisions[-1].reason and "predictionShift 0.46 > 0.2" in decisions[-1].line()
+
+
+def test_a_multiclass_canary_with_the_same_class_mix_and_confidence_passes() -> None:
+    candidate = signals(2, classes={label: count * 3 for label, count in STABLE_MIX.items()})  # 3x the traffic
+    decision = decide(ANALYSIS, AnalysisState(), signals(1, classes=STABLE_MIX), candidate)
+    check = prediction_shift_check(decision)
+    assert decision.action == "advance" and check.status == "pass" and check.value == 0
+    assert check.reason.startswith("KS distance 0.000 of the confidence histograms >= predicted-class share gap 0.000")
+
+
+def test_a_multiclass_canary_less_confident_on_the_same_mix_fails_on_the_histogram() -> None:
+    stable = signals(1, classes=STABLE_MIX)
+    candidate = signals(2, predictions=PRED_HIGH, classes={"Adelie": 30.0, "Chinstrap": 35.0, "Gentoo": 35.0})
+    check = prediction_shift_check(decide(ANALYSIS, AnalysisState(), stable, candidate))
+    assert check.status == "fail" and check.value == pytest.approx(0.9)
+    assert check.reason.startswith("KS distance 0.900 of the confidence histograms >= predicted-class share gap 0.040")
+
+
+def test_binary_and_regression_prediction_shift_is_the_histogram_ks_distance() -> None:
+    check = prediction_shift_check(decide(ANALYSIS, AnalysisState(), signals(1), signals(2, predictions=PRED_HIGH)))
+    assert check.status == "fail" and check.value == pytest.approx(0.9)
+    assert check.reason == "KS distance 0.900 between candidate and stable predictions"
 
 
 def test_no_candidate_traffic_holds_without_counting_a_failure() -> None:
@@ -198,6 +269,129 @@ def test_metrics_source_reads_increases_over_the_window() -> None:
         assert source.version_signals("arrests", 7, window_s=0.0).drift is None
     finally:
         server.shutdown()
+
+
+# ---- per task: the model servers' real expositions through both sources ------------------------------------------
+
+CLASSES = ("Adelie", "Chinstrap", "Gentoo")
+
+
+def model_servers(**tasks: dict) -> tuple[dict[int, object], Callable[[], str]]:
+    """Model servers' metrics, one per version (keyword `v<N>`: ServingMetrics options), and their /metrics text."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from serving.metrics import ServingMetrics
+
+    registries, servers = {}, {}
+    for name, options in tasks.items():
+        version = int(name.removeprefix("v"))
+        registries[version] = CollectorRegistry()
+        servers[version] = ServingMetrics("penguins", version, [], registry=registries[version], **options)
+    return servers, lambda: "".join(generate_latest(r).decode() for r in registries.values())
+
+
+def probabilities(predicted: list[int], confidence: float = 0.8) -> np.ndarray:
+    """One row of class probabilities per predicted class index, the predicted one at `confidence`."""
+    rows = np.full((len(predicted), len(CLASSES)), (1 - confidence) / (len(CLASSES) - 1))
+    rows[np.arange(len(predicted)), predicted] = confidence
+    return rows
+
+
+def test_metrics_source_reads_the_predicted_class_mix() -> None:
+    servers, text = model_servers(
+        v1={"task": "multiclass", "classes": CLASSES}, v2={"task": "multiclass", "classes": CLASSES}, v3={}
+    )
+    servers[1].observe_batch({}, probabilities([0] * 5))  # before the baseline: not in the increase
+    scraped = {"namespace": "ml", "pod": "penguins-predictor-1", "container": "kserve-container"}
+    server = serve_text(text)
+    clustered = serve_text(lambda: scraped_as(text(), scraped))
+    try:
+        local = MetricsSource([f"http://127.0.0.1:{server.server_port}/metrics"], Queries())
+        cluster = MetricsSource([f"http://127.0.0.1:{clustered.server_port}/metrics"], Queries.cluster())
+        local.tick()
+        cluster.tick()
+        servers[1].observe_batch({}, probabilities([0] * 34 + [1] * 33 + [2] * 33))
+        servers[2].observe_batch({}, probabilities([0] * 80 + [1] * 10 + [2] * 10))
+        servers[3].observe_batch({}, np.array([0.2, 0.9]))
+        time.sleep(0.3)
+        window = 0.2  # since the tick's scrape, not since the scrape of an earlier question
+
+        stable = local.version_signals("penguins", 1, window)
+        candidate = local.version_signals("penguins", 2, window)
+        assert stable.classes == dict(zip(CLASSES, (34.0, 33.0, 33.0), strict=True))
+        assert candidate.classes == dict(zip(CLASSES, (80.0, 10.0, 10.0), strict=True))
+        assert stable.predictions == candidate.predictions  # the same confidence
+        assert local.version_signals("penguins", 3, window).classes == {}  # binary
+        assert cluster.version_signals("penguins", 2, window, namespace="ml").classes == candidate.classes
+        assert cluster.version_signals("penguins", 2, window, namespace="staging").classes == {}
+        check = prediction_shift_check(decide(ANALYSIS, AnalysisState(), stable, candidate))
+        assert check.status == "fail" and check.value == pytest.approx(0.46)
+    finally:
+        server.shutdown()
+        clustered.shutdown()
+
+
+def test_prometheus_source_reads_the_predicted_class_mix() -> None:
+    """A real Prometheus scraping the servers (with a namespace label, as a PodMonitor scrape adds it) answers the
+    cluster queries: `sum by (class) (increase(kubeloop_predicted_class_total{...}[window]))`."""
+    servers, text = model_servers(v1={"task": "multiclass", "classes": CLASSES}, v2={})
+    server = serve_text(text)
+    try:
+        with EmbeddedPrometheus("1s", rules=None) as prometheus:
+            prometheus.scrape("servers", [f"http://127.0.0.1:{server.server_port}"], {"namespace": "ml"})
+            prometheus.start()
+            source = PrometheusSource(prometheus.url, Queries.cluster())
+            total = 'sum(kubeloop_predicted_class_total{namespace="ml"})'
+            until(lambda: source.query(total) == [({}, 0.0)])  # scraped while every count is 0
+            servers[1].observe_batch({}, probabilities([0] * 60 + [1] * 30 + [2] * 10))
+            servers[2].observe_batch({}, np.array([0.2, 0.9]))
+            until(lambda: source.query(total) == [({}, 100.0)])
+            multiclass = source.version_signals("penguins", 1, window_s=60.0, namespace="ml")
+            # increase() extrapolates every class's series alike: the shares are exact
+            assert multiclass.class_shares() == pytest.approx(dict(zip(CLASSES, (0.6, 0.3, 0.1), strict=True)))
+            assert source.version_signals("penguins", 2, window_s=60.0, namespace="ml").classes == {}
+            assert source.version_signals("penguins", 1, window_s=60.0, namespace="staging").classes == {}
+    finally:
+        server.shutdown()
+
+
+def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout}s"
+        time.sleep(0.2)
+
+
+def test_regression_value_buckets_compare_across_versions() -> None:
+    """Two regression versions trained on slightly different labels: their value buckets lie on the same grid of
+    round steps (here 2, from 0..20 and from 2..22), so the histograms' KS distance is near 0 on the same values and
+    large on shifted ones."""
+    from serving.metrics import value_buckets
+
+    assert value_buckets(10.0, 3.0)[:2] == (0.0, 2.0) and value_buckets(12.0, 3.2)[:2] == (2.0, 4.0)
+    servers, text = model_servers(
+        v1={"task": "regression", "label_stats": (10.0, 3.0)},
+        v2={"task": "regression", "label_stats": (12.0, 3.2)},
+        v3={"task": "regression", "label_stats": (12.0, 3.2)},
+    )
+    values = np.random.default_rng(0).normal(11.0, 3.0, 2000)
+    servers[1].observe_batch({}, values)
+    servers[2].observe_batch({}, values[::-1].copy())
+    servers[3].observe_batch({}, values + 3.0)
+    server = serve_text(text)
+    try:
+        # a first scrape each: every counter's increase is its whole value
+        stable, same, shifted = (
+            MetricsSource([f"http://127.0.0.1:{server.server_port}/metrics"]).version_signals("penguins", v, 60.0)
+            for v in (1, 2, 3)
+        )
+    finally:
+        server.shutdown()
+    assert stable.classes == {}
+    assert ks_distance(same.predictions, stable.predictions) < 0.01
+    assert prediction_shift_check(decide(ANALYSIS, AnalysisState(), stable, same)).status == "pass"
+    check = prediction_shift_check(decide(ANALYSIS, AnalysisState(), stable, shifted))
+    assert check.status == "fail" and check.value > 0.3
 
 
 # ---- the cluster's default queries against series labelled as the chart's PodMonitor scrape labels them --------------
@@ -309,7 +503,7 @@ def test_annotation_scrapes_keep_model_and_version_too() -> None:
         mv["spec"]["version"] = n
         versions[n] = parse_resource(mv)
     obj = isvc.desired_inferenceservice(parse_resource(md), versions, Settings())
-    exported = {"model", "version", "code", "protocol", "reason", "le", "feature", "value", "tier", "result"}
+    exported = {"model", "version", "code", "protocol", "reason", "le", "feature", "value", "tier", "result", "class"}
     for component in [obj["spec"]["predictor"], obj["spec"]["canary"][0]["predictor"]]:
         labels = {**obj["metadata"]["labels"], **component["labels"]}
         mapped = {re.sub(r"[^a-zA-Z0-9_]", "_", key) for key in labels}

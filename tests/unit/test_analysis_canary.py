@@ -40,15 +40,15 @@ class FakeKube:
 
 
 class FakeSource:
-    def __init__(self, errors: float = 0.0) -> None:
-        self.errors = errors
+    def __init__(self, errors: float = 0.0, classes: dict[int, dict[str, float]] | None = None) -> None:
+        self.errors, self.classes = errors, classes or {}
 
     def tick(self) -> None:
         pass
 
     def version_signals(self, model, version, window_s, namespace=""):
         errors = self.errors if version == 2 else 0.0
-        return VersionSignals(version, 100.0, errors, list(LAT), list(PRED), False)
+        return VersionSignals(version, 100.0, errors, list(LAT), list(PRED), False, self.classes.get(version, {}))
 
 
 def deployment() -> dict[str, Any]:
@@ -106,6 +106,16 @@ def test_failing_metrics_roll_back_and_reject_without_deleting() -> None:
     mv = kube.modelversions["arrests-v2"]["spec"]
     assert mv["stage"] == "Rejected" and "error rate" in mv["stageReason"]
     assert kube.events[-1][:2] == ("Warning", "CanaryRolledBack")
+
+
+def test_a_multiclass_canary_predicting_another_class_mix_is_rejected_saying_so() -> None:
+    mix = FakeSource(classes={1: {"a": 50.0, "b": 50.0}, 2: {"a": 90.0, "b": 10.0}})  # same confidence histogram
+    kube = with_versions(FakeKube(deployment()))
+    assert run(kube, mix, 10) == ["start", "hold", "rollback"]
+    checks = kube.body["status"]["history"][-1]["checks"]
+    assert [c["name"] for c in checks if c["status"] == "fail"] == ["predictionShift"]
+    reason = kube.modelversions["arrests-v2"]["spec"]["stageReason"]
+    assert "predicted-class share gap 0.400 (class 'a': 90.0% of the candidate's predictions" in reason
 
 
 def test_nothing_happens_before_the_interval_or_without_prometheus() -> None:

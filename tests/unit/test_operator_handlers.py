@@ -725,3 +725,14 @@ def test_metrics_exposition() -> None:
     assert 'kubeloop_operator_children_total{kind="RayJob",action="created"}' in text
     assert 'kubeloop_operator_reconcile_seconds_bucket{kind="TrainingJob",le="0.025"}' in text
     assert isvc.COMPONENT == "inference"
+
+
+def test_the_canary_analysis_reads_the_predicted_class_query_the_settings_give(monkeypatch: pytest.MonkeyPatch) -> None:
+    from operators.canary import prometheus_source
+
+    monkeypatch.setenv("KUBELOOP_PROMETHEUS_URL", "http://prometheus:9090")
+    source = prometheus_source(Settings.from_env())
+    assert 'namespace="$namespace"' in source.queries.predicted_classes  # one namespace's series by default
+    monkeypatch.setenv("KUBELOOP_QUERY_PREDICTED_CLASSES", 'my_classes_total{model="$model",version="$version"}')
+    source = prometheus_source(Settings.from_env())
+    assert source.queries.predicted_classes == 'my_classes_total{model="$model",version="$version"}'

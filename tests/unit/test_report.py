@@ -358,3 +358,97 @@ def test_report_of_multiclass_and_regression_records_from_elsewhere(kubeloop_hom
             assert "in the label's own units: mean 9.950 on the held-out rows" in text
             assert "<tr><td>R²</td><td>0.520</td><td>0.520</td></tr>" not in text  # nothing recomputed here
             assert "<tr><td>RMSE</td><td>2.250</td></tr>" in text and "<th>val_rmse</th>" in text
+
+
+# ---- the drift section's prediction summary per task, from a real sidecar's /status and /metrics --------------------
+
+
+def _serve_sidecar(app: object) -> ThreadingHTTPServer:
+    """The in-process sidecar's /status and /metrics over HTTP on loopback (what its read-only listener answers)."""
+    import json
+
+    from prometheus_client import generate_latest
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(app.status()).encode() if self.path == "/status" else generate_latest(app.registry)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass", "regression"])
+def test_drift_predictions_text_per_task(task: str) -> None:
+    """What the report says of the predictions the sidecar kept: P(positive) for binary, the confidence and the class
+    shares for multiclass, values (not probabilities) for regression; and the shift from the default version."""
+    import json
+    from collections import deque
+
+    import pandas as pd
+
+    from kubeloop.api.modelversion import ModelVersion
+    from kubeloop.data.bundled import bundled_path
+    from kubeloop.report.drift import read_drift
+    from monitoring import detectors, traffic
+    from monitoring.events import lower_headers
+    from monitoring.schema import Schema
+    from monitoring.sidecar import DriftSidecar, SidecarConfig, VersionMonitor
+    from serving.metrics import value_buckets
+
+    sample = ModelVersion.model_validate(yaml.safe_load((REPO / "manifests/samples/modelversion.yaml").read_text()))
+    schema = Schema.from_signature(sample.spec.signature)
+    frame = pd.read_csv(bundled_path("arrests"), dtype_backend="numpy_nullable")
+    reference = detectors.Reference.from_frame(schema, frame, 200, seed=0)
+    detector = detectors.FeatureWiseDrift(reference, alpha=0.05, correction="bonferroni")
+    options = {
+        "binary": {},
+        "multiclass": {"classes": ("Adelie", "Chinstrap", "Gentoo")},
+        "regression": {"prediction_buckets": value_buckets(1500.0, 400.0)},
+    }[task]
+    monitors = [
+        VersionMonitor("m", v, schema, reference, detector, detectors.DriftTracker(), 50, deque(), task, **options)
+        for v in (1, 2)
+    ]
+    app = DriftSidecar(monitors, SidecarConfig(window=50), default_version=1)
+    predictions = {
+        "binary": {1: [0.1, 0.2, 0.3, 0.4], 2: [0.6, 0.7, 0.8, 0.9]},
+        "multiclass": {1: [[0.8, 0.1, 0.1]] * 3 + [[0.1, 0.7, 0.2]], 2: [[0.2, 0.2, 0.6]] * 4},
+        "regression": {1: [1000.0, 1250.0, 1500.0, 1752.0], 2: [2000.0, 2250.0, 2500.0, 2752.0]},
+    }[task]
+    for version, rows in predictions.items():
+        headers = lower_headers(traffic.event_headers("response", "r", version=version))
+        assert app.ingest(headers, json.dumps({"predictions": rows}).encode()) == (200, "")
+    server = _serve_sidecar(app)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        stable, canary = read_drift(url, 1), read_drift(url, 2)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert stable.task == canary.task == task
+    texts = {
+        "binary": (
+            "4 kept: mean P(positive) 0.250, p10 0.130, p50 0.250, p90 0.370",
+            "4 kept: mean P(positive) 0.750, p10 0.630, p50 0.750, p90 0.870; shift from v1: KS distance 1.000",
+        ),
+        "multiclass": (
+            "4 kept: mean confidence (the predicted class's probability) 0.775, p10 0.730, p50 0.800, p90 0.800; "
+            "predicted classes: Adelie 75.0%, Chinstrap 25.0%, Gentoo 0.0%",
+            "4 kept: mean confidence (the predicted class's probability) 0.600, p10 0.600, p50 0.600, p90 0.600; "
+            "predicted classes: Adelie 0.0%, Chinstrap 0.0%, Gentoo 100.0%; shift from v1: KS distance 1.000 "
+            "(largest on P(Gentoo))",
+        ),
+        "regression": (
+            "4 kept: mean value 1375.5, p10 1075, p50 1375, p90 1676.4",
+            "4 kept: mean value 2375.5, p10 2075, p50 2375, p90 2676.4; shift from v1: KS distance 1.000",
+        ),
+    }[task]
+    assert (stable.predictions_text(), canary.predictions_text()) == texts

@@ -109,3 +109,32 @@ def test_training_dashboard_uses_what_the_operator_exports() -> None:
 
 def test_chart_template_is_generated_from_the_dashboards() -> None:
     assert dashboards.check() == [], "run: kubeloop manifests generate"
+
+
+def test_prediction_panels_fit_every_task() -> None:
+    """The prediction histogram holds P(positive), the predicted class's probability or a regression model's value:
+    no panel on it shows a probability unit or caps its axis at 1. Each of the serving and drift dashboards shows the
+    predicted-class shares, from the counter a multiclass model server exports (and the sidecar's twin)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from serving.metrics import ServingMetrics
+
+    histograms = ("kubeloop_prediction_", "kubeloop_drift_prediction_")
+    for name in ("kubeloop-serving.json", "kubeloop-drift.json"):
+        on_histogram, on_classes = [], []
+        for panel in dashboards.panels(BOARDS[name]):
+            names = set().union(*(dashboards.metric_names(t["expr"]) for t in panel.get("targets", [])))
+            if any(n.startswith(histograms) for n in names):
+                on_histogram.append(panel)
+            if names & {"kubeloop_predicted_class_total", "kubeloop_drift_predicted_class_total"}:
+                on_classes.append(panel["title"])
+        assert on_histogram and on_classes, name
+        for panel in on_histogram:
+            defaults = panel["fieldConfig"]["defaults"]
+            units = {defaults.get("unit"), panel.get("options", {}).get("yAxis", {}).get("unit")}
+            assert "percentunit" not in units and "max" not in defaults, (name, panel["title"])
+        assert all("multiclass" in title for title in on_classes), on_classes
+    registry = CollectorRegistry()
+    ServingMetrics("penguins", 1, [], registry=registry, task="multiclass", classes=("Adelie", "Gentoo"))
+    served = dashboards.dashboard_metrics(BOARDS["kubeloop-serving.json"])
+    assert "kubeloop_predicted_class_total" in served & dashboards.exported_names(generate_latest(registry).decode())
