@@ -56,6 +56,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from kubeloop.api.modeldeployment import DriftMonitor, DriftStatus
 from kubeloop.api.modelversion import ModelVersion, Task
 from kubeloop.data.snapshot import ColumnStats
+from kubeloop.histograms import value_buckets
 from kubeloop.log import event
 from monitoring.detectors import (
     ALARM_K,
@@ -74,7 +75,6 @@ from monitoring.detectors import (
 )
 from monitoring.events import REASONS, Malformed, Predictions, RequestParser, parse_event, parse_predictions
 from monitoring.schema import Schema
-from serving.metrics import value_buckets
 
 log = logging.getLogger("monitoring.sidecar")  # not __name__: that is __main__ under python -m
 

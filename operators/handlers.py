@@ -126,6 +126,12 @@ def _apply_children(
                 emit(owner, "Warning", "NameConflict", str(error))
                 raise kopf.TemporaryError(str(error), delay=_settings().retry_delay * 4) from None
             except ApiError as error:
+                if error.status == 409 and not create_first:
+                    # another writer (KServe's controller, on its InferenceService) changed it since it was read
+                    raise kopf.TemporaryError(
+                        f"{desired['kind']} {desired['metadata']['name']} changed while being updated: applying again",
+                        delay=1,
+                    ) from None
                 if error.status != 404:
                     raise
                 message = _not_served(desired, error)

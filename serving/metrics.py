@@ -7,7 +7,6 @@ value. Request counters are plain prometheus_client counters with their label ch
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import Counter as Tally
 from collections.abc import Iterable, Sequence
@@ -18,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 from kubeloop.api.modelversion import Feature, Task
+from kubeloop.histograms import value_buckets
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PREDICTION_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20))
@@ -39,25 +39,6 @@ def feature_buckets(mean: float | None, std: float | None) -> tuple[float, ...]:
     if mean is None or std is None or not np.isfinite(mean) or not np.isfinite(std) or std <= 0:
         return (0.0,)
     bounds = {float(f"{mean + k * std:.6g}") for k in Z_STEPS}
-    if mean >= 0:
-        bounds = {max(bound, 0.0) for bound in bounds}
-    return tuple(sorted(bounds))
-
-
-def value_buckets(mean: float | None, std: float | None) -> tuple[float, ...]:
-    """Bucket bounds for a regression model's predicted values: multiples of a round step (1, 2, 2.5 or 5 times a
-    power of ten, the first at least half the training label's std) from its mean - 3 std to mean + 3 std.
-
-    Bounds on a grid of round multiples coincide for two versions trained on similar data, so their histograms
-    compare bucket by bucket (the canary analysis's KS distance). A non-negative mean gets no bounds below 0, as in
-    `feature_buckets`.
-    """
-    if mean is None or std is None or not np.isfinite(mean) or not np.isfinite(std) or std <= 0:
-        return (0.0,)
-    exponent = math.floor(math.log10(std / 2))
-    step = next(m * 10.0**exponent for m in (1, 2, 2.5, 5, 10) if m * 10.0**exponent >= std / 2)
-    low, high = math.floor((mean - 3 * std) / step), math.ceil((mean + 3 * std) / step)
-    bounds = {round(k * step, 1 - exponent) + 0.0 for k in range(low, high + 1)}  # + 0.0: no -0.0
     if mean >= 0:
         bounds = {max(bound, 0.0) for bound in bounds}
     return tuple(sorted(bounds))

@@ -435,7 +435,7 @@ def test_multiclass_predictions_class_shares_and_the_shift_between_versions(task
 
 def test_regression_values_summary_and_the_shift_between_versions(task_sidecars) -> None:
     from kubeloop.data.snapshot import column_stats
-    from serving.metrics import value_buckets
+    from kubeloop.histograms import value_buckets
 
     sidecar = task_sidecars["abalone"]
     rows = traffic.in_distribution(sidecar.frame, TASK_ROWS, np.random.default_rng(12))

@@ -107,7 +107,9 @@ def test_continuous_stops_at_validate_and_registers_and_deploys_nothing(tmp_path
             deployment=str(deployment_file),
         )
     assert failed.value.step == "validate"
-    assert "checks  type_mismatch: declared int, found string (e.g. 'many')" in failed.value.message
+    assert "checks  type_mismatch: declared int, found string: 747 of 5226 values do not parse as numbers ('many')" in (
+        failed.value.message
+    )
     assert str(failed.value).startswith("pipeline continuous stopped at step validate: ERROR  checks  type_mismatch")
     assert list(failed.value.steps) == ["ingest", "validate"]
     assert Registry().list() == []

@@ -831,7 +831,7 @@ def test_non_finite_outputs_are_never_answered_200(task_servers, client):
 
 
 def test_task_metrics_count_predicted_classes_and_values(task_servers, task_artifacts, client):
-    from serving.metrics import value_buckets
+    from kubeloop.histograms import value_buckets
 
     penguins, abalone = task_servers["penguins"].url, task_servers["abalone"].url
     before = {url: client.get(f"{url}/metrics").text for url in (penguins, abalone)}

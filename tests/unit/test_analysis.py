@@ -366,7 +366,7 @@ def test_regression_value_buckets_compare_across_versions() -> None:
     """Two regression versions trained on slightly different labels: their value buckets lie on the same grid of
     round steps (here 2, from 0..20 and from 2..22), so the histograms' KS distance is near 0 on the same values and
     large on shifted ones."""
-    from serving.metrics import value_buckets
+    from kubeloop.histograms import value_buckets
 
     assert value_buckets(10.0, 3.0)[:2] == (0.0, 2.0) and value_buckets(12.0, 3.2)[:2] == (2.0, 4.0)
     servers, text = model_servers(

@@ -194,7 +194,9 @@ def declared_rules(node: Any) -> list[dict[str, Any]]:
     if not isinstance(node, dict):
         return []
     own = list(node.get("x-kubernetes-validations", []))
-    return own + [rule for key, sub in node.items() if key != "x-kubernetes-validations" for rule in declared_rules(sub)]
+    return own + [
+        rule for key, sub in node.items() if key != "x-kubernetes-validations" for rule in declared_rules(sub)
+    ]
 
 
 def sample(kind: str) -> dict[str, Any]:

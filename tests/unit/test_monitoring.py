@@ -542,7 +542,7 @@ def test_multiclass_predictions_status_shift_and_metrics(schema, reference, dete
 
 
 def test_regression_predictions_status_shift_and_metrics(schema, reference, detector) -> None:
-    from serving.metrics import value_buckets
+    from kubeloop.histograms import value_buckets
 
     bounds = value_buckets(10.0, 3.0)
     app = _task_sidecar(schema, reference, detector, "regression", prediction_buckets=bounds)

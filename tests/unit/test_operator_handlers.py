@@ -66,6 +66,9 @@ class FakeKube:
     def replace(self, kind: kube.Kind, namespace: str | None, name: str, body: Any) -> dict[str, Any]:
         key = self._key(kind, namespace, name)
         old = self.objects[key]
+        sent = body["metadata"].get("resourceVersion")
+        if sent is not None and sent != old["metadata"].get("resourceVersion"):  # the apiserver's optimistic lock
+            raise kube.ApiError(409, "Conflict", {"message": "the object has been modified"})
         obj = copy.deepcopy(dict(body))
         obj["metadata"]["resourceVersion"] = str(next(self._ids))
         if "status" in old:
@@ -736,3 +739,29 @@ def test_the_canary_analysis_reads_the_predicted_class_query_the_settings_give(m
     monkeypatch.setenv("KUBELOOP_QUERY_PREDICTED_CLASSES", 'my_classes_total{model="$model",version="$version"}')
     source = prometheus_source(Settings.from_env())
     assert source.queries.predicted_classes == 'my_classes_total{model="$model",version="$version"}'
+
+
+def test_a_child_changed_by_another_writer_between_read_and_write_is_applied_again_shortly(fake: FakeKube) -> None:
+    """KServe's controller writes its InferenceService too: a replace with a stale resourceVersion is a 409, which
+    retries in a second (kopf's default for an unexpected error is a minute)."""
+    put_versions(fake, 1, 2)
+    md = fake.put(sample("modeldeployment"))
+    md, error = run_md(fake, md)
+    assert error is None
+    md["spec"]["canary"] = {"version": 2, "trafficPercent": 10}
+    read, kserve_writes = fake.get, itertools.count()
+
+    def racing_get(kind: kube.Kind, namespace: str | None, name: str) -> dict[str, Any] | None:
+        obj = read(kind, namespace, name)
+        if kind.kind == "InferenceService" and obj is not None:  # KServe updates it right after each read
+            fake.objects[fake._key(kind, namespace, name)]["metadata"]["resourceVersion"] = f"k{next(kserve_writes)}"
+        return obj
+
+    fake.get = racing_get
+    _, error = run_md(fake, md)
+    assert isinstance(error, kopf.TemporaryError) and error.delay == 1
+    assert "InferenceService arrests changed while being updated: applying again" in str(error)
+    fake.get = read
+    _, error = run_md(fake, md)
+    assert error is None or "canary v2 gets its traffic" in str(error)
+    assert fake.find("InferenceService", "arrests")["spec"]["canary"][0]["trafficPercent"] == 10

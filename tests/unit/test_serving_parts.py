@@ -15,8 +15,9 @@ from kserve.protocol.infer_type import InferInput, InferRequest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kubeloop.api.modelversion import Feature
+from kubeloop.histograms import value_buckets
 from serving.cache import PredictionCache, row_keys
-from serving.metrics import PayloadMetrics, ServingMetrics, feature_buckets, value_buckets
+from serving.metrics import PayloadMetrics, ServingMetrics, feature_buckets
 from serving.payload_logger import REQUEST_TYPE, EventSource, PayloadLogger, _Answers, cloudevent_headers, event_id
 from serving.splitter import Backend, Splitter, SplitterMetrics, bucket
 from serving.validation import InvalidRequest, SignatureValidator
