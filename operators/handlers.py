@@ -510,7 +510,24 @@ def on_inferenceservice_event(body: Mapping[str, Any], type: str | None, **_: An
 
 
 def sync_modeldeployment_status(obj: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Mirror an InferenceService's URL, readiness and conditions into its ModelDeployment."""
+    """Mirror an InferenceService's URL, readiness and conditions into its ModelDeployment.
+
+    The status patch carries the resourceVersion it was computed from: the reconcile writes the same conditions
+    list (VersionAdmitted, say), and a merge patch replaces the whole list, so a stale one is refused (409) and
+    computed again from what the reconcile wrote."""
+    for attempt in range(1, _STATUS_ATTEMPTS + 1):
+        try:
+            return _sync_modeldeployment_status(obj)
+        except ApiError as error:
+            if error.status != 409 or attempt == _STATUS_ATTEMPTS:
+                raise
+    return None
+
+
+_STATUS_ATTEMPTS = 5
+
+
+def _sync_modeldeployment_status(obj: Mapping[str, Any]) -> dict[str, Any] | None:
     meta = obj.get("metadata") or {}
     owner = next((ref for ref in meta.get("ownerReferences") or [] if ref.get("kind") == "ModelDeployment"), None)
     if owner is None:
@@ -530,7 +547,9 @@ def sync_modeldeployment_status(obj: Mapping[str, Any]) -> dict[str, Any] | None
         emit(body, "Normal", "Ready", f"InferenceService {meta.get('name')} is ready at {new.get('url')}")
     if _unchanged(old, new):
         return None
-    kube().patch(MODELDEPLOYMENT, md.metadata.namespace, md.metadata.name, {"status": new}, subresource="status")
+    read = {"resourceVersion": body["metadata"]["resourceVersion"]}  # the apiserver's precondition on the write
+    patch = {"metadata": read, "status": new}
+    kube().patch(MODELDEPLOYMENT, md.metadata.namespace, md.metadata.name, patch, subresource="status")
     return new
 
 

@@ -80,6 +80,9 @@ class FakeKube:
     def patch(self, kind: kube.Kind, namespace: str | None, name: str, patch: Any, subresource: str | None = None):
         key = self._key(kind, namespace, name)
         old = self.objects[key]
+        sent = (patch.get("metadata") or {}).get("resourceVersion")
+        if sent is not None and sent != old["metadata"].get("resourceVersion"):  # a precondition, as the apiserver
+            raise kube.ApiError(409, "Conflict", {"message": "the object has been modified"})
         if subresource == "status":
             new = dict(old)
             new["status"] = merge_patch(old.get("status"), patch["status"])
@@ -765,3 +768,35 @@ def test_a_child_changed_by_another_writer_between_read_and_write_is_applied_aga
     _, error = run_md(fake, md)
     assert error is None or "canary v2 gets its traffic" in str(error)
     assert fake.find("InferenceService", "arrests")["spec"]["canary"][0]["trafficPercent"] == 10
+
+
+def test_the_status_mirror_never_overwrites_a_condition_the_reconcile_wrote_meanwhile(fake: FakeKube) -> None:
+    """The InferenceService's events and the reconcile both write status.conditions (a list a merge patch
+    replaces whole): the mirror's patch carries the resourceVersion it read, so a stale one is refused and
+    recomputed, and VersionAdmitted True written meanwhile by the reconcile stays."""
+    put_versions(fake, 1)
+    md = fake.put(sample("modeldeployment"))
+    md, error = run_md(fake, md)
+    assert error is None
+    key = ("modeldeployments", "ml", "arrests")
+    stale = [dict(c, status="False", reason="VersionRejected") if c["type"] == "VersionAdmitted" else c
+             for c in fake.objects[key]["status"]["conditions"]]  # fmt: skip
+    fake.objects[key]["status"]["conditions"] = stale
+    read, reconciled = fake.get, []
+
+    def racing_get(kind: kube.Kind, namespace: str | None, name: str) -> dict[str, Any] | None:
+        obj = read(kind, namespace, name)
+        if kind.kind == "ModelDeployment" and not reconciled:  # the reconcile's status write lands right after
+            reconciled.append(True)
+            fake.patch(kind, namespace, name, {"status": {"conditions": [
+                dict(c, status="True", reason="Admitted") if c["type"] == "VersionAdmitted" else c for c in stale
+            ]}}, subresource="status")  # fmt: skip
+        return obj
+
+    served = fake.find("InferenceService", "arrests")
+    served["status"] = {"url": "http://arrests.ml", "conditions": [{"type": "Ready", "status": "True"}]}
+    fake.get = racing_get
+    assert handlers.sync_modeldeployment_status(served)["ready"] is True  # KServe's news: something to write
+    fake.get = read
+    (admitted,) = [c for c in fake.objects[key]["status"]["conditions"] if c["type"] == "VersionAdmitted"]
+    assert (admitted["status"], admitted["reason"]) == ("True", "Admitted")
