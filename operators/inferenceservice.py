@@ -179,6 +179,7 @@ def _server(md: ModelDeployment, version: int, endpoint: str, settings: Settings
         "--endpoint", endpoint,
         "--inference-service", isvc_name(md),
         "--namespace", md.metadata.namespace,
+        "--out-of-range", md.spec.inputs.out_of_range,
     ]  # fmt: skip
     return {
         "name": SERVER_CONTAINER,

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from kserve import ModelServer
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING, MAX_GRPC_MESSAGE_LENGTH
 from kserve.errors import InferenceError, InvalidInput, generic_exception_handler, inference_error_handler
+from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.rest.server import RESTServer
 
 from kubeloop.log import event
@@ -57,35 +58,51 @@ class ErrorResponse(JSONResponse):
 
 
 class ServingMiddleware:
-    """Pure ASGI middleware on the inference routes of one model: body size limit (413), request counters by
-    protocol and status, and the payload logger's request/response CloudEvents (queued, never awaited)."""
+    """Pure ASGI middleware in front of every route: the body-size limit (413) before any body is read, the
+    repository extension refused unless enabled, versioned v2 routes answered for the served version; and on the
+    inference routes of the model request counters by protocol and status and the payload logger's CloudEvents
+    (queued, never awaited; not for requests refused with a 4xx)."""
 
     def __init__(
         self,
         app: Any,
         *,
         model_name: str,
+        model_version: int,
         metrics: ServingMetrics,
         payload_logger: PayloadLogger | None,
         max_body_bytes: int,
+        repository_enabled: bool = False,
     ):
         self.app = app
         self.metrics = metrics
         self.payload_logger = payload_logger
         self.max_body_bytes = max_body_bytes
+        self.repository_enabled = repository_enabled
+        self.model_name, self.model_version = model_name, str(model_version)
         self.v1_path = f"/v1/models/{model_name}:predict"
         self.v2_prefix = f"/v2/models/{model_name}/"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
+        if path.startswith("/v2/models/") and "/versions/" in path:
+            path = self._unversioned(path)
+            if path is None:
+                return await _respond(send, 404, self._version_message(scope["path"]))
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        if not self.repository_enabled and path.startswith("/v2/repository/"):
+            message = "the model repository extension is off: start the server with --enable-repository to load "
+            return await _respond(send, 403, message + "and unload models over HTTP")
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
         if path == self.v1_path:
-            protocol = "v1"
+            protocol: str | None = "v1"
         elif path.startswith(self.v2_prefix) and path.endswith("/infer"):
             protocol = "v2"
         else:
-            return await self.app(scope, receive, send)
+            protocol = None
 
         started = time.perf_counter()
         length = ce_id = None
@@ -100,7 +117,9 @@ class ServingMiddleware:
                 ce_id = value
             elif name == b"inference-header-content-length":
                 binary_extension = True
-        if content_type is None or content_type.startswith("application/x-www-form-urlencoded"):
+        if protocol is not None and (
+            content_type is None or content_type.startswith("application/x-www-form-urlencoded")
+        ):
             # curl's default: the body is JSON all the same (kserve would pass a v2 body on as raw bytes)
             content_type = "application/json"
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
@@ -141,6 +160,8 @@ class ServingMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
+        if protocol is None:
+            return await self.app(scope, replay, send)
         status = 500
         response_chunks: list[bytes] = []
         capture = self.payload_logger is not None
@@ -157,13 +178,33 @@ class ServingMiddleware:
             await self.app(scope, replay, watch)
         finally:
             self.metrics.count_request(protocol, status, time.perf_counter() - started)
-            if self.payload_logger is not None:
+            if self.payload_logger is not None and not 400 <= status < 500:
                 response = b"".join(response_chunks) if status == 200 else None
                 self.payload_logger.log(event_id(ce_id), body, response, content_type)
 
-    async def _reject(self, send: Send, protocol: str, status: int, reason: str, message: str, started: float) -> None:
+    def _unversioned(self, path: str) -> str | None:
+        """/v2/models/NAME/versions/V[/rest] as /v2/models/NAME[/rest]; None for a version of this model that is
+        not the served one. Other models' paths lose the version too: kserve then answers that it has no such
+        model."""
+        head, _, tail = path.partition("/versions/")
+        version, _, rest = tail.partition("/")
+        if head == f"/v2/models/{self.model_name}" and version != self.model_version:
+            return None
+        return head + (f"/{rest}" if rest else "")
+
+    def _version_message(self, path: str) -> str:
+        version = path.partition("/versions/")[2].partition("/")[0]
+        return (
+            f"model {self.model_name} version {version} is not served here: this server serves version "
+            f"{self.model_version} (/v2/models/{self.model_name}/versions/{self.model_version}/...)"
+        )
+
+    async def _reject(
+        self, send: Send, protocol: str | None, status: int, reason: str, message: str, started: float
+    ) -> None:
         self.metrics.count_error(reason)
-        self.metrics.count_request(protocol, status, time.perf_counter() - started)
+        if protocol is not None:
+            self.metrics.count_request(protocol, status, time.perf_counter() - started)
         await _respond(send, status, message)
 
 
@@ -187,14 +228,17 @@ class LocalRESTServer(RESTServer):
         sock: socket.socket,
         metrics: ServingMetrics,
         model_name: str,
+        model_version: int,
         payload_logger: PayloadLogger | None,
         max_body_bytes: int,
+        repository_enabled: bool,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.sock = sock
-        self.metrics, self.model_name = metrics, model_name
+        self.metrics, self.model_name, self.model_version = metrics, model_name, model_version
         self.payload_logger, self.max_body_bytes = payload_logger, max_body_bytes
+        self.repository_enabled = repository_enabled
         host, port = sock.getsockname()[:2]
         self.config = uvicorn.Config(
             self.config.app,
@@ -219,9 +263,11 @@ class LocalRESTServer(RESTServer):
         app.add_middleware(
             ServingMiddleware,
             model_name=self.model_name,
+            model_version=self.model_version,
             metrics=self.metrics,
             payload_logger=self.payload_logger,
             max_body_bytes=self.max_body_bytes,
+            repository_enabled=self.repository_enabled,
         )
 
     def _add_exception_handlers(self, app: FastAPI) -> None:
@@ -269,6 +315,32 @@ class LocalRESTServer(RESTServer):
         await self._server.serve(sockets=[self.sock])
 
 
+class KubeloopDataPlane(DataPlane):
+    """kserve's DataPlane, except: ready only while every registered model is (after an unload there is none);
+    model metadata lists the served version; the repository extension is announced only when enabled."""
+
+    def __init__(self, model_registry: Any, *, repository_enabled: bool):
+        super().__init__(model_registry=model_registry)
+        self.repository_enabled = repository_enabled
+
+    def metadata(self) -> dict:
+        out = super().metadata()
+        if not self.repository_enabled:
+            out["extensions"] = []
+        return out
+
+    async def ready(self) -> bool:
+        models = self.model_registry.get_models()
+        return bool(models) and all(model.ready for model in models.values())
+
+    async def model_metadata(self, model_name: str) -> dict:
+        out = await super().model_metadata(model_name)
+        version = getattr(self.get_model_from_registry(model_name), "version", None)
+        if version is not None:
+            out["versions"] = [str(version)]
+        return out
+
+
 class KubeloopModelServer(ModelServer):
     """kserve.ModelServer serving on a socket bound to the given host; gRPC only when a port is given."""
 
@@ -279,10 +351,12 @@ class KubeloopModelServer(ModelServer):
         http_port: int,
         metrics: ServingMetrics,
         model_name: str,
+        model_version: int,
         payload_logger: PayloadLogger | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         grpc_port: int | None = None,
         grace_period: int = 5,
+        repository_enabled: bool = False,
     ):
         super().__init__(
             http_port=http_port,
@@ -292,7 +366,9 @@ class KubeloopModelServer(ModelServer):
             grace_period=grace_period,
         )
         self.host = host
-        self.metrics, self.model_name = metrics, model_name
+        self.metrics, self.model_name, self.model_version = metrics, model_name, model_version
+        self.repository_enabled = repository_enabled
+        self.dataplane = KubeloopDataPlane(self.registered_models, repository_enabled=repository_enabled)
         self.payload_logger, self.max_body_bytes = payload_logger, max_body_bytes
         self.sock = bind(host, http_port)
         self.port = self.sock.getsockname()[1]
@@ -313,8 +389,10 @@ class KubeloopModelServer(ModelServer):
             sock=self.sock,
             metrics=self.metrics,
             model_name=self.model_name,
+            model_version=self.model_version,
             payload_logger=self.payload_logger,
             max_body_bytes=self.max_body_bytes,
+            repository_enabled=self.repository_enabled,
         )
         tasks = [asyncio.create_task(self._rest_server.start(), name="rest")]
         if self.enable_grpc:

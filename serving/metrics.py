@@ -111,11 +111,18 @@ class ServingMetrics(Collector):
         )
         self.latency = Histogram(
             "kubeloop_request_duration_seconds",
-            "Inference request latency in the model server, first byte in to response sent.",
-            labels,
+            "Inference request latency in the model server, first byte in to response sent, by protocol and status.",
+            (*labels, "protocol", "code"),
             buckets=LATENCY_BUCKETS,
             registry=registry,
-        ).labels(self.model, self.version)
+        )
+        self.out_of_range = Counter(
+            "kubeloop_feature_out_of_range",
+            "Numeric input values outside the training rows' [min, max], by feature (counted, clipped or rejected "
+            "per the deployment's spec.inputs.outOfRange).",
+            (*labels, "feature"),
+            registry=registry,
+        )
         self.batch_rows = Histogram(
             "kubeloop_inference_batch_rows",
             "Rows per model call (requests merged by the batcher).",
@@ -135,18 +142,24 @@ class ServingMetrics(Collector):
         self.cache_entries = Gauge(
             "kubeloop_cache_entries", "Prediction cache entries by tier.", (*labels, "tier"), registry=registry
         )
-        self._request_children: dict[tuple[str, int], Counter] = {}
+        self._request_children: dict[tuple[str, int | str], tuple[Counter, Histogram]] = {}
         self._error_children: dict[str, Counter] = {}
         registry.register(self)
 
     # ---- request path helpers
-    def count_request(self, protocol: str, code: int, seconds: float) -> None:
-        child = self._request_children.get((protocol, code))
-        if child is None:
-            child = self.requests.labels(self.model, self.version, protocol, str(code))
-            self._request_children[(protocol, code)] = child
-        child.inc()
-        self.latency.observe(seconds)
+    def count_request(self, protocol: str, code: int | str, seconds: float) -> None:
+        """One answered request: `code` is the HTTP status, or the gRPC status name (OK, INVALID_ARGUMENT, ...)."""
+        children = self._request_children.get((protocol, code))
+        if children is None:
+            labels = (self.model, self.version, protocol, str(code))
+            children = (self.requests.labels(*labels), self.latency.labels(*labels))
+            self._request_children[(protocol, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def count_out_of_range(self, counts: dict[str, int]) -> None:
+        for feature, count in counts.items():
+            self.out_of_range.labels(self.model, self.version, feature).inc(count)
 
     def count_error(self, reason: str) -> None:
         child = self._error_children.get(reason)

@@ -34,7 +34,14 @@ from kubeloop.errors import KubeloopError
 from kubeloop.log import event
 from serving.cache import PredictionCache, read_rows, row_keys
 from serving.metrics import ServingMetrics
-from serving.validation import DEFAULT_MAX_BATCH, V2_DATATYPES, Batch, InvalidRequest, SignatureValidator
+from serving.validation import (
+    DEFAULT_MAX_BATCH,
+    V2_DATATYPES,
+    Batch,
+    InvalidRequest,
+    OutOfRange,
+    SignatureValidator,
+)
 
 OUTPUTS: dict[Task, str] = {"binary": "probability", "multiclass": "probabilities", "regression": "value"}
 MAX_MERGED_ROWS = 4096
@@ -53,6 +60,7 @@ class KubeloopModel(kserve.Model):
         cache_file: str | None = None,
         metrics: ServingMetrics | None = None,
         merge_requests: bool = True,
+        out_of_range: OutOfRange = "count",
     ):
         super().__init__(name)
         self.merge_requests = merge_requests
@@ -63,7 +71,8 @@ class KubeloopModel(kserve.Model):
         self.output = OUTPUTS[self.task]
         self.features = list(signature.inputs)
         self.names = [f.name for f in self.features]
-        self.validator = SignatureValidator(self.features, max_batch)
+        self.out_of_range = out_of_range
+        self.validator = SignatureValidator(self.features, max_batch, out_of_range=out_of_range)
         self.cache, self.cache_file = cache, cache_file
         self.metrics = metrics
         self.artifact: ModelArtifact | None = None
@@ -87,8 +96,11 @@ class KubeloopModel(kserve.Model):
                 f"the artifact's transform: task {transform.task} (classes {transform.classes or []})"
             )
         self.artifact = artifact
+        stats = {f.name: (f.mean, f.std) for f in transform.features if f.categories is None}
+        self.validator = SignatureValidator(
+            self.features, self.validator.max_batch, out_of_range=self.out_of_range, scales=stats
+        )
         if self.metrics is None:
-            stats = {f.name: (f.mean, f.std) for f in transform.features if f.categories is None}
             self.metrics = ServingMetrics(
                 self.record.spec.model,
                 self.version,
@@ -108,6 +120,7 @@ class KubeloopModel(kserve.Model):
         for start in range(0, len(rows), self.validator.max_batch):
             try:
                 batch = self.validator.from_v1({"instances": rows[start : start + self.validator.max_batch]})
+                self.validator.check_ranges(batch)  # clipped as requests are, so their keys meet
                 outputs = _check_finite(self._forward(batch.columns))
             except (InvalidRequest, InferenceError) as error:
                 raise KubeloopError(f"--cache-file {path}: rows from {start}: {error}") from None
@@ -127,6 +140,13 @@ class KubeloopModel(kserve.Model):
 
     # ---- the kserve handlers
     async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Batch:
+        batch = self._parse(payload)
+        outside = self.validator.check_ranges(batch)
+        if outside:
+            self.metrics.count_out_of_range(outside)
+        return batch
+
+    def _parse(self, payload: Any) -> Batch:
         if isinstance(payload, InferRequest):
             return self.validator.from_v2(payload)
         if isinstance(payload, dict):

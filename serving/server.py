@@ -61,6 +61,19 @@ def parser() -> argparse.ArgumentParser:
         action="store_false",
         help="run each request's rows through the model alone (default: concurrent requests share a model call)",
     )
+    p.add_argument(
+        "--out-of-range",
+        choices=("count", "clip", "reject"),
+        default="count",
+        help="numeric inputs outside the training [min, max]: count them, clip them to the range, or answer 400 "
+        "(default count)",
+    )
+    p.add_argument(
+        "--enable-repository",
+        action="store_true",
+        help="open the model repository extension (load/unload over HTTP and gRPC; default off: anyone reaching the "
+        "port could unload the model)",
+    )
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--grace-period", type=int, default=5, help="seconds in-flight requests get at shutdown")
     p.add_argument("--verbose", action="store_true")
@@ -110,12 +123,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     import torch
+    from prometheus_client import disable_created_metrics
 
     from serving.app import KubeloopModelServer
     from serving.cache import PredictionCache
     from serving.metrics import PayloadMetrics
     from serving.model import KubeloopModel
     from serving.payload_logger import EventSource, PayloadLogger
+
+    disable_created_metrics()  # a _created series per counter and histogram doubles /metrics for nothing
 
     if args.grpc_port and args.host not in ("0.0.0.0", "::"):
         raise KubeloopError("--grpc-port: kserve's gRPC server binds all interfaces; use it in a pod (--host 0.0.0.0)")
@@ -133,6 +149,7 @@ def serve(args: argparse.Namespace) -> int:
         cache=cache,
         cache_file=args.cache_file if args.cache in ("static", "hybrid") else None,
         merge_requests=args.merge_requests,
+        out_of_range=args.out_of_range,
     )
     model.load()
     server = KubeloopModelServer(
@@ -140,9 +157,11 @@ def serve(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         metrics=model.metrics,
         model_name=name,
+        model_version=spec.version,
         max_body_bytes=args.max_body_bytes,
         grpc_port=args.grpc_port or None,
         grace_period=args.grace_period,
+        repository_enabled=args.enable_repository,
     )
     payload_logger = None
     if args.logger_url:

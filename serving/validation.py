@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from kserve.errors import InvalidInput
@@ -26,6 +26,10 @@ V2_DATATYPES: dict[str, tuple[str, ...]] = {
     "string": ("BYTES",),
 }
 DEFAULT_MAX_BATCH = 1024
+OutOfRange = Literal["count", "clip", "reject"]
+# a value this many training standard deviations from the training mean is refused whatever the policy: no network
+# computes it meaningfully in float32 (1e200 overflows to inf in the transform)
+ABSURD_STDS = 1e6
 
 
 class InvalidRequest(InvalidInput):
@@ -42,10 +46,28 @@ class Batch:
     columns: dict[str, np.ndarray]
     protocol: str = "v1"
     request: Any = field(default=None, repr=False)  # the kserve InferRequest of a v2 call (id, requested outputs)
+    positions: dict[str, int] = field(default_factory=dict, repr=False)  # v2: each feature's index in inputs
+
+    def where(self, name: str, row: int) -> str:
+        """The request field of one value, as the rejections name it."""
+        if self.protocol == "v1":
+            return f"instances[{row}].{name}"
+        return f"inputs[{self.positions[name]}] ({name!r}).data[{row}]"
 
 
 class SignatureValidator:
-    def __init__(self, features: Sequence[Feature], max_batch: int = DEFAULT_MAX_BATCH):
+    """Types, shapes, nulls per the signature; then numeric ranges (`check_ranges`) per the deployment's policy.
+
+    `scales` are the fitted transform's (mean, std) of numeric features, for the absurd-value bound."""
+
+    def __init__(
+        self,
+        features: Sequence[Feature],
+        max_batch: int = DEFAULT_MAX_BATCH,
+        *,
+        out_of_range: OutOfRange = "count",
+        scales: dict[str, tuple[float, float]] | None = None,
+    ):
         if not features:
             raise ValueError("a signature needs at least one input feature")
         self.features = list(features)
@@ -53,7 +75,51 @@ class SignatureValidator:
         self.name_set = frozenset(self.names)
         self.index = {name: i for i, name in enumerate(self.names)}
         self.max_batch = max_batch
+        self.out_of_range = out_of_range
         self._takes = ", ".join(f"{f.name}:{f.dtype}" for f in self.features)
+        scales = scales or {}
+        # per numeric feature: (name, dtype, training min, training max, absurd low, absurd high)
+        self._bounds: list[tuple[str, str, float, float, float, float]] = []
+        for f in self.features:
+            if f.dtype not in ("float", "int"):
+                continue
+            mean, std = scales.get(f.name, (0.0, math.inf))
+            low = -math.inf if f.min is None else f.min
+            high = math.inf if f.max is None else f.max
+            self._bounds.append((f.name, f.dtype, low, high, mean - ABSURD_STDS * std, mean + ABSURD_STDS * std))
+
+    def check_ranges(self, batch: Batch) -> dict[str, int]:
+        """Numeric values outside the training [min, max]: counted (returned per feature), clipped in place, or
+        rejected, per `out_of_range`; values absurdly far out are rejected whatever the policy."""
+        outside: dict[str, int] = {}
+        for name, dtype, low, high, absurd_low, absurd_high in self._bounds:
+            values = batch.columns[name]
+            with np.errstate(invalid="ignore"):
+                absurd = (values < absurd_low) | (values > absurd_high)
+                if absurd.any():
+                    row = int(np.flatnonzero(absurd)[0])
+                    raise InvalidRequest(
+                        "out_of_range",
+                        f"{batch.where(name, row)}: {values[row]:g} is more than {ABSURD_STDS:g} training standard "
+                        f"deviations from the training mean: no model computes it meaningfully",
+                    )
+                out = (values < low) | (values > high)
+            count = int(out.sum())
+            if not count:
+                continue
+            if self.out_of_range == "reject":
+                row = int(np.flatnonzero(out)[0])
+                raise InvalidRequest(
+                    "out_of_range",
+                    f"{batch.where(name, row)}: {values[row]:g} is outside the training range [{low:g}, {high:g}] "
+                    f"(the deployment's spec.inputs.outOfRange is reject)",
+                )
+            if self.out_of_range == "clip":
+                np.clip(values, low, high, out=values)
+                if dtype == "int":
+                    np.round(values, out=values)
+            outside[name] = count
+        return outside
 
     # ---- v1: {"instances": [{feature: value}, ...]} or rows as lists in signature order
     def from_v1(self, body: Any) -> Batch:
@@ -167,7 +233,8 @@ class SignatureValidator:
             columns[f.name] = _column(
                 f, values_of[f.name], lambda i, k=k, name=f.name: f"inputs[{k}] ({name!r}).data[{i}]"
             )
-        return Batch(rows=rows, columns=columns, protocol="v2", request=request)
+        positions = {name: k for name, (k, _) in given.items()}
+        return Batch(rows=rows, columns=columns, protocol="v2", request=request, positions=positions)
 
     def _check_rows(self, where: str, rows: int) -> None:
         if rows == 0:
@@ -184,12 +251,19 @@ def _column(feature: Feature, values: list[Any], where: Callable[[int], str]) ->
     if dtype == "string":
         if all(type(v) is str for v in values):
             return np.array(values, dtype=object)
+        out = np.empty(len(values), dtype=object)
         for i, v in enumerate(values):
             if v is None:
                 _null(feature, where(i))
+            elif type(v) is bytes:  # BYTES over gRPC
+                try:
+                    v = v.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InvalidRequest("wrong_type", f"{where(i)}: expected UTF-8 text, got {_short(v)}") from None
             elif type(v) is not str:
                 raise InvalidRequest("wrong_type", f"{where(i)}: expected a string, got {_kind(v)} {_short(v)}")
-        return np.array(values, dtype=object)
+            out[i] = v
+        return out
     if dtype == "bool":
         if all(type(v) is bool for v in values):
             return np.array(values, dtype=np.float64)

@@ -126,6 +126,18 @@ class DriftMonitor(KubeModel):
     reference_size: Annotated[int, Field(ge=50, le=1_000_000)] = 2000
 
 
+class InputPolicy(KubeModel):
+    out_of_range: Literal["count", "clip", "reject"] = Field(
+        default="count",
+        description=(
+            "A numeric input outside the training rows' [min, max] (the ModelVersion's spec.signature.inputs): "
+            "count answers as usual and counts it (kubeloop_feature_out_of_range_total), clip answers for the "
+            "nearest bound, reject answers 400. Values too far out to compute in float32 are rejected whatever "
+            "the policy."
+        ),
+    )
+
+
 class Retrain(KubeModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -208,6 +220,7 @@ class ModelDeploymentSpec(KubeModel):
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     resources: Resources = Field(default_factory=Resources)
     drift: DriftMonitor = Field(default_factory=DriftMonitor)
+    inputs: InputPolicy = Field(default_factory=InputPolicy)
     retrain: Retrain = Field(default_factory=Retrain)
 
     @model_validator(mode="after")

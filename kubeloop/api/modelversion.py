@@ -53,7 +53,11 @@ class Feature(KubeModel):
     name: str
     dtype: FeatureType
     categories: list[str] | None = None
-    nullable: bool = True
+    nullable: bool = Field(
+        default=True, description="Whether the training rows had nulls in this feature; the server refuses nulls if not."
+    )
+    min: float | None = Field(default=None, description="Numeric features: the smallest value in the training rows.")
+    max: float | None = Field(default=None, description="Numeric features: the largest value in the training rows.")
 
 
 class Signature(KubeModel):

@@ -150,6 +150,71 @@ def test_v2_empty_and_oversized_batches(validator):
     assert rejected(validator.from_v2, InferRequest(model_name="m", infer_inputs=[])).kind == "missing_feature"
 
 
+def test_v2_bytes_strings_as_grpc_sends_them_are_decoded(validator):
+    batch = validator.from_v2(v2_request(colour={"data": [b"White", "Black"]}))
+    assert list(batch.columns["colour"]) == ["White", "Black"]
+    error = rejected(validator.from_v2, v2_request(colour={"data": [b"\xff\xfe", "Black"]}))
+    assert error.kind == "wrong_type" and str(error).startswith("inputs[0] ('colour').data[0]: expected UTF-8 text")
+
+
+# ---------------------------------------------------------------- ranges (spec.inputs.outOfRange)
+RANGED = [
+    Feature(name="colour", dtype="string", categories=["Black", "White"], nullable=False),
+    Feature(name="age", dtype="int", nullable=False, min=18, max=80),
+    Feature(name="score", dtype="float", nullable=True),  # no range recorded (an older ModelVersion)
+]
+SCALES = {"age": (40.0, 10.0), "score": (0.5, 0.2)}
+
+
+def ranged(policy: str) -> SignatureValidator:
+    return SignatureValidator(RANGED, out_of_range=policy, scales=SCALES)
+
+
+def ages(*values: float | None) -> dict:
+    return {"instances": [{"colour": "White", "age": a, "score": None} for a in values]}
+
+
+def test_count_answers_out_of_range_rows_and_counts_them_per_feature():
+    validator = ranged("count")
+    batch = validator.from_v1(ages(17, 40, 95))
+    assert validator.check_ranges(batch) == {"age": 2}
+    assert list(batch.columns["age"]) == [17.0, 40.0, 95.0]
+    assert validator.check_ranges(validator.from_v1(ages(18, 80))) == {}
+
+
+def test_clip_moves_values_to_the_nearest_training_bound():
+    validator = ranged("clip")
+    batch = validator.from_v1(ages(17, 40, 95))
+    assert validator.check_ranges(batch) == {"age": 2}
+    assert list(batch.columns["age"]) == [18.0, 40.0, 80.0]
+
+
+def test_reject_names_the_field_value_and_range():
+    validator = ranged("reject")
+    error = rejected(validator.check_ranges, validator.from_v1(ages(40, 95)))
+    assert error.kind == "out_of_range"
+    assert str(error).startswith("instances[1].age: 95 is outside the training range [18, 80]"), str(error)
+    request = InferRequest(
+        model_name="m",
+        infer_inputs=[
+            InferInput("score", [1], "FP32", [None]),
+            InferInput("age", [1], "INT64", [5]),
+            InferInput("colour", [1], "BYTES", ["White"]),
+        ],
+    )
+    error = rejected(validator.check_ranges, validator.from_v2(request))
+    assert str(error).startswith("inputs[1] ('age').data[0]: 5 is outside"), str(error)
+
+
+@pytest.mark.parametrize("policy", ["count", "clip", "reject"])
+def test_absurd_values_are_rejected_whatever_the_policy(policy):
+    validator = ranged(policy)
+    error = rejected(validator.check_ranges, validator.from_v1(ages(1e200)))
+    assert error.kind == "out_of_range" and "1e+200 is more than 1e+06 training standard deviations" in str(error)
+    score = {"instances": [{"colour": "White", "age": 40, "score": -1e12}]}
+    assert rejected(validator.check_ranges, validator.from_v1(score)).kind == "out_of_range"
+
+
 # ---------------------------------------------------------------- metrics
 def test_feature_buckets_follow_the_training_distribution():
     assert feature_buckets(10.0, 2.0) == (4.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 16.0)
@@ -170,7 +235,9 @@ def test_batch_statistics_are_aggregated_per_call():
     metrics = ServingMetrics("m", 3, FEATURES, {"age": (30.0, 10.0)}, registry=registry)
     metrics.observe_batch(COLUMNS, np.array([0.07, 0.5, 0.97], dtype=np.float32))
     metrics.count_request("v1", 200, 0.004)
+    metrics.count_request("v1", 400, 0.0001)
     metrics.count_error("wrong_type")
+    metrics.count_out_of_range({"age": 2})
     samples = parse(generate_latest(registry).decode())
     base = {"model": "m", "version": "3"}
 
@@ -186,8 +253,11 @@ def test_batch_statistics_are_aggregated_per_call():
     assert value("kubeloop_feature_category_total", feature="colour", value="White") == 1
     assert value("kubeloop_feature_null_total", feature="score") == 1
     assert value("kubeloop_requests_total", code="200", protocol="v1") == 1
-    assert value("kubeloop_request_duration_seconds_bucket", le="0.0025") == 0
-    assert value("kubeloop_request_duration_seconds_bucket", le="0.005") == 1
+    ok = {"code": "200", "protocol": "v1"}
+    assert value("kubeloop_request_duration_seconds_bucket", le="0.0025", **ok) == 0  # the fast 400 is apart
+    assert value("kubeloop_request_duration_seconds_bucket", le="0.005", **ok) == 1
+    assert value("kubeloop_request_duration_seconds_bucket", le="0.001", code="400", protocol="v1") == 1
+    assert value("kubeloop_feature_out_of_range_total", feature="age") == 2
     assert value("kubeloop_request_errors_total", reason="wrong_type") == 1
     assert value("kubeloop_inference_batch_rows_count") == 1
 
