@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 from kubeloop.errors import KubeloopError, SpecError
 from kubeloop.log import setup
@@ -201,6 +204,38 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so the same cleanup runs (a LocalDeployment's
+    processes stopped, its state file removed)."""
+
+
+class StopSignals:
+    """While a command runs: SIGINT and SIGTERM interrupt it once (KeyboardInterrupt, Terminated); a second one,
+    during the cleanup that follows, is ignored, so that cleanup -- stopping child processes -- runs to its end
+    (children still running `grace` seconds after their SIGTERM get SIGKILL, so it ends)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signal handlers belong to the main thread
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.received is not None:
+            print(f"{signal.Signals(signum).name}: stopping already, waiting for the cleanup", file=sys.stderr)
+            return
+        self.received = signum
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup(args.verbose)
@@ -209,17 +244,20 @@ def main(argv: list[str] | None = None) -> int:
         parser().error(f"models {args.action} needs NAME or NAME:VERSION")
     if args.command == "data" and args.action != "list" and not args.target:
         parser().error(f"data {args.action} needs a path, URI or digest")
-    try:
-        return args.handler(args)
-    except SpecError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KubeloopError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with StopSignals() as signals:
+        try:
+            return args.handler(args)
+        except SpecError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except KubeloopError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            # 128 + the signal, as a shell reports a process the signal ended: 130 for Ctrl-C, 143 for SIGTERM
+            signum = signals.received or signal.SIGINT
+            print("terminated" if signum == signal.SIGTERM else "interrupted", file=sys.stderr)
+            return 128 + signum
 
 
 if __name__ == "__main__":

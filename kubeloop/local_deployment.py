@@ -3,11 +3,14 @@
 Per version a KServe model server (`serving.server`), one drift sidecar (`monitoring.sidecar`) fed by their
 payload loggers, and with a canary the traffic splitter (`serving.splitter`) in front. The cluster runs the
 same modules in the InferenceService's predictor pod (server + sidecar) and splits with KServe/Gateway API.
+Like the kubelet with a pod's containers, a process that exits is restarted (with back-off, on the same port,
+see kubeloop.processes) while the others keep serving; the state file counts the restarts for `kubeloop status`.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from kubeloop.api import ModelDeployment
 from kubeloop.api.modeldeployment import rejected_versions, version_refusal
 from kubeloop.errors import SpecError
 from kubeloop.log import event
-from kubeloop.processes import ProcessGroup, free_port
+from kubeloop.processes import ALWAYS, Child, ProcessGroup, RestartPolicy, free_port
 from kubeloop.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -30,11 +33,14 @@ class Endpoints:
 
 
 class LocalDeployment:
-    def __init__(self, deployment: ModelDeployment, registry: Registry | None = None) -> None:
+    def __init__(
+        self, deployment: ModelDeployment, registry: Registry | None = None, restart: RestartPolicy | None = ALWAYS
+    ) -> None:
         self.deployment = deployment
         self.registry = registry or Registry()
-        self.processes = ProcessGroup()
+        self.processes = ProcessGroup(restart, on_restart=self._restarted)
         self.state_file: Path | None = None  # $KUBELOOP_HOME/deployments/<name>.json while it runs (kubeloop status)
+        self._state_lock = threading.Lock()  # restarts (from the watching threads) and start/stop write the file
 
     def versions(self) -> list[tuple[int, str]]:
         spec = self.deployment.spec
@@ -88,6 +94,7 @@ class LocalDeployment:
                 "--namespace",
                 self.deployment.metadata.namespace,
             ]
+            args += ["--out-of-range", spec.inputs.out_of_range]
             if sidecar:
                 args += ["--logger-url", f"{sidecar}/"]
             servers[version] = f"http://127.0.0.1:{port}"
@@ -105,15 +112,26 @@ class LocalDeployment:
         )
         from kubeloop.status_view import record_deployment
 
-        self.state_file = record_deployment(self.deployment, endpoints)
+        with self._state_lock:  # a restart during start is in the file from the start
+            self.state_file = record_deployment(self.deployment, endpoints, self.processes.children)
         event(log, "deployment.ready", name=name, model=spec.model, url=endpoints.url, sidecar=sidecar or "off")
         return endpoints
 
+    def _restarted(self, child: Child) -> None:
+        from kubeloop.status_view import record_processes
+
+        with self._state_lock:
+            if self.state_file is not None:
+                record_processes(self.state_file, self.processes.children)
+
     def stop(self) -> None:
-        if self.state_file is not None:
-            self.state_file.unlink(missing_ok=True)
-            self.state_file = None
-        self.processes.stop()
+        try:
+            with self._state_lock:
+                if self.state_file is not None:
+                    self.state_file.unlink(missing_ok=True)
+                    self.state_file = None
+        finally:
+            self.processes.stop()
 
     def __enter__(self) -> LocalDeployment:
         return self

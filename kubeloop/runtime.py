@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from kubeloop.api import ModelDeployment, Resource, TrainingJob, load_resources
-from kubeloop.errors import GateFailed, KubeloopError, SpecError
+from kubeloop.errors import GateFailed, SpecError
 from kubeloop.in_cluster import publish_result
 from kubeloop.models_view import detail
 
@@ -23,7 +23,7 @@ def run_trainingjob(job: TrainingJob) -> None:
 
 
 def serve_modeldeployment(deployment: ModelDeployment) -> None:
-    """Serve until Ctrl-C (or until a process dies), then stop every process."""
+    """Serve until Ctrl-C or SIGTERM, then stop every process; one that exits meanwhile is restarted."""
     from kubeloop.local_deployment import LocalDeployment
 
     with LocalDeployment(deployment) as local:
@@ -37,10 +37,9 @@ def serve_modeldeployment(deployment: ModelDeployment) -> None:
             print(f"  splitter: {endpoints.splitter} ({spec.canary.traffic_percent}% to v{spec.canary.version})")
         if endpoints.sidecar:
             print(f"  drift sidecar: {endpoints.sidecar}/status   metrics: {endpoints.sidecar}/metrics")
-        print("Ctrl-C stops everything.")
-        while not (dead := local.processes.dead()):
-            time.sleep(0.5)
-        raise KubeloopError(f"{dead[0].name} exited with code {dead[0].process.returncode}:\n{dead[0].tail()}")
+        print("Ctrl-C stops everything; a process that exits is restarted (kubeloop status shows restarts).")
+        while True:
+            time.sleep(3600)
 
 
 def run_file(path: Path) -> int:

@@ -1,9 +1,11 @@
 """`kubeloop status`: the deployments running on this machine, read from their live /metrics endpoints.
 
 A `LocalDeployment` records its endpoints in $KUBELOOP_HOME/deployments/<name>.json while it runs
-(`record_deployment`; the file goes when it stops, and a file whose process is gone is ignored and removed).
+(`record_deployment`; the file goes when it stops, and a file whose process is gone is ignored and removed), with
+its processes' pids and restarts (`record_processes`, again at every restart).
 `status_table` scrapes every endpoint twice, `interval` seconds apart, and prints one row per model version:
-traffic split, requests/s, error rate and p99 latency over that interval, and the drift sidecar's state.
+traffic split, requests/s, error rate and p99 latency over that interval, and the drift sidecar's state; then a
+line per process that was restarted, as kubectl's RESTARTS column says it: `2 (14s ago)`.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubeloop import config
 from kubeloop.errors import KubeloopError
 from kubeloop.report import promtext
 from kubeloop.report.promtext import Sample
+
+if TYPE_CHECKING:
+    from kubeloop.processes import Child
 
 # the server's latency histogram: kubeloop's own request histogram when the server exports one, else kserve's
 # predict-time histogram (labelled by model name only: one version per server process)
@@ -42,6 +47,9 @@ class DeploymentEndpoints:
     splitter: str | None = None
     pid: int | None = None  # the process that runs it; its state file is stale once that is gone
     started: float = field(default_factory=time.time)
+    pids: dict[str, int] = field(default_factory=dict)  # per process (drift-sidecar, server-v1, ...): its pid now
+    restarts: dict[str, int] = field(default_factory=dict)  # per process: how often it was restarted
+    last_restart: dict[str, float] = field(default_factory=dict)  # per restarted process: when, time.time()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -66,8 +74,9 @@ def deployments_dir() -> Path:
     return config.home() / "deployments"
 
 
-def record_deployment(deployment: Any, endpoints: Any) -> Path:
-    """Write the state file of a started LocalDeployment (its ModelDeployment and `Endpoints`); returns its path."""
+def record_deployment(deployment: Any, endpoints: Any, processes: Sequence[Child] = ()) -> Path:
+    """Write the state file of a started LocalDeployment (its ModelDeployment, `Endpoints` and processes);
+    returns its path."""
     spec = deployment.spec
     state = DeploymentEndpoints(
         name=deployment.metadata.name,
@@ -81,13 +90,31 @@ def record_deployment(deployment: Any, endpoints: Any) -> Path:
         splitter=endpoints.splitter,
         pid=os.getpid(),
     )
+    _set_processes(state, processes)
     directory = deployments_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{state.name}.json"
+    _write(path, state)
+    return path
+
+
+def record_processes(path: Path, processes: Sequence[Child]) -> None:
+    """Rewrite the pids and restarts of a state file `record_deployment` wrote (after a process was restarted)."""
+    state = DeploymentEndpoints.from_json(path.read_text())
+    _set_processes(state, processes)
+    _write(path, state)
+
+
+def _set_processes(state: DeploymentEndpoints, processes: Sequence[Child]) -> None:
+    state.pids = {child.name: child.process.pid for child in processes}
+    state.restarts = {child.name: child.restarts for child in processes}
+    state.last_restart = {child.name: child.last_restart for child in processes if child.last_restart is not None}
+
+
+def _write(path: Path, state: DeploymentEndpoints) -> None:
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
     temporary.write_text(state.to_json())
-    os.replace(temporary, path)
-    return path
+    os.replace(temporary, path)  # a reader sees the old file or the new one, never half of one
 
 
 def _alive(pid: int | None) -> bool:
@@ -255,7 +282,28 @@ def _fmt(value: float | None, pattern: str, mark: str = "") -> str:
     return "-" if value is None else pattern.format(value) + mark
 
 
-def render(rows: Sequence[VersionRow], interval: float) -> str:
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{max(0, seconds):.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"
+
+
+def restart_lines(deployments: Sequence[DeploymentEndpoints], now: float | None = None) -> list[str]:
+    """One line per restarted process: `arrests drift-sidecar: restarts 2 (14s ago)`."""
+    now = time.time() if now is None else now
+    lines = []
+    for state in deployments:
+        for process, count in sorted(state.restarts.items()):
+            if count:
+                last = state.last_restart.get(process)
+                ago = f" ({_ago(now - last)} ago)" if last is not None else ""
+                lines.append(f"{state.name} {process}: restarts {count}{ago}")
+    return lines
+
+
+def render(rows: Sequence[VersionRow], interval: float, deployments: Sequence[DeploymentEndpoints] = ()) -> str:
     if not rows:
         return "no running deployments (start one: kubeloop quickstart, or kubeloop run -f modeldeployment.yaml)"
     table = [("DEPLOYMENT", "MODEL", "VERSION", "ROLE", "TRAFFIC", "REQ/S", "ERRORS", "P99", "DRIFT")]
@@ -276,10 +324,11 @@ def render(rows: Sequence[VersionRow], interval: float) -> str:
     if any(row.since_start for row in rows):
         lines.append("*: no requests in that time: since the server started")
     lines += [f"{row.deployment} v{row.version}: {row.down}" for row in rows if row.down]
+    lines += restart_lines(deployments)
     return "\n".join(lines)
 
 
 def status_table(deployments: Sequence[DeploymentEndpoints] | None = None, interval: float = 1.0) -> str:
     """The live table of `deployments` (default: the running local deployments), as text."""
     deployments = running_deployments() if deployments is None else deployments
-    return render(collect(deployments, interval) if deployments else [], interval)
+    return render(collect(deployments, interval) if deployments else [], interval, deployments)

@@ -54,7 +54,7 @@ class Feature(KubeModel):
     dtype: FeatureType
     categories: list[str] | None = None
     nullable: bool = Field(
-        default=True, description="Whether the training rows had nulls in this feature; the server refuses nulls if not."
+        default=True, description="Whether the training rows had nulls in this feature (if not, serving refuses them)."
     )
     min: float | None = Field(default=None, description="Numeric features: the smallest value in the training rows.")
     max: float | None = Field(default=None, description="Numeric features: the largest value in the training rows.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,11 @@ def connect(workers: int, cpus_per_worker: int = 1) -> bool:
     cpus = max(os.cpu_count() or 1, needed)
     event(log, "ray.start", cpus=cpus)
     # worker output stays in Ray's session logs: progress comes from the events file, errors from fit()
+    # ray.init replaces the SIGTERM handler with its own sys.exit(15): the command's own (cleanup as on Ctrl-C) stays
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     ray.init(num_cpus=cpus, runtime_env={"env_vars": env}, log_to_driver=False)
+    if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
+        signal.signal(signal.SIGTERM, on_sigterm)
     return True
 
 
