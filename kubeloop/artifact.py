@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -33,10 +34,14 @@ class ModelArtifact:
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """The model's answer per row: P(positive) (binary, shape n), class probabilities in the order of
-        transform.classes (multiclass, n by classes), the value in the label's units (regression, n)."""
-        features = torch.from_numpy(self.transform.transform(frame))
+        transform.classes (multiclass, n by classes), the value in the label's units (regression, n); float32."""
+        return self.predict_columns(self.transform.frame_columns(frame))
+
+    def predict_columns(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
+        """`predict` of one array per feature, as `TabularTransform.transform_columns` takes them."""
+        features = torch.from_numpy(self.transform.transform_columns(columns))
         task = self.transform.task
-        with torch.no_grad():
+        with torch.inference_mode():
             out = tasks.predictions(task, self.model(features)).numpy()
         return self.transform.decode_value(out).astype(np.float32) if task == "regression" else out
 

@@ -1,12 +1,17 @@
 """The feature transform fitted on training rows, saved as JSON inside the model artifact.
 
-The model server loads this very class from the artifact, so training and serving share one implementation.
+The model server loads this very class from the artifact, so training and serving share one implementation:
+`transform(frame)` converts the frame's columns and goes through `transform_columns`, the path the server calls
+with its validated columns (numpy only, no DataFrame per request).
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +36,11 @@ class Feature(BaseModel):
     std: float | None = None
     # string: one-hot over these, in this order; unseen values and nulls are all zeros
     categories: list[str] | None = None
+    # the training rows: whether they had nulls here, and numeric features' smallest and largest value (None
+    # when unknown: a transform.json written before these were recorded, or no values)
+    nullable: bool = True
+    minimum: float | None = None
+    maximum: float | None = None
 
     @property
     def width(self) -> int:
@@ -98,28 +108,88 @@ class TabularTransform(BaseModel):
         return len(self.classes) if self.task == "multiclass" and self.classes else 1
 
     def input_features(self) -> list[dict]:
-        """The model's input signature: one entry per input column."""
-        return [f.model_dump(include={"name", "dtype", "categories"}, exclude_none=True) for f in self.features]
+        """The model's input signature: one entry per input column (name, dtype, categories of a string feature,
+        nullable, and the training min and max of a numeric one when known)."""
+        return [
+            f.model_dump(include={"name", "dtype", "categories", "nullable"}, exclude_none=True)
+            | ({"min": f.minimum} if f.minimum is not None else {})
+            | ({"max": f.maximum} if f.maximum is not None else {})
+            for f in self.features
+        ]
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
-        missing = [name for name in self.feature_names if name not in frame.columns]
-        if missing:
-            raise DataError(f"missing feature columns {missing}: the model was trained on {self.feature_names}")
-        out = np.zeros((len(frame), self.output_dim), dtype=np.float64)
-        offset = 0
-        for feature in self.features:
-            series = frame[feature.name]
-            if feature.categories is None:
-                values = _numeric(feature.name, series)
-                out[:, offset] = (np.where(np.isnan(values), feature.mean, values) - feature.mean) / feature.std
-            else:
-                codes = pd.Categorical(_as_str(series), categories=feature.categories).codes
-                hit = codes >= 0
-                out[np.flatnonzero(hit), offset + codes[hit]] = 1.0
-            offset += feature.width
+        """float32 features, one row per frame row (by position), ``output_dim`` wide."""
+        return self.transform_columns(self.frame_columns(frame))
+
+    def frame_columns(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+        """The frame's feature columns as `transform_columns` takes them; raises if one is missing, or if a numeric
+        feature's column holds anything but numbers and nulls."""
+        self._check_present(frame.columns)
+        return {
+            f.name: _numeric(f.name, frame[f.name])
+            if f.categories is None
+            else _as_str(frame[f.name]).to_numpy(dtype=object, na_value=None)
+            for f in self.features
+        }
+
+    def transform_columns(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
+        """`transform` of one array per feature, all of one length: numeric features as numbers (float64 with NaN
+        for nulls, as the model server's validator gives them), string features as object arrays of str with None
+        for nulls (any other value is compared as ``str(value)``, a pandas null as a null)."""
+        plan = self._plan
+        self._check_present(columns)
+        lengths = [len(columns[name]) for name in plan.names]
+        rows = lengths[0]
+        if lengths.count(rows) != len(lengths):
+            given = dict(zip(plan.names, lengths, strict=True))
+            raise DataError(f"feature columns differ in length {given}: give every feature one value per row")
+        # one spare column past the end: unseen categories and nulls are set there and dropped
+        out = np.zeros((rows, plan.width + 1), dtype=np.float64)
+        if plan.numeric:
+            # rows by numeric features
+            values = np.array([_numbers(name, columns[name]) for name in plan.numeric], dtype=np.float64).T
+            means, stds = plan.means, plan.stds
+            out[:, plan.numeric_columns] = (np.where(np.isnan(values), means, values) - means) / stds
+        if plan.strings:
+            count = rows * len(plan.strings)
+            codes = np.fromiter(
+                chain.from_iterable(map(index.__getitem__, columns[name]) for name, index in plan.strings),
+                dtype=np.intp,
+                count=count,
+            )
+            out[np.arange(count) % rows, codes] = 1.0  # codes run feature by feature
         # a finite but absurd input (1e300) overflows float32 to inf: the server refuses the non-finite answer
         with np.errstate(over="ignore"):
-            return out.astype(np.float32)
+            return out[:, : plan.width].astype(np.float32)
+
+    @cached_property
+    def _plan(self) -> _Plan:
+        """Per-feature state for `transform_columns`, computed once per (frozen) transform."""
+        numeric: list[tuple[str, int, float, float]] = []
+        strings: list[tuple[str, _Categories]] = []
+        width = self.output_dim
+        offset = 0
+        for f in self.features:
+            if f.categories is None:
+                numeric.append((f.name, offset, f.mean, f.std))
+            else:
+                columns = {category: offset + i for i, category in enumerate(f.categories)}
+                strings.append((f.name, _Categories(columns, missed=width)))
+            offset += f.width
+        return _Plan(
+            names=tuple(self.feature_names),
+            width=width,
+            numeric=tuple(name for name, _, _, _ in numeric),
+            numeric_columns=np.array([column for _, column, _, _ in numeric], dtype=np.intp),
+            means=np.array([mean for _, _, mean, _ in numeric], dtype=np.float64),
+            stds=np.array([std for _, _, _, std in numeric], dtype=np.float64),
+            strings=tuple(strings),
+        )
+
+    def _check_present(self, columns: Collection[str]) -> None:
+        missing = [name for name in self._plan.names if name not in columns]
+        if missing:
+            raise DataError(f"missing feature columns {missing}: the model was trained on {self.feature_names}")
 
     def encode_label(self, frame: pd.DataFrame) -> np.ndarray:
         """The label as the network learns it: float32 0/1 (binary), int64 class index (multiclass), float32
@@ -168,6 +238,38 @@ class TabularTransform(BaseModel):
             raise DataError(f"cannot load the transform from {file}: {e}") from e
 
 
+@dataclass(frozen=True, eq=False)  # eq by identity: pydantic's __eq__ compares a model's fields, not this cache
+class _Plan:
+    names: tuple[str, ...]
+    width: int  # output_dim
+    numeric: tuple[str, ...]  # numeric features, in order
+    numeric_columns: np.ndarray  # each one's output column
+    means: np.ndarray
+    stds: np.ndarray
+    strings: tuple[tuple[str, _Categories], ...]  # string features: category -> its output column
+
+
+def _numbers(name: str, values: np.ndarray) -> np.ndarray:
+    """A numeric feature's values as numbers; anything but a numeric array goes through the frame's checks."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
+        return values
+    return _numeric(name, pd.Series(values, copy=False))
+
+
+class _Categories(dict[str, int]):
+    """A string feature's category -> output column; any other value looks up `missed`, the spare column. A value
+    neither str nor None is looked up as ``str(value)`` (a pandas null stays a null), as `_as_str` compares."""
+
+    def __init__(self, columns: dict[str, int], missed: int):
+        super().__init__(columns)
+        self.missed = missed
+
+    def __missing__(self, value: object) -> int:
+        if value is None or type(value) is str or (ptypes.is_scalar(value) and pd.isna(value)):
+            return self.missed
+        return self.get(str(value), self.missed)
+
+
 def _file(path: Path) -> Path:
     path = Path(path)
     return path if path.suffix == ".json" else path / TRANSFORM_FILE
@@ -175,13 +277,25 @@ def _file(path: Path) -> Path:
 
 def _fit_feature(name: str, series: pd.Series) -> Feature:
     dtype = dtype_of(series)
+    nullable = bool(series.isna().any())
     if dtype == "string":
-        return Feature(name=name, dtype=dtype, categories=sorted(_as_str(series).dropna().unique()))
+        categories = sorted(_as_str(series).dropna().unique())
+        return Feature(name=name, dtype=dtype, categories=categories, nullable=nullable)
     values = _numeric(name, series)
     present = values[~np.isnan(values)]
     mean = float(present.mean()) if present.size else 0.0
     std = float(present.std()) if present.size else 0.0
-    return Feature(name=name, dtype=dtype, mean=mean, std=std if std > 0 else 1.0)
+    # bool features have no range worth checking: the server's validator takes only true and false
+    ranged = dtype != "bool" and present.size > 0
+    return Feature(
+        name=name,
+        dtype=dtype,
+        mean=mean,
+        std=std if std > 0 else 1.0,
+        nullable=nullable,
+        minimum=float(present.min()) if ranged else None,
+        maximum=float(present.max()) if ranged else None,
+    )
 
 
 def _numeric(name: str, series: pd.Series) -> np.ndarray:

@@ -6,7 +6,9 @@ through the CloudEvents Go SDK: the body is the payload as received or returned,
 a request and its response), ``Ce-Source``, ``Ce-Time`` and the extensions ``Ce-Inferenceservicename``,
 ``Ce-Namespace``, ``Ce-Component``, ``Ce-Endpoint`` (default | canary), ``Ce-Metadata`` (JSON). kubeloop's own
 servers add ``Ce-Modelversion``. Header names are matched case-insensitively (Go writes ``Ce-Id``, others
-``ce-id``). The structured mode (``application/cloudevents+json``) is accepted too.
+``ce-id``). The structured mode (``application/cloudevents+json``) is accepted too, and the batched mode
+(``application/cloudevents-batch+json``: a JSON array of structured events) that kubeloop's own model server sends:
+the array is decoded once, each event's ``data`` already parsed with it.
 
 Every problem raises :class:`Malformed` with a short, fixed ``reason`` (a metric label) and a detail for the log.
 An event is taken whole or not at all: one bad row rejects the event, so a window never holds half a request.
@@ -15,6 +17,7 @@ An event is taken whole or not at all: one bad row rejects the event, so a windo
 from __future__ import annotations
 
 import base64
+import json
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -31,7 +34,6 @@ try:  # orjson is ~5x faster on these bodies; the stdlib is the fallback
 
     _JSON_ERRORS: tuple[type[Exception], ...] = (orjson.JSONDecodeError, UnicodeDecodeError)
 except ImportError:  # pragma: no cover - depends on the environment
-    import json
 
     def loads(data: bytes) -> Any:
         return json.loads(data)
@@ -43,6 +45,7 @@ RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
 EventType = Literal["request", "response"]
 _TYPES: dict[str, EventType] = {REQUEST_TYPE: "request", RESPONSE_TYPE: "response"}
 STRUCTURED = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
 
 # the label values of kubeloop_drift_events_malformed_total{reason}
 REASONS = (
@@ -96,28 +99,28 @@ def lower_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dic
 
 
 def parse_version(value: str) -> int:
+    known = _VERSIONS.get(value)
+    if known is not None:
+        return known
     text = value.strip().lower().removeprefix("v")
-    if not text.isdigit() or int(text) < 1:
+    if not text.isdigit() or len(text) > 9 or int(text) < 1:
         raise Malformed("bad_header", f"ce-modelversion {value[:40]!r} is not a version number")
+    if len(_VERSIONS) >= 64:  # a sender's few spellings of its few versions; anything else is not kept
+        _VERSIONS.clear()
+    _VERSIONS[value] = int(text)
     return int(text)
+
+
+_VERSIONS: dict[str, int] = {}
 
 
 def parse_meta(headers: Mapping[str, str]) -> EventMeta:
     """Attributes of a binary-mode event; ``headers`` must have lower-case names (see :func:`lower_headers`)."""
     get = headers.get
-    spec, ce_type, ce_id = get("ce-specversion"), get("ce-type"), get("ce-id")
-    if not (spec and ce_type and ce_id):
-        missing = [n for n, v in (("specversion", spec), ("type", ce_type), ("id", ce_id)) if not v]
-        raise Malformed("missing_header", "no " + ", ".join("ce-" + name for name in missing))
-    if type(spec) is not str or not spec.startswith("1."):
-        raise Malformed("bad_header", f"ce-specversion {str(spec)[:20]!r}: only CloudEvents 1.x")
-    kind = _TYPES.get(ce_type) if type(ce_type) is str else None
-    if kind is None:
-        raise Malformed("unknown_type", f"ce-type {str(ce_type)[:80]!r}")
     version = get("ce-modelversion")
     return EventMeta(
-        kind,
-        str(ce_id),
+        _kind(get("ce-specversion"), get("ce-type"), get("ce-id"), "ce-"),
+        str(get("ce-id")),
         get("ce-source", ""),
         get("ce-inferenceservicename", ""),
         get("ce-namespace", ""),
@@ -127,26 +130,96 @@ def parse_meta(headers: Mapping[str, str]) -> EventMeta:
     )
 
 
+def parse_envelope(envelope: Any) -> tuple[EventMeta, Any]:
+    """Attributes and payload of one structured event (alone, or one element of a batch): ``data`` as decoded with
+    the envelope, or ``data_base64`` decoded as JSON."""
+    if type(envelope) is not dict:
+        raise Malformed("bad_body", f"a structured CloudEvent is a JSON object, not {type(envelope).__name__}")
+    get = envelope.get
+    version = get("modelversion")
+    meta = EventMeta(
+        _kind(get("specversion"), get("type"), get("id"), ""),
+        str(get("id")),
+        str(get("source", "")),
+        str(get("inferenceservicename", "")),
+        str(get("namespace", "")),
+        str(get("component", "")),
+        str(get("endpoint", "")),
+        parse_version(str(version)) if version is not None and version != "" else None,
+    )
+    encoded = get("data_base64")
+    if encoded is None:
+        return meta, get("data")
+    try:
+        return meta, decode_json(base64.b64decode(encoded, validate=True))
+    except (ValueError, TypeError) as e:
+        raise Malformed("bad_json", f"data_base64: {e}") from None
+
+
+def _kind(spec: Any, ce_type: Any, ce_id: Any, prefix: str) -> EventType:
+    if not (spec and ce_type and ce_id):
+        missing = [n for n, v in (("specversion", spec), ("type", ce_type), ("id", ce_id)) if not v]
+        raise Malformed("missing_header", "no " + ", ".join(prefix + name for name in missing))
+    if type(spec) is not str or not spec.startswith("1."):
+        raise Malformed("bad_header", f"{prefix}specversion {str(spec)[:20]!r}: only CloudEvents 1.x")
+    kind = _TYPES.get(ce_type) if type(ce_type) is str else None
+    if kind is None:
+        raise Malformed("unknown_type", f"{prefix}type {str(ce_type)[:80]!r}")
+    return kind
+
+
 def parse_event(headers: Mapping[str, str], body: bytes) -> tuple[EventMeta, Any]:
     """Attributes and decoded JSON payload of one event, binary or structured mode. Headers: lower-case names."""
-    content_type = headers.get("content-type", "")
-    if content_type.startswith(STRUCTURED):
-        envelope = decode_json(body)
-        if not isinstance(envelope, dict):
-            raise Malformed("bad_body", "structured CloudEvent is not a JSON object")
-        # the envelope's attributes, named as binary mode's headers
-        attributes = {
-            f"ce-{k}": str(v) for k, v in envelope.items() if k not in ("data", "data_base64") and v is not None
-        }
-        meta = parse_meta(attributes)
-        if "data_base64" in envelope:
-            try:
-                return meta, decode_json(base64.b64decode(envelope["data_base64"], validate=True))
-            except (ValueError, TypeError) as e:
-                raise Malformed("bad_json", f"data_base64: {e}") from None
-        return meta, envelope.get("data")
+    if headers.get("content-type", "").startswith(STRUCTURED):
+        return parse_envelope(decode_json(body))
     # KServe sends the inference payload's own content type (or none): the body is JSON either way
     return parse_meta(headers), decode_json(body)
+
+
+def decode_batch(body: bytes) -> list[Any]:
+    """The events of a batched-mode body (parse each with :func:`parse_envelope`).
+
+    A model server embeds each inference body as it was received; one that its JSON parser took but strict JSON
+    does not (``NaN``, ``Infinity``, a number past the double range: Python's json takes them) would cost the whole
+    batch. Such a batch is read again leniently, each non-finite number a :data:`NON_FINITE` marker that the
+    converters reject as ``wrong_type``: the event that holds it is rejected, the others are taken.
+    """
+    if not body:
+        raise Malformed("bad_json", "empty body")
+    try:
+        events = loads(body)
+    except _JSON_ERRORS:
+        try:
+            events = json.loads(body, parse_constant=_non_finite, parse_float=_float, parse_int=_int)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise Malformed("bad_json", str(e)[:120]) from None
+    if type(events) is not list:
+        raise Malformed("bad_body", f"a CloudEvents batch is a JSON array of events, not {type(events).__name__}")
+    return events
+
+
+class _NonFinite:
+    def __repr__(self) -> str:
+        return "non-finite number"
+
+
+NON_FINITE = _NonFinite()
+
+
+def _non_finite(_token: str) -> _NonFinite:
+    return NON_FINITE
+
+
+def _float(token: str) -> float | _NonFinite:
+    value = float(token)
+    return value if value - value == 0.0 else NON_FINITE
+
+
+def _int(token: str) -> int | float | _NonFinite:
+    value = int(token)
+    if -(2**63) <= value < 2**64:
+        return value
+    return _float(token)  # as orjson reads it: a double, or past the double range not a number
 
 
 def decode_json(body: bytes) -> Any:
@@ -232,6 +305,21 @@ class RequestParser:
         raise Malformed("bad_body", "request has neither 'instances' (v1) nor 'inputs' (v2)")
 
     # v1 ---------------------------------------------------------------------------------------------
+    def object_rows(self, payload: Any) -> list[dict[str, Any]] | None:
+        """The rows of a v1 request made only of objects with as many keys as the signature has features (the common
+        form, which :meth:`convert_objects` converts for many requests at once); None for any other form."""
+        if type(payload) is dict:
+            instances = payload.get("instances")
+            width = len(self.names)
+            if type(instances) is list and instances and all(type(r) is dict and len(r) == width for r in instances):
+                return instances
+        return None
+
+    def convert_objects(self, rows: list[dict[str, Any]]) -> list[list[Any]]:
+        """Encoded columns of rows :meth:`object_rows` gave, of one request or of many. Raises Malformed, or
+        KeyError (a feature missing, another key in its place): :meth:`parse` of each request alone says which."""
+        return [[convert(row[name]) for row in rows] for name, convert in self.named]
+
     def _instances(self, instances: Any) -> Rows:
         if not isinstance(instances, list):
             raise Malformed("bad_body", "'instances' is not a list")
@@ -241,8 +329,7 @@ class RequestParser:
         # fast path: objects holding exactly the signature's features (the common case)
         if all(type(row) is dict and len(row) == width for row in instances):
             try:
-                columns = [[convert(row[name]) for row in instances] for name, convert in self.named]
-                return Rows(len(instances), columns)
+                return Rows(len(instances), self.convert_objects(instances))
             except KeyError:
                 pass  # a feature missing (and another key in its place): the general path says which
         columns = [[] for _ in self.names]

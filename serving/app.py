@@ -23,12 +23,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import ModelServer
-from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING, MAX_GRPC_MESSAGE_LENGTH
+from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
 from kserve.errors import InferenceError, InvalidInput, generic_exception_handler, inference_error_handler
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.rest.server import RESTServer
 
 from kubeloop.log import event
+from serving.grpc import start_grpc_server
 from serving.metrics import ServingMetrics
 from serving.net import bind
 from serving.payload_logger import PayloadLogger, event_id
@@ -394,35 +395,32 @@ class KubeloopModelServer(ModelServer):
             max_body_bytes=self.max_body_bytes,
             repository_enabled=self.repository_enabled,
         )
-        tasks = [asyncio.create_task(self._rest_server.start(), name="rest")]
+        if self.payload_logger is not None:
+            self.payload_logger.start()
         if self.enable_grpc:
-            from kserve.protocol.grpc.server import GRPCServer
-
-            limits = {
-                "grpc_max_send_message_length": MAX_GRPC_MESSAGE_LENGTH,
-                "grpc_max_receive_message_length": MAX_GRPC_MESSAGE_LENGTH,
-            }
-            self._grpc_server = GRPCServer(
+            self._grpc_server = await start_grpc_server(
+                self.host,
                 self.grpc_port,
                 self.dataplane,
                 self.model_repository_extension,
-                kwargs=limits,
+                metrics=self.metrics,
+                repository_enabled=self.repository_enabled,
+                payload_logger=self.payload_logger,
+                max_receive_bytes=self.max_body_bytes,
                 grace_period=self.grace_period,
             )
-            tasks.append(asyncio.create_task(self._grpc_server.start(self.max_threads), name="grpc"))
+        rest = asyncio.create_task(self._rest_server.start(), name="rest")
         server = self._rest_server.server
-        while not server.started and not tasks[0].done():
+        while not server.started and not rest.done():
             await asyncio.sleep(0.01)
         if server.started and on_ready is not None:
             on_ready()
         try:
-            await tasks[0]
+            await rest
         finally:
             if self.payload_logger is not None:
                 await self.payload_logger.close()
             if self._grpc_server is not None:
                 await self._grpc_server.stop(None)
-            for task in tasks[1:]:
-                task.cancel()
             for name in list(self.registered_models.get_models()):
                 self.registered_models.unload(name)

@@ -243,25 +243,3 @@ def _buckets(histogram: _BulkHistogram) -> list[tuple[str, float]]:
     out = [(repr(float(bound)), float(count)) for bound, count in zip(histogram.bounds, cumulative[:-1], strict=True)]
     out.append(("+Inf", float(cumulative[-1])))
     return out
-
-
-class PayloadMetrics:
-    """Counters of the payload logger (CloudEvents to the drift sidecar); updated from its sender thread."""
-
-    def __init__(self, registry: CollectorRegistry | None = REGISTRY):
-        registry = registry if registry is not None else CollectorRegistry()
-        self.registry = registry
-        self.sent = Counter(
-            "kubeloop_payload_events_sent", "CloudEvents the sidecar accepted (2xx).", registry=registry
-        )
-        self.failed = Counter(
-            "kubeloop_payload_events_failed",
-            "CloudEvents not delivered: connection refused or reset, timeout, or a non-2xx answer.",
-            registry=registry,
-        )
-        self.dropped = Counter(
-            "kubeloop_payload_events_dropped",
-            "CloudEvents dropped because the logger queue was full (the sidecar is slow or down).",
-            registry=registry,
-        )
-        self.queue_depth = Gauge("kubeloop_payload_queue_depth", "CloudEvents waiting to be sent.", registry=registry)

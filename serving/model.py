@@ -24,7 +24,6 @@ from typing import Any
 import kserve
 import numpy as np
 import orjson
-import pandas as pd
 from kserve.errors import InferenceError
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
@@ -235,9 +234,9 @@ class KubeloopModel(kserve.Model):
         return np.split(outputs, offsets)  # along the rows: a multiclass request keeps its [rows, classes]
 
     def _forward(self, columns: dict[str, np.ndarray]) -> np.ndarray:
-        """The trained model on validated rows: ModelArtifact.predict (the fitted transform, then the net)."""
-        frame = pd.DataFrame({name: columns[name] for name in self.names}, copy=False)
-        return self.artifact.predict(frame).astype(np.float32, copy=False)
+        """The trained model on validated rows: ModelArtifact.predict_columns (the fitted transform, then the net;
+        no DataFrame on the request path)."""
+        return self.artifact.predict_columns(columns).astype(np.float32, copy=False)
 
     def _cached_forward(self, columns: dict[str, np.ndarray]) -> np.ndarray:
         cache = self.cache

@@ -37,9 +37,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the name in the URL paths (default: the ModelVersion's spec.model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in a pod)")
     p.add_argument("--http-port", type=int, default=8080, help="HTTP port (default 8080 as KServe; 0: any free)")
-    p.add_argument("--grpc-port", type=int, default=0, help="kserve's gRPC server on this port (default off)")
+    p.add_argument(
+        "--grpc-port", type=int, default=0, help="gRPC (Open Inference Protocol) on this port, on --host (default off)"
+    )
     p.add_argument("--logger-url", help="send request/response CloudEvents to this URL (the drift sidecar)")
-    p.add_argument("--logger-queue", type=int, default=2000, help="payload events queued before dropping")
+    p.add_argument("--logger-queue", type=int, default=2000, help="logged requests queued before dropping")
     p.add_argument("--source-uri", help="ce-source of the events (default http://localhost:PORT/)")
     p.add_argument("--endpoint", choices=("default", "canary"), default="default", help="ce-endpoint of the events")
     p.add_argument("--inference-service", help="ce-inferenceservicename (default: the model name)")
@@ -127,14 +129,11 @@ def serve(args: argparse.Namespace) -> int:
 
     from serving.app import KubeloopModelServer
     from serving.cache import PredictionCache
-    from serving.metrics import PayloadMetrics
     from serving.model import KubeloopModel
     from serving.payload_logger import EventSource, PayloadLogger
 
     disable_created_metrics()  # a _created series per counter and histogram doubles /metrics for nothing
 
-    if args.grpc_port and args.host not in ("0.0.0.0", "::"):
-        raise KubeloopError("--grpc-port: kserve's gRPC server binds all interfaces; use it in a pod (--host 0.0.0.0)")
     if args.cache != "off" and args.cache != "dynamic" and not args.cache_file:
         raise KubeloopError(f"--cache {args.cache} precomputes the rows of --cache-file: give one")
     torch.set_num_threads(max(1, args.torch_threads))
@@ -172,7 +171,7 @@ def serve(args: argparse.Namespace) -> int:
             endpoint=args.endpoint,
             model_version=str(spec.version),
         )
-        payload_logger = PayloadLogger(args.logger_url, source, metrics=PayloadMetrics(), queue_size=args.logger_queue)
+        payload_logger = PayloadLogger(args.logger_url, source, model=name, queue_size=args.logger_queue)
         server.payload_logger = payload_logger
     url = url_of(args.host, server.sock)
 

@@ -1,8 +1,8 @@
 """Request validation against a ModelVersion's input signature, before the model runs.
 
 Both protocols end in the same `Batch`: one column per signature feature, numeric columns as float64 with NaN for
-nulls and string columns as object arrays with None for nulls, i.e. what `TabularTransform.transform` takes in a
-DataFrame. Every rejection is an `InvalidRequest` (a `kserve.errors.InvalidInput`, so kserve answers 400) whose
+nulls and string columns as object arrays with None for nulls, i.e. what `TabularTransform.transform_columns`
+takes. Every rejection is an `InvalidRequest` (a `kserve.errors.InvalidInput`, so kserve answers 400) whose
 message starts with the field it is about and whose `kind` labels the error metric.
 """
 

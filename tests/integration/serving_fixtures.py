@@ -52,8 +52,10 @@ def arrests_frame() -> pd.DataFrame:
     return bundled_frame("arrests")
 
 
-def register_model(home: Path, *, seed: int = 0, steps: int = 60, nullable: bool = False, dataset: str = "arrests"):
-    """Train and register one model of a bundled data set under `home`; returns its ModelVersion record."""
+def register_model(home: Path, *, seed: int = 0, steps: int = 60, dataset: str = "arrests"):
+    """Train and register one model of a bundled data set under `home`; returns its ModelVersion record. Its
+    signature is what training writes: each feature nullable only if the data had nulls, numeric ones with their
+    training min and max."""
     import torch
 
     from kubeloop.api.modelversion import Feature, Lineage, ModelVersionSpec, Signature
@@ -102,7 +104,7 @@ def register_model(home: Path, *, seed: int = 0, steps: int = 60, nullable: bool
         ),
         metrics=evaluate(transform.label_values(frame), artifact.predict(frame), task=task, classes=transform.classes),
         signature=Signature(
-            inputs=[Feature(**f, nullable=nullable) for f in transform.input_features()],
+            inputs=[Feature(**f) for f in transform.input_features()],
             label=label,
             task=task,
             positive_class=positive,
@@ -230,12 +232,11 @@ def shared_home(tmp_path_factory) -> Path:
 
 
 def task_home(tmp_path_factory) -> Path:
-    """One KUBELOOP_HOME per test session with penguins v1 (multiclass) and abalone v1 (regression); their features
-    nullable, as training declares them (penguins has nulls)."""
+    """One KUBELOOP_HOME per test session with penguins v1 (multiclass) and abalone v1 (regression)."""
     home = tmp_path_factory.getbasetemp() / "serving-task-models"
     if not (home / "ready").exists():
-        register_model(home, dataset="penguins", nullable=True)
-        register_model(home, dataset="abalone", nullable=True)
+        register_model(home, dataset="penguins")
+        register_model(home, dataset="abalone")
         (home / "ready").touch()
     return home
 
@@ -304,7 +305,8 @@ def rows(frame: pd.DataFrame, n: int, start: int = 0, label: str = "released") -
 
 # ---------------------------------------------------------------- the sink
 class Sink:
-    """Counts and keeps the events; answers pipelined requests in order, each after `delay` seconds if given."""
+    """Counts and keeps the events (each event of a CloudEvents batch on its own); answers pipelined requests in
+    order, each after `delay` seconds if given."""
 
     def __init__(self, delay: float, keep: int = 5000):
         self.delay = delay
@@ -318,12 +320,17 @@ class Sink:
                 b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(payload)
                 + payload
             )
-        self.count += 1
         headers = {}
         for line in head.decode("latin-1").split("\r\n")[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
-        self.events.append({"headers": headers, "body": body.decode("utf-8", "replace")})
+        if headers.get("content-type", "").startswith("application/cloudevents-batch+json"):
+            batch = json.loads(body)
+            self.events.extend({"headers": headers, "event": event} for event in batch)
+            self.count += len(batch)
+        else:
+            self.events.append({"headers": headers, "body": body.decode("utf-8", "replace")})
+            self.count += 1
         return b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
 
 

@@ -3,12 +3,14 @@ CloudEvents as KServe's logger sends them, real alibi-detect behind it.
 
 One sidecar serves the module (starting one imports alibi-detect: seconds): version 1 gets in-distribution traffic
 (KServe's Go header casing, v1 bodies, no ce-modelversion: the default version), version 2 gets a shift (lower-case
-headers, v2 bodies, ce-modelversion: 2), and both get malformed events. It runs as in a predictor pod: the ingest
-listener on loopback, the read-only metrics listener on every address.
+headers, v2 bodies, ce-modelversion: 2), and both get malformed events; version 3 gets batches from kubeloop's own
+payload logger. It runs as in a predictor pod: the ingest listener on loopback, the read-only metrics listener on
+every address.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -114,7 +116,7 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
 
         snapshot = ingest("bundled://arrests")
         frame = read_frame(snapshot)
-        paths = [_record(home, snapshot.digest, v) for v in (1, 2)]
+        paths = [_record(home, snapshot.digest, v) for v in (1, 2, 3)]
     process = _launch(home, paths, home / "sidecar.stderr")
     mv = ModelVersion.model_validate(yaml.safe_load(paths[0].read_text())).spec.signature.inputs
     running = Sidecar(process.popen, process.ready(), process.stderr, frame, mv)
@@ -313,6 +315,67 @@ def test_ingest_is_loopback_only_and_the_metrics_listener_is_read_only(sidecar: 
         assert refused.status_code == 405, refused.text
     assert sidecar.status()["events"]["received"] == received  # nothing from outside reached the detector
     assert sidecar.client.get("/metrics").status_code == 200  # in the pod, the ingest listener serves reads too
+
+
+# ---- kubeloop's payload logger: batched mode -----------------------------------------------------------------------
+def test_the_payload_loggers_batches_fill_a_window(sidecar: Sidecar) -> None:
+    """The model server's PayloadLogger posting to the real sidecar: every event taken, version 3's window tested."""
+    from serving.payload_logger import EventSource, PayloadLogger
+
+    records = traffic.records(traffic.in_distribution(sidecar.frame, 250, np.random.default_rng(5)), FEATURES)
+    requests = [traffic.v1_request(records[i : i + ROWS_PER_EVENT]) for i in range(0, 250, ROWS_PER_EVENT)]
+    answer = traffic.v1_response([0.7] * ROWS_PER_EVENT)
+    received = sidecar.status()["events"]["received"]
+    source = EventSource("http://localhost:8080/", "arrests", "default", model_version="3")
+    logger = PayloadLogger(f"{sidecar.url}/", source, model="arrests", registry=None)
+    labels = {"model": "arrests", "version": "3"}
+
+    def metric(name: str) -> float | None:
+        return logger.metrics.registry.get_sample_value(name, labels)
+
+    async def send() -> None:
+        for wave in range(5):  # a few batches
+            for i in range(10):
+                logger.log(f"p{wave}-{i}", requests[wave * 10 + i], answer, "application/json")
+            await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while metric("kubeloop_payload_events_sent_total") != 100 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await logger.close()
+
+    asyncio.run(send())
+    assert metric("kubeloop_payload_events_sent_total") == 100, sidecar.log()
+    assert metric("kubeloop_payload_events_failed_total") == 0 and metric("kubeloop_payload_sink_up") == 1
+    status = sidecar.wait_windows(3, 1)
+    assert status["events"] == {"request": 50, "response": 50}
+    assert (status["rows"], status["windowFill"], status["windowsDropped"]) == (250, 250 - WINDOW, 0)
+    assert status["predictions"]["count"] == WINDOW and status["predictions"]["mean"] == pytest.approx(0.7)
+    assert sidecar.status()["events"]["received"] - received == 100
+
+
+def test_a_malformed_event_in_a_batch_is_counted_and_the_rest_taken(sidecar: Sidecar) -> None:
+    from serving.payload_logger import BATCH_CONTENT_TYPE, BatchEncoder, EventSource
+
+    encoder = BatchEncoder(EventSource("http://localhost:8080/", "arrests", "default", model_version="3"))
+    row = {"colour": "White", "year": 2000, "age": 21, "sex": "Male", "employed": "Yes", "citizen": "No", "checks": 1}
+    bodies = [traffic.v1_request([row]), traffic.v1_request([{**row, "age": "old"}]), traffic.v1_request([row])]
+    items = [
+        (f"b{i}", time.time(), body, traffic.v1_response([0.5]), "application/json") for i, body in enumerate(bodies)
+    ]
+    before = sidecar.status()
+    headers = {"content-type": BATCH_CONTENT_TYPE}
+    response = sidecar.client.post("/", headers=headers, content=encoder.encode(items))
+    assert response.status_code == 200, response.text
+    assert response.json() == {"accepted": 5, "rejected": 1, "reasons": {"wrong_type": 1}}
+    after = sidecar.status()
+    assert after["events"]["malformed"].get("wrong_type", 0) - before["events"]["malformed"].get("wrong_type", 0) == 1
+    counts = {
+        k: after["versions"]["3"]["events"][k] - before["versions"]["3"]["events"][k]
+        for k in after["versions"]["3"]["events"]
+    }
+    assert counts == {"request": 2, "response": 3}
+    unusable = sidecar.client.post("/", headers=headers, content=b'[{"specversion": "1.0",')
+    assert (unusable.status_code, unusable.json()) == (400, {"error": "bad_json"})
 
 
 # ---- multiclass and regression models ----------------------------------------------------------------------------

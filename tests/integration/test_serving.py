@@ -335,13 +335,140 @@ def test_fuzzed_bodies_never_get_a_5xx(server, client):
 
     given(v1_bodies)(common(lambda body: check("/v1/models/arrests:predict", body)))()
     given(v2_bodies)(common(lambda body: check("/v2/models/arrests/infer", body)))()
-    assert len(seen) >= 250 and hypothesis.__version__
+    other_routes = st.sampled_from(
+        [
+            "/v1/models/arrests:explain",
+            "/v1/models/other:predict",
+            "/v2/models/other/infer",
+            "/v2/models/arrests/versions/1/infer",
+            "/v2/models/arrests/versions/7/infer",
+            "/v2/models/other/versions/1/infer",
+            "/v2/repository/models/arrests/unload",
+            "/v2/repository/models/arrests/load",
+            "/v2/repository/index",
+        ]
+    )
+    given(other_routes, v2_bodies | v1_bodies)(common(check))()
+    assert len(seen) >= 400 and hypothesis.__version__
 
     assert client.get(f"{server.url}/v2/health/ready").json() == {"ready": True}
     assert predict_v1(client, server, v1()).status_code == 200
     metrics = client.get(f"{server.url}/metrics").text
     for code in ("500", "501", "502", "503"):
         assert scrape(metrics, "kubeloop_requests_total", code=code) == 0
+
+
+# ---------------------------------------------------------------- safe on the wire
+def test_the_repository_extension_is_off_by_default(server, client):
+    for action in ("unload", "load"):
+        response = client.post(f"{server.url}/v2/repository/models/arrests/{action}")
+        assert response.status_code == 403 and "--enable-repository" in response.json()["error"]
+    assert client.get(f"{server.url}/v2").json()["extensions"] == []
+    assert client.get(f"{server.url}/v2/health/ready").json() == {"ready": True}
+    assert predict_v1(client, server, v1()).status_code == 200
+
+
+def test_readiness_follows_the_model_when_the_repository_is_enabled(serving_home, tmp_path, client):
+    """Opened on purpose: an unloaded model makes the server unready (503) instead of ready and answering 404."""
+    server = start_all(
+        launch_server(
+            record_path(serving_home, 1), tmp_path / "repo.log", "--enable-repository",
+            env={"KUBELOOP_HOME": str(serving_home)},
+        )
+    )[0]  # fmt: skip
+    try:
+        assert client.get(f"{server.url}/v2").json()["extensions"] == ["model_repository_extension"]
+        assert client.get(f"{server.url}/v2/health/ready").status_code == 200
+        assert client.post(f"{server.url}/v2/repository/models/arrests/unload").status_code == 200
+        assert client.get(f"{server.url}/v2/health/ready").status_code == 503
+        assert predict_v1(client, server, v1()).status_code == 404
+    finally:
+        stop_all(server)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/models/unknown/infer",
+        "/v1/models/arrests:explain",
+        "/v2/repository/models/arrests/load",
+        "/v2/models/arrests/versions/1/infer",
+    ],
+)
+def test_the_body_limit_holds_for_every_route_before_the_body_is_read(server, client, path):
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:  # declares 200 MB, sends none of it
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            f"content-length: {200 << 20}\r\n\r\n".encode()
+        )
+        status_line = sock.recv(4096).split(b"\r\n", 1)[0]
+    assert status_line.split()[1] in (b"403", b"413"), status_line
+    before = rss_kib(server.pid)
+    chunk = b" " * (1 << 20)
+
+    def body():  # 200 MiB without a content-length: the server must stop reading at the limit
+        for _ in range(200):
+            yield chunk
+
+    try:
+        streamed = client.post(f"{server.url}{path}", content=body(), headers={"content-type": "application/json"})
+        assert streamed.status_code in (403, 413), streamed.text
+    except httpx.TransportError:
+        pass  # the server answered 413 and closed while the client was still writing
+    assert rss_kib(server.pid) - before < 50 * 1024
+    assert predict_v1(client, server, v1()).status_code == 200
+
+
+def test_versioned_routes_answer_for_the_served_version(server, client, artifact):
+    body = v2_body([GOOD])
+    plain = predict_v2(client, server, body)
+    versioned = client.post(f"{server.url}/v2/models/arrests/versions/1/infer", json=body)
+    assert versioned.status_code == 200, versioned.text
+    assert versioned.json()["outputs"] == plain.json()["outputs"]
+    assert versioned.json()["model_version"] == "1"
+    other = client.post(f"{server.url}/v2/models/arrests/versions/2/infer", json=body)
+    assert other.status_code == 404
+    assert "version 2 is not served here: this server serves version 1" in other.json()["error"]
+    assert client.get(f"{server.url}/v2/models/arrests").json()["versions"] == ["1"]
+    assert client.get(f"{server.url}/v2/models/arrests/versions/1").json()["versions"] == ["1"]
+    assert client.get(f"{server.url}/v2/models/arrests/versions/1/ready").json()["ready"] is True
+
+
+def test_inputs_outside_the_training_range_are_counted_and_absurd_ones_refused(server, client, serving_home):
+    record = load_resources(record_path(serving_home, 1))[0]
+    age = next(f for f in record.spec.signature.inputs if f.name == "age")
+    assert age.nullable is False and age.min is not None and age.max is not None
+    before = client.get(f"{server.url}/metrics").text
+    beyond = predict_v1(client, server, v1(age=int(age.max) + 40))
+    assert beyond.status_code == 200 and np.isfinite(beyond.json()["predictions"]).all()
+    absurd = predict_v1(client, server, v1(age=10**200))
+    assert absurd.status_code == 400, absurd.text
+    assert absurd.json()["error"].startswith("instances[0].age: 1e+200 is more than")
+    after = client.get(f"{server.url}/metrics").text
+    labels = {"model": "arrests", "version": "1", "feature": "age"}
+    assert (
+        scrape(after, "kubeloop_feature_out_of_range_total", **labels)
+        - scrape(before, "kubeloop_feature_out_of_range_total", **labels)
+        == 1
+    )
+    assert scrape(after, "kubeloop_request_errors_total", reason="out_of_range") >= 1
+
+
+def test_metrics_have_no_created_series_and_latency_by_code(server, client):
+    assert predict_v1(client, server, v1(age="x")).status_code == 400
+    metrics = client.get(f"{server.url}/metrics").text
+    assert "_created" not in metrics
+    base = {"model": "arrests", "version": "1", "protocol": "v1"}
+    assert scrape(metrics, "kubeloop_request_duration_seconds_count", **base, code="400") >= 1
+    assert scrape(metrics, "kubeloop_request_duration_seconds_count", **base, code="200") >= 1
 
 
 # ---------------------------------------------------------------- metrics and payload events
@@ -371,41 +498,45 @@ def test_metrics_count_requests_errors_predictions_and_features(server, client):
     assert "kubeloop_payload_events_sent_total" in after
 
 
-def test_payload_events_are_kserve_logger_cloudevents(server, client, sink):
+def test_payload_events_are_kserve_logger_cloudevents_in_batches(server, client, sink):
     body = {"instances": rows(arrests_frame(), 2)}
     response = predict_v1(client, server, body, headers={"ce-id": "trace-7"})
     assert response.status_code == 200
     rejected = predict_v1(client, server, v1(age="x"), headers={"ce-id": "trace-8"})
     assert rejected.status_code == 400
+    after = predict_v1(client, server, v1(), headers={"ce-id": "trace-9"})  # sent after trace-8: its witness
+    assert after.status_code == 200
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        events = [
-            e for e in client.get(f"{sink.url}/events").json() if e["headers"].get("ce-id") in ("trace-7", "trace-8")
-        ]
-        if len(events) >= 3:
+        events = [e for e in client.get(f"{sink.url}/events").json() if e["event"]["id"].startswith("trace-")]
+        if len({e["event"]["id"] for e in events} & {"trace-7", "trace-9"}) == 2:
             break
         time.sleep(0.1)
-    by_type = {(e["headers"]["ce-id"], e["headers"]["ce-type"]): e for e in events}
+    assert not any(e["event"]["id"] == "trace-8" for e in events)  # a refused request is not logged
+    by_type = {(e["event"]["id"], e["event"]["type"]): e for e in events if e["event"]["id"] == "trace-7"}
     assert set(by_type) == {
         ("trace-7", "org.kubeflow.serving.inference.request"),
         ("trace-7", "org.kubeflow.serving.inference.response"),
-        ("trace-8", "org.kubeflow.serving.inference.request"),  # KServe logs a response only for a 200
     }
     request = by_type[("trace-7", "org.kubeflow.serving.inference.request")]
     answer = by_type[("trace-7", "org.kubeflow.serving.inference.response")]
-    for event in (request, answer):
-        headers = event["headers"]
-        assert headers["ce-specversion"] == "1.0"
-        assert headers["ce-source"] == f"http://localhost:{server.url.rsplit(':', 1)[1]}/"
-        assert headers["ce-inferenceservicename"] == "arrests-isvc"
-        assert headers["ce-namespace"] == "ml"
-        assert headers["ce-component"] == "predictor"
-        assert headers["ce-endpoint"] == "default"
-        assert headers["ce-modelversion"] == "1"
-        assert headers["content-type"] == "application/json"
-        assert headers["ce-time"].endswith("Z")
-    assert json.loads(request["body"]) == body
-    assert json.loads(answer["body"]) == response.json()
+    for item in (request, answer):
+        assert item["headers"]["content-type"] == "application/cloudevents-batch+json"
+        event = item["event"]
+        assert event["specversion"] == "1.0"
+        assert event["source"] == f"http://localhost:{server.url.rsplit(':', 1)[1]}/"
+        assert event["inferenceservicename"] == "arrests-isvc"
+        assert event["namespace"] == "ml"
+        assert event["component"] == "predictor"
+        assert event["endpoint"] == "default"
+        assert event["modelversion"] == "1"
+        assert event["datacontenttype"] == "application/json"
+        assert event["time"].endswith("Z")
+    assert request["event"]["data"] == body
+    assert answer["event"]["data"] == response.json()
+    metrics = client.get(f"{server.url}/metrics").text
+    assert scrape(metrics, "kubeloop_payload_sink_up", model="arrests", version="1") == 1
+    assert scrape(metrics, "kubeloop_payload_events_sent_total", model="arrests", version="1") >= 4
 
 
 # ---------------------------------------------------------------- the prediction cache
@@ -483,7 +614,7 @@ def test_slow_then_dead_sidecar_never_slows_or_fails_predictions(processes, clie
         latencies(logged, 10)  # warm-up
         reference = latencies(server)  # same model, its sink fast
         with_slow_sink = latencies(logged)
-        # each event takes the slow sink 0.5 s: were the sender on the request path, a request would take >= 1 s
+        # each batch takes the slow sink 0.5 s: were the sender on the request path, a request would take >= 1 s
         assert with_slow_sink[len(with_slow_sink) // 2] < max(3 * reference[len(reference) // 2], 0.05)
         assert with_slow_sink[-1] < 1.0
 
@@ -809,24 +940,24 @@ def test_merged_requests_are_split_back_per_request(task_models, task_artifacts,
     assert calls() == 1 + 2  # the merged call failed; the two good requests ran alone after
 
 
-def test_non_finite_outputs_are_never_answered_200(task_servers, client):
+def test_inputs_too_far_out_to_compute_are_refused_before_the_model(task_servers, client):
+    """1e300 overflowed the float32 network to a non-finite answer (a 500); it is now a 400 naming the field (the
+    non-finite guard itself: test_merged_requests_are_split_back_per_request, which skips the range check)."""
     for model, numeric in (("penguins", "bill_length_mm"), ("abalone", "length")):
         url = task_servers[model].url
         before = client.get(f"{url}/metrics").text
         row = {**task_rows(model, 1, 30)[0], numeric: 1e300}
         response = client.post(f"{url}/v1/models/{model}:predict", json={"instances": [task_rows(model, 1)[0], row]})
-        assert response.status_code == 500, response.text
-        assert (
-            "the model's output is not finite (NaN or inf) for 1 row(s) of this request, the first [1]"
-            in (response.json()["error"])
-        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"].startswith(f"instances[1].{numeric}: 1e+300 is more than 1e+06 training")
         after = client.get(f"{url}/metrics").text
         base = {"model": model, "version": "1"}
         assert (
-            scrape(after, "kubeloop_request_errors_total", **base, reason="model_error")
-            - scrape(before, "kubeloop_request_errors_total", **base, reason="model_error")
+            scrape(after, "kubeloop_request_errors_total", **base, reason="out_of_range")
+            - scrape(before, "kubeloop_request_errors_total", **base, reason="out_of_range")
             == 1
         )
+        assert scrape(after, "kubeloop_request_errors_total", **base, reason="model_error") == 0
         assert client.get(f"{url}/v2/health/ready").json() == {"ready": True}
 
 

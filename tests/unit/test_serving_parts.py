@@ -1,8 +1,8 @@
-"""Pure parts of serving/: signature validation, metrics aggregation, the cache, CloudEvent headers, split buckets."""
+"""Pure parts of serving/: signature validation, metrics aggregation, the cache, split buckets (payload events:
+test_payload_logger.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import subprocess
@@ -17,8 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from kubeloop.api.modelversion import Feature
 from kubeloop.histograms import value_buckets
 from serving.cache import PredictionCache, row_keys
-from serving.metrics import PayloadMetrics, ServingMetrics, feature_buckets
-from serving.payload_logger import REQUEST_TYPE, EventSource, PayloadLogger, _Answers, cloudevent_headers, event_id
+from serving.metrics import ServingMetrics, feature_buckets
 from serving.splitter import Backend, Splitter, SplitterMetrics, bucket
 from serving.validation import InvalidRequest, SignatureValidator
 
@@ -360,82 +359,6 @@ def test_cache_keeps_class_probabilities_per_row():
 def test_cache_keys_treat_nan_as_null():
     keys = row_keys({"a": np.array([1.0, np.nan]), "b": np.array(["x", None], dtype=object)}, ["a", "b"])
     assert keys == [(1.0, "x"), (None, None)]
-
-
-# ---------------------------------------------------------------- payload events
-SOURCE = EventSource("http://localhost:8080/", "arrests", "ml", "canary", "predictor", "4")
-
-
-def test_cloudevent_headers_are_kserve_logger_headers():
-    headers = dict(cloudevent_headers(SOURCE, REQUEST_TYPE, "id-1", 0.0, "application/json"))
-    assert headers == {
-        "ce-specversion": "1.0",
-        "ce-id": "id-1",
-        "ce-type": "org.kubeflow.serving.inference.request",
-        "ce-source": "http://localhost:8080/",
-        "ce-time": "1970-01-01T00:00:00.000000Z",
-        "ce-inferenceservicename": "arrests",
-        "ce-namespace": "ml",
-        "ce-component": "predictor",
-        "ce-endpoint": "canary",
-        "ce-metadata": "{}",
-        "ce-modelversion": "4",
-        "content-type": "application/json",
-    }
-    logger = PayloadLogger("http://127.0.0.1:9/sink", SOURCE)
-    wire = logger._encode(REQUEST_TYPE, "id-1", "1970-01-01T00:00:00.000000Z", b'{"x": 1}', "application/json")
-    head, _, body = wire.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    assert lines[0] == "POST /sink HTTP/1.1" and body == b'{"x": 1}'
-    on_wire = dict(line.split(": ", 1) for line in lines[1:])
-    assert on_wire["content-length"] == "8" and on_wire["host"] == "127.0.0.1:9"
-    assert {k: v for k, v in on_wire.items() if k not in ("host", "content-length")} == headers
-
-
-def test_event_ids_are_passed_on_or_made():
-    assert event_id(b"abc-1") == "abc-1"
-    made = event_id(None)
-    assert len(made) == 36 and made != event_id(None)
-    assert event_id(b"bad id with spaces") != "bad id with spaces"
-
-
-class _Owner:
-    def __init__(self):
-        self.answers: list[tuple[int, int]] = []
-
-    def _answered(self, ok: int, bad: int) -> None:
-        self.answers.append((ok, bad))
-
-    def _lost(self, _protocol) -> None:
-        pass
-
-
-def test_pipelined_answers_are_counted_across_reads():
-    owner = _Owner()
-    protocol = _Answers(owner)
-    stream = (
-        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
-        b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\nok"
-        b"HTTP/1.1 500 Oops\r\ncontent-length: 3\r\n\r\nbad"
-    )
-    for i in range(0, len(stream), 7):
-        protocol.data_received(stream[i : i + 7])
-    assert sum(ok for ok, _ in owner.answers) == 2 and sum(bad for _, bad in owner.answers) == 1
-    assert protocol.buffer == b""
-
-
-def test_a_full_queue_drops_and_counts():
-    async def scenario() -> PayloadMetrics:
-        metrics = PayloadMetrics(registry=None)
-        logger = PayloadLogger("http://127.0.0.1:9/", SOURCE, metrics=metrics, queue_size=3)
-        for _ in range(5):  # nothing runs between these appends: the queue cannot drain
-            logger.log("id", b"{}", b"{}", "application/json")
-        await logger.close()
-        return metrics
-
-    metrics = asyncio.run(scenario())
-    dropped = metrics.registry.get_sample_value("kubeloop_payload_events_dropped_total")
-    assert dropped == 2 * 2 + 3 * 2  # 2 pairs refused at the door, 3 left unsent at close
 
 
 # ---------------------------------------------------------------- splitter

@@ -100,12 +100,40 @@ def test_encode_label(fitted: TabularTransform, train: pd.DataFrame) -> None:
 
 def test_input_features_describe_the_signature(fitted: TabularTransform) -> None:
     assert fitted.input_features() == [
-        {"name": "age", "dtype": "int"},
-        {"name": "income", "dtype": "float"},
-        {"name": "city", "dtype": "string", "categories": ["Lima", "Oslo"]},
-        {"name": "member", "dtype": "bool"},
-        {"name": "constant", "dtype": "float"},
+        {"name": "age", "dtype": "int", "nullable": True, "min": 20.0, "max": 50.0},
+        {"name": "income", "dtype": "float", "nullable": True, "min": 1.5, "max": 3.5},
+        {"name": "city", "dtype": "string", "categories": ["Lima", "Oslo"], "nullable": True},
+        {"name": "member", "dtype": "bool", "nullable": False},
+        {"name": "constant", "dtype": "float", "nullable": False, "min": 7.0, "max": 7.0},
     ]
+
+
+def test_fit_records_the_training_rows_nulls_and_ranges(train: pd.DataFrame) -> None:
+    frame = train.assign(empty=pd.array([None] * 4, dtype="Float64"), negative=[-3, -1, 0, 2])
+
+    features = {f.name: f for f in TabularTransform.fit(frame, label="released", positive_class="Yes").features}
+
+    assert features["age"].nullable and features["city"].nullable and features["empty"].nullable
+    assert not features["member"].nullable and not features["negative"].nullable
+    assert (features["negative"].minimum, features["negative"].maximum) == (-3.0, 2.0)
+    assert features["empty"].minimum is None and features["empty"].maximum is None  # no values, no range
+    assert features["member"].minimum is None and features["city"].maximum is None  # bools and strings have none
+
+
+def test_a_transform_saved_before_nullability_and_ranges_loads_as_nullable(
+    fitted: TabularTransform, train: pd.DataFrame, tmp_path: Path
+) -> None:
+    saved = json.loads(fitted.model_dump_json())
+    for feature in saved["features"]:
+        for key in ("nullable", "minimum", "maximum"):
+            del feature[key]
+    (tmp_path / "transform.json").write_text(json.dumps(saved))
+
+    loaded = TabularTransform.load(tmp_path)
+
+    assert [f["nullable"] for f in loaded.input_features()] == [True] * 5
+    assert all("min" not in f and "max" not in f for f in loaded.input_features())
+    np.testing.assert_array_equal(loaded.transform(train), fitted.transform(train))
 
 
 def test_fit_rejects_unknown_label_or_exclusions(train: pd.DataFrame) -> None:
