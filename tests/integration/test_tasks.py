@@ -97,11 +97,14 @@ def test_regression_sample_trains_gates_and_registers_values(outcomes):
     assert metrics(artifact.transform.label_values(test), values, "regression") == overall
 
 
-def _wait_for_predictions(sidecar: str, version: int, rows: int) -> dict:
+def _wait_for_window(sidecar: str, version: int, rows: int) -> dict:
+    """The sidecar's status once it saw `rows` predictions and its detector thread tested a window (the test runs
+    after the rows arrive, so the prediction count alone does not say it ran)."""
     deadline = time.monotonic() + 60
     while True:
         status = httpx.get(f"{sidecar}/status", timeout=10).json()["versions"][str(version)]
-        if status["predictions"]["count"] >= rows or time.monotonic() > deadline:
+        seen = status["predictions"]["count"] >= rows and status["windowsEvaluated"] >= 1
+        if seen or time.monotonic() > deadline:
             return status
         time.sleep(0.5)
 
@@ -150,7 +153,7 @@ def test_served_v1_and_v2_and_monitored_per_task(outcomes, task):
 
         result = send(endpoints.url, record.spec.model, features.iloc[5:])
         assert result.failed == 0, result.errors[:3]
-        status = _wait_for_predictions(endpoints.sidecar, 1, len(features))
+        status = _wait_for_window(endpoints.sidecar, 1, len(features))
     assert status["task"] == task and status["predictions"]["count"] == len(features)
     assert status["windowsEvaluated"] >= 1 and status["state"] == "NoDrift"
     if task == "multiclass":
