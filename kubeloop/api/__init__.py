@@ -1,5 +1,6 @@
 """The kubeloop.dev/v1alpha1 API: the one source of truth for the CRDs in manifests/ and helm/."""
 
+from kubeloop.api.batchprediction import BatchPrediction, BatchPredictionSpec
 from kubeloop.api.common import API_VERSION, GROUP, VERSION, Condition, ObjectMeta, Resource
 from kubeloop.api.load import KINDS, load_resources, parse_resource
 from kubeloop.api.modeldeployment import ModelDeployment, ModelDeploymentSpec
@@ -11,6 +12,8 @@ __all__ = [
     "GROUP",
     "KINDS",
     "VERSION",
+    "BatchPrediction",
+    "BatchPredictionSpec",
     "Condition",
     "ModelDeployment",
     "ModelDeploymentSpec",

@@ -8,13 +8,16 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from kubeloop.api.batchprediction import BatchPrediction
 from kubeloop.api.common import API_VERSION, Resource
 from kubeloop.api.modeldeployment import ModelDeployment
 from kubeloop.api.modelversion import ModelVersion
 from kubeloop.api.trainingjob import TrainingJob
 from kubeloop.errors import SpecError
 
-KINDS: dict[str, type[Resource]] = {cls.KIND: cls for cls in (TrainingJob, ModelVersion, ModelDeployment)}
+KINDS: dict[str, type[Resource]] = {
+    cls.KIND: cls for cls in (TrainingJob, ModelVersion, ModelDeployment, BatchPrediction)
+}
 
 
 def format_validation_error(error: ValidationError, what: str) -> str:

@@ -71,6 +71,14 @@ class Signature(KubeModel):
     classes: list[str] | None = Field(default=None, description="multiclass: the output order of the probabilities")
 
 
+class SearchLineage(KubeModel):
+    trials: Annotated[int, Field(ge=1)]
+    best_trial: str
+    metric: str
+    mode: Literal["max", "min"]
+    results_uri: str = Field(description="Every trial's parameters and per-epoch metrics (JSON).")
+
+
 class Lineage(KubeModel):
     dataset_uri: str
     dataset_digest: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
@@ -84,6 +92,7 @@ class Lineage(KubeModel):
     ] = Field(default_factory=dict)
     workers: Annotated[int, Field(ge=1)]
     backend: Literal["gloo", "nccl"]
+    search: SearchLineage | None = Field(default=None, description="The hyperparameter search this version won.")
 
 
 class GateDecision(KubeModel):

@@ -175,6 +175,93 @@ class Gate(KubeModel):
     )
 
 
+# What a search may vary: the spec.hyperparameters fields a trial can change, and params.NAME for the builder's
+# keyword arguments (spec.model.params). epochs is the budget of a trial (the scheduler stops trials early), not a
+# dimension; the seed and the split stay fixed so every trial is scored on the same validation rows.
+TUNABLE_HYPERPARAMETERS = ("learningRate", "batchSize")
+# The per-epoch validation metrics a search ranks trials by (ray_runner reports them as val_*), per task.
+TUNING_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("valAuc", "valLoss"),
+    "multiclass": ("valAccuracy", "valLoss"),
+    "regression": ("valRmse", "valLoss"),
+}
+_MAXIMIZED = ("valAuc", "valAccuracy")
+
+# A choice's values are numbers, strings or booleans: any scalar in the CRD (no single structural type fits).
+SearchValue = Annotated[
+    float | int | str | bool,
+    Field(union_mode="left_to_right"),
+    WithJsonSchema({"x-kubernetes-preserve-unknown-fields": True}),
+]
+
+
+class SearchDimension(KubeModel):
+    """One dimension of the search: exactly one of choice, uniform, logUniform, intRange (bounds inclusive)."""
+
+    choice: Annotated[list[SearchValue], Field(min_length=1, max_length=100)] | None = None
+    uniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
+    log_uniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
+    int_range: Annotated[list[int], Field(min_length=2, max_length=2)] | None = None
+
+    def kind(self) -> str:
+        """The one distribution set: choice, uniform, logUniform or intRange."""
+        (name,) = [to_camel(name) for name, value in self if value is not None]
+        return name
+
+    @model_validator(mode="after")
+    def _one_distribution(self) -> SearchDimension:
+        given = [to_camel(name) for name, value in self if value is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"set exactly one of choice, uniform, logUniform, intRange (got {', '.join(given) or 'none'})"
+            )
+        bounds = self.uniform or self.log_uniform or self.int_range
+        if bounds is not None:
+            low, high = bounds
+            if not low < high:
+                raise ValueError(f"{given[0]}: the low bound {low} must be below the high bound {high}")
+            if self.log_uniform is not None and low <= 0:
+                raise ValueError(f"logUniform: bounds must be positive (got {low})")
+        return self
+
+
+class Tuning(KubeModel):
+    """A hyperparameter search with Ray Tune over the same training function: each trial trains with
+    spec.workers, the scheduler stops poor trials early, and the best trial becomes the candidate version."""
+
+    space: Annotated[
+        dict[str, SearchDimension],
+        Field(
+            min_length=1,
+            description="Dimension per name: learningRate, batchSize, or params.NAME (a builder keyword argument).",
+        ),
+    ]
+    metric: Literal["valAuc", "valAccuracy", "valRmse", "valLoss"] | None = Field(
+        default=None,
+        description="Validation metric that ranks trials; default the task's headline (valAuc, valAccuracy, valRmse).",
+    )
+    mode: Literal["max", "min"] | None = Field(
+        default=None, description="Whether a higher metric is better; default max for valAuc and valAccuracy."
+    )
+    trials: Annotated[int, Field(ge=1, le=1000)] = 8
+    parallelism: Annotated[int, Field(ge=1, le=64, description="Trials run at once (each with spec.workers).")] = 1
+    scheduler: Literal["asha", "median", "none"] = Field(
+        default="asha", description="Early stopping: ASHA, median stopping, or none (every trial runs all epochs)."
+    )
+    grace_period: Annotated[
+        int, Field(ge=1, description="Epochs every trial runs before the scheduler may stop it.")
+    ] = 1
+    seed: Annotated[int, Field(ge=0, description="Seed of the search's sampling (trials are reproducible).")] = 0
+
+    def resolved_metric(self, task: str) -> str:
+        return self.metric or TUNING_METRICS[task][0]
+
+    def resolved_mode(self, task: str) -> Literal["max", "min"]:
+        if self.mode is not None:
+            return self.mode
+        return "max" if self.resolved_metric(task) in _MAXIMIZED else "min"
+
+
 class TrainingJobSpec(KubeModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -224,6 +311,28 @@ class TrainingJobSpec(KubeModel):
         ),
     ] = 1
     gate: Gate = Field(default_factory=Gate)
+    tuning: Tuning | None = Field(
+        default=None, description="Search spec.hyperparameters with Ray Tune; the best trial is the candidate."
+    )
+
+    @model_validator(mode="after")
+    def _tuning_space(self) -> TrainingJobSpec:
+        if self.tuning is None:
+            return self
+        for name in self.tuning.space:
+            if name not in TUNABLE_HYPERPARAMETERS and not (name.startswith("params.") and len(name) > 7):
+                allowed = ", ".join(TUNABLE_HYPERPARAMETERS)
+                raise ValueError(f"spec.tuning.space.{name}: not tunable; use {allowed} or params.NAME")
+        metric = self.tuning.resolved_metric(self.task)
+        if metric not in TUNING_METRICS[self.task]:
+            names = ", ".join(TUNING_METRICS[self.task])
+            raise ValueError(f"spec.tuning.metric: {metric} is not reported for task {self.task}; use {names}")
+        if self.tuning.grace_period > self.hyperparameters.epochs:
+            raise ValueError(
+                f"spec.tuning.gracePeriod: {self.tuning.grace_period} epochs is more than spec.hyperparameters."
+                f"epochs ({self.hyperparameters.epochs}), the most a trial runs"
+            )
+        return self
 
     @model_validator(mode="after")
     def _nccl_needs_gpu(self) -> TrainingJobSpec:
@@ -255,6 +364,36 @@ class TrainingJobSpec(KubeModel):
         return self.backend
 
 
+class TrialSummary(KubeModel):
+    trial: str
+    params: Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]
+    status: Literal["Completed", "Stopped", "Failed"] = Field(
+        description="Completed all epochs, Stopped early by the scheduler, or Failed (error set)."
+    )
+    epochs: Annotated[int, Field(ge=0)]
+    metric: float | None = None
+    error: str | None = None
+
+
+class TuningStatus(KubeModel):
+    """A search's outcome: the best trial and every trial in short; the full per-epoch records are at resultsUri."""
+
+    metric: str
+    mode: Literal["max", "min"]
+    trials: Annotated[int, Field(ge=0)]
+    completed: Annotated[int, Field(ge=0)]
+    stopped: Annotated[int, Field(ge=0)]
+    failed: Annotated[int, Field(ge=0)]
+    trial_epochs: Annotated[int, Field(ge=0, description="Epochs run over all trials: the search's compute.")]
+    best_trial: str | None = None
+    best_metric: float | None = None
+    best_params: Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})] = (
+        Field(default_factory=dict)
+    )
+    results_uri: str | None = None
+    summary: list[TrialSummary] = Field(default_factory=list)
+
+
 class TrainingJobStatus(KubeModel):
     model_config = ConfigDict(extra="allow", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
 
@@ -272,6 +411,7 @@ class TrainingJobStatus(KubeModel):
         default=None, description="The training data's validation (findings, distances to the baseline)."
     )
     model_version: str | None = None
+    tuning: TuningStatus | None = None
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
 
