@@ -140,7 +140,8 @@ def detector_alone(record: Path, frame, windows: list[int]) -> None:
     from kubeloop.api.load import load_resources
     from kubeloop.api.modelversion import ModelVersion
     from monitoring import detectors, traffic
-    from monitoring.sidecar import SidecarConfig, build_monitor
+    from monitoring.config import SidecarConfig
+    from monitoring.versions import build_monitor
 
     mv = next(r for r in load_resources(record) if isinstance(r, ModelVersion))
     for window in windows:
@@ -163,8 +164,9 @@ def detector_alone(record: Path, frame, windows: list[int]) -> None:
 def ingest_alone(record: Path, frame, cases: list[tuple[int, int]]) -> None:
     from kubeloop.api.load import load_resources
     from kubeloop.api.modelversion import ModelVersion
+    from monitoring.app import build_sidecar
+    from monitoring.config import SidecarConfig
     from monitoring.events import lower_headers
-    from monitoring.sidecar import SidecarConfig, build_sidecar
 
     mv = next(r for r in load_resources(record) if isinstance(r, ModelVersion))
     for batch, window in cases:

@@ -14,7 +14,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -28,6 +28,7 @@ from kserve.errors import InferenceError, InvalidInput, generic_exception_handle
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.rest.server import RESTServer
 
+from kubeloop.asgi import Receive, Send, respond
 from kubeloop.log import event
 from serving.grpc import start_grpc_server
 from serving.metrics import ServingMetrics
@@ -37,18 +38,13 @@ from serving.payload_logger import PayloadLogger, event_id
 log = logging.getLogger("kubeloop.serving")
 
 Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict]]
-Send = Callable[[dict], Awaitable[None]]
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 _UNION_TAGS = {"body", "InferenceRequest", "bytes"}  # kserve's v2 body is Union[InferenceRequest, bytes]
 _V2_BODY = 'body: expected a JSON object {"inputs": [{"name", "shape", "datatype", "data"}, ...]}'
 
 
-async def _respond(send: Send, status: int, message: str) -> None:
-    body = orjson.dumps({"error": message})
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+def _error_body(message: str) -> bytes:
+    return orjson.dumps({"error": message})
 
 
 class ErrorResponse(JSONResponse):
@@ -91,11 +87,11 @@ class ServingMiddleware:
         if path.startswith("/v2/models/") and "/versions/" in path:
             path = self._unversioned(path)
             if path is None:
-                return await _respond(send, 404, self._version_message(scope["path"]))
+                return await respond(send, 404, _error_body(self._version_message(scope["path"])))
             scope = {**scope, "path": path, "raw_path": path.encode()}
         if not self.repository_enabled and path.startswith("/v2/repository/"):
             message = "the model repository extension is off: start the server with --enable-repository to load "
-            return await _respond(send, 403, message + "and unload models over HTTP")
+            return await respond(send, 403, _error_body(message + "and unload models over HTTP"))
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         if path == self.v1_path:
@@ -206,7 +202,7 @@ class ServingMiddleware:
         self.metrics.count_error(reason)
         if protocol is not None:
             self.metrics.count_request(protocol, status, time.perf_counter() - started)
-        await _respond(send, status, message)
+        await respond(send, status, _error_body(message))
 
 
 def _too_large(size: int, limit: int, qualifier: str = "") -> str:

@@ -31,6 +31,7 @@ import httptools
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, exposition
 
 from kubeloop import log as kubeloop_log
+from kubeloop.asgi import header, lifespan, read_body, respond
 from kubeloop.log import event
 from serving.metrics import LATENCY_BUCKETS
 from serving.net import SignalGuard, bind, run, url_of
@@ -109,7 +110,7 @@ class _Connection(asyncio.Protocol):
             self.future.set_exception(error)
 
     # httptools callbacks
-    def on_header(self, name: bytes, value: bytes) -> None:
+    def onheader(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -269,34 +270,27 @@ class Splitter:
     # ---- ASGI
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            return await self._lifespan(receive, send)
+            return await lifespan(receive, send, self._close_pools)
         if scope["type"] != "http":
             return
         path = scope["path"]
         if path == "/metrics" and scope["method"] == "GET":
-            encoder, content_type = exposition.choose_encoder(_header(scope, b"accept"))
-            return await _reply(send, 200, encoder(self.metrics.registry), content_type.encode())
+            encoder, content_type = exposition.choose_encoder(header(scope, b"accept"))
+            return await respond(send, 200, encoder(self.metrics.registry), content_type.encode())
         if path == "/admin/traffic":
             return await self._admin(scope, receive, send)
         await self._forward(scope, receive, send)
 
-    async def _lifespan(self, receive: Any, send: Any) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                for pool in self._pools.values():
-                    pool.close()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    def _close_pools(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
 
     async def _admin(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["method"] == "GET":
             return await _json(send, 200, self.traffic())
         if scope["method"] != "POST":
             return await _json(send, 405, {"error": "admin/traffic: use GET or POST"})
-        body = await _body(receive, 4096)
+        body = await read_body(receive, 4096)
         try:
             request = json.loads(body or b"null")
             if not isinstance(request, dict) or "percent" not in request:
@@ -310,12 +304,12 @@ class Splitter:
 
     async def _forward(self, scope: dict, receive: Any, send: Any) -> None:
         started = time.perf_counter()
-        request_id = _header(scope, b"x-request-id") or str(uuid.uuid4())
+        request_id = header(scope, b"x-request-id") or str(uuid.uuid4())
         backend = self.choose(request_id)
         headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP and k != b"x-request-id"]
         headers.append((b"x-request-id", request_id.encode("latin-1")))
         routing = [(b"x-kubeloop-version", backend.version.encode()), (b"x-request-id", request_id.encode("latin-1"))]
-        body = await _body(receive, self.max_body_bytes)
+        body = await read_body(receive, self.max_body_bytes)
         if body is None:
             return await self._answer(send, backend, started, 413, b'{"error": "body: too large for the splitter"}')
         target = scope["raw_path"].decode("latin-1")
@@ -351,41 +345,12 @@ class Splitter:
         self._latency[backend.version].observe(time.perf_counter() - started)
 
 
-def _header(scope: dict, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-async def _body(receive: Any, limit: int) -> bytes | None:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
 def _error(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-async def _reply(send: Any, status: int, body: bytes, content_type: bytes) -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 async def _json(send: Any, status: int, payload: Any) -> None:
-    await _reply(send, status, json.dumps(payload).encode(), b"application/json")
+    await respond(send, status, json.dumps(payload).encode(), b"application/json")
 
 
 def parser() -> argparse.ArgumentParser:

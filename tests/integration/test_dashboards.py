@@ -101,7 +101,9 @@ def _multiclass_metrics(record) -> list[str]:
 
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from monitoring.sidecar import DriftSidecar, SidecarConfig, build_monitor
+    from monitoring.app import DriftSidecar
+    from monitoring.config import SidecarConfig
+    from monitoring.versions import build_monitor
     from serving.metrics import ServingMetrics
 
     classes = ("Adelie", "Chinstrap", "Gentoo")

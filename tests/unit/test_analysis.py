@@ -418,7 +418,7 @@ def _predictor_pod(stable: int, canary: int, drifting: bool) -> dict[str, str]:
     import numpy as np
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from monitoring.sidecar import Metrics
+    from monitoring.metrics import Metrics
     from serving.metrics import ServingMetrics
 
     registry = CollectorRegistry()

@@ -419,7 +419,9 @@ def test_malformed_responses(payload, reason) -> None:
 
 @pytest.fixture
 def app(schema, reference, detector):
-    from monitoring.sidecar import DriftSidecar, SidecarConfig, VersionMonitor
+    from monitoring.app import DriftSidecar
+    from monitoring.config import SidecarConfig
+    from monitoring.versions import VersionMonitor
 
     config = SidecarConfig(window=50, max_body_bytes=10_000)
 
@@ -476,7 +478,9 @@ def test_sidecar_counts_malformed_events_and_unknown_versions(app) -> None:
 
 
 def test_sidecar_drops_windows_when_the_detector_queue_is_full(schema, reference) -> None:
-    from monitoring.sidecar import DriftSidecar, SidecarConfig, VersionMonitor
+    from monitoring.app import DriftSidecar
+    from monitoring.config import SidecarConfig
+    from monitoring.versions import VersionMonitor
 
     config = SidecarConfig(window=20, detection_queue=1)
     monitor = VersionMonitor(
@@ -584,7 +588,9 @@ def test_batches_over_the_asgi_route_and_an_empty_one(app) -> None:
 
 
 def test_a_window_counts_the_events_that_begin_in_it_batched_or_not(schema, reference) -> None:
-    from monitoring.sidecar import DriftSidecar, SidecarConfig, VersionMonitor
+    from monitoring.app import DriftSidecar
+    from monitoring.config import SidecarConfig
+    from monitoring.versions import VersionMonitor
 
     def sidecar() -> DriftSidecar:  # not started: the first full window waits, the next ones are dropped
         detector = detectors.FeatureWiseDrift(reference)
@@ -611,7 +617,9 @@ def test_ingesting_batches_keeps_up_with_a_busy_model_server(schema, reference, 
     and the JSON included); the bound is 3x that."""
     import time
 
-    from monitoring.sidecar import DriftSidecar, SidecarConfig, VersionMonitor
+    from monitoring.app import DriftSidecar
+    from monitoring.config import SidecarConfig
+    from monitoring.versions import VersionMonitor
 
     config = SidecarConfig(window=200, detection_queue=100)
     monitor = VersionMonitor(
@@ -639,7 +647,9 @@ CLASSES = ("Adelie", "Chinstrap", "Gentoo")
 def _task_sidecar(schema, reference, detector, task: str, **fields: Any):
     """A stable (v1) and a canary (v2) version of one multiclass or regression model, in-process; the request side
     (the arrests schema) is not what these tests are about."""
-    from monitoring.sidecar import DriftSidecar, SidecarConfig, VersionMonitor
+    from monitoring.app import DriftSidecar
+    from monitoring.config import SidecarConfig
+    from monitoring.versions import VersionMonitor
 
     def monitor(version: int) -> VersionMonitor:
         return VersionMonitor(
@@ -715,7 +725,9 @@ def test_regression_predictions_status_shift_and_metrics(schema, reference, dete
 
 
 def test_versions_of_other_tasks_or_classes_get_no_prediction_shift(schema, reference, detector) -> None:
-    from monitoring.sidecar import DriftSidecar, SidecarConfig, VersionMonitor
+    from monitoring.app import DriftSidecar
+    from monitoring.config import SidecarConfig
+    from monitoring.versions import VersionMonitor
 
     def monitor(version: int, task: str, classes: tuple[str, ...] = ()) -> VersionMonitor:
         tracker = detectors.DriftTracker()

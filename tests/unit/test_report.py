@@ -399,9 +399,11 @@ def test_drift_predictions_text_per_task(task: str) -> None:
     from kubeloop.histograms import value_buckets
     from kubeloop.report.drift import read_drift
     from monitoring import detectors, traffic
+    from monitoring.app import DriftSidecar
+    from monitoring.config import SidecarConfig
     from monitoring.events import lower_headers
     from monitoring.schema import Schema
-    from monitoring.sidecar import DriftSidecar, SidecarConfig, VersionMonitor
+    from monitoring.versions import VersionMonitor
 
     sample = ModelVersion.model_validate(yaml.safe_load((REPO / "manifests/samples/modelversion.yaml").read_text()))
     schema = Schema.from_signature(sample.spec.signature)
