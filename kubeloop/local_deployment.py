@@ -17,6 +17,7 @@ from pathlib import Path
 from kubeloop.api import ModelDeployment
 from kubeloop.api.modeldeployment import rejected_versions, version_refusal
 from kubeloop.errors import SpecError
+from kubeloop.launch import drift_sidecar, model_server, traffic_splitter
 from kubeloop.log import event
 from kubeloop.processes import ALWAYS, Child, ProcessGroup, RestartPolicy, free_port
 from kubeloop.registry import Registry
@@ -76,37 +77,41 @@ class LocalDeployment:
         if spec.drift.enabled:
             port = free_port()
             sidecar = f"http://127.0.0.1:{port}"
-            args = ["--host", "127.0.0.1", "--port", str(port), "--default-version", str(spec.version)]
-            for path in records.values():
-                args += ["--model-version", str(path)]
-            args += ["--detector", spec.drift.detector, "--window", str(spec.drift.window)]
-            args += ["--p-value", str(spec.drift.p_value), "--reference-size", str(spec.drift.reference_size)]
-            self.processes.start("drift-sidecar", "monitoring.sidecar", args, f"{sidecar}/healthz")
+            launch = drift_sidecar(
+                [str(path) for path in records.values()],
+                default_version=spec.version,
+                drift=spec.drift,
+                host="127.0.0.1",
+                port=port,
+            )
+            self.processes.start("drift-sidecar", launch.module, launch.args, sidecar + launch.ready_path)
         servers: dict[int, str] = {}
         for version, endpoint in self.versions():
             port = free_port()
-            args = ["--model-version", str(records[version]), "--host", "127.0.0.1", "--http-port", str(port)]
-            args += [
-                "--endpoint",
-                endpoint,
-                "--inference-service",
-                name,
-                "--namespace",
-                self.deployment.metadata.namespace,
-            ]
-            args += ["--out-of-range", spec.inputs.out_of_range]
-            if sidecar:
-                args += ["--logger-url", f"{sidecar}/"]
             servers[version] = f"http://127.0.0.1:{port}"
-            self.processes.start(f"server-v{version}", "serving.server", args, f"{servers[version]}/v2/health/ready")
+            launch = model_server(
+                str(records[version]),
+                host="127.0.0.1",
+                port=port,
+                endpoint=endpoint,
+                inputs=spec.inputs,
+                inference_service=name,
+                namespace=self.deployment.metadata.namespace,
+                logger_url=f"{sidecar}/" if sidecar else None,
+            )
+            self.processes.start(f"server-v{version}", launch.module, launch.args, servers[version] + launch.ready_path)
         splitter = None
         if spec.canary is not None:
             port = free_port()
             splitter = f"http://127.0.0.1:{port}"
-            args = ["--host", "127.0.0.1", "--port", str(port), "--percent", str(spec.canary.traffic_percent)]
-            args += ["--stable", servers[spec.version], "--stable-version", str(spec.version)]
-            args += ["--candidate", servers[spec.canary.version], "--candidate-version", str(spec.canary.version)]
-            self.processes.start("splitter", "serving.splitter", args, f"{splitter}/v2/health/ready")
+            launch = traffic_splitter(
+                host="127.0.0.1",
+                port=port,
+                percent=spec.canary.traffic_percent,
+                stable=(spec.version, servers[spec.version]),
+                candidate=(spec.canary.version, servers[spec.canary.version]),
+            )
+            self.processes.start("splitter", launch.module, launch.args, splitter + launch.ready_path)
         endpoints = Endpoints(
             url=splitter or servers[spec.version], servers=servers, sidecar=sidecar, splitter=splitter
         )

@@ -36,10 +36,11 @@ from kubeloop.analysis import AnalysisState, Decision, RetrainState, decide, dec
 from kubeloop.analysis.prometheus import Scraped
 from kubeloop.analysis.signals import duration_seconds
 from kubeloop.api import ModelDeployment, TrainingJob, load_resources
-from kubeloop.api.modeldeployment import CanaryAnalysis, CanaryChecks, Retrain
+from kubeloop.api.modeldeployment import CanaryAnalysis, CanaryChecks, DriftMonitor, InputPolicy, Retrain
 from kubeloop.api.modelversion import ModelVersion
 from kubeloop.data.snapshot import load_snapshot, read_frame
 from kubeloop.errors import KubeloopError
+from kubeloop.launch import drift_sidecar, model_server, traffic_splitter
 from kubeloop.log import event
 from kubeloop.processes import ProcessGroup, free_port
 from kubeloop.registry import Registry
@@ -190,20 +191,19 @@ def garbage_record(record: ModelVersion, directory: Path, seed: int = 0) -> Path
 def _start_sidecar(group: ProcessGroup, name: str, records: list[Path], default: int, window: int) -> str:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    args = ["--host", "127.0.0.1", "--port", str(port), "--default-version", str(default)]
-    for path in records:
-        args += ["--model-version", str(path)]
-    args += ["--detector", "ks", "--window", str(window), "--reference-size", "1000"]
-    group.start(name, "monitoring.sidecar", args, f"{url}/healthz")
+    drift = DriftMonitor(window=window, reference_size=1000)
+    launch = drift_sidecar([str(p) for p in records], default_version=default, drift=drift, host="127.0.0.1", port=port)
+    group.start(name, launch.module, launch.args, url + launch.ready_path)
     return url
 
 
 def _start_server(group: ProcessGroup, name: str, record: Path, endpoint: str, sidecar: str) -> str:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    args = ["--model-version", str(record), "--host", "127.0.0.1", "--http-port", str(port)]
-    args += ["--endpoint", endpoint, "--logger-url", f"{sidecar}/"]
-    group.start(name, "serving.server", args, f"{url}/v2/health/ready")
+    launch = model_server(
+        str(record), host="127.0.0.1", port=port, endpoint=endpoint, inputs=InputPolicy(), logger_url=f"{sidecar}/"
+    )
+    group.start(name, launch.module, launch.args, url + launch.ready_path)
     return url
 
 
@@ -355,10 +355,10 @@ def run_loop(
             _say(f"[loop] BROKEN CANDIDATE: half of v{v2}'s answers are HTTP 500 (fault proxy {proxy.url})")
         port = free_port()
         splitter = f"http://127.0.0.1:{port}"
-        args = ["--host", "127.0.0.1", "--port", str(port), "--percent", str(analysis.steps[0])]
-        args += ["--stable", server_v1, "--stable-version", str(v1), "--candidate", upstream]
-        args += ["--candidate-version", str(v2)]
-        group.start("splitter", "serving.splitter", args, f"{splitter}/v2/health/ready")
+        launch = traffic_splitter(
+            host="127.0.0.1", port=port, percent=analysis.steps[0], stable=(v1, server_v1), candidate=(v2, upstream)
+        )
+        group.start("splitter", launch.module, launch.args, splitter + launch.ready_path)
         scraped.scrape("canary", [server_v2, sidecar_b, splitter])
         pump.url = splitter
         canary_started = time.monotonic()

@@ -58,6 +58,7 @@ import yaml
 
 from kubeloop.api import ModelDeployment, ModelVersion
 from kubeloop.api.modeldeployment import rejected_versions, version_refusal
+from kubeloop.launch import drift_sidecar, model_server
 from operators import common
 from operators.settings import Settings, current
 
@@ -172,28 +173,28 @@ def _env(settings: Settings) -> list[dict[str, Any]]:
 
 def _server(md: ModelDeployment, version: int, endpoint: str, settings: Settings) -> dict[str, Any]:
     res = md.spec.resources
-    args = [
-        "--model-version", f"{VERSIONS_MOUNT}/{version_key(version)}",
-        "--host", "0.0.0.0",
-        "--http-port", str(settings.server_port),
-        "--endpoint", endpoint,
-        "--inference-service", isvc_name(md),
-        "--namespace", md.metadata.namespace,
-        "--out-of-range", md.spec.inputs.out_of_range,
-    ]  # fmt: skip
+    launch = model_server(
+        f"{VERSIONS_MOUNT}/{version_key(version)}",
+        host="0.0.0.0",
+        port=settings.server_port,
+        endpoint=endpoint,
+        inputs=md.spec.inputs,
+        inference_service=isvc_name(md),
+        namespace=md.metadata.namespace,
+    )
     return {
         "name": SERVER_CONTAINER,
         "image": settings.serving_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["python", "-m", "serving.server"],
-        "args": args,
+        "command": launch.command,
+        "args": launch.args,
         # the only port, so KServe's Service and agent pick it (ports[0]); its number, not its name, in the probe:
         # KServe's agent copies the probe into its own env and cannot resolve a port name
         "ports": [{"name": SERVER_PORT_NAME, "containerPort": settings.server_port, "protocol": "TCP"}],
         "env": _env(settings),
         "resources": common.resources(res.cpu, res.memory, res.gpu),
         "readinessProbe": {
-            "httpGet": {"path": "/v2/health/ready", "port": settings.server_port},
+            "httpGet": {"path": launch.ready_path, "port": settings.server_port},
             "periodSeconds": 5,
             "failureThreshold": 3,
         },
@@ -205,24 +206,21 @@ def _server(md: ModelDeployment, version: int, endpoint: str, settings: Settings
 def _sidecar(md: ModelDeployment, version: int, settings: Settings) -> dict[str, Any]:
     """The drift detector of one predictor pod: its default version is the one this pod serves; it also knows
     the deployment's other version so events labelled with the other endpoint are attributed correctly."""
-    drift = md.spec.drift
-    args = ["--host", "127.0.0.1", "--port", str(settings.sidecar_port)]
-    args += ["--metrics-host", "0.0.0.0", "--metrics-port", str(settings.sidecar_metrics_port)]
-    for other in [version, *(v for v in wanted_versions(md) if v != version)]:
-        args += ["--model-version", f"{VERSIONS_MOUNT}/{version_key(other)}"]
-    args += [
-        "--default-version", str(version),
-        "--detector", drift.detector,
-        "--window", str(drift.window),
-        "--p-value", str(drift.p_value),
-        "--reference-size", str(drift.reference_size),
-    ]  # fmt: skip
+    launch = drift_sidecar(
+        [f"{VERSIONS_MOUNT}/{version_key(v)}" for v in [version, *(v for v in wanted_versions(md) if v != version)]],
+        default_version=version,
+        drift=md.spec.drift,
+        host="127.0.0.1",
+        port=settings.sidecar_port,
+        metrics_host="0.0.0.0",
+        metrics_port=settings.sidecar_metrics_port,
+    )
     container: dict[str, Any] = {
         "name": SIDECAR_CONTAINER,
         "image": settings.drift_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["python", "-m", "monitoring.sidecar"],
-        "args": args,
+        "command": launch.command,
+        "args": launch.args,
         "env": _env(settings),
         "resources": common.resources(settings.sidecar_cpu, settings.sidecar_memory),
         "volumeMounts": _mounts(settings),

@@ -1,0 +1,76 @@
+"""How each serving component is started: one command line per component, built here and used by the embedded
+deployment (`kubeloop.local_deployment`), the embedded loop (`kubeloop.loop`) and the operator's predictor pods
+(`operators.inferenceservice`), so the three cannot drift apart."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kubeloop.api.modeldeployment import DriftMonitor, InputPolicy
+
+
+@dataclass(frozen=True)
+class Launch:
+    module: str  # run as `python -m MODULE ARGS`
+    args: list[str]
+    ready_path: str  # GET this on its HTTP port answers 200 once it serves
+
+    @property
+    def command(self) -> list[str]:
+        return ["python", "-m", self.module]
+
+
+def model_server(
+    record: str,
+    *,
+    host: str,
+    port: int,
+    endpoint: str,
+    inputs: InputPolicy,
+    inference_service: str | None = None,
+    namespace: str | None = None,
+    logger_url: str | None = None,
+) -> Launch:
+    """The KServe model server of one ModelVersion record; payload events go to logger_url when given."""
+    args = ["--model-version", record, "--host", host, "--http-port", str(port), "--endpoint", endpoint]
+    if inference_service is not None:
+        args += ["--inference-service", inference_service]
+    if namespace is not None:
+        args += ["--namespace", namespace]
+    args += ["--out-of-range", inputs.out_of_range]
+    if logger_url is not None:
+        args += ["--logger-url", logger_url]
+    return Launch("serving.server", args, "/v2/health/ready")
+
+
+def drift_sidecar(
+    records: Sequence[str],
+    *,
+    default_version: int,
+    drift: DriftMonitor,
+    host: str,
+    port: int,
+    metrics_host: str | None = None,
+    metrics_port: int | None = None,
+) -> Launch:
+    """The drift sidecar watching the given ModelVersion records (events without a version go to default_version);
+    with metrics_port, a read-only listener for Prometheus beside the ingest one."""
+    args = ["--host", host, "--port", str(port)]
+    if metrics_port is not None:
+        args += ["--metrics-host", metrics_host or "0.0.0.0", "--metrics-port", str(metrics_port)]
+    for record in records:
+        args += ["--model-version", record]
+    args += ["--default-version", str(default_version), "--detector", drift.detector, "--window", str(drift.window)]
+    args += ["--p-value", str(drift.p_value), "--reference-size", str(drift.reference_size)]
+    return Launch("monitoring.sidecar", args, "/healthz")
+
+
+def traffic_splitter(
+    *, host: str, port: int, percent: int, stable: tuple[int, str], candidate: tuple[int, str]
+) -> Launch:
+    """The embedded canary split: percent of requests to the candidate (version, url), the rest to the stable."""
+    args = ["--host", host, "--port", str(port), "--percent", str(percent)]
+    args += ["--stable", stable[1], "--stable-version", str(stable[0])]
+    args += ["--candidate", candidate[1], "--candidate-version", str(candidate[0])]
+    return Launch("serving.splitter", args, "/v2/health/ready")
