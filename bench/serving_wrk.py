@@ -61,6 +61,8 @@ sys.path.insert(0, str(REPO / "tests" / "integration"))
 
 from serving_fixtures import Process, arrests_frame, record_path, register_model, rows  # noqa: E402
 
+from kubeloop.processes import free_port  # noqa: E402
+
 # wrk cycles through these requests: one row each, a different row of the data set every time
 LUA = """local requests, n, i = {}, 0, 0
 init = function(args)
@@ -165,14 +167,6 @@ def lua_script(frame, count: int) -> str:
     return LUA % "\n".join(
         f'  n = n + 1; requests[n] = wrk.format("POST", nil, {headers}, [==[{body}]==])' for body in bodies
     )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args: list[str], log: Path, cpus: str | None, env: dict[str, str], timeout: float = 180) -> Process:

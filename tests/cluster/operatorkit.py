@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -22,16 +21,12 @@ from clusterkit import wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from kubeloop.processes import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 RELEASE, SYSTEM = "kubeloop", "kubeloop-system"
 OPERATOR_SA = "kubeloop-operator"
 GROUP, VERSION = "kubeloop.dev", "v1alpha1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def sample(name: str) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from serving_fixtures import (
 
 from kubeloop.api.load import load_resources
 from kubeloop.artifact import ModelArtifact
+from kubeloop.processes import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -42,12 +42,6 @@ FEATURES = ["colour", "year", "age", "sex", "employed", "citizen", "checks"]
 STRINGS = {"colour", "sex", "employed", "citizen"}
 MAX_BODY = 64 * 1024
 FIELD_FIRST = re.compile(r"^(inputs|raw_input_contents)\b")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
