@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from kubeloop.data.snapshot import ColumnStats, Snapshot, read_frame
 from kubeloop.log import event
@@ -148,14 +149,8 @@ def correct(p_values: Sequence[float], alpha: float, method: Correction) -> tupl
         return adjusted, any(a < alpha for a in adjusted), alpha / k
     if method != "fdr":
         raise ValueError(f"correction must be bonferroni or fdr, not {method!r}")
-    # Benjamini-Hochberg step-up: adjusted p_(i) = min_{j >= i} p_(j) * K / j
+    adjusted = [float(a) for a in stats.false_discovery_control(p_values, method="bh")]
     order = sorted(range(k), key=lambda i: p_values[i])
-    adjusted = [0.0] * k
-    running = 1.0
-    for rank in range(k, 0, -1):
-        i = order[rank - 1]
-        running = min(running, p_values[i] * k / rank)
-        adjusted[i] = running
     passing = [rank for rank in range(1, k + 1) if p_values[order[rank - 1]] <= alpha * rank / k]
     threshold = alpha * max(passing) / k if passing else alpha / k
     return adjusted, bool(passing), threshold
