@@ -24,6 +24,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
@@ -47,7 +48,8 @@ from kubeloop.registry import Registry
 from kubeloop.traffic import payload, shifted
 
 log = logging.getLogger(__name__)
-SAMPLES = Path(__file__).resolve().parent.parent / "manifests" / "samples"
+# the sample resources ship inside the package (manifests/samples links here), so an installed kubeloop has them
+SAMPLES = Path(str(files("kubeloop") / "samples"))
 Broken = Literal["errors", "garbage"]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import httpx
@@ -27,7 +28,8 @@ from kubeloop.report import write_report
 from kubeloop.traffic import TrafficResult, send, shifted
 
 log = logging.getLogger(__name__)
-SAMPLES = Path(__file__).resolve().parent.parent / "manifests" / "samples"
+# the sample resources ship inside the package (manifests/samples links here), so an installed kubeloop has them
+SAMPLES = Path(str(files("kubeloop") / "samples"))
 CALM_WINDOWS = 6  # in-distribution windows sent before the shift
 MAX_SHIFTED_WINDOWS = 6  # shifted windows sent before giving up on the detector
 

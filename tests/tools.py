@@ -58,3 +58,9 @@ def chromium() -> str:
         f"{_DEBIAN} chromium (or set KUBELOOP_CHROMIUM to a Chromium or Chrome)",
         os.environ.get("KUBELOOP_CHROMIUM"),
     )
+
+
+def uv() -> str:
+    return require_tool(
+        "uv", "`./dev test` runs pytest through uv, which names itself in $UV; or put uv on PATH", os.environ.get("UV")
+    )
