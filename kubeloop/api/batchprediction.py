@@ -7,27 +7,10 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator
 
-from kubeloop.api.common import (
-    DNS1035_LABEL,
-    Condition,
-    DnsLabel,
-    KubeModel,
-    ObjectMeta,
-    PrinterColumn,
-    Quantity,
-    Resource,
-)
-from kubeloop.api.trainingjob import NAME_MAX_LENGTH, name_is_valid
+from kubeloop.api.common import Condition, DnsLabel, KubeModel, PrinterColumn, Quantity, RayJobResource
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
 DriftState = Literal["NoDrift", "Drift"]
-
-# The operator runs a BatchPrediction as a RayJob of the same name: KubeRay's naming rule holds for it too.
-NAME_RULE = (
-    f"metadata.name must be a DNS-1035 label of at most {NAME_MAX_LENGTH} characters (lowercase letters, digits "
-    "and '-', starting with a letter and ending with a letter or digit), since the RayJob takes the "
-    "BatchPrediction's name and KubeRay refuses any other: rename it, e.g. arrests-scoring"
-)
 
 
 class BatchWorkers(KubeModel):
@@ -93,8 +76,9 @@ class BatchPredictionStatus(KubeModel):
     observed_generation: int | None = None
 
 
-class BatchPrediction(Resource):
+class BatchPrediction(RayJobResource):
     KIND: ClassVar[str] = "BatchPrediction"
+    NAME_EXAMPLE: ClassVar[str] = "arrests-scoring"
     PLURAL: ClassVar[str] = "batchpredictions"
     SHORT_NAMES: ClassVar[list[str]] = ["bp"]
     PRINTER_COLUMNS: ClassVar[list[PrinterColumn]] = [
@@ -106,26 +90,9 @@ class BatchPrediction(Resource):
         PrinterColumn(name="Age", type="date", json_path=".metadata.creationTimestamp"),
     ]
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": f"self.metadata.name.size() <= {NAME_MAX_LENGTH} && "
-                    f"self.metadata.name.matches('{DNS1035_LABEL}')",
-                    "message": NAME_RULE,
-                    "reason": "FieldValueInvalid",
-                }
-            ]
-        }
-    )
-
     kind: Literal["BatchPrediction"] = "BatchPrediction"
     spec: BatchPredictionSpec
     status: BatchPredictionStatus | None = None
 
-    @field_validator("metadata")
-    @classmethod
-    def _rayjob_name(cls, metadata: ObjectMeta) -> ObjectMeta:
-        if not name_is_valid(metadata.name):
-            raise ValueError(f"{NAME_RULE} (got {metadata.name!r})")
-        return metadata
+
+NAME_RULE = BatchPrediction.name_rule()

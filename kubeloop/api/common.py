@@ -7,7 +7,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kubeloop.dev"
@@ -107,3 +107,49 @@ class Resource(KubeModel):
 
     def to_manifest(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# KubeRay refuses a RayJob whose name is not an RFC 1035 label of at most 47 characters (its RayCluster adds 6, its
+# Services up to 10 more, within 63). The operator names each RayJob after the resource it runs, so those resources
+# are held to the same rule and a bad name is refused on apply rather than failing later as ValidationFailed.
+RAYJOB_NAME_MAX_LENGTH = 47
+_RAYJOB_NAME = re.compile(DNS1035_LABEL)
+
+
+def rayjob_name_is_valid(name: str) -> bool:
+    """Whether name may name a resource the operator runs as a RayJob of the same name."""
+    return len(name) <= RAYJOB_NAME_MAX_LENGTH and _RAYJOB_NAME.match(name) is not None
+
+
+def _rayjob_name_validation(schema: dict[str, Any], cls: type[Any]) -> None:
+    schema.setdefault("x-kubernetes-validations", []).append(
+        {
+            "rule": f"self.metadata.name.size() <= {RAYJOB_NAME_MAX_LENGTH} && "
+            f"self.metadata.name.matches('{DNS1035_LABEL}')",
+            "message": cls.name_rule(),
+            "reason": "FieldValueInvalid",
+        }
+    )
+
+
+class RayJobResource(Resource):
+    """A resource the operator runs as a KubeRay RayJob named after it (TrainingJob, BatchPrediction)."""
+
+    NAME_EXAMPLE: ClassVar[str]
+
+    model_config = ConfigDict(json_schema_extra=_rayjob_name_validation)
+
+    @classmethod
+    def name_rule(cls) -> str:
+        return (
+            f"metadata.name must be a DNS-1035 label of at most {RAYJOB_NAME_MAX_LENGTH} characters (lowercase "
+            "letters, digits and '-', starting with a letter and ending with a letter or digit), since the RayJob "
+            f"takes the {cls.KIND}'s name and KubeRay refuses any other: rename it, e.g. {cls.NAME_EXAMPLE}"
+        )
+
+    @field_validator("metadata")
+    @classmethod
+    def _rayjob_name(cls, metadata: ObjectMeta) -> ObjectMeta:
+        if not rayjob_name_is_valid(metadata.name):
+            raise ValueError(f"{cls.name_rule()} (got {metadata.name!r})")
+        return metadata

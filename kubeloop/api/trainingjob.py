@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import math
-import re
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 from kubeloop.api.common import (
     DNS1035_LABEL,
+    RAYJOB_NAME_MAX_LENGTH,
     Condition,
     DnsLabel,
     KubeModel,
-    ObjectMeta,
     PrinterColumn,
     Quantity,
-    Resource,
+    RayJobResource,
     quantity_value,
+    rayjob_name_is_valid,
 )
 from kubeloop.api.modelversion import Task
 from kubeloop.api.validation import ValidationReport
@@ -55,24 +55,10 @@ ClassValue = Annotated[
     WithJsonSchema({"x-kubernetes-int-or-string": True}),
 ]
 
-# The operator names the RayJob after the TrainingJob, and KubeRay refuses a RayJob whose name is not an RFC 1035
-# label of at most 47 characters (its RayCluster adds 6, its Services up to 10 more, within 63): the same rule holds
-# for TrainingJob names, so a bad name is refused on apply rather than failing later as ValidationFailed.
-NAME_MAX_LENGTH = 47
-NAME_RULE = (
-    f"metadata.name must be a DNS-1035 label of at most {NAME_MAX_LENGTH} characters (lowercase letters, digits "
-    "and '-', starting with a letter and ending with a letter or digit), since the RayJob takes the TrainingJob's "
-    "name and KubeRay refuses any other: rename it, e.g. arrests-mlp"
-)
-_NAME = re.compile(DNS1035_LABEL)
-
+NAME_MAX_LENGTH = RAYJOB_NAME_MAX_LENGTH
+name_is_valid = rayjob_name_is_valid  # whether a name may name a TrainingJob (and so its RayJob)
 # A reference to a TrainingJob by name (same rule as the TrainingJob's own name).
 TrainingJobName = Annotated[str, Field(min_length=1, max_length=NAME_MAX_LENGTH, pattern=DNS1035_LABEL)]
-
-
-def name_is_valid(name: str) -> bool:
-    """Whether name may name a TrainingJob (and so its RayJob)."""
-    return len(name) <= NAME_MAX_LENGTH and _NAME.match(name) is not None
 
 
 class ModelSpec(KubeModel):
@@ -416,8 +402,9 @@ class TrainingJobStatus(KubeModel):
     observed_generation: int | None = None
 
 
-class TrainingJob(Resource):
+class TrainingJob(RayJobResource):
     KIND: ClassVar[str] = "TrainingJob"
+    NAME_EXAMPLE: ClassVar[str] = "arrests-mlp"
     PLURAL: ClassVar[str] = "trainingjobs"
     SHORT_NAMES: ClassVar[list[str]] = ["tj"]
     PRINTER_COLUMNS: ClassVar[list[PrinterColumn]] = [
@@ -429,26 +416,9 @@ class TrainingJob(Resource):
         PrinterColumn(name="Age", type="date", json_path=".metadata.creationTimestamp"),
     ]
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": f"self.metadata.name.size() <= {NAME_MAX_LENGTH} && "
-                    f"self.metadata.name.matches('{DNS1035_LABEL}')",
-                    "message": NAME_RULE,
-                    "reason": "FieldValueInvalid",
-                }
-            ]
-        }
-    )
-
     kind: Literal["TrainingJob"] = "TrainingJob"
     spec: TrainingJobSpec
     status: TrainingJobStatus | None = None
 
-    @field_validator("metadata")
-    @classmethod
-    def _rayjob_name(cls, metadata: ObjectMeta) -> ObjectMeta:
-        if not name_is_valid(metadata.name):
-            raise ValueError(f"{NAME_RULE} (got {metadata.name!r})")
-        return metadata
+
+NAME_RULE = TrainingJob.name_rule()
