@@ -21,7 +21,7 @@ from kubeloop.api.load import parse_resource
 from kubeloop.api.modeldeployment import update_problem
 from kubeloop.errors import SpecError
 
-PLURALS = ("trainingjobs", "modelversions", "modeldeployments")
+PLURALS = ("trainingjobs", "modelversions", "modeldeployments", "batchpredictions")
 
 
 def problems(body: Mapping[str, Any], old: Mapping[str, Any] | None = None) -> str | None:

@@ -2,7 +2,10 @@
 
 - TrainingJob create/update/resume -> apply its children (ConfigMap, ServiceAccount, RayJob, Role, RoleBinding).
 - RayJob events -> mirror the RayJob's status into its TrainingJob; once it ends, register the ModelVersion the
-  run reported.
+  run reported; a search's summary (tuning.yaml) into status.tuning, also every few seconds while it runs.
+- BatchPrediction create/update/resume -> resolve the model version (spec.version or the Production one), then
+  apply the same children as a TrainingJob's; RayJob events, and every few seconds while it runs, mirror the RayJob
+  and the run's report (rows done, rejected, output, drift) into its status.
 - ModelDeployment create/update/resume -> resolve its ModelVersions, apply the versions ConfigMap, the
   InferenceService and (Standard mode, a Gateway configured) the HTTPRoute that splits stable and canary traffic;
   a spec naming a Rejected version without spec.allowRejected is refused (condition VersionAdmitted False, a
@@ -11,10 +14,11 @@
 - Every few seconds per ModelDeployment: its drift flag mirrored, retraining on sustained drift (operators.retrain),
   the canary analysis (operators.canary), on Prometheus signals.
 
-Every handler computes the desired children with the pure functions of operators.rayjob / operators.inferenceservice
-and writes them with operators.kube.apply, which writes nothing when the cluster already matches. Children carry a
-controller owner reference: deleting a parent deletes them (garbage collection); no finalizers are needed, since
-nothing outside Kubernetes is created. What happened is posted as Kubernetes Events on the parent.
+Every handler computes the desired children with the pure functions of operators.rayjob / operators.batchjob (both
+through operators.rayrun) / operators.inferenceservice and writes them with operators.kube.apply, which writes
+nothing when the cluster already matches. Children carry a controller owner reference: deleting a parent deletes
+them (garbage collection); nothing outside Kubernetes is created, so no finalizer of ours is needed (kopf keeps its
+own on a resource while one of its timers runs for it). What happened is posted as Kubernetes Events on the parent.
 """
 
 from __future__ import annotations
@@ -27,13 +31,13 @@ from typing import Any
 
 import kopf
 
-from kubeloop.api import GROUP, VERSION, ModelDeployment, ModelVersion, Resource, TrainingJob
+from kubeloop.api import GROUP, VERSION, BatchPrediction, ModelDeployment, ModelVersion, Resource, TrainingJob
 from kubeloop.api.load import parse_resource
 from kubeloop.errors import SpecError
-from operators import canary, common, httproute, metrics, retrain
+from operators import batchjob, canary, common, httproute, metrics, rayrun, retrain
 from operators import inferenceservice as isvc
 from operators import rayjob as rj
-from operators.kube import Action, ApiError, Conflict, Kube, RestKube, apply, kind_of
+from operators.kube import Action, ApiError, Conflict, Kind, Kube, RestKube, apply, kind_of
 from operators.settings import Settings, configure_kopf, current
 
 log = logging.getLogger("operators")
@@ -41,6 +45,8 @@ log = logging.getLogger("operators")
 TRAININGJOB = kind_of("kubeloop.dev/v1alpha1", "TrainingJob")
 MODELVERSION = kind_of("kubeloop.dev/v1alpha1", "ModelVersion")
 MODELDEPLOYMENT = kind_of("kubeloop.dev/v1alpha1", "ModelDeployment")
+BATCHPREDICTION = kind_of("kubeloop.dev/v1alpha1", "BatchPrediction")
+RAYJOB = kind_of(rayrun.RAYJOB_API_VERSION, "RayJob")
 CONFIGMAP = kind_of("v1", "ConfigMap")
 INFERENCESERVICE = kind_of("serving.kserve.io/v1beta1", "InferenceService")
 HTTPROUTE = kind_of(httproute.API_VERSION, "HTTPRoute")
@@ -96,11 +102,13 @@ def _parse(body: Mapping[str, Any]) -> Resource:
     )
 
 
+_RUNS = ("TrainingJob", "BatchPrediction")  # kinds with a phase (the others say ready)
+
+
 def _invalid(body: Mapping[str, Any], patch: kopf.Patch, error: SpecError) -> None:
     message = str(error)
-    patch.status["phase" if body.get("kind") == "TrainingJob" else "ready"] = (
-        "Failed" if body.get("kind") == "TrainingJob" else False
-    )
+    run = body.get("kind") in _RUNS
+    patch.status["phase" if run else "ready"] = "Failed" if run else False
     old = (body.get("status") or {}).get("conditions")
     patch.status["conditions"] = common.merge_conditions(
         plain(old), [common.condition("Valid", False, "InvalidSpec", message)]
@@ -229,68 +237,88 @@ def reconcile_trainingjob(body: Mapping[str, Any], patch: kopf.Patch, reason: st
     except SpecError as error:
         _invalid(body, patch, error)
     assert isinstance(tj, TrainingJob)
-    settings = _settings()
-    desired_job = rj.desired_rayjob(tj, settings)
+    run = rj.training_run(tj)
+    job = _submit(body, run, rayrun.desired_rayjob(run, _settings()), reason)
+    patch.status["rayJobName"] = run.name
+    status = plain(body.get("status") or {})
+    _submitted_status(patch, tj, job, status, lambda kept: rj.trainingjob_status(tj, job, kept))
+
+
+def _submit(
+    body: Mapping[str, Any],
+    run: rayrun.Run,
+    desired_job: dict[str, Any],
+    reason: str | None,
+    submitted: bool | None = None,
+) -> dict[str, Any]:
+    """Apply a run's children; the RayJob as it is. The RayJob is created once and never changed after submission,
+    nor is the document the run reads: a spec that asks for another run than the one submitted gets a Warning.
+
+    ``submitted``: whether the RayJob exists (None: not known; a resource handled for the first time then creates its
+    children without reading each first, and converges as on resume if one exists, after an attempt that stopped
+    mid-way)."""
     done = None
-    if reason == kopf.Reason.CREATE:
-        # handled for the first time: its children most likely do not exist yet, so create them without reading
-        # each first; if one exists (an earlier attempt stopped mid-way), converge below as on resume
+    if submitted is None and reason == kopf.Reason.CREATE:
         try:
-            done = _apply_children(body, _trainingjob_children(tj, desired_job, submitted=False), create_first=True)
+            done = _apply_children(body, _run_children(run, desired_job, submitted=False), create_first=True)
         except ApiError as error:
             if error.status != 409:
                 raise
     if done is None:
-        existing = kube().get(kind_of(rj.RAYJOB_API_VERSION, "RayJob"), tj.metadata.namespace, rj.rayjob_name(tj))
-        done = _apply_children(body, _trainingjob_children(tj, desired_job, submitted=existing is not None))
+        if submitted is None:
+            submitted = kube().get(RAYJOB, run.namespace, run.name) is not None
+        done = _apply_children(body, _run_children(run, desired_job, submitted))
     action, job = done["RayJob"]
-    if action is not Action.CREATED and not _same_spec(job.get("spec") or {}, desired_job["spec"]):
+    if action is not Action.CREATED and not rayrun.submitted_unchanged(done["ConfigMap"][1], run):
         emit(
             body,
             "Warning",
             "SpecChangedAfterSubmission",
-            f"RayJob {rj.rayjob_name(tj)} runs the spec it was submitted with; delete and re-create the "
-            "TrainingJob to train with the new one",
+            f"RayJob {run.name} runs the spec it was submitted with; delete and re-create the {run.owner.kind} "
+            "to run the new one",
         )
-    status = plain(body.get("status") or {})
-    patch.status["rayJobName"] = rj.rayjob_name(tj)
+    return job
+
+
+def _run_children(
+    run: rayrun.Run, desired_job: dict[str, Any], submitted: bool
+) -> list[tuple[dict[str, Any], str, bool]]:
+    """(desired, mode, create_only) of a run's children, in order: the RayJob right after what its pods need to
+    start (the spec ConfigMap, the ServiceAccount), the Role and RoleBinding after it: the run needs them only to
+    publish what it reports, and creating them costs the apiserver's RBAC escalation check (about 0.1 s each),
+    which would otherwise delay the start of every run."""
+    return [
+        (rayrun.desired_configmap(run), "merge", submitted),  # once submitted, the document the run read stays
+        (rayrun.desired_service_account(run), "merge", False),
+        (desired_job, "replace", True),
+        (rayrun.desired_role(run), "merge", False),
+        (rayrun.desired_role_binding(run), "merge", False),
+    ]
+
+
+def _submitted_status(
+    patch: kopf.Patch,
+    resource: Resource,
+    job: Mapping[str, Any],
+    status: dict[str, Any],
+    mirrored: Callable[[list[dict[str, Any]]], dict[str, Any]],
+) -> None:
+    """The status a reconcile writes beside the run's children (``mirrored(conditions)``: the status from the RayJob,
+    merged into those conditions)."""
     conditions = status.get("conditions") or []
     valid = [c for c in conditions if c.get("type") != "Valid"]
     if not job.get("status"):
-        # KubeRay has not acted on it yet (on_rayjob_event leaves such a RayJob alone): say here, in kopf's status
-        # patch, that it was submitted, rather than in a second write when the RayJob's watch event arrives
-        for key, value in rj.trainingjob_status(tj, job, valid).items():
+        # KubeRay has not acted on it yet (the RayJob event handlers leave such a RayJob alone): say here, in kopf's
+        # status patch, that it was submitted, rather than in a second write when the RayJob's watch event arrives
+        for key, value in mirrored(valid).items():
             patch.status[key] = value
     elif len(valid) < len(conditions):  # it was invalid, and is valid now
         patch.status["phase"] = "Pending"
         patch.status["conditions"] = valid
     elif not status.get("phase"):
         patch.status["phase"] = "Pending"
-    if rj.tj_generation(tj) is not None:
-        patch.status["observedGeneration"] = rj.tj_generation(tj)
-
-
-def _trainingjob_children(
-    tj: TrainingJob, desired_job: dict[str, Any], submitted: bool
-) -> list[tuple[dict[str, Any], str, bool]]:
-    """(desired, mode, create_only) of the TrainingJob's children, in order: the RayJob right after what its pods
-    need to start (the spec ConfigMap, the ServiceAccount), the Role and RoleBinding after it: the run needs them
-    only to publish its result at the end, and creating them costs the apiserver's RBAC escalation check (about
-    0.1 s each), which would otherwise delay the start of every training run."""
-    return [
-        (rj.desired_configmap(tj), "merge", submitted),  # once submitted, the spec the run read stays as it was
-        (rj.desired_service_account(tj), "merge", False),
-        (desired_job, "replace", True),
-        (rj.desired_role(tj), "merge", False),
-        (rj.desired_role_binding(tj), "merge", False),
-    ]
-
-
-def _same_spec(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
-    from operators.kube import contains
-
-    keys = ("entrypoint", "backoffLimit", "rayClusterSpec")
-    return all(contains(existing.get(key), desired.get(key)) for key in keys)
+    if rayrun.generation(resource) is not None:
+        patch.status["observedGeneration"] = rayrun.generation(resource)
 
 
 @kopf.on.event("ray.io", "v1", "rayjobs", labels={common.LABEL_TRAININGJOB: kopf.PRESENT})
@@ -300,33 +328,78 @@ def on_rayjob_event(body: Mapping[str, Any], type: str | None, **_: Any) -> None
     sync_trainingjob_status(plain(body))
 
 
-def sync_trainingjob_status(job: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Mirror one RayJob into its TrainingJob's status; register the ModelVersion once the job has ended.
-
-    Returns the status patch written (None when the status already said so, or the TrainingJob is gone).
-    """
+def _run_owner(job: Mapping[str, Any], kind: Kind, label: str) -> tuple[dict[str, Any], Resource] | None:
+    """The resource (body and parsed) whose run a RayJob is: its controller, or the one its label names; None when
+    it is gone, was re-created since (another uid), or no longer parses."""
     meta = job.get("metadata") or {}
-    namespace = meta.get("namespace")
-    owner = next((ref for ref in meta.get("ownerReferences") or [] if ref.get("kind") == "TrainingJob"), None)
-    name = owner["name"] if owner else (meta.get("labels") or {}).get(common.LABEL_TRAININGJOB)
-    body = kube().get(TRAININGJOB, namespace, name) if name else None
+    owner = next((ref for ref in meta.get("ownerReferences") or [] if ref.get("kind") == kind.kind), None)
+    name = owner["name"] if owner else (meta.get("labels") or {}).get(label)
+    body = kube().get(kind, meta.get("namespace"), name) if name else None
     if body is None or (owner and (body.get("metadata") or {}).get("uid") != owner.get("uid")):
         return None
     try:
-        tj = _parse(body)
+        return body, _parse(body)
     except SpecError:
         return None
+
+
+def _run_reports(run: rayrun.Run) -> dict[str, str]:
+    """What the run published so far: the data of its ConfigMap, less the document it reads."""
+    configmap = kube().get(CONFIGMAP, run.namespace, run.configmap_name) or {}
+    return {key: value for key, value in (configmap.get("data") or {}).items() if key != run.spec_key}
+
+
+def sync_trainingjob_status(job: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Mirror one RayJob into its TrainingJob's status; register the ModelVersion once the job has ended; a
+    search's summary into status.tuning whenever the run has published one.
+
+    Returns the status patch written (None when the status already said so, or the TrainingJob is gone).
+    """
+    found = _run_owner(job, TRAININGJOB, common.LABEL_TRAININGJOB)
+    if found is None:
+        return None
+    body, tj = found
     assert isinstance(tj, TrainingJob)
     old = body.get("status") or {}
     new = rj.trainingjob_status(tj, job, old.get("conditions"))
-    if new["phase"] in ("Succeeded", "Failed") and not old.get("modelVersion"):
-        new.update(_register(tj, body, new.get("conditions") or []))
+    ended = new["phase"] in ("Succeeded", "Failed")
+    register = ended and not old.get("modelVersion")
+    reports = _run_reports(rj.training_run(tj)) if register or tj.spec.tuning is not None else {}
+    if tj.spec.tuning is not None and reports.get(rj.TUNING_KEY):
+        try:
+            new["tuning"] = rj.tuning_status(reports[rj.TUNING_KEY])
+        except rj.ResultError as error:
+            if old.get("phase") != new["phase"]:  # said once per phase, not on every look
+                emit(body, "Warning", "InvalidResult", str(error))
+    if register:
+        new.update(_register(tj, body, new.get("conditions") or [], reports.get(rj.RESULT_KEY)))
     if old.get("phase") != new["phase"]:
         emit(body, "Warning" if new["phase"] == "Failed" else "Normal", new["phase"], new.get("message", ""))
     if _unchanged(old, new):
         return None
-    kube().patch(TRAININGJOB, namespace, name, {"status": new}, subresource="status")
+    kube().patch(TRAININGJOB, tj.metadata.namespace, tj.metadata.name, {"status": new}, subresource="status")
     return new
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    "trainingjobs",
+    interval=current().progress_seconds,
+    when=lambda spec, status, **_: bool(spec.get("tuning")) and status.get("phase") == "Running",
+)
+def watch_search(body: Mapping[str, Any], **_: Any) -> None:
+    """A running search's trials, as the run publishes them (no RayJob event says so)."""
+    _look_at_run(body)
+
+
+def _look_at_run(body: Mapping[str, Any]) -> None:
+    meta = body.get("metadata") or {}
+    job = kube().get(RAYJOB, meta.get("namespace"), (body.get("status") or {}).get("rayJobName") or meta.get("name"))
+    if job is None or not job.get("status"):
+        return
+    sync = sync_trainingjob_status if body.get("kind") == "TrainingJob" else sync_batchprediction_status
+    sync(job)
 
 
 def _unchanged(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
@@ -339,10 +412,10 @@ def _unchanged(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     return True
 
 
-def _register(tj: TrainingJob, body: Mapping[str, Any], conditions: list[dict[str, Any]]) -> dict[str, Any]:
+def _register(
+    tj: TrainingJob, body: Mapping[str, Any], conditions: list[dict[str, Any]], result: str | None
+) -> dict[str, Any]:
     """Create the ModelVersion the run reported in its ConfigMap; the status fields (and condition) it gives."""
-    configmap = kube().get(CONFIGMAP, tj.metadata.namespace, rj.configmap_name(tj)) or {}
-    result = (configmap.get("data") or {}).get(rj.RESULT_KEY)
     out: dict[str, Any] = {}
     if not result:
         cond = common.condition(
@@ -370,12 +443,111 @@ def _register(tj: TrainingJob, body: Mapping[str, Any], conditions: list[dict[st
                     message = f"ModelVersion {mv_name} exists and was registered by another run"
                     emit(body, "Warning", "VersionExists", message)
                     cond = common.condition("ModelRegistered", False, "VersionExists", message)
-                    out["conditions"] = common.merge_conditions(conditions, [cond], rj.tj_generation(tj))
+                    out["conditions"] = common.merge_conditions(conditions, [cond], rayrun.generation(tj))
                     return out
             out.update(rj.metrics_status(created or manifest))
             cond = common.condition("ModelRegistered", True, "Registered", f"ModelVersion {mv_name}")
-    out["conditions"] = common.merge_conditions(conditions, [cond], rj.tj_generation(tj))
+    out["conditions"] = common.merge_conditions(conditions, [cond], rayrun.generation(tj))
     return out
+
+
+# --- BatchPrediction -> RayJob --------------------------------------------------------------------------------------
+
+
+@kopf.on.resume(GROUP, VERSION, "batchpredictions")
+@kopf.on.create(GROUP, VERSION, "batchpredictions")
+@kopf.on.update(GROUP, VERSION, "batchpredictions")
+@_timed("BatchPrediction")
+def reconcile_batchprediction(body: Mapping[str, Any], patch: kopf.Patch, **_: Any) -> None:
+    """Resolve the version to score with, then apply the run's children, as for a TrainingJob. A BatchPrediction is
+    one run: once its RayJob exists, a spec change gets a Warning and changes nothing; before (no version found,
+    say), the changed spec is the one submitted."""
+    try:
+        bp = _parse(body)
+    except SpecError as error:
+        _invalid(body, patch, error)
+    assert isinstance(bp, BatchPrediction)
+    settings = _settings()
+    status = plain(body.get("status") or {})
+    existing = kube().get(RAYJOB, bp.metadata.namespace, bp.metadata.name)
+    version, problem = _batch_version(bp, existing)
+    if version is None:
+        patch.status["phase"] = "Failed"
+        patch.status["message"] = problem
+        patch.status["conditions"] = common.merge_conditions(
+            status.get("conditions"),
+            [common.condition("Valid", False, "ModelVersionNotFound", problem)],
+            rayrun.generation(bp),
+        )
+        emit(body, "Warning", "ModelVersionNotFound", problem)
+        raise kopf.PermanentError(problem)
+    run = batchjob.batch_run(bp, version, settings)
+    job = _submit(body, run, batchjob.desired_rayjob(bp, version, settings), None, submitted=existing is not None)
+    patch.status["rayJobName"] = run.name
+    if existing is None or not status.get("modelVersion"):  # once running, the run's report says it
+        patch.status["modelVersion"] = ModelVersion.resource_name(bp.spec.model, version)
+    _submitted_status(patch, bp, job, status, lambda kept: batchjob.batchprediction_status(bp, job, None, kept))
+
+
+def _batch_version(bp: BatchPrediction, existing: Mapping[str, Any] | None) -> tuple[int | None, str]:
+    """The version the run scores with (once submitted, the one it was given), or None and why there is none."""
+    namespace = bp.metadata.namespace
+    if bp.spec.version is not None:
+        name = ModelVersion.resource_name(bp.spec.model, bp.spec.version)
+        if existing is None and kube().get(MODELVERSION, namespace, name) is None:
+            return None, batchjob.missing_version_problem(bp, bp.spec.version)
+        return bp.spec.version, ""
+    if existing is not None and batchjob.submitted_version(existing) is not None:
+        return batchjob.submitted_version(existing), ""
+    version = batchjob.production_version(bp, kube().list(MODELVERSION, namespace))
+    return (version, "") if version is not None else (None, batchjob.version_problem(bp))
+
+
+@kopf.on.event("ray.io", "v1", "rayjobs", labels={batchjob.LABEL_BATCHPREDICTION: kopf.PRESENT})
+def on_batch_rayjob_event(body: Mapping[str, Any], type: str | None, **_: Any) -> None:
+    if type == "DELETED" or not body.get("status"):  # no status: reconcile_batchprediction said it was submitted
+        return
+    sync_batchprediction_status(plain(body))
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    "batchpredictions",
+    interval=current().progress_seconds,
+    when=lambda status, **_: status.get("phase") == "Running",
+)
+def watch_batchprediction(body: Mapping[str, Any], **_: Any) -> None:
+    """The rows scored so far, as the run publishes them (no RayJob event says so)."""
+    _look_at_run(body)
+
+
+def sync_batchprediction_status(job: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Mirror one RayJob and what its run reported into the BatchPrediction's status; an Event when it starts,
+    finishes (rows scored and rejected) or fails (why).
+
+    Returns the status patch written (None when the status already said so, or the BatchPrediction is gone).
+    """
+    found = _run_owner(job, BATCHPREDICTION, batchjob.LABEL_BATCHPREDICTION)
+    if found is None:
+        return None
+    body, bp = found
+    assert isinstance(bp, BatchPrediction)
+    old = body.get("status") or {}
+    configmap = kube().get(CONFIGMAP, bp.metadata.namespace, rayrun.configmap_name(bp)) or {}
+    report = (configmap.get("data") or {}).get(batchjob.RESULT_KEY)
+    new = batchjob.batchprediction_status(bp, job, report, old.get("conditions"))
+    if old.get("phase") != new["phase"]:
+        if new["phase"] == "Running":
+            emit(body, "Normal", "Started", f"RayJob {new['rayJobName']} is scoring {bp.spec.input}")
+        elif new["phase"] == "Succeeded":
+            emit(body, "Normal", "Finished", batchjob.progress(new))
+        elif new["phase"] == "Failed":
+            emit(body, "Warning", "Failed", new.get("message", ""))
+    if _unchanged(old, new):
+        return None
+    kube().patch(BATCHPREDICTION, bp.metadata.namespace, bp.metadata.name, {"status": new}, subresource="status")
+    return new
 
 
 # --- ModelDeployment -> InferenceService ----------------------------------------------------------------------------

@@ -56,6 +56,7 @@ KINDS: dict[tuple[str, str], Kind] = {
         Kind("kubeloop.dev/v1alpha1", "TrainingJob", "trainingjobs"),
         Kind("kubeloop.dev/v1alpha1", "ModelVersion", "modelversions"),
         Kind("kubeloop.dev/v1alpha1", "ModelDeployment", "modeldeployments"),
+        Kind("kubeloop.dev/v1alpha1", "BatchPrediction", "batchpredictions"),
     )
 }
 
@@ -83,6 +84,8 @@ class Kube(Protocol):
     """What the handlers need from an API client (the real one below; a dict-backed fake in the unit tests)."""
 
     def get(self, kind: Kind, namespace: str | None, name: str) -> dict[str, Any] | None: ...
+
+    def list(self, kind: Kind, namespace: str | None, label_selector: str = "") -> list[dict[str, Any]]: ...
 
     def create(self, kind: Kind, namespace: str | None, body: Mapping[str, Any]) -> dict[str, Any]: ...
 

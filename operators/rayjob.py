@@ -1,6 +1,7 @@
 """TrainingJob -> KubeRay RayJob (ray.io/v1), and the RayJob's status back into the TrainingJob.
 
-Pure functions: a TrainingJob (read from the cluster, with its uid) in, the desired children out.
+Pure functions: a TrainingJob (read from the cluster, with its uid) in, the desired children out (built by
+operators.rayrun, as every kubeloop run is; here: what a TrainingJob's run is, and what it reports).
 
 How the spec reaches the run: the operator writes the TrainingJob (apiVersion, kind, metadata name/namespace,
 spec) as ``trainingjob.yaml`` into a ConfigMap ``<name>-trainingjob`` owned by the TrainingJob and mounts it at
@@ -25,310 +26,77 @@ from collections.abc import Mapping
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from kubeloop.api import ModelVersion, TrainingJob
 from kubeloop.api.load import parse_resource
+from kubeloop.api.trainingjob import TuningStatus
 from kubeloop.errors import SpecError
-from operators import common
+from operators import common, rayrun
 from operators.settings import Settings, current
 
-RAYJOB_API_VERSION = "ray.io/v1"
 SPEC_KEY = "trainingjob.yaml"
 RESULT_KEY = "modelversion.yaml"
-SPEC_MOUNT = "/etc/kubeloop"
-ENTRYPOINT = f"kubeloop run -f {SPEC_MOUNT}/{SPEC_KEY}"
+TUNING_KEY = "tuning.yaml"
 COMPONENT = "training"
-_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's: the same YAML, a fraction of the CPU
-RAY_PORTS = [
-    {"containerPort": 6379, "name": "gcs-server", "protocol": "TCP"},
-    {"containerPort": 8265, "name": "dashboard", "protocol": "TCP"},
-    {"containerPort": 10001, "name": "client", "protocol": "TCP"},
-]
 
 
-def rayjob_name(tj: TrainingJob) -> str:
-    return tj.metadata.name
+def training_run(tj: TrainingJob) -> rayrun.Run:
+    """The TrainingJob as a kubeloop run: one worker pod per Ray Train worker, ``parallelism`` times over for a
+    search (each trial trains with spec.workers, ``parallelism`` trials at once)."""
+    workers = tj.spec.workers
+    trials_at_once = tj.spec.tuning.parallelism if tj.spec.tuning is not None else 1
+    return rayrun.Run(
+        owner=tj,
+        component=COMPONENT,
+        labels={common.LABEL_TRAININGJOB: tj.metadata.name, common.LABEL_MODEL: tj.spec.model.name},
+        spec_key=SPEC_KEY,
+        document=rayrun.resource_document(tj),
+        head_env={"KUBELOOP_TRAININGJOB": tj.metadata.name, "KUBELOOP_RESULT_KEY": RESULT_KEY},
+        head_ray_cpus=0,  # the head runs the driver only: no Ray Train worker is placed on it
+        worker_replicas=workers.replicas * trials_at_once,
+        worker_cpu=workers.cpu,
+        worker_memory=workers.memory,
+        # Each worker pod offers Ray exactly what one Ray Train worker reserves (kubeloop.training.job asks for
+        # workers.ray_cpus() and workers.gpu), so every pod holds one worker and no worker lands on the head.
+        worker_ray_cpus=workers.ray_cpus(),
+        worker_gpu=workers.gpu,
+    )
 
 
 def configmap_name(tj: TrainingJob) -> str:
-    return f"{tj.metadata.name}-trainingjob"
-
-
-def service_account_name(tj: TrainingJob) -> str:
-    return f"{tj.metadata.name}-training"
-
-
-def _child_labels(tj: TrainingJob) -> dict[str, str]:
-    return {common.LABEL_TRAININGJOB: tj.metadata.name, common.LABEL_MODEL: tj.spec.model.name}
-
-
-def _meta(tj: TrainingJob, name: str) -> dict[str, Any]:
-    return common.metadata(tj, name, COMPONENT, _child_labels(tj))
-
-
-def trainingjob_document(tj: TrainingJob) -> str:
-    """The YAML the entrypoint reads: the TrainingJob as the user wrote it (spec with defaults), no status."""
-    doc = {
-        "apiVersion": tj.api_version,
-        "kind": tj.kind,
-        "metadata": {"name": tj.metadata.name, "namespace": tj.metadata.namespace},
-        "spec": tj.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
-    }
-    return yaml.dump(doc, Dumper=_DUMPER, sort_keys=False)
+    return training_run(tj).configmap_name
 
 
 def desired_configmap(tj: TrainingJob) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(tj, configmap_name(tj)),
-        "data": {SPEC_KEY: trainingjob_document(tj)},
-    }
+    return rayrun.desired_configmap(training_run(tj))
 
 
 def desired_service_account(tj: TrainingJob) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": _meta(tj, service_account_name(tj)),
-        "automountServiceAccountToken": False,  # mounted only where needed: the head pod
-    }
+    return rayrun.desired_service_account(training_run(tj))
 
 
 def desired_role(tj: TrainingJob) -> dict[str, Any]:
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": _meta(tj, service_account_name(tj)),
-        "rules": [
-            {
-                "apiGroups": [""],
-                "resources": ["configmaps"],
-                "resourceNames": [configmap_name(tj)],
-                "verbs": ["get", "patch"],
-            }
-        ],
-    }
+    return rayrun.desired_role(training_run(tj))
 
 
 def desired_role_binding(tj: TrainingJob) -> dict[str, Any]:
-    name = service_account_name(tj)
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": _meta(tj, name),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": tj.metadata.namespace}],
-    }
-
-
-def _home_volume(settings: Settings) -> dict[str, Any]:
-    if settings.storage_pvc:
-        return {"name": "kubeloop-home", "persistentVolumeClaim": {"claimName": settings.storage_pvc}}
-    return {"name": "kubeloop-home", "emptyDir": {}}
-
-
-def _env(tj: TrainingJob, settings: Settings, head: bool) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [
-        {"name": "KUBELOOP_HOME", "value": settings.home_mount_path},
-        {"name": "HOME", "value": "/tmp"},
-    ]
-    if head:
-        env += [
-            {"name": "KUBELOOP_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-            {"name": "KUBELOOP_TRAININGJOB", "value": tj.metadata.name},
-            {"name": "KUBELOOP_RESULT_CONFIGMAP", "value": configmap_name(tj)},
-            {"name": "KUBELOOP_RESULT_KEY", "value": RESULT_KEY},
-        ]
-    return env
-
-
-def _pod_template(tj: TrainingJob, settings: Settings, head: bool) -> dict[str, Any]:
-    workers = tj.spec.workers
-    gpus = 0 if head else workers.gpu
-    mounts = [
-        {"name": "kubeloop-home", "mountPath": settings.home_mount_path},
-        {"name": "tmp", "mountPath": "/tmp"},
-    ]
-    volumes = [_home_volume(settings), {"name": "tmp", "emptyDir": {}}]
-    if head:
-        mounts.insert(0, {"name": "trainingjob", "mountPath": SPEC_MOUNT, "readOnly": True})
-        volumes.insert(
-            0,
-            {
-                "name": "trainingjob",
-                "configMap": {"name": configmap_name(tj), "items": [{"key": SPEC_KEY, "path": SPEC_KEY}]},
-            },
-        )
-    container: dict[str, Any] = {
-        "name": "ray-head" if head else "ray-worker",
-        "image": settings.training_image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "env": _env(tj, settings, head),
-        "resources": (
-            common.resources(settings.ray_head_cpu, settings.ray_head_memory)
-            if head
-            else common.resources(workers.cpu, workers.memory, gpus)
-        ),
-        "volumeMounts": mounts,
-        "securityContext": common.container_security_context(read_only_root=False),
-    }
-    if head:
-        container["ports"] = RAY_PORTS
-    spec: dict[str, Any] = {
-        "serviceAccountName": service_account_name(tj),
-        "automountServiceAccountToken": head,  # the head reports the result; workers need no API access
-        "securityContext": common.pod_security_context(settings.user_id),
-        "containers": [container],
-        "volumes": volumes,
-        **common.gpu_scheduling(gpus, settings.gpu_node_selector, settings.gpu_toleration),
-    }
-    role = "head" if head else "worker"
-    return {"metadata": {"labels": {**_child_labels(tj), "kubeloop.dev/ray-node": role}}, "spec": spec}
-
-
-def _submitter_template(tj: TrainingJob, settings: Settings) -> dict[str, Any]:
-    """KubeRay's K8sJobMode submitter pod, with the restricted security context (KubeRay sets the command)."""
-    return {
-        "metadata": {"labels": {**_child_labels(tj), "kubeloop.dev/ray-node": "submitter"}},
-        "spec": {
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
-            "securityContext": common.pod_security_context(settings.user_id),
-            "containers": [
-                {
-                    "name": "ray-job-submitter",
-                    "image": settings.training_image,
-                    "imagePullPolicy": settings.image_pull_policy,
-                    "env": [{"name": "HOME", "value": "/tmp"}],
-                    "resources": {
-                        "requests": {"cpu": "100m", "memory": "200Mi"},
-                        "limits": {"cpu": "500m", "memory": "512Mi"},
-                    },
-                    "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
-                    "securityContext": common.container_security_context(read_only_root=True),
-                }
-            ],
-            "volumes": [{"name": "tmp", "emptyDir": {}}],
-        },
-    }
+    return rayrun.desired_role_binding(training_run(tj))
 
 
 def desired_rayjob(tj: TrainingJob, settings: Settings | None = None) -> dict[str, Any]:
     """The RayJob that runs ``kubeloop run -f`` of this TrainingJob on a Ray cluster of its own."""
-    settings = settings or current()
-    workers = tj.spec.workers
-    # Each worker pod offers Ray exactly what one Ray Train worker reserves (kubeloop.training.job asks for
-    # workers.ray_cpus() and workers.gpu), so every pod holds one worker and no worker lands on the head.
-    worker_params: dict[str, str] = {"num-cpus": str(workers.ray_cpus())}
-    if workers.gpu > 0:
-        worker_params["num-gpus"] = str(workers.gpu)
-    spec: dict[str, Any] = {
-        "entrypoint": ENTRYPOINT,
-        "submissionMode": "K8sJobMode",
-        "shutdownAfterJobFinishes": True,
-        # One retry layer: spec.maxFailures is Ray Train's (worker-group restarts from the latest checkpoint in
-        # this Ray cluster). A RayJob retry would start a whole new RayCluster and multiply the attempts.
-        "backoffLimit": 0,
-        "metadata": {"kubeloop.dev/trainingjob": f"{tj.metadata.namespace}/{tj.metadata.name}"},
-        "rayClusterSpec": {
-            "headGroupSpec": {
-                # the head runs the driver only: no Ray Train worker is placed on it
-                "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                "template": _pod_template(tj, settings, head=True),
-            },
-            "workerGroupSpecs": [
-                {
-                    "groupName": "workers",
-                    "replicas": workers.replicas,
-                    "minReplicas": workers.replicas,
-                    "maxReplicas": workers.replicas,
-                    "rayStartParams": worker_params,
-                    "template": _pod_template(tj, settings, head=False),
-                }
-            ],
-        },
-        "submitterPodTemplate": _submitter_template(tj, settings),
-    }
-    if settings.ray_version:
-        spec["rayClusterSpec"]["rayVersion"] = settings.ray_version
-    if settings.ray_ttl_seconds > 0:
-        spec["ttlSecondsAfterFinished"] = settings.ray_ttl_seconds
-    return {
-        "apiVersion": RAYJOB_API_VERSION,
-        "kind": "RayJob",
-        "metadata": _meta(tj, rayjob_name(tj)),
-        "spec": spec,
-    }
+    return rayrun.desired_rayjob(training_run(tj), settings or current())
 
 
 # --- status: RayJob -> TrainingJob -----------------------------------------------------------------------------
-
-PENDING_DEPLOYMENT = {"", "Initializing", "Waiting", "Suspending", "Suspended", "New"}
-TERMINAL_JOB = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-def phase_of(rayjob_status: Mapping[str, Any]) -> str:
-    """TrainingJob phase from a RayJob status (jobStatus wins when it is terminal or running)."""
-    job = rayjob_status.get("jobStatus") or ""
-    deployment = rayjob_status.get("jobDeploymentStatus") or ""
-    if job == "SUCCEEDED" and deployment in ("Complete", "Running", ""):
-        return "Succeeded"
-    if deployment in ("Failed", "ValidationFailed") or (deployment == "Complete" and job != "SUCCEEDED"):
-        return "Failed"
-    if job in ("FAILED", "STOPPED") and deployment != "Retrying":
-        return "Failed"
-    if job == "RUNNING" or deployment in ("Running", "Retrying"):
-        return "Running"
-    return "Pending"
 
 
 def trainingjob_status(
     tj: TrainingJob, rayjob: Mapping[str, Any], old_conditions: list[dict[str, Any]] | None = None
 ) -> dict[str, Any]:
     """The TrainingJob status fields mirrored from its RayJob (a merge patch for the status subresource)."""
-    rs: Mapping[str, Any] = rayjob.get("status") or {}
-    phase = phase_of(rs)
-    job, deployment = rs.get("jobStatus") or "", rs.get("jobDeploymentStatus") or ""
-    reason = rs.get("reason") or ""
-    message = rs.get("message") or ""
-    name = (rayjob.get("metadata") or {}).get("name", rayjob_name(tj))
-    detail = f"RayJob {name}: jobDeploymentStatus={deployment or 'New'} jobStatus={job or 'New'}"
-    conditions = [
-        common.condition("Submitted", True, "RayJobCreated", f"RayJob {name} created"),
-        common.condition(
-            "Running",
-            phase == "Running",
-            {"Running": "RayJobRunning", "Pending": "RayJobPending"}.get(phase, "RayJobFinished"),
-            detail,
-        ),
-        common.condition(
-            "Complete", phase == "Succeeded", "RayJobSucceeded" if phase == "Succeeded" else phase, detail
-        ),
-        common.condition(
-            "Failed",
-            phase == "Failed",
-            (reason or "RayJobFailed") if phase == "Failed" else "NotFailed",
-            message if phase == "Failed" else "",
-        ),
-    ]
-    status: dict[str, Any] = {
-        "phase": phase,
-        "rayJobName": name,
-        "jobStatus": job or None,
-        "jobDeploymentStatus": deployment or None,
-        "dashboardURL": rs.get("dashboardURL") or None,
-        "message": message or detail,
-        "startTime": rs.get("startTime"),
-        "completionTime": rs.get("endTime") if phase in ("Succeeded", "Failed") else None,
-        "conditions": common.merge_conditions(old_conditions, conditions, tj_generation(tj)),
-    }
-    return {k: v for k, v in status.items() if v is not None}
-
-
-def tj_generation(tj: TrainingJob) -> int | None:
-    generation = (tj.metadata.model_extra or {}).get("generation")
-    return int(generation) if generation is not None else None
+    return rayrun.run_status(tj, rayjob, old_conditions)
 
 
 # --- the run's result -> ModelVersion ---------------------------------------------------------------------------
@@ -392,3 +160,12 @@ def metrics_status(modelversion: Mapping[str, Any]) -> dict[str, Any]:
     if spec.get("validation"):
         out["validation"] = spec["validation"]
     return out
+
+
+def tuning_status(result: str) -> dict[str, Any]:
+    """``status.tuning`` from the search summary the run published under ``tuning.yaml`` (a TuningStatus)."""
+    try:
+        summary = TuningStatus.model_validate(yaml.safe_load(result))
+    except (yaml.YAMLError, ValidationError) as error:
+        raise ResultError(f"{TUNING_KEY}: not a search summary (TuningStatus): {error}") from None
+    return summary.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -136,6 +136,7 @@ class Settings:
     # reconciling
     workers: int = 32  # threads running the (synchronous) handlers, mostly waiting on the apiserver
     retry_delay: int = 15  # seconds before retrying a reconcile that waits on something (a ModelVersion, say)
+    progress_seconds: int = 5  # how often a running BatchPrediction's or search's report is read into its status
     metrics_port: int = 9090  # 0: no /metrics endpoint
     health_port: int = 8080  # kopf's liveness endpoint, /healthz; 0: none
 
@@ -202,6 +203,7 @@ class Settings:
             query_drift=_env("KUBELOOP_QUERY_DRIFT", default.query_drift),
             workers=_env_int("KUBELOOP_WORKERS", default.workers),
             retry_delay=_env_int("KUBELOOP_RETRY_DELAY", default.retry_delay),
+            progress_seconds=_env_int("KUBELOOP_PROGRESS_SECONDS", default.progress_seconds),
             metrics_port=_env_int("KUBELOOP_METRICS_PORT", default.metrics_port),
             health_port=_env_int("KUBELOOP_HEALTH_PORT", default.health_port),
             webhook_enabled=_env_bool("KUBELOOP_WEBHOOK_ENABLED", default.webhook_enabled),

@@ -32,12 +32,12 @@ ALL_ON = [
 
 # What the operator does (operators/handlers.py, operators/kube.py) and therefore all the chart may grant.
 EXPECTED_RULES = [
-    {"apiGroups": ["kubeloop.dev"], "resources": ["trainingjobs", "modeldeployments"],
+    {"apiGroups": ["kubeloop.dev"], "resources": ["trainingjobs", "modeldeployments", "batchpredictions"],
      "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": ["kubeloop.dev"], "resources": ["trainingjobs"], "verbs": ["create"]},
-    {"apiGroups": ["kubeloop.dev"], "resources": ["trainingjobs/status", "modeldeployments/status"],
-     "verbs": ["patch"]},
-    {"apiGroups": ["kubeloop.dev"], "resources": ["modelversions"], "verbs": ["get", "create", "patch"]},
+    {"apiGroups": ["kubeloop.dev"],
+     "resources": ["trainingjobs/status", "modeldeployments/status", "batchpredictions/status"], "verbs": ["patch"]},
+    {"apiGroups": ["kubeloop.dev"], "resources": ["modelversions"], "verbs": ["get", "list", "create", "patch"]},
     {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
      "verbs": ["get", "list", "watch", "create", "patch", "update"]},

@@ -31,6 +31,7 @@ import yaml
 
 from kubeloop.api import ModelVersion, TrainingJob, load_resources, parse_resource
 from operators import rayjob as rj
+from operators import rayrun
 from operators.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -345,7 +346,7 @@ def test_the_run_may_patch_its_one_configmap_and_nothing_else() -> None:
     ],
 )
 def test_phase_of(deployment: str, job: str, phase: str) -> None:
-    assert rj.phase_of({"jobDeploymentStatus": deployment, "jobStatus": job}) == phase
+    assert rayrun.phase_of({"jobDeploymentStatus": deployment, "jobStatus": job}) == phase
 
 
 def rayjob_with(status: dict[str, Any]) -> dict[str, Any]:
