@@ -1,7 +1,7 @@
 """Automated canary analysis in the cluster: the same engine as the embedded loop (kubeloop.analysis), on
 Prometheus signals.
 
-A kopf timer (registered in operators.handlers) calls `tick` every analysis tick (settings.analysis_tick_seconds) for
+A kopf timer (registered in operators.deployment_handlers) calls `tick` every analysis tick (settings.analysis_tick_seconds) for
 each ModelDeployment with `spec.canary.analysis`; `tick` acts once per `analysis.interval`:
 
 - a new candidate: record the start in status.canaryAnalysis and set `spec.canary.trafficPercent` to the first step;

@@ -6,7 +6,7 @@ liveness endpoint, webhook server when enabled).
 
 from __future__ import annotations
 
-from operators import handlers  # noqa: F401 - registers the handlers
+from operators import deployment_handlers, handlers, run_handlers  # noqa: F401 - registers the handlers
 from operators.settings import current
 
 if current().webhook_enabled:

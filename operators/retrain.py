@@ -1,7 +1,7 @@
 """Drift and retraining in the cluster: the retrain policy of kubeloop.analysis on the drift detector's flag, read
 from Prometheus.
 
-The ModelDeployment timer (operators.handlers) calls `tick` before the canary analysis:
+The ModelDeployment timer (operators.deployment_handlers) calls `tick` before the canary analysis:
 
 - the drift flag of the stable version is mirrored into status.drift (written when the state changes);
 - with spec.retrain.enabled, the drift clock lives in status.retrain, and when `decide_retrain` says so a TrainingJob

@@ -30,7 +30,7 @@ ALL_ON = [
     "--set", "webhook.enabled=true",
 ]  # fmt: skip
 
-# What the operator does (operators/handlers.py, operators/kube.py) and therefore all the chart may grant.
+# What the operator does (operators/*handlers.py, operators/kube.py) and therefore all the chart may grant.
 EXPECTED_RULES = [
     {"apiGroups": ["kubeloop.dev"], "resources": ["trainingjobs", "modeldeployments", "batchpredictions"],
      "verbs": ["get", "list", "watch", "patch"]},

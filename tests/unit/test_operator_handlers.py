@@ -17,7 +17,7 @@ import kopf
 import pytest
 import yaml
 
-from operators import admission, handlers, kube, metrics
+from operators import admission, deployment_handlers, handlers, kube, metrics, run_handlers
 from operators import canary as canary_analysis
 from operators import inferenceservice as isvc
 from operators import rayjob as rj
@@ -123,7 +123,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeKube:
     handlers.set_kube(client)
     events: list[tuple[str, str, str]] = []
     monkeypatch.setattr(handlers, "emit", lambda body, type_, reason, message: events.append((type_, reason, message)))
-    monkeypatch.setattr(handlers, "_settings", lambda: Settings())
+    monkeypatch.setattr(handlers, "settings", lambda: Settings())
     client.events = events  # type: ignore[attr-defined]
     yield client
     handlers.set_kube(None)
@@ -146,7 +146,7 @@ def apply_patch(fake: FakeKube, body: dict[str, Any], patch: kopf.Patch) -> dict
 
 def run_tj(fake: FakeKube, body: dict[str, Any], reason: str = "resume") -> dict[str, Any]:
     patch = kopf.Patch()
-    handlers.reconcile_trainingjob(body=body, patch=patch, reason=reason)
+    run_handlers.reconcile_trainingjob(body=body, patch=patch, reason=reason)
     return apply_patch(fake, body, patch)
 
 
@@ -154,7 +154,7 @@ def run_md(fake: FakeKube, body: dict[str, Any]) -> tuple[dict[str, Any], Except
     patch = kopf.Patch()
     error = None
     try:
-        handlers.reconcile_modeldeployment(body=body, patch=patch)
+        deployment_handlers.reconcile_modeldeployment(body=body, patch=patch)
     except (kopf.TemporaryError, kopf.PermanentError) as exc:
         error = exc
     return apply_patch(fake, body, patch), error
@@ -215,9 +215,9 @@ def test_the_reconcile_says_submitted_and_the_rayjob_event_has_nothing_to_add(
     assert {c["type"]: c["status"] for c in tj["status"]["conditions"]}["Submitted"] == "True"
     assert tj["status"]["phase"] == "Pending"
     job = fake.find("RayJob", "arrests-mlp")
-    assert handlers.sync_trainingjob_status(job) is None  # what the RayJob says is already there
+    assert run_handlers.sync_trainingjob_status(job) is None  # what the RayJob says is already there
     monkeypatch.setattr(fake, "get", lambda *args: pytest.fail("a status-less RayJob needs no read"))
-    handlers.on_rayjob_event(body=job, type="ADDED")
+    run_handlers.on_rayjob_event(body=job, type="ADDED")
 
 
 def test_a_create_retried_after_a_restart_converges_what_exists(fake: FakeKube) -> None:
@@ -294,7 +294,7 @@ def test_an_invalid_trainingjob_is_marked_and_not_retried(fake: FakeKube) -> Non
     tj = fake.put(doc)
     patch = kopf.Patch()
     with pytest.raises(kopf.PermanentError, match="epochs"):
-        handlers.reconcile_trainingjob(body=tj, patch=patch)
+        run_handlers.reconcile_trainingjob(body=tj, patch=patch)
     status = apply_patch(fake, tj, patch)["status"]
     assert status["phase"] == "Failed"
     assert status["conditions"][0]["type"] == "Valid" and status["conditions"][0]["status"] == "False"
@@ -325,7 +325,7 @@ def result_text(**changes: Any) -> str:
 def test_a_succeeded_run_registers_its_modelversion_once(fake: FakeKube) -> None:
     run_tj(fake, fake.put(sample("trainingjob")))
     job = finish(fake, "SUCCEEDED", result=result_text())
-    written = handlers.sync_trainingjob_status(job)
+    written = run_handlers.sync_trainingjob_status(job)
     assert written is not None
     tj = fake.find("TrainingJob", "arrests-mlp")
     status = tj["status"]
@@ -343,7 +343,7 @@ def test_a_succeeded_run_registers_its_modelversion_once(fake: FakeKube) -> None
     assert ("Normal", "Registered") in [(e[0], e[1]) for e in fake.events]
     # every later event of the same RayJob: nothing more to write
     fake.writes.clear()
-    assert handlers.sync_trainingjob_status(job) is None
+    assert run_handlers.sync_trainingjob_status(job) is None
     assert fake.writes == []
     assert len(fake.of_kind("ModelVersion")) == 1
 
@@ -351,9 +351,9 @@ def test_a_succeeded_run_registers_its_modelversion_once(fake: FakeKube) -> None
 def test_registration_survives_a_restart_between_create_and_status(fake: FakeKube) -> None:
     run_tj(fake, fake.put(sample("trainingjob")))
     job = finish(fake, "SUCCEEDED", result=result_text())
-    manifest = rj.registered_modelversion(handlers._parse(fake.find("TrainingJob", "arrests-mlp")), result_text())
+    manifest = rj.registered_modelversion(handlers.parse(fake.find("TrainingJob", "arrests-mlp")), result_text())
     fake.put(manifest)  # created by a previous operator process that died before writing the status
-    handlers.sync_trainingjob_status(job)
+    run_handlers.sync_trainingjob_status(job)
     assert fake.find("TrainingJob", "arrests-mlp")["status"]["modelVersion"] == "arrests-v1"
     assert len(fake.of_kind("ModelVersion")) == 1
 
@@ -364,7 +364,7 @@ def test_a_version_registered_by_another_run_is_not_claimed(fake: FakeKube) -> N
     other["metadata"]["namespace"] = "ml"
     fake.put(other)
     job = finish(fake, "SUCCEEDED", result=result_text())
-    handlers.sync_trainingjob_status(job)
+    run_handlers.sync_trainingjob_status(job)
     status = fake.find("TrainingJob", "arrests-mlp")["status"]
     assert "modelVersion" not in status
     registered = next(c for c in status["conditions"] if c["type"] == "ModelRegistered")
@@ -374,7 +374,7 @@ def test_a_version_registered_by_another_run_is_not_claimed(fake: FakeKube) -> N
 def test_a_failed_gate_registers_a_rejected_version_and_fails(fake: FakeKube) -> None:
     run_tj(fake, fake.put(sample("trainingjob")))
     job = finish(fake, "FAILED", "Failed", result=result_text(stage="Rejected", stageReason="rocAuc 0.5 < 0.6"))
-    handlers.sync_trainingjob_status(job)
+    run_handlers.sync_trainingjob_status(job)
     status = fake.find("TrainingJob", "arrests-mlp")["status"]
     assert status["phase"] == "Failed"
     assert status["modelVersion"] == "arrests-v1"
@@ -383,7 +383,7 @@ def test_a_failed_gate_registers_a_rejected_version_and_fails(fake: FakeKube) ->
 
 def test_a_run_without_result_says_so(fake: FakeKube) -> None:
     run_tj(fake, fake.put(sample("trainingjob")))
-    handlers.sync_trainingjob_status(finish(fake, "SUCCEEDED"))
+    run_handlers.sync_trainingjob_status(finish(fake, "SUCCEEDED"))
     status = fake.find("TrainingJob", "arrests-mlp")["status"]
     assert status["phase"] == "Succeeded"
     registered = next(c for c in status["conditions"] if c["type"] == "ModelRegistered")
@@ -393,7 +393,7 @@ def test_a_run_without_result_says_so(fake: FakeKube) -> None:
 
 def test_a_forged_result_is_refused(fake: FakeKube) -> None:
     run_tj(fake, fake.put(sample("trainingjob")))
-    handlers.sync_trainingjob_status(finish(fake, "SUCCEEDED", result=result_text(stage="Production")))
+    run_handlers.sync_trainingjob_status(finish(fake, "SUCCEEDED", result=result_text(stage="Production")))
     status = fake.find("TrainingJob", "arrests-mlp")["status"]
     registered = next(c for c in status["conditions"] if c["type"] == "ModelRegistered")
     assert (registered["status"], registered["reason"]) == ("False", "InvalidResult")
@@ -405,7 +405,7 @@ def test_rayjob_of_a_deleted_or_replaced_trainingjob_is_ignored(fake: FakeKube) 
     job = fake.find("RayJob", "arrests-mlp")
     job["metadata"]["ownerReferences"][0]["uid"] = "a-previous-incarnation"
     fake.writes.clear()
-    assert handlers.sync_trainingjob_status(job) is None
+    assert run_handlers.sync_trainingjob_status(job) is None
     assert fake.writes == []
 
 
@@ -418,7 +418,7 @@ def test_a_search_summary_the_run_publishes_is_mirrored_into_status_tuning(fake:
     assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 2  # 1 worker x 2 trials at once
     job["status"] = {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"}
     fake.objects[("rayjobs", "ml", "arrests-mlp-search")] = job
-    handlers.sync_trainingjob_status(job)
+    run_handlers.sync_trainingjob_status(job)
     assert "tuning" not in fake.find("TrainingJob", "arrests-mlp-search")["status"]  # nothing published yet
     summary = {"metric": "valAuc", "mode": "max", "trials": 6, "completed": 1, "stopped": 0, "failed": 1,
                "trialEpochs": 9, "bestTrial": "t1", "bestMetric": 0.71, "bestParams": {"learningRate": 0.02},
@@ -429,12 +429,12 @@ def test_a_search_summary_the_run_publishes_is_mirrored_into_status_tuning(fake:
     cm = kube.kind_of("v1", "ConfigMap")
     fake.patch(cm, "ml", "arrests-mlp-search-trainingjob", {"data": {rj.TUNING_KEY: yaml.safe_dump(summary)}})
     tj = fake.find("TrainingJob", "arrests-mlp-search")
-    handlers.watch_search(body=tj)  # the timer: no RayJob event says a trial ended
+    run_handlers.watch_search(body=tj)  # the timer: no RayJob event says a trial ended
     status = fake.find("TrainingJob", "arrests-mlp-search")["status"]
     assert status["phase"] == "Running"
     assert status["tuning"] == summary
     fake.writes.clear()
-    handlers.watch_search(body=fake.find("TrainingJob", "arrests-mlp-search"))
+    run_handlers.watch_search(body=fake.find("TrainingJob", "arrests-mlp-search"))
     assert fake.writes == []  # the same summary: nothing to write
 
 
@@ -452,7 +452,7 @@ def run_bp(fake: FakeKube, body: dict[str, Any], reason: str = "resume") -> tupl
     patch = kopf.Patch()
     error = None
     try:
-        handlers.reconcile_batchprediction(body=body, patch=patch, reason=reason)
+        run_handlers.reconcile_batchprediction(body=body, patch=patch, reason=reason)
     except (kopf.TemporaryError, kopf.PermanentError) as exc:
         error = exc
     return apply_patch(fake, body, patch), error
@@ -548,13 +548,13 @@ def test_progress_and_outcome_are_mirrored_with_events(fake: FakeKube) -> None:
     run_bp(fake, fake.put(sample("batchprediction")), reason="create")
     fake.events.clear()  # type: ignore[attr-defined]
     job = set_rayjob_status(fake, jobDeploymentStatus="Running", jobStatus="RUNNING")
-    handlers.on_batch_rayjob_event(body=job, type="MODIFIED")
+    run_handlers.on_batch_rayjob_event(body=job, type="MODIFIED")
     status = fake.find("BatchPrediction", "arrests-scoring")["status"]
     assert status["phase"] == "Running" and "rowsDone" not in status
     assert fake.events == [("Normal", "Started", "RayJob arrests-scoring is scoring bundled://arrests")]  # type: ignore[attr-defined]
     # the run publishes progress; only the timer sees it (the RayJob does not change)
     publish(fake, phase="Running", rowsTotal=5226, rowsDone=4096, rowsRejected=2, modelVersion="arrests-v1")
-    handlers.watch_batchprediction(body=fake.find("BatchPrediction", "arrests-scoring"))
+    run_handlers.watch_batchprediction(body=fake.find("BatchPrediction", "arrests-scoring"))
     status = fake.find("BatchPrediction", "arrests-scoring")["status"]
     assert (status["phase"], status["rowsDone"], status["rowsTotal"], status["rowsRejected"]) == (
         "Running",
@@ -567,7 +567,7 @@ def test_progress_and_outcome_are_mirrored_with_events(fake: FakeKube) -> None:
             outputUri="file:///var/lib/kubeloop/batch/arrests-scoring", inputDigest="sha256:" + "b" * 64,
             drift={"state": "NoDrift", "pValue": 0.4})  # fmt: skip
     job = set_rayjob_status(fake, jobDeploymentStatus="Complete", jobStatus="SUCCEEDED", endTime="2026-11-23T10:09:00Z")
-    handlers.on_batch_rayjob_event(body=job, type="MODIFIED")
+    run_handlers.on_batch_rayjob_event(body=job, type="MODIFIED")
     status = fake.find("BatchPrediction", "arrests-scoring")["status"]
     assert (status["phase"], status["rowsDone"], status["completionTime"]) == (
         "Succeeded",
@@ -581,7 +581,7 @@ def test_progress_and_outcome_are_mirrored_with_events(fake: FakeKube) -> None:
     assert finished[:2] == ("Normal", "Finished")
     assert "5224 of 5226 rows scored, 2 rejected" in finished[2]
     fake.writes.clear()
-    assert handlers.sync_batchprediction_status(job) is None
+    assert run_handlers.sync_batchprediction_status(job) is None
     assert fake.writes == []
 
 
@@ -591,7 +591,7 @@ def test_a_failed_batch_run_says_why(fake: FakeKube) -> None:
     fake.events.clear()  # type: ignore[attr-defined]
     job = set_rayjob_status(fake, jobDeploymentStatus="Failed", jobStatus="FAILED", reason="AppFailed",
                             message="Job entrypoint command failed with exit code 1")  # fmt: skip
-    handlers.on_batch_rayjob_event(body=job, type="MODIFIED")
+    run_handlers.on_batch_rayjob_event(body=job, type="MODIFIED")
     status = fake.find("BatchPrediction", "arrests-scoring")["status"]
     assert status["phase"] == "Failed"
     assert fake.events == [("Warning", "Failed", "Job entrypoint command failed with exit code 1")]  # type: ignore[attr-defined]
@@ -696,7 +696,7 @@ def test_a_rejected_canary_leaves_the_stable_serving_as_it_was(fake: FakeKube) -
     served = copy.deepcopy(fake.find("InferenceService", "arrests"))
     served["status"] = {"url": "http://arrests-ml.example.com", "conditions": [{"type": "Ready", "status": "True"}]}
     fake.find("InferenceService", "arrests")["status"] = served["status"]
-    handlers.sync_modeldeployment_status(served)
+    deployment_handlers.sync_modeldeployment_status(served)
     md = fake.find("ModelDeployment", "arrests")
     reject(fake, 2, "rolled back: error rate 9.0% > 1.0%")
     fake.writes.clear()
@@ -710,7 +710,7 @@ def test_a_rejected_canary_leaves_the_stable_serving_as_it_was(fake: FakeKube) -
     assert fake.writes == [("patch/status", "ModelDeployment", "arrests")]  # the InferenceService is left as it was
     assert condition(md, "Ready")[0] == "True" and md["status"]["ready"] is True  # v1 still serves
     # KServe's events keep being mirrored, without claiming the refused split
-    handlers.sync_modeldeployment_status(fake.find("InferenceService", "arrests"))
+    deployment_handlers.sync_modeldeployment_status(fake.find("InferenceService", "arrests"))
     md = fake.find("ModelDeployment", "arrests")
     assert md["status"]["traffic"] == [{"version": 1, "percent": 100, "role": "stable"}]
     assert md["status"]["canaryPhase"] == "None"
@@ -795,7 +795,7 @@ def test_the_httproute_follows_the_canary_through_steps_promotion_and_rollback(f
 
 
 def test_without_a_gateway_a_canary_is_said_to_get_no_traffic(fake: FakeKube, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(handlers, "_settings", lambda: Settings(gateway=""))
+    monkeypatch.setattr(handlers, "settings", lambda: Settings(gateway=""))
     put_versions(fake, 1, 2)
     md = fake.put(sample("modeldeployment", canary={"version": 2, "trafficPercent": 10}))
     md, error = run_md(fake, md)
@@ -806,7 +806,7 @@ def test_without_a_gateway_a_canary_is_said_to_get_no_traffic(fake: FakeKube, mo
     assert warning[1] == "CanaryWithoutTraffic" and "gets no traffic" in warning[2]
     obj = fake.find("InferenceService", "arrests")
     obj["status"] = {"url": "http://arrests-ml.example.com"}
-    handlers.sync_modeldeployment_status(obj)
+    deployment_handlers.sync_modeldeployment_status(obj)
     assert fake.find("ModelDeployment", "arrests")["status"]["url"] == "http://arrests-ml.example.com"
 
 
@@ -880,14 +880,14 @@ def test_inferenceservice_status_is_mirrored(fake: FakeKube) -> None:
     run_md(fake, fake.put(sample("modeldeployment")))
     obj = fake.find("InferenceService", "arrests")
     obj["status"] = {"url": "http://arrests-ml.example.com", "conditions": [{"type": "Ready", "status": "True"}]}
-    new = handlers.sync_modeldeployment_status(obj)
+    new = deployment_handlers.sync_modeldeployment_status(obj)
     assert new is not None
     status = fake.find("ModelDeployment", "arrests")["status"]
     assert status["ready"] is True
     assert status["url"] == "http://arrests.ml.example.com"  # kubeloop's HTTPRoute, not KServe's own host
     assert status["drift"] == {"state": "Unknown"}
     fake.writes.clear()
-    assert handlers.sync_modeldeployment_status(obj) is None
+    assert deployment_handlers.sync_modeldeployment_status(obj) is None
     assert fake.writes == []
 
 
@@ -1002,7 +1002,7 @@ def test_the_status_mirror_never_overwrites_a_condition_the_reconcile_wrote_mean
     served = fake.find("InferenceService", "arrests")
     served["status"] = {"url": "http://arrests.ml", "conditions": [{"type": "Ready", "status": "True"}]}
     fake.get = racing_get
-    assert handlers.sync_modeldeployment_status(served)["ready"] is True  # KServe's news: something to write
+    assert deployment_handlers.sync_modeldeployment_status(served)["ready"] is True  # KServe's news: something to write
     fake.get = read
     (admitted,) = [c for c in fake.objects[key]["status"]["conditions"] if c["type"] == "VersionAdmitted"]
     assert (admitted["status"], admitted["reason"]) == ("True", "Admitted")
