@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import kubeloop
 
@@ -27,63 +28,23 @@ _GATEWAY = re.compile(rf"({_DNS_LABEL}/)?{_DNS_LABEL}(\.{_DNS_LABEL})*")  # [nam
 _DOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
 
 
-def _env(name: str, default: str) -> str:
-    value = os.environ.get(name)
-    return default if value is None else value
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{name}={value!r}: expected an integer") from None
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name}={value!r}: expected true or false")
-
-
-def _env_map(name: str, default: dict[str, str]) -> dict[str, str]:
-    value = os.environ.get(name)
-    if value is None:
-        return dict(default)
+def _json_map(value: Any) -> Any:
+    """A JSON object of strings from the environment; empty means none."""
+    if not isinstance(value, str):
+        return value
     if value.strip() == "":
         return {}
     try:
-        parsed: Any = json.loads(value)
+        return json.loads(value)
     except json.JSONDecodeError:
-        raise ValueError(f"{name}: expected a JSON object of strings, got {value!r}") from None
-    if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
-        raise ValueError(f"{name}: expected a JSON object of strings, got {value!r}")
-    return parsed
+        raise ValueError(f"expected a JSON object of strings, got {value!r}") from None
 
 
-def _env_gateway(name: str, default: str) -> str:
-    value = _env(name, default).strip()
-    if value and not _GATEWAY.fullmatch(value):
-        raise ValueError(f"{name}={value!r}: expected the Gateway as namespace/name or name, or empty for none")
-    return value
+class Settings(BaseSettings):
+    """Each field is read from KUBELOOP_<FIELD NAME> (KUBELOOP_SERVING_IMAGE, KUBELOOP_GPU_NODE_SELECTOR, ...)."""
 
+    model_config = SettingsConfigDict(env_prefix="KUBELOOP_", frozen=True, extra="ignore")
 
-def _env_domain(name: str, default: str) -> str:
-    value = _env(name, default).strip()
-    if not _DOMAIN.fullmatch(value):
-        raise ValueError(f"{name}={value!r}: expected a DNS domain (the routes' hosts are <name>.<namespace>.<domain>)")
-    return value
-
-
-@dataclass(frozen=True)
-class Settings:
     # images of the workloads the operator creates
     training_image: str = f"{DEFAULT_REGISTRY}/training:{DEFAULT_IMAGE_TAG}"
     serving_image: str = f"{DEFAULT_REGISTRY}/serving:{DEFAULT_IMAGE_TAG}"
@@ -105,7 +66,9 @@ class Settings:
     ray_head_cpu: str = "1"
     ray_head_memory: str = "2Gi"
     # nodes for GPU pods (Ray workers and predictors asking for nvidia.com/gpu): a node selector and a toleration
-    gpu_node_selector: dict[str, str] = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    gpu_node_selector: Annotated[dict[str, str], NoDecode, BeforeValidator(_json_map)] = Field(
+        default_factory=lambda: {"nvidia.com/gpu.present": "true"}
+    )
     gpu_toleration: bool = True
 
     # the predictor pod: the model server (KServe's kserve-container, /metrics on its port too), the drift sidecar's
@@ -146,7 +109,24 @@ class Settings:
     webhook_cert: str = "/etc/kubeloop/webhook/tls.crt"
     webhook_key: str = "/etc/kubeloop/webhook/tls.key"
 
-    def __post_init__(self) -> None:
+    @field_validator("gateway")
+    @classmethod
+    def _gateway(cls, value: str) -> str:
+        value = value.strip()
+        if value and not _GATEWAY.fullmatch(value):
+            raise ValueError(f"{value!r}: expected the Gateway as namespace/name or name, or empty for none")
+        return value
+
+    @field_validator("gateway_domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        value = value.strip()
+        if not _DOMAIN.fullmatch(value):
+            raise ValueError(f"{value!r}: expected a DNS domain (the routes' hosts are <name>.<namespace>.<domain>)")
+        return value
+
+    @model_validator(mode="after")
+    def _ports(self) -> Settings:
         ports = {
             "server port (KUBELOOP_SERVER_PORT)": self.server_port,
             "sidecar port (KUBELOOP_SIDECAR_PORT)": self.sidecar_port,
@@ -161,6 +141,7 @@ class Settings:
                 )
         if len(set(ports.values())) != len(ports):
             raise ValueError(f"the predictor pod's ports must differ, got {ports}")
+        return self
 
     @property
     def gateway_ref(self) -> tuple[str | None, str] | None:
@@ -172,45 +153,15 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        default = cls()
-        return cls(
-            training_image=_env("KUBELOOP_TRAINING_IMAGE", default.training_image),
-            serving_image=_env("KUBELOOP_SERVING_IMAGE", default.serving_image),
-            drift_image=_env("KUBELOOP_DRIFT_IMAGE", default.drift_image),
-            image_pull_policy=_env("KUBELOOP_IMAGE_PULL_POLICY", default.image_pull_policy),
-            storage_pvc=_env("KUBELOOP_STORAGE_PVC", default.storage_pvc),
-            home_mount_path=_env("KUBELOOP_HOME_MOUNT_PATH", default.home_mount_path),
-            user_id=_env_int("KUBELOOP_USER_ID", default.user_id),
-            ray_version=_env("KUBELOOP_RAY_VERSION", default.ray_version),
-            ray_ttl_seconds=_env_int("KUBELOOP_RAY_TTL_SECONDS", default.ray_ttl_seconds),
-            ray_head_cpu=_env("KUBELOOP_RAY_HEAD_CPU", default.ray_head_cpu),
-            ray_head_memory=_env("KUBELOOP_RAY_HEAD_MEMORY", default.ray_head_memory),
-            gpu_node_selector=_env_map("KUBELOOP_GPU_NODE_SELECTOR", default.gpu_node_selector),
-            gpu_toleration=_env_bool("KUBELOOP_GPU_TOLERATION", default.gpu_toleration),
-            server_port=_env_int("KUBELOOP_SERVER_PORT", default.server_port),
-            sidecar_port=_env_int("KUBELOOP_SIDECAR_PORT", default.sidecar_port),
-            sidecar_metrics_port=_env_int("KUBELOOP_SIDECAR_METRICS_PORT", default.sidecar_metrics_port),
-            sidecar_cpu=_env("KUBELOOP_SIDECAR_CPU", default.sidecar_cpu),
-            sidecar_memory=_env("KUBELOOP_SIDECAR_MEMORY", default.sidecar_memory),
-            gateway=_env_gateway("KUBELOOP_GATEWAY", default.gateway),
-            gateway_domain=_env_domain("KUBELOOP_GATEWAY_DOMAIN", default.gateway_domain),
-            prometheus_url=_env("KUBELOOP_PROMETHEUS_URL", default.prometheus_url),
-            analysis_tick_seconds=_env_int("KUBELOOP_ANALYSIS_TICK_SECONDS", default.analysis_tick_seconds),
-            query_requests=_env("KUBELOOP_QUERY_REQUESTS", default.query_requests),
-            query_latency=_env("KUBELOOP_QUERY_LATENCY", default.query_latency),
-            query_predictions=_env("KUBELOOP_QUERY_PREDICTIONS", default.query_predictions),
-            query_predicted_classes=_env("KUBELOOP_QUERY_PREDICTED_CLASSES", default.query_predicted_classes),
-            query_drift=_env("KUBELOOP_QUERY_DRIFT", default.query_drift),
-            workers=_env_int("KUBELOOP_WORKERS", default.workers),
-            retry_delay=_env_int("KUBELOOP_RETRY_DELAY", default.retry_delay),
-            progress_seconds=_env_int("KUBELOOP_PROGRESS_SECONDS", default.progress_seconds),
-            metrics_port=_env_int("KUBELOOP_METRICS_PORT", default.metrics_port),
-            health_port=_env_int("KUBELOOP_HEALTH_PORT", default.health_port),
-            webhook_enabled=_env_bool("KUBELOOP_WEBHOOK_ENABLED", default.webhook_enabled),
-            webhook_port=_env_int("KUBELOOP_WEBHOOK_PORT", default.webhook_port),
-            webhook_cert=_env("KUBELOOP_WEBHOOK_CERT", default.webhook_cert),
-            webhook_key=_env("KUBELOOP_WEBHOOK_KEY", default.webhook_key),
-        )
+        """The settings from the environment; a ValueError naming each bad variable."""
+        try:
+            return cls()
+        except ValidationError as error:
+            problems = []
+            for item in error.errors():
+                variable = "KUBELOOP_" + str(item["loc"][0]).upper() if item["loc"] else "the operator's settings"
+                problems.append(f"{variable}: {item['msg'].removeprefix('Value error, ')}")
+            raise ValueError("; ".join(problems)) from None
 
 
 _current: Settings | None = None

@@ -9,7 +9,6 @@ promtool and kubectl; a test fails saying how to get one that is missing (tests/
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import yaml
 
 from kubeloop.report import dashboards
 from operators import admission, chart
+from operators.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "helm/kubeloop"
@@ -114,7 +114,7 @@ def test_deployment_is_pod_security_restricted() -> None:
 
 def test_deployment_env_matches_the_operator_settings() -> None:
     """Every KUBELOOP_* variable the chart sets is one operators/settings.py reads, and each setting is set."""
-    read = set(re.findall(r'"(KUBELOOP_[A-Z_]+)"', (REPO / "operators/settings.py").read_text()))
+    read = {"KUBELOOP_" + name.upper() for name in Settings.model_fields}
     (container,) = one(render(*ALL_ON), "Deployment")["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert set(env) == read
@@ -292,7 +292,6 @@ def _predictor_pod_labels() -> list[dict[str, str]]:
 def test_podmonitor_scrapes_the_operators_predictor_pods_on_both_named_ports() -> None:
     from operators import inferenceservice as isvc
     from operators import rayjob
-    from operators.settings import Settings
 
     assert not [doc for doc in render() if doc["kind"] == "PodMonitor"]  # off by default
     docs = render("--set", "predictor.podMonitor.enabled=true", "--set", "predictor.podMonitor.labels.release=kps")
@@ -337,7 +336,6 @@ def _trainingjob() -> Any:
 
 
 def test_predictor_port_defaults_are_the_operators() -> None:
-    from operators.settings import Settings
 
     (container,) = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
