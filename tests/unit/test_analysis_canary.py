@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from fake_kube import FakeKube
+
 from kubeloop.analysis import VersionSignals
 from operators import canary
 
@@ -13,30 +15,21 @@ PRED = [(0.5, 80.0), (float("inf"), 100.0)]
 LAT = [(0.01, 90.0), (0.05, 100.0), (float("inf"), 100.0)]
 
 
-class FakeKube:
-    def __init__(self, body: dict[str, Any]) -> None:
-        self.body, self.patches, self.modelversions = body, [], {}
+class Cluster(FakeKube):
+    """The deployment `ns/arrests` and its versions, as the canary analysis reads and patches them."""
 
-    def get(self, kind, namespace, name):
-        if kind.kind == "ModelVersion":
-            return self.modelversions.get(name)
-        return self.body
+    events: list[tuple[str, str, str]]
 
-    def patch(self, kind, namespace, name, patch, subresource=None):
-        self.patches.append((kind.kind, name, subresource, patch))
-        if kind.kind == "ModelVersion":
-            self.modelversions[name]["spec"].update(patch["spec"])
-        else:
-            for key, value in patch.items():
-                target = self.body.setdefault(key, {})
-                for k, v in value.items():
-                    if v is None:
-                        target.pop(k, None)
-                    elif isinstance(v, dict) and isinstance(target.get(k), dict):
-                        target[k].update(v)
-                    else:
-                        target[k] = v
-        return self.body
+    @property
+    def body(self) -> dict[str, Any]:
+        found = self.find("ModelDeployment", "arrests", "ns")
+        assert found is not None
+        return found
+
+    def version_spec(self, version: int) -> dict[str, Any]:
+        found = self.find("ModelVersion", f"arrests-v{version}", "ns")
+        assert found is not None
+        return found["spec"]
 
 
 class FakeSource:
@@ -64,7 +57,7 @@ def deployment() -> dict[str, Any]:
     }
 
 
-def run(kube: FakeKube, source: FakeSource, ticks: int) -> list[str | None]:
+def run(kube: Cluster, source: FakeSource, ticks: int) -> list[str | None]:
     events: list[tuple[str, str, str]] = []
     actions = []
     for n in range(ticks):
@@ -76,14 +69,20 @@ def run(kube: FakeKube, source: FakeSource, ticks: int) -> list[str | None]:
     return actions
 
 
-def with_versions(kube: FakeKube) -> FakeKube:
+def with_versions() -> Cluster:
+    kube = Cluster()
+    kube.put(deployment())
     for v in (1, 2):
-        kube.modelversions[f"arrests-v{v}"] = {"spec": {"stage": "Production" if v == 1 else "Candidate"}}
+        stage = "Production" if v == 1 else "Candidate"
+        meta = {"name": f"arrests-v{v}", "namespace": "ns"}
+        kube.put(
+            {"apiVersion": "kubeloop.dev/v1alpha1", "kind": "ModelVersion", "metadata": meta, "spec": {"stage": stage}}
+        )
     return kube
 
 
 def test_the_operator_walks_the_steps_and_promotes() -> None:
-    kube = with_versions(FakeKube(deployment()))
+    kube = with_versions()
     actions = run(kube, FakeSource(), 10)
     assert actions == ["start", "advance", "advance", "promote"]
     spec_patches = [p[3]["spec"] for p in kube.patches if p[0] == "ModelDeployment" and "spec" in p[3]]
@@ -92,34 +91,34 @@ def test_the_operator_walks_the_steps_and_promotes() -> None:
     assert kube.body["spec"]["version"] == 2 and "canary" not in kube.body["spec"]
     assert kube.body["status"]["canaryPhase"] == "Promoted"
     assert [h["action"] for h in kube.body["status"]["history"]] == ["start", "advance", "advance", "promote"]
-    assert kube.modelversions["arrests-v2"]["spec"]["stage"] == "Production"
-    assert kube.modelversions["arrests-v1"]["spec"]["stage"] == "Archived"
+    assert kube.version_spec(2)["stage"] == "Production"
+    assert kube.version_spec(1)["stage"] == "Archived"
     assert [e[1] for e in kube.events] == ["CanaryStarted", "CanaryAdvanced", "CanaryAdvanced", "CanaryPromoted"]
 
 
 def test_failing_metrics_roll_back_and_reject_without_deleting() -> None:
-    kube = with_versions(FakeKube(deployment()))
+    kube = with_versions()
     actions = run(kube, FakeSource(errors=30), 10)
     assert actions == ["start", "hold", "rollback"]
     assert kube.body["spec"]["version"] == 1 and "canary" not in kube.body["spec"]  # 100% back on v1
     assert kube.body["status"]["canaryPhase"] == "RolledBack"
-    mv = kube.modelversions["arrests-v2"]["spec"]
+    mv = kube.version_spec(2)
     assert mv["stage"] == "Rejected" and "error rate" in mv["stageReason"]
     assert kube.events[-1][:2] == ("Warning", "CanaryRolledBack")
 
 
 def test_a_multiclass_canary_predicting_another_class_mix_is_rejected_saying_so() -> None:
     mix = FakeSource(classes={1: {"a": 50.0, "b": 50.0}, 2: {"a": 90.0, "b": 10.0}})  # same confidence histogram
-    kube = with_versions(FakeKube(deployment()))
+    kube = with_versions()
     assert run(kube, mix, 10) == ["start", "hold", "rollback"]
     checks = kube.body["status"]["history"][-1]["checks"]
     assert [c["name"] for c in checks if c["status"] == "fail"] == ["predictionShift"]
-    reason = kube.modelversions["arrests-v2"]["spec"]["stageReason"]
+    reason = kube.version_spec(2)["stageReason"]
     assert "predicted-class share gap 0.400 (class 'a': 90.0% of the candidate's predictions" in reason
 
 
 def test_nothing_happens_before_the_interval_or_without_prometheus() -> None:
-    kube = with_versions(FakeKube(deployment()))
+    kube = with_versions()
     assert canary.tick(kube.body, kube, lambda *a: None, FakeSource(), now=T0) == "start"
     assert canary.tick(kube.body, kube, lambda *a: None, FakeSource(), now=T0 + timedelta(seconds=5)) is None
     events = []
@@ -130,7 +129,7 @@ def test_nothing_happens_before_the_interval_or_without_prometheus() -> None:
 def test_no_interval_is_judged_while_the_route_holds_the_canary_back() -> None:
     """KServe has not reported the canary ready, so the route sends it nothing: waiting is not a failed check, and
     the first interval judged starts when the canary gets its share."""
-    kube = with_versions(FakeKube(deployment()))
+    kube = with_versions()
     assert canary.tick(kube.body, kube, lambda *a: None, FakeSource(errors=30), now=T0) == "start"
     kube.body["status"]["conditions"] = [{"type": "TrafficSplit", "status": "False", "reason": "CanaryNotReady"}]
     for seconds in (10, 20, 30):

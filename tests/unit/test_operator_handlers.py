@@ -16,6 +16,7 @@ from typing import Any
 import kopf
 import pytest
 import yaml
+from fake_kube import FakeKube
 
 from operators import admission, deployment_handlers, handlers, kube, metrics, run_handlers
 from operators import canary as canary_analysis
@@ -24,97 +25,6 @@ from operators import rayjob as rj
 from operators.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
-
-
-class FakeKube:
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str | None, str], dict[str, Any]] = {}
-        self.writes: list[tuple[str, str, str]] = []
-        self._ids = itertools.count(1)
-
-    def _key(self, kind: kube.Kind, namespace: str | None, name: str) -> tuple[str, str | None, str]:
-        return (kind.plural, namespace, name)
-
-    def get(self, kind: kube.Kind, namespace: str | None, name: str) -> dict[str, Any] | None:
-        obj = self.objects.get(self._key(kind, namespace, name))
-        return copy.deepcopy(obj) if obj is not None else None
-
-    def list(self, kind: kube.Kind, namespace: str | None, label_selector: str = "") -> list[dict[str, Any]]:
-        assert not label_selector, "the fake lists without selectors"
-        return [
-            copy.deepcopy(o) for (plural, ns, _), o in self.objects.items() if plural == kind.plural and ns == namespace
-        ]
-
-    def create(self, kind: kube.Kind, namespace: str | None, body: Any) -> dict[str, Any]:
-        key = self._key(kind, namespace, body["metadata"]["name"])
-        if key in self.objects:
-            raise kube.ApiError(409, "AlreadyExists", {"message": "exists"})
-        obj = copy.deepcopy(dict(body))
-        obj["metadata"].update(uid=f"uid-{next(self._ids)}", resourceVersion=str(next(self._ids)), generation=1)
-        obj["metadata"].setdefault("namespace", namespace)
-        self.objects[key] = obj
-        self.writes.append(("create", kind.kind, obj["metadata"]["name"]))
-        return copy.deepcopy(obj)
-
-    def replace(self, kind: kube.Kind, namespace: str | None, name: str, body: Any) -> dict[str, Any]:
-        key = self._key(kind, namespace, name)
-        old = self.objects[key]
-        sent = body["metadata"].get("resourceVersion")
-        if sent is not None and sent != old["metadata"].get("resourceVersion"):  # the apiserver's optimistic lock
-            raise kube.ApiError(409, "Conflict", {"message": "the object has been modified"})
-        obj = copy.deepcopy(dict(body))
-        obj["metadata"]["resourceVersion"] = str(next(self._ids))
-        if "status" in old:
-            obj["status"] = old["status"]
-        self.objects[key] = obj
-        self.writes.append(("replace", kind.kind, name))
-        return copy.deepcopy(obj)
-
-    def patch(self, kind: kube.Kind, namespace: str | None, name: str, patch: Any, subresource: str | None = None):
-        key = self._key(kind, namespace, name)
-        old = self.objects[key]
-        sent = (patch.get("metadata") or {}).get("resourceVersion")
-        if sent is not None and sent != old["metadata"].get("resourceVersion"):  # a precondition, as the apiserver
-            raise kube.ApiError(409, "Conflict", {"message": "the object has been modified"})
-        if subresource == "status":
-            new = dict(old)
-            new["status"] = merge_patch(old.get("status"), patch["status"])
-        else:
-            patch = {k: v for k, v in patch.items() if k != "status"}
-            new = merge_patch(old, patch)
-        new["metadata"]["resourceVersion"] = str(next(self._ids))
-        self.objects[key] = new
-        self.writes.append(("patch" + (f"/{subresource}" if subresource else ""), kind.kind, name))
-        return copy.deepcopy(new)
-
-    # test helpers
-    def put(self, doc: dict[str, Any]) -> dict[str, Any]:
-        kind = kube.kind_of(doc["apiVersion"], doc["kind"])
-        created = self.create(kind, doc["metadata"].get("namespace"), doc)
-        self.writes.clear()
-        return created
-
-    def find(self, kind: str, name: str, namespace: str = "ml") -> dict[str, Any] | None:
-        return next(
-            (o for (_, ns, n), o in self.objects.items() if o["kind"] == kind and n == name and ns == namespace),
-            None,
-        )
-
-    def of_kind(self, kind: str) -> list[dict[str, Any]]:
-        return [o for o in self.objects.values() if o["kind"] == kind]
 
 
 @pytest.fixture

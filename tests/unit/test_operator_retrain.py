@@ -6,51 +6,32 @@ apiserver and Prometheus run in tests/cluster/test_closed_loop.py.
 
 from __future__ import annotations
 
-import copy
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
+from fake_kube import FakeKube
 
 from kubeloop.analysis import VersionSignals
 from kubeloop.api import TrainingJob, parse_resource
 from kubeloop.api.trainingjob import name_is_valid
 from operators import retrain
-from operators.kube import ApiError
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
-    for key, value in patch.items():
-        if value is None:
-            target.pop(key, None)
-        elif isinstance(value, dict) and isinstance(target.get(key), dict):
-            merge(target[key], value)
-        else:
-            target[key] = copy.deepcopy(value)
-
-
-class MemoryKube:
+class Cluster(FakeKube):
     def __init__(self, *objects: dict[str, Any]) -> None:
-        self.objects = {(o["kind"], o["metadata"]["name"]): copy.deepcopy(o) for o in objects}
-        self.created: list[dict[str, Any]] = []
+        super().__init__()
+        for obj in objects:
+            self.put(obj)
 
-    def get(self, kind, namespace, name):
-        return copy.deepcopy(self.objects.get((kind.kind, name)))
-
-    def create(self, kind, namespace, body):
-        if (kind.kind, body["metadata"]["name"]) in self.objects:
-            raise ApiError(409, "exists")
-        self.objects[(kind.kind, body["metadata"]["name"])] = copy.deepcopy(body)
-        self.created.append(body)
-        return body
-
-    def patch(self, kind, namespace, name, patch, subresource=None):
-        merge(self.objects[(kind.kind, name)], patch)
-        return self.objects[(kind.kind, name)]
+    @property
+    def created(self) -> list[dict[str, Any]]:
+        """The TrainingJobs the retrain policy created (the template was put, not created)."""
+        return [self.find("TrainingJob", name, "ns") for op, kind, name in self.writes if op == "create"]
 
 
 class Drift:
@@ -69,7 +50,7 @@ def deployment(**retrain_spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": "kubeloop.dev/v1alpha1",
         "kind": "ModelDeployment",
-        "metadata": {"name": "arrests", "namespace": "ns", "uid": "md-uid"},
+        "metadata": {"name": "arrests", "namespace": "ns"},
         "spec": {"model": "arrests", "version": 1, "retrain": policy | retrain_spec},
     }
 
@@ -87,18 +68,18 @@ def template(model: str = "arrests") -> dict[str, Any]:
     }  # fmt: skip
 
 
-def tick(kube: MemoryKube, source: Drift | None, seconds: float, events: list | None = None) -> str | None:
+def tick(kube: Cluster, source: Drift | None, seconds: float, events: list | None = None) -> str | None:
     body = kube.get(retrain.MODELDEPLOYMENT, "ns", "arrests")
     emit = (lambda b, t, r, m: events.append((t, r, m))) if events is not None else (lambda *a: None)
     return retrain.tick(body, kube, emit, source, now=T0 + timedelta(seconds=seconds))
 
 
-def status(kube: MemoryKube) -> dict[str, Any]:
-    return kube.objects[("ModelDeployment", "arrests")].get("status") or {}
+def status(kube: Cluster) -> dict[str, Any]:
+    return kube.find("ModelDeployment", "arrests", "ns").get("status") or {}
 
 
 def test_drift_must_last_sustained_for_then_one_copy_on_fresh_data_is_started() -> None:
-    kube, source, events = MemoryKube(deployment(), template()), Drift(True), []
+    kube, source, events = Cluster(deployment(), template()), Drift(True), []
     assert tick(kube, source, 0, events) is None
     assert status(kube)["drift"]["state"] == "Drift" and status(kube)["retrain"]["driftSince"]
     assert tick(kube, source, 30) is None and not kube.created
@@ -106,7 +87,9 @@ def test_drift_must_last_sustained_for_then_one_copy_on_fresh_data_is_started() 
     (job,) = kube.created
     assert job["spec"]["dataset"] == {"uri": "s3://bucket/arrests.csv", "label": "released", "positiveClass": "Yes",
                                       "baseline": "none"}  # fmt: skip
-    assert job["metadata"]["ownerReferences"][0]["uid"] == "md-uid"
+    assert (
+        job["metadata"]["ownerReferences"][0]["uid"] == kube.find("ModelDeployment", "arrests", "ns")["metadata"]["uid"]
+    )
     assert status(kube)["retrain"]["trainingJob"] == job["metadata"]["name"]
     assert status(kube)["history"][-1]["action"] == "retrain"
     assert [e[1] for e in events] == ["DriftDetected", "Retraining"]
@@ -137,7 +120,7 @@ def test_the_retraining_copy_of_the_longest_template_is_a_valid_trainingjob() ->
     long_name = "arrests-" + "m" * 39  # 47 characters: the longest TrainingJob name
     job = template()
     job["metadata"]["name"] = long_name
-    kube, source = MemoryKube(deployment(trainingJob=long_name), job), Drift(True)
+    kube, source = Cluster(deployment(trainingJob=long_name), job), Drift(True)
     tick(kube, source, 0)
     assert tick(kube, source, 61) == "retrain"
     (created,) = kube.created
@@ -147,7 +130,7 @@ def test_the_retraining_copy_of_the_longest_template_is_a_valid_trainingjob() ->
 
 
 def test_drift_that_stops_resets_the_clock() -> None:
-    kube, source = MemoryKube(deployment(), template()), Drift(True)
+    kube, source = Cluster(deployment(), template()), Drift(True)
     tick(kube, source, 0)
     source.flag = False
     tick(kube, source, 30)
@@ -158,7 +141,7 @@ def test_drift_that_stops_resets_the_clock() -> None:
 
 
 def test_a_missing_template_is_reported_and_not_retried_before_min_interval() -> None:
-    kube, source, events = MemoryKube(deployment()), Drift(True), []
+    kube, source, events = Cluster(deployment()), Drift(True), []
     tick(kube, source, 0)
     assert tick(kube, source, 60, events) == "retrainFailed"
     assert (
@@ -166,35 +149,35 @@ def test_a_missing_template_is_reported_and_not_retried_before_min_interval() ->
     )
     assert events[-1][:2] == ("Warning", "RetrainFailed")
     assert tick(kube, source, 120) is None  # drift still sustained, but the last attempt was a minute ago
-    kube.objects[("TrainingJob", "arrests-mlp")] = template()
+    kube.put(template())
     assert tick(kube, source, 3500) is None  # an hour after the first attempt: not yet
     assert tick(kube, source, 3700) == "retrain"
 
 
 def test_a_template_of_another_model_is_refused() -> None:
-    kube, source = MemoryKube(deployment(), template(model="other")), Drift(True)
+    kube, source = Cluster(deployment(), template(model="other")), Drift(True)
     tick(kube, source, 0)
     assert tick(kube, source, 60) == "retrainFailed"
     assert "trains model other, not arrests" in status(kube)["history"][-1]["reason"]
 
 
-def _trained(kube: MemoryKube, gate_passed: bool) -> None:
+def _trained(kube: Cluster, gate_passed: bool) -> None:
     tick(kube, Drift(True), 0)
     tick(kube, Drift(True), 60)
     name = status(kube)["retrain"]["trainingJob"]
-    kube.objects[("TrainingJob", name)]["status"] = {"phase": "Succeeded", "modelVersion": "arrests-v2"}
+    kube.find("TrainingJob", name, "ns")["status"] = {"phase": "Succeeded", "modelVersion": "arrests-v2"}
     gate = {"passed": gate_passed, "reasons": [] if gate_passed else ["rocAuc 0.61 < 0.65"]}
     mv = yaml.safe_load((REPO / "manifests/samples/modelversion.yaml").read_text())
-    mv["metadata"]["name"] = "arrests-v2"
+    mv["metadata"] |= {"name": "arrests-v2", "namespace": "ns"}
     mv["spec"] |= {"version": 2, "stage": "Candidate", "gate": gate}
-    kube.objects[("ModelVersion", "arrests-v2")] = mv
+    kube.put(mv)
 
 
 def test_a_version_that_passed_its_gate_becomes_the_canary() -> None:
-    kube = MemoryKube(deployment(analysis={"steps": [20, 100], "interval": "10s"}), template())
+    kube = Cluster(deployment(analysis={"steps": [20, 100], "interval": "10s"}), template())
     _trained(kube, gate_passed=True)
     assert tick(kube, None, 70) == "canary"  # no Prometheus needed to follow a run
-    md = kube.objects[("ModelDeployment", "arrests")]
+    md = kube.find("ModelDeployment", "arrests", "ns")
     assert md["spec"]["canary"] == {
         "version": 2, "trafficPercent": 20,
         "analysis": {"steps": [20, 100], "interval": "10s", "maxFailedChecks": 2,
@@ -205,9 +188,9 @@ def test_a_version_that_passed_its_gate_becomes_the_canary() -> None:
 
 
 def test_a_version_that_failed_its_gate_is_not_rolled_out() -> None:
-    kube = MemoryKube(deployment(), template())
+    kube = Cluster(deployment(), template())
     _trained(kube, gate_passed=False)
     assert tick(kube, None, 70) == "retrainFailed"
-    assert "canary" not in kube.objects[("ModelDeployment", "arrests")]["spec"]
+    assert "canary" not in kube.find("ModelDeployment", "arrests", "ns")["spec"]
     assert "v2 from TrainingJob" in status(kube)["history"][-1]["reason"]
     assert "rocAuc 0.61 < 0.65" in status(kube)["history"][-1]["reason"]
