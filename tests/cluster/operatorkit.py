@@ -70,7 +70,13 @@ class OperatorProcess:
             return False
 
     def wait_healthy(self, timeout: float = 60) -> None:
-        wait_for(self.healthy, timeout, "the operator's /healthz")
+        """Until /healthz answers; otherwise the operator is stopped (no stray process) and its log's tail shown."""
+        try:
+            wait_for(self.healthy, timeout, "the operator's /healthz")
+        except pytest.fail.Exception:
+            tail = self.tail()
+            self.stop()
+            pytest.fail(f"the operator was not healthy within {timeout}s; its log ends:\n{tail}", pytrace=False)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
