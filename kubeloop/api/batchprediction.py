@@ -32,7 +32,7 @@ class BatchPredictionSpec(KubeModel):
         Field(
             min_length=1,
             description="Parquet directory (path or fsspec URI) for the scored rows, a relative path under "
-            "KUBELOOP_HOME; bad rows go to OUTPUT/rejected with their reason, the lineage to OUTPUT/_lineage.json.",
+            "KUBELOOP_HOME; bad rows go to OUTPUT/_rejected with their reason, the lineage to OUTPUT/_lineage.json.",
         ),
     ]
     carry: list[str] = Field(

@@ -6,7 +6,17 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from kubeloop.api.common import (
@@ -175,7 +185,7 @@ _MAXIMIZED = ("valAuc", "valAccuracy")
 
 # A choice's values are numbers, strings or booleans: any scalar in the CRD (no single structural type fits).
 SearchValue = Annotated[
-    float | int | str | bool,
+    StrictBool | StrictInt | StrictFloat | StrictStr,
     Field(union_mode="left_to_right"),
     WithJsonSchema({"x-kubernetes-preserve-unknown-fields": True}),
 ]

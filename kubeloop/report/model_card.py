@@ -446,6 +446,9 @@ def _training(record: ModelVersion) -> str:
         parts.append(f"<details><summary>{len(per_epoch)} epochs</summary>{table}</details>" if long else table)
     else:
         parts.append('<p class="note">The record holds no per-epoch metrics.</p>')
+    from kubeloop.report.search import search_html  # imports this module's helpers
+
+    parts.append(search_html(record))
     return "".join(parts)
 
 

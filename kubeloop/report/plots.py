@@ -306,3 +306,72 @@ def p_value_history(history: Sequence[Mapping[str, Any]], threshold: float | Non
     ax.legend(fontsize=7, ncols=2, loc="lower left")
     ax.grid(alpha=0.3)
     return _render(fig, f"p-values per feature over the last {len(history)} windows")
+
+
+def search_trials(
+    trials: Sequence[Mapping[str, Any]], dimensions: Mapping[str, str], metric: str, best: str | None
+) -> Plot:
+    """A search's trials: the metric (on each trial's last epoch) against each searched value, one panel per
+    dimension (`dimensions`: name -> its kind; logUniform on a log axis), Stopped trials hollow, the best starred."""
+    names = list(dimensions)
+    fig, axes = _figure(max(4.0, 3.2 * len(names)), 3.2, ncols=len(names))
+    axes = np.atleast_1d(axes)
+    scored = [trial for trial in trials if trial.get("metric") is not None]
+    for ax, name in zip(axes, names, strict=True):
+        categorical = dimensions[name] == "choice" and any(isinstance(t["params"].get(name), str) for t in scored)
+        levels = sorted({str(t["params"].get(name)) for t in scored})
+        for status, marker, face in (("Completed", "o", COLOURS[0]), ("Stopped", "o", "none")):
+            group = [t for t in scored if t["status"] == status]
+            x = [levels.index(str(t["params"][name])) if categorical else t["params"][name] for t in group]
+            ax.scatter(
+                x,
+                [t["metric"] for t in group],
+                marker=marker,
+                facecolors=face,
+                edgecolors=COLOURS[0],
+                label=status.lower(),
+            )
+        winner = next((t for t in scored if t["trial"] == best), None)
+        if winner is not None:
+            x = levels.index(str(winner["params"][name])) if categorical else winner["params"][name]
+            ax.scatter([x], [winner["metric"]], marker="*", s=180, color=COLOURS[1], label=f"best ({best})", zorder=3)
+        if categorical:
+            ax.set_xticks(range(len(levels)), levels)
+        if dimensions[name] == "logUniform":
+            ticker = _pyplot().matplotlib.ticker
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # minor labels of a narrow range overlap
+            ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%.2g"))
+        ax.set(xlabel=name, ylabel=metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize=8)
+    failed = sum(t["status"] == "Failed" for t in trials)
+    note = f"; {failed} failed trial(s) have no metric" if failed else ""
+    return _render(fig, f"{metric} of {len(scored)} trials against {', '.join(names)}{note}")
+
+
+def trial_curves(trials: Sequence[Mapping[str, Any]], key: str, metric: str, best: str | None) -> Plot:
+    """Each trial's per-epoch metric (`key`, e.g. val_auc), the best trial's bold: where the scheduler stopped
+    the others."""
+    fig, ax = _figure(6.0, 3.4)
+    for trial in trials:
+        rows = [row for row in trial.get("perEpoch", []) if row.get(key) is not None]
+        if not rows:
+            continue
+        winner = trial["trial"] == best
+        ax.plot(
+            [row["epoch"] for row in rows],
+            [row[key] for row in rows],
+            "o-" if winner else ".-",
+            color=COLOURS[1] if winner else COLOURS[7],
+            alpha=1.0 if winner else 0.5,
+            linewidth=2.4 if winner else 1.0,
+            label=f"best ({best})" if winner else None,
+            zorder=3 if winner else 2,
+        )
+    ax.set(xlabel="epoch", ylabel=metric, title="Trials per epoch")
+    ax.xaxis.set_major_locator(_pyplot().MaxNLocator(10, integer=True))
+    ax.grid(alpha=0.3)
+    if best:
+        ax.legend(loc="best", fontsize=8)
+    return _render(fig, f"{metric} per epoch of every trial; the best trial, {best}, bold")

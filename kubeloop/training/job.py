@@ -1,5 +1,5 @@
 """A TrainingJob, end to end: snapshot → preflight (the spec against the data) → validate → transform → Ray DDP
-training → evaluate → gate → register.
+training (or, with spec.tuning, a Ray Tune search whose best trial is the model) → evaluate → gate → register.
 
 `run_training_job` runs for `kubeloop run -f trainingjob.yaml` on a laptop and as the RayJob entrypoint in a
 cluster (there RAY_ADDRESS names the RayJob's cluster). It composes the public step functions below, which the
@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -26,9 +27,10 @@ from kubeloop.api.modelversion import (
     Lineage,
     ModelVersion,
     ModelVersionSpec,
+    SearchLineage,
     Signature,
 )
-from kubeloop.api.trainingjob import TASK_METRICS, TrainingJob
+from kubeloop.api.trainingjob import TASK_METRICS, TrainingJob, TuningStatus
 from kubeloop.artifact import ModelArtifact
 from kubeloop.data.snapshot import Snapshot, ingest, load_snapshot, read_frame
 from kubeloop.data.validation import DatasetSchema, ValidationFailed, ValidationReport, validate
@@ -42,7 +44,13 @@ from kubeloop.training.preflight import preflight
 from kubeloop.training.split import split_rows
 from kubeloop.transform import TabularTransform
 
+if TYPE_CHECKING:
+    from kubeloop.training.tuning import SearchOutcome
+
 log = logging.getLogger(__name__)
+
+# a search's every trial, beside the winning version's artifact (lineage.search.resultsUri)
+SEARCH_RESULTS = "search.json"
 
 
 @dataclass
@@ -51,6 +59,7 @@ class JobOutcome:
     snapshot: Snapshot
     validation: ValidationReport
     epochs: int
+    tuning: TuningStatus | None = None  # with spec.tuning: the search, every trial in short
 
 
 def code_version() -> str:
@@ -181,6 +190,13 @@ def train_settings(job: TrainingJob, gpus: int, events_path: Path | None = None)
     )
 
 
+def fresh_storage(settings: ray_runner.TrainSettings) -> None:
+    """A rerun of the same job starts fresh: Ray would otherwise restore the old run from its storage."""
+    settings.storage.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(settings.storage, ignore_errors=True)
+    settings.events_path.unlink(missing_ok=True)
+
+
 def train_model(
     job: TrainingJob,
     transform: TabularTransform,
@@ -198,10 +214,7 @@ def train_model(
         label_std=transform.label_std or 1.0,
     )
     backend = settings.backend
-    settings.storage.parent.mkdir(parents=True, exist_ok=True)
-    # a rerun of the same job starts fresh: Ray would otherwise restore the old run from its storage
-    shutil.rmtree(settings.storage, ignore_errors=True)
-    settings.events_path.unlink(missing_ok=True)
+    fresh_storage(settings)
     event(
         log,
         "train.start",
@@ -230,6 +243,73 @@ def train_model(
     model.load_state_dict(output.model_state)
     artifact = ModelArtifact(model, transform, spec.model.builder, spec.model.params)
     return TrainedModel(artifact=artifact, history=output.history, epochs=output.epochs, backend=backend)
+
+
+@dataclass
+class TunedModel:
+    trained: TrainedModel  # the best trial's
+    search: SearchOutcome
+
+
+def validation_split(job: TrainingJob, train: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The training rows a search's trials fit on, and the validation rows that rank them: split as the snapshot
+    is (seeded, stratified, spec.hyperparameters.testFraction of the rows), so the test rows stay unseen until the
+    gate and the best-of-N choice does not flatter the gated metrics."""
+    spec = job.spec
+    fit_rows, validation_rows = split_rows(
+        train,
+        task=spec.task,
+        label=spec.dataset.label,
+        slice_column=spec.dataset.slice_column,
+        test_fraction=spec.hyperparameters.test_fraction,
+        seed=spec.hyperparameters.seed,
+    )
+    return train.iloc[fit_rows], train.iloc[validation_rows]
+
+
+def search_model(job: TrainingJob, transform: TabularTransform, train: pd.DataFrame, *, gpus: int) -> TunedModel:
+    """spec.tuning's search (Ray Tune, each trial a Ray Train run of spec.workers); the best trial's weights."""
+    from kubeloop.training.tuning import run_search, trial_settings
+
+    spec, tuning = job.spec, job.spec.tuning
+    assert tuning is not None
+    settings = replace(train_settings(job, gpus), outputs=transform.label_width, label_std=transform.label_std or 1.0)
+    fresh_storage(settings)
+    fit, validation = validation_split(job, train)
+    event(
+        log,
+        "train.split",
+        fit_rows=len(fit),
+        validation_rows=len(validation),
+        reason="trials are ranked on validation rows held out of the training rows",
+    )
+    started_here = ray_runner.connect(settings.workers * tuning.parallelism, settings.cpus_per_worker)
+    try:
+        search = run_search(
+            settings,
+            tuning,
+            tuning.resolved_metric(spec.task),
+            tuning.resolved_mode(spec.task),
+            (
+                transform.transform(fit),
+                transform.encode_label(fit),
+                transform.transform(validation),
+                transform.encode_label(validation),
+            ),
+        )
+    finally:
+        if started_here:
+            import ray
+
+            ray.shutdown()
+    params = trial_settings(settings, search.best.params).params
+    model = build_model(spec.model.builder, transform.output_dim, params, transform.label_width)
+    model.load_state_dict(search.output.model_state)
+    artifact = ModelArtifact(model, transform, spec.model.builder, params)
+    trained = TrainedModel(
+        artifact=artifact, history=search.output.history, epochs=search.output.epochs, backend=settings.backend
+    )
+    return TunedModel(trained=trained, search=search)
 
 
 def evaluate_model(
@@ -265,11 +345,26 @@ def register_model(
     registry: Registry,
     validation: ValidationReport,
     image: str | None = None,
+    search: SearchOutcome | None = None,
 ) -> ModelVersion:
-    """A new version in the registry: Candidate when the gate passed, else Rejected (with the reasons)."""
+    """A new version in the registry: Candidate when the gate passed, else Rejected (with the reasons).
+
+    With search (the version is a search's best trial), every trial is written beside the artifact first, and
+    the lineage names the search and holds the best trial's values."""
     spec = job.spec
     version, directory = registry.allocate(spec.model.name)
     artifact.save(directory / "artifact")
+    hyperparameters: dict[str, Any] = spec.hyperparameters.model_dump(by_alias=True)
+    search_lineage = None
+    if search is not None:
+        hyperparameters |= search.best.params
+        search_lineage = SearchLineage(
+            trials=len(search.trials),
+            best_trial=search.best.trial,
+            metric=search.metric,
+            mode=search.mode,
+            results_uri=search.write(directory / SEARCH_RESULTS),
+        )
     record = registry.save(
         ModelVersionSpec(
             model=spec.model.name,
@@ -283,9 +378,10 @@ def register_model(
                 code_version=code_version(),
                 builder=spec.model.builder,
                 image=image,
-                hyperparameters=spec.hyperparameters.model_dump(by_alias=True),
+                hyperparameters=hyperparameters,
                 workers=spec.workers.replicas,
                 backend=backend,
+                search=search_lineage,
             ),
             metrics=evaluation,
             signature=Signature(
@@ -321,7 +417,17 @@ def run_training_job(job: TrainingJob, registry: Registry | None = None, events_
     report = validate_snapshot(job, snapshot, registry)
     train, test = split_snapshot(job, snapshot)
     transform = fit_transform(job, train)
-    trained = train_model(job, transform, train, test, gpus=gpus, events_path=events_path)
+    search = None
+    if job.spec.tuning is not None:
+        tuned = search_model(job, transform, train, gpus=gpus)
+        trained, search = tuned.trained, tuned.search
+    else:
+        trained = train_model(job, transform, train, test, gpus=gpus, events_path=events_path)
     evaluation, decision = evaluate_model(job, trained.artifact, test, registry, trained.history)
-    record = register_model(job, snapshot, trained.artifact, evaluation, decision, trained.backend, registry, report)
-    return JobOutcome(model_version=record, snapshot=snapshot, validation=report, epochs=trained.epochs)
+    record = register_model(
+        job, snapshot, trained.artifact, evaluation, decision, trained.backend, registry, report, search=search
+    )
+    tuning = None
+    if search is not None:
+        tuning = search.status(record.spec.lineage.search.results_uri if record.spec.lineage.search else None)
+    return JobOutcome(model_version=record, snapshot=snapshot, validation=report, epochs=trained.epochs, tuning=tuning)

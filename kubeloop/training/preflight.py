@@ -7,12 +7,14 @@ to change and with what the data holds instead.
 Minimums: each class needs MIN_ROWS_PER_CLASS rows (kubeloop.training.split gives every such class a test row and
 two training rows); regression needs MIN_TEST_ROWS_REGRESSION test rows (r2 needs two) and MIN_TRAIN_ROWS_REGRESSION
 training rows; and every Ray worker trains on an equal shard of the training rows, so there must be at least
-spec.workers.replicas of them.
+spec.workers.replicas of them. A search (spec.tuning) also needs a space its values fit (positive learning rates,
+whole batch sizes, params.NAME the builder takes) and training rows that split again into validation rows.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from kubeloop.data.snapshot import Snapshot, dtype_of, read_frame
 from kubeloop.data.validation import DatasetSchema
 from kubeloop.errors import DataError, SpecError
 from kubeloop.log import event
+from kubeloop.training.models import resolve_builder
 from kubeloop.training.split import (
     MIN_ROWS_PER_CLASS,
     MIN_TEST_ROWS_PER_CLASS,
@@ -71,7 +74,7 @@ def find_problems(job: TrainingJob, frame: pd.DataFrame) -> list[str]:
     """Every problem of job's spec against frame (a snapshot's table): schema file, label and task, slice column,
     then the split's sizes (once the label is sound)."""
     spec, dataset = job.spec, job.spec.dataset
-    problems = _schema_problems(dataset)
+    problems = _schema_problems(dataset) + _search_problems(job)
     slice_problems = _slice_problems(dataset, frame)
     label = dataset.label
     if label not in frame.columns:
@@ -260,12 +263,95 @@ def _split_problems(job: TrainingJob, frame: pd.DataFrame, slice_column: str | N
             f"regression needs at least {MIN_TRAIN_ROWS_REGRESSION}: lower testFraction or add rows"
         )
     replicas = spec.workers.replicas
+    if spec.tuning is not None and not problems:
+        problems += _validation_problems(job, frame.iloc[train])
     if len(train) < replicas:
         problems.append(
             f"spec.workers.replicas: {replicas} workers each train on an equal share of the training rows, but "
             f"{split} leave {len(train)}: set replicas to at most {max(1, len(train))} or add rows"
         )
     return problems
+
+
+def _search_problems(job: TrainingJob) -> list[str]:
+    """spec.tuning.space against what it varies: learningRate positive, batchSize whole numbers from 1, params.NAME
+    a keyword argument the builder takes."""
+    if job.spec.tuning is None:
+        return []
+    problems = []
+    for name, dimension in job.spec.tuning.space.items():
+        field = f"spec.tuning.space.{name}"
+        values = dimension.choice or dimension.uniform or dimension.log_uniform or dimension.int_range or []
+        numbers = all(isinstance(value, int | float) and not isinstance(value, bool) for value in values)
+        if name == "learningRate" and not (numbers and min(values) > 0 and max(values) <= 10):
+            problems.append(f"{field}: learning rates must be numbers above 0 and at most 10 (got {values})")
+        elif name == "batchSize" and dimension.int_range is None and dimension.choice is None:
+            problems.append(f"{field}: a batch size is a whole number: use choice or intRange, not {dimension.kind()}")
+        elif name == "batchSize" and not (
+            numbers and all(float(value).is_integer() for value in values) and min(values) >= 1
+        ):
+            problems.append(f"{field}: batch sizes must be whole numbers from 1 (got {values})")
+        elif name.startswith("params."):
+            problems += _builder_keyword_problems(job.spec.model.builder, field, name.removeprefix("params."))
+    return problems
+
+
+def _builder_keyword_problems(reference: str, field: str, keyword: str) -> list[str]:
+    try:
+        parameters = inspect.signature(resolve_builder(reference)).parameters
+    except SpecError as error:
+        return [str(error)]
+    except (TypeError, ValueError):  # a callable without a signature: its call will tell
+        return []
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return []
+    # the first parameter is the input width, which kubeloop passes
+    accepted = [
+        name
+        for name, parameter in list(parameters.items())[1:]
+        if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and name != "outputs"  # kubeloop passes it (the network's outputs)
+    ]
+    if keyword in accepted:
+        return []
+    close = difflib.get_close_matches(keyword, accepted, n=1)
+    hint = f"; did you mean params.{close[0]}?" if close else ""
+    return [f"{field}: the builder {reference} takes no keyword {keyword!r} (it takes {', '.join(accepted)}){hint}"]
+
+
+def _validation_problems(job: TrainingJob, train: pd.DataFrame) -> list[str]:
+    """A search ranks its trials on validation rows split from the training rows as the test rows are from the
+    data: that second split needs the same minimums."""
+    spec = job.spec
+    label = spec.dataset.label
+    values = train[label].dropna()
+    fraction = spec.hyperparameters.test_fraction
+    if spec.task == "regression":
+        minimum = MIN_TEST_ROWS_REGRESSION + MIN_TRAIN_ROWS_REGRESSION
+        short = f"{len(values)} training rows, fewer than {minimum}" if len(values) < minimum else ""
+    else:
+        small = _counts(values)[lambda counts: counts < MIN_ROWS_PER_CLASS]
+        short = f"classes with fewer than {MIN_ROWS_PER_CLASS} training rows ({_listing(small)})" if len(small) else ""
+    if short:
+        return [
+            f"spec.tuning: a search ranks its trials on validation rows split from the training rows as the test "
+            f"rows are from the data (testFraction {fraction:g}), and the {len(train)} training rows cannot spare "
+            f"them: {short}; add rows or remove spec.tuning"
+        ]
+    fit, _ = split_rows(
+        train,
+        task=spec.task,
+        label=label,
+        slice_column=None,
+        test_fraction=fraction,
+        seed=spec.hyperparameters.seed,
+    )
+    if len(fit) < spec.workers.replicas:
+        return [
+            f"spec.workers.replicas: a search's trials train on {len(fit)} rows (the training rows less the "
+            f"validation rows): set replicas to at most {max(1, len(fit))} or add rows"
+        ]
+    return []
 
 
 def _no_column(field: str, name: str, frame: pd.DataFrame) -> str:

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.callback import UserCallback
 
 from kubeloop.errors import SpecError
 from kubeloop.log import event
@@ -146,7 +148,7 @@ def scaling_config(settings: TrainSettings) -> ScalingConfig:
     )
 
 
-def run_config(settings: TrainSettings) -> RunConfig:
+def run_config(settings: TrainSettings, callbacks: list[UserCallback] | None = None) -> RunConfig:
     """Checkpoints in settings.storage; a failed worker restarts the worker group from the latest one, up to
     settings.max_failures times (the TrainingJob's only retry layer)."""
     return RunConfig(
@@ -154,44 +156,69 @@ def run_config(settings: TrainSettings) -> RunConfig:
         storage_path=str(settings.storage),
         failure_config=FailureConfig(max_failures=settings.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=settings.checkpoints_kept),
+        callbacks=callbacks,
+    )
+
+
+def train_loop_config(
+    settings: TrainSettings, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
+) -> dict[str, Any]:
+    """What train_loop_per_worker reads: the rows (validation metrics are computed on the x_test rows) and
+    settings."""
+    return {
+        "x_train": x_train,
+        "y_train": y_train,
+        "x_test": x_test,
+        "y_test": y_test,
+        "builder": settings.builder,
+        "params": settings.params,
+        "epochs": settings.epochs,
+        "batch_size": settings.batch_size,
+        "learning_rate": settings.learning_rate,
+        "seed": settings.seed,
+        "checkpoint_every": settings.checkpoint_every,
+        "events_path": str(settings.events_path),
+        "task": settings.task,
+        "outputs": settings.outputs,
+        "label_std": settings.label_std,
+    }
+
+
+def trainer(
+    settings: TrainSettings,
+    loop_config: dict[str, Any],
+    callbacks: list[UserCallback] | None = None,
+    loop: Callable[[dict[str, Any]], None] = train_loop_per_worker,
+) -> TorchTrainer:
+    """The TorchTrainer of one training run: loop (train_loop_per_worker, or a wrapper of it) on settings.workers
+    workers."""
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend=settings.backend),
+        scaling_config=scaling_config(settings),
+        run_config=run_config(settings, callbacks),
     )
 
 
 def fit(
     settings: TrainSettings, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
 ) -> TrainOutput:
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "x_train": x_train,
-            "y_train": y_train,
-            "x_test": x_test,
-            "y_test": y_test,
-            "builder": settings.builder,
-            "params": settings.params,
-            "epochs": settings.epochs,
-            "batch_size": settings.batch_size,
-            "learning_rate": settings.learning_rate,
-            "seed": settings.seed,
-            "checkpoint_every": settings.checkpoint_every,
-            "events_path": str(settings.events_path),
-            "task": settings.task,
-            "outputs": settings.outputs,
-            "label_std": settings.label_std,
-        },
-        torch_config=TorchConfig(backend=settings.backend),
-        scaling_config=scaling_config(settings),
-        run_config=run_config(settings),
-    )
+    run = trainer(settings, train_loop_config(settings, x_train, y_train, x_test, y_test))
     progress = _Progress(settings.events_path, settings.epochs)
     progress.start()
     try:
-        result = trainer.fit()
+        result = run.fit()
     finally:
         progress.done.set()
         progress.join()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {settings.name} ended without a checkpoint: {result.error}")
-    with result.checkpoint.as_directory() as directory:
+    return load_output(result.checkpoint)
+
+
+def load_output(checkpoint: Checkpoint) -> TrainOutput:
+    """The weights, per-epoch history and epoch count rank 0 saved in checkpoint."""
+    with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, weights_only=False)
     return TrainOutput(model_state=state["model"], history=state["history"], epochs=state["epoch"])
