@@ -1,8 +1,9 @@
 """Automated canary analysis in the cluster: the same engine as the embedded loop (kubeloop.analysis), on
 Prometheus signals.
 
-A kopf timer (registered in operators.deployment_handlers) calls `tick` every analysis tick (settings.analysis_tick_seconds) for
-each ModelDeployment with `spec.canary.analysis`; `tick` acts once per `analysis.interval`:
+A kopf timer (registered in operators.deployment_handlers) calls `tick` every analysis tick
+(settings.analysis_tick_seconds) for each ModelDeployment with `spec.canary.analysis`; `tick` acts once per
+`analysis.interval`:
 
 - a new candidate: record the start in status.canaryAnalysis and set `spec.canary.trafficPercent` to the first step;
 - while the HTTPRoute holds the canary's share back (KServe has not reported it ready, operators.httproute): move
