@@ -137,9 +137,14 @@ def validate_snapshot(job: TrainingJob, snapshot: Snapshot, registry: Registry) 
 def split_snapshot(job: TrainingJob, snapshot: Snapshot) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The snapshot's train and test rows: a seeded split, stratified by label (and slice), so the digest and the
     seed reproduce it."""
-    frame = read_frame(snapshot)
+    return _split(job, read_frame(snapshot))
+
+
+def _split(job: TrainingJob, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """frame's rows in two: spec.hyperparameters.testFraction of them held out, seeded and stratified by label (and
+    slice)."""
     spec = job.spec
-    train_rows, test_rows = split_rows(
+    kept, held_out = split_rows(
         frame,
         task=spec.task,
         label=spec.dataset.label,
@@ -147,7 +152,7 @@ def split_snapshot(job: TrainingJob, snapshot: Snapshot) -> tuple[pd.DataFrame, 
         test_fraction=spec.hyperparameters.test_fraction,
         seed=spec.hyperparameters.seed,
     )
-    return frame.iloc[train_rows], frame.iloc[test_rows]
+    return frame.iloc[kept], frame.iloc[held_out]
 
 
 def fit_transform(job: TrainingJob, train: pd.DataFrame) -> TabularTransform:
@@ -255,16 +260,7 @@ def validation_split(job: TrainingJob, train: pd.DataFrame) -> tuple[pd.DataFram
     """The training rows a search's trials fit on, and the validation rows that rank them: split as the snapshot
     is (seeded, stratified, spec.hyperparameters.testFraction of the rows), so the test rows stay unseen until the
     gate and the best-of-N choice does not flatter the gated metrics."""
-    spec = job.spec
-    fit_rows, validation_rows = split_rows(
-        train,
-        task=spec.task,
-        label=spec.dataset.label,
-        slice_column=spec.dataset.slice_column,
-        test_fraction=spec.hyperparameters.test_fraction,
-        seed=spec.hyperparameters.seed,
-    )
-    return train.iloc[fit_rows], train.iloc[validation_rows]
+    return _split(job, train)
 
 
 def search_model(job: TrainingJob, transform: TabularTransform, train: pd.DataFrame, *, gpus: int) -> TunedModel:
