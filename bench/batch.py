@@ -1,9 +1,9 @@
 """Benchmark (not a test): a BatchPrediction on Ray Data against a single-process pandas loop, same model, same data,
 in the same run, at 1e5 and 1e6 rows.
 
-    .venv/bin/python bench/batch.py [--rows 100000 1000000 --replicas 2 --batch-size 4096]
+    .venv/bin/python -m bench.batch [--rows 100000 1000000 --replicas 2 --batch-size 4096]
 
-The model: the arrests MLP of tests/integration/serving_fixtures.py, registered and promoted in a temporary
+The model: the arrests MLP of tests/support/serving_fixtures.py, registered and promoted in a temporary
 KUBELOOP_HOME. The data: the bundled arrests rows resampled to N rows, with a row id, as one Parquet file.
 
 - pandas: what a user writes: read the Parquet file, `ModelArtifact.predict` over chunks of batch-size rows, the row
@@ -38,16 +38,14 @@ import pandas as pd
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "integration"))
 
 SPEEDUP_GOAL, MEMORY_GOAL = 1.7, 1.5
 
 
 def register(home: Path):
-    from serving_fixtures import register_model
-
     from kubeloop.data.snapshot import ingest
     from kubeloop.registry import Registry
+    from tests.support.serving_fixtures import register_model
 
     record = register_model(home)
     lineage = record.spec.lineage.model_copy(update={"dataset_digest": ingest("bundled://arrests").digest})
@@ -57,7 +55,7 @@ def register(home: Path):
 
 
 def write_input(rows: int, path: Path) -> None:
-    from serving_fixtures import arrests_frame
+    from tests.support.serving_fixtures import arrests_frame
 
     frame = arrests_frame().sample(n=rows, replace=True, random_state=0).reset_index(drop=True)
     frame.insert(0, "row_id", np.arange(rows))

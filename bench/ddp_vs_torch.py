@@ -1,7 +1,7 @@
 """Benchmark (not a test): 2-worker Ray Train DDP against plain torch.distributed (mp.spawn, gloo), measured in
 the same run on the same data, epochs and training code (kubeloop.training.worker.train_epoch).
 
-    uv run --frozen python bench/ddp_vs_torch.py [--repeat-data 20 --epochs 5]
+    .venv/bin/python -m bench.ddp_vs_torch [--repeat-data 20 --epochs 5]
 
 Reports, for each side, the whole run (process start, process group, training) and the training loop alone
 (rank 0, first step to last), their ratios (Ray's own release bar: 1.15x for training), and Ray's start-up.

@@ -1,6 +1,6 @@
 """Measure the drift decision rule's false-positive rate and detection delay (not a test; run on demand).
 
-    uv run --frozen python bench/drift_calibration.py [--runs 50] [--window 200] [--reference-size 2000]
+    .venv/bin/python -m bench.drift_calibration [--runs 50] [--window 200] [--reference-size 2000]
 
 Each run draws a fresh reference sample of the arrests snapshot (reference seed = run), then streams rows through
 the same FeatureWiseDrift + DriftTracker the sidecar uses:
@@ -21,8 +21,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,8 +35,9 @@ def main() -> int:
 
     from kubeloop.api.modelversion import Feature, Signature
     from kubeloop.data.snapshot import ingest, read_frame
-    from monitoring import detectors, traffic
+    from monitoring import detectors
     from monitoring.schema import Schema
+    from tests.support import traffic_events as traffic
 
     snapshot = ingest("bundled://arrests")
     frame = read_frame(snapshot)

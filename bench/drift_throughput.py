@@ -1,6 +1,6 @@
 """Events per second the drift sidecar sustains with KS + Chi-square on the quickstart model's features.
 
-    uv run --frozen python bench/drift_throughput.py [--duration 5] [--rounds 3] [--connections 16]
+    .venv/bin/python -m bench.drift_throughput [--duration 5] [--rounds 3] [--connections 16]
         [--cases 1:200,10:200,10:2000]   (BATCH:WINDOW: rows per request event, rows per drift window)
 
 Not a test. In one run, on this machine:
@@ -32,7 +32,6 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 FEATURES = ["colour", "year", "age", "sex", "employed", "citizen", "checks"]
 TARGET = 5000
@@ -122,7 +121,7 @@ def run_wrk(url: str, script: Path, duration: int, connections: int) -> dict[str
 def build_events(frame, batch: int, count: int = 200) -> list[tuple[dict[str, str], bytes]]:
     import numpy as np
 
-    from monitoring import traffic
+    from tests.support import traffic_events as traffic
 
     rng = np.random.default_rng(batch)
     events = []
@@ -139,9 +138,10 @@ def detector_alone(record: Path, frame, windows: list[int]) -> None:
 
     from kubeloop.api.load import load_resources
     from kubeloop.api.modelversion import ModelVersion
-    from monitoring import detectors, traffic
+    from monitoring import detectors
     from monitoring.config import SidecarConfig
     from monitoring.versions import build_monitor
+    from tests.support import traffic_events as traffic
 
     mv = next(r for r in load_resources(record) if isinstance(r, ModelVersion))
     for window in windows:

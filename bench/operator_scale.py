@@ -1,6 +1,6 @@
 """Operator scale benchmark (issue 4): N TrainingJobs at once -> how fast does each get its RayJob?
 
-With the operator running (``python -m operators``, started by tests/cluster/operatorkit.py's ``OperatorProcess``:
+With the operator running (``python -m operators``, started by tests/support/operatorkit.py's ``OperatorProcess``:
 the tests' environment, KUBELOOP_RETRY_DELAY=2, and by default the chart's ServiceAccount, see below; but the
 chart's KUBELOOP_WORKERS, operators.settings.Settings.workers, rather than the tests' 4: ``--workers N``), apply 100
 and then 1,000 TrainingJobs (``manifests/samples/trainingjob.yaml`` renamed tj-0..N-1, each run in a fresh
@@ -23,7 +23,7 @@ The chart (helm/kubeloop) is installed with helm, its Deployment scaled to 0, an
 its ServiceAccount ``kubeloop-system/kubeloop-operator``: every request is authorized by the chart's RBAC, as in
 production. ``--admin`` runs it with the admin kubeconfig instead (no chart; RBAC not measured).
 
-    uv run --frozen --no-sync python bench/operator_scale.py [--sizes 100,1000] [--threads 16] [--admin] [--workers N]
+    .venv/bin/python -m bench.operator_scale [--sizes 100,1000] [--threads 16] [--admin] [--workers N]
 
 Everything runs on this machine: the control plane, the operator and this client share its cores, so the load
 average is printed beside each figure.
@@ -47,16 +47,14 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "cluster"))
-sys.path.insert(0, str(REPO))
 
-from clusterkit import exists, load_controlplane, load_upstream, service_account_kubeconfig  # noqa: E402
 from kubernetes import client, config, watch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
-from operatorkit import OPERATOR_SA, RELEASE, SYSTEM, OperatorProcess  # noqa: E402  (as the tests run it)
 
 from operators import chart  # noqa: E402
 from operators.settings import Settings  # noqa: E402
+from tests.support.clusterkit import exists, load_controlplane, load_upstream, service_account_kubeconfig  # noqa: E402
+from tests.support.operatorkit import OPERATOR_SA, RELEASE, SYSTEM, OperatorProcess  # noqa: E402  (as the tests run it)
 
 GROUP, VERSION = "kubeloop.dev", "v1alpha1"
 TARGETS = {"p99_at_100_s": 1.0, "all_1000_within_s": 60.0, "peak_rss_mb": 300.0}

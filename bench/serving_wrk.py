@@ -1,10 +1,10 @@
 """Model-serving benchmark, side by side in one run, with wrk (Debian) as the load generator in its own process.
 
-    .venv/bin/python bench/serving_wrk.py [--duration 10] [--connections 16] [--rounds 3]
+    .venv/bin/python -m bench.serving_wrk [--duration 10] [--connections 16] [--rounds 3]
         [--server-cpus 0] [--side-cpus 1] [--wrk-cpus 1] [--only a "a'" a0 a1 b c] [--json results.json]
 
 Needs `wrk` (`apt-get install wrk`) and `taskset` (util-linux). The same registered arrests model
-(tests/integration/serving_fixtures.py: the bundled data, the training transform and MLP builder, briefly trained;
+(tests/support/serving_fixtures.py: the bundled data, the training transform and MLP builder, briefly trained;
 registered again with its training data stored as a snapshot, the sidecar's reference) behind:
 
   (a)  kubeloop's server (`python -m serving.server --logger-url`) logging every request to a real drift sidecar
@@ -57,11 +57,9 @@ import httpx
 from fastapi import Request  # at module level: the endpoint's annotation is resolved from these globals
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-
-from serving_fixtures import Process, arrests_frame, record_path, register_model, rows  # noqa: E402
 
 from kubeloop.processes import free_port  # noqa: E402
+from tests.support.serving_fixtures import Process, arrests_frame, record_path, register_model, rows  # noqa: E402
 
 # wrk cycles through these requests: one row each, a different row of the data set every time
 LUA = """local requests, n, i = {}, 0, 0

@@ -2,7 +2,7 @@
 in one run: the same space, trials, epochs and seed (so the same sampled values), each search a real TrainingJob
 with spec.tuning through kubeloop.training.job.run_training_job, in a Ray instance of its own.
 
-    .venv/bin/python bench/tuning.py [--trials 8 --epochs 12 --parallelism 2 --repeat-data 4]
+    .venv/bin/python -m bench.tuning [--trials 8 --epochs 12 --parallelism 2 --repeat-data 4]
 
 Reports, per search, the best validation ROC AUC (the candidate's trial, on the validation rows split from the
 training rows), the test ROC AUC of the registered candidate, and the compute spent: trial-epochs (epochs run over

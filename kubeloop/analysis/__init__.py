@@ -9,7 +9,7 @@
 """
 
 from kubeloop.analysis.engine import AnalysisState, CheckResult, Decision, decide, run_checks
-from kubeloop.analysis.retrain import RetrainDecision, RetrainState, decide_retrain
+from kubeloop.analysis.retrain_policy import RetrainDecision, RetrainState, decide_retrain
 from kubeloop.analysis.signals import (
     MetricsSource,
     PrometheusSource,

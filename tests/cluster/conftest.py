@@ -29,7 +29,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from clusterkit import (
+from kubernetes import client
+
+from operators import chart as chart_render
+from operators.settings import Settings
+from tests.support.clusterkit import (
     EXTERNAL_ENV,
     HERE,
     Cluster,
@@ -39,11 +43,7 @@ from clusterkit import (
     service_account_kubeconfig,
     wait_for,
 )
-from kubernetes import client
-from operatorkit import OPERATOR_SA, RELEASE, REPO, SYSTEM
-
-from operators import chart as chart_render
-from operators.settings import Settings
+from tests.support.operatorkit import OPERATOR_SA, RELEASE, REPO, SYSTEM
 
 
 def _is_cluster_test(item: pytest.Item) -> bool:

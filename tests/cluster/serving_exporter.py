@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from operatorkit import GROUP, VERSION, get, routed
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from tests.support.operatorkit import GROUP, VERSION, get, routed
 
 GOLDEN = 0.6180339887498949  # low-discrepancy predictions: two versions with the same spread look the same at once
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)

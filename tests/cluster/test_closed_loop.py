@@ -25,9 +25,13 @@ from typing import Any
 
 import pytest
 import yaml
-from clusterkit import Cluster, wait_for
 from kubernetes import client
-from operatorkit import (
+from serving_exporter import Behaviour, ServingExporter, split_of
+
+from kubeloop.analysis.prometheus import EmbeddedPrometheus
+from operators import rayjob as rj
+from tests.support.clusterkit import Cluster, wait_for
+from tests.support.operatorkit import (
     OperatorProcess,
     create,
     free_port,
@@ -36,10 +40,6 @@ from operatorkit import (
     rayjob,
     sample,
 )
-from serving_exporter import Behaviour, ServingExporter, split_of
-
-from kubeloop.analysis.prometheus import EmbeddedPrometheus
-from operators import rayjob as rj
 
 INTERVAL_S = 3
 ANALYSIS = {"steps": [10, 25, 50, 100], "interval": f"{INTERVAL_S}s", "maxFailedChecks": 2}

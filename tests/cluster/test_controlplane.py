@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from clusterkit import Cluster, wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from tests.support.clusterkit import Cluster, wait_for
 
 pytestmark = pytest.mark.cluster
 

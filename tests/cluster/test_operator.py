@@ -27,10 +27,18 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from clusterkit import Cluster, exists, service_account_kubeconfig, wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from operatorkit import (
+
+from kubeloop import in_cluster
+from kubeloop.api import BatchPrediction, ModelVersion, TrainingJob, parse_resource
+from operators import admission, batchjob
+from operators import chart as chart_render
+from operators import rayjob as rj
+from operators.kube import contains
+from operators.settings import Settings
+from tests.support.clusterkit import Cluster, exists, service_account_kubeconfig, wait_for
+from tests.support.operatorkit import (
     GROUP,
     RELEASE,
     SYSTEM,
@@ -47,14 +55,6 @@ from operatorkit import (
     routed,
     sample,
 )
-
-from kubeloop import in_cluster
-from kubeloop.api import BatchPrediction, ModelVersion, TrainingJob, parse_resource
-from operators import admission, batchjob
-from operators import chart as chart_render
-from operators import rayjob as rj
-from operators.kube import contains
-from operators.settings import Settings
 
 pytestmark = pytest.mark.cluster
 

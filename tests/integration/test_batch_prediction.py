@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from serving_fixtures import arrests_frame, register_model
 
 from kubeloop.api import BatchPrediction
 from kubeloop.artifact import ModelArtifact
@@ -16,6 +15,7 @@ from kubeloop.batch import run_batch_prediction
 from kubeloop.data.snapshot import ingest
 from kubeloop.errors import DataError, KubeloopError
 from kubeloop.registry import Registry
+from tests.support.serving_fixtures import arrests_frame, register_model
 
 ROWS = 50_000
 # row id -> (column, value written to the CSV, the reason it is rejected)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import tools
 from test_report_card import Trained, structure_of, trained_models
 
 from kubeloop.report import dashboards
+from tests.support import tools
 
 pytestmark = pytest.mark.integration
 

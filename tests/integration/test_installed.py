@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import tools
+
+from tests.support import tools
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration

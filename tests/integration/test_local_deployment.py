@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serving_fixtures import arrests_frame, record_path, rows, scrape, shared_home
 
 from kubeloop.api import ModelDeployment, load_resources
 from kubeloop.data.snapshot import ingest
@@ -24,6 +23,7 @@ from kubeloop.local_deployment import Endpoints, LocalDeployment
 from kubeloop.processes import RestartPolicy
 from kubeloop.registry import Registry
 from kubeloop.status_view import DeploymentEndpoints, status_table
+from tests.support.serving_fixtures import arrests_frame, record_path, rows, scrape, shared_home
 
 pytestmark = pytest.mark.integration
 

@@ -28,12 +28,12 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-import tools
 import yaml
 
 from kubeloop.api.modelversion import ModelVersion
-from monitoring import traffic
 from monitoring.detectors import DECLARED_DETECTION_WINDOWS, DECLARED_FALSE_POSITIVE_RATE
+from tests.support import tools
+from tests.support import traffic_events as traffic
 
 pytestmark = pytest.mark.integration
 

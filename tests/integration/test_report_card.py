@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import tools
-from html_structure import Structure, structure_of
 
 from kubeloop.api import TrainingJob
 from kubeloop.api.modelversion import ModelVersion
 from kubeloop.api.trainingjob import Gate, TrainingJobSpec
+from tests.support import tools
+from tests.support.html_structure import Structure, structure_of
 
 pytestmark = pytest.mark.integration
 

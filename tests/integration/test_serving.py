@@ -21,8 +21,11 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-import tools
-from serving_fixtures import (
+
+from kubeloop.api.load import load_resources
+from kubeloop.artifact import ModelArtifact
+from tests.support import tools
+from tests.support.serving_fixtures import (
     DATASETS,
     Process,
     arrests_frame,
@@ -37,9 +40,6 @@ from serving_fixtures import (
     stop_all,
     task_home,
 )
-
-from kubeloop.api.load import load_resources
-from kubeloop.artifact import ModelArtifact
 
 pytestmark = pytest.mark.integration
 

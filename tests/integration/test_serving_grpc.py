@@ -19,7 +19,11 @@ import pytest
 from kserve import InferenceGRPCClient, InferInput, InferRequest
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
-from serving_fixtures import (
+
+from kubeloop.api.load import load_resources
+from kubeloop.artifact import ModelArtifact
+from kubeloop.processes import free_port
+from tests.support.serving_fixtures import (
     Process,
     arrests_frame,
     launch_server,
@@ -31,10 +35,6 @@ from serving_fixtures import (
     start_all,
     stop_all,
 )
-
-from kubeloop.api.load import load_resources
-from kubeloop.artifact import ModelArtifact
-from kubeloop.processes import free_port
 
 pytestmark = pytest.mark.integration
 

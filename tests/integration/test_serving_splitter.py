@@ -7,7 +7,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serving_fixtures import (
+
+from tests.support.serving_fixtures import (
     Process,
     arrests_frame,
     http_many,

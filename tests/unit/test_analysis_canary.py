@@ -5,10 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from fake_kube import FakeKube
-
 from kubeloop.analysis import VersionSignals
 from operators import canary
+from tests.support.fake_kube import FakeKube
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 PRED = [(0.5, 80.0), (float("inf"), 100.0)]

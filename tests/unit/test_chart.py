@@ -3,7 +3,7 @@ Grafana dashboards behind a value), and the kustomize base in manifests/ generat
 chart's defaults).
 
 Needs helm ($KUBELOOP_HELM, PATH, or the dev control plane's build, which `./dev test` makes before pytest starts),
-promtool and kubectl; a test fails saying how to get one that is missing (tests/tools.py).
+promtool and kubectl; a test fails saying how to get one that is missing (tests/support/tools.py).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tools
 import yaml
 
 from kubeloop.report import dashboards
 from operators import admission, chart
 from operators.settings import Settings
+from tests.support import tools
 
 REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "helm/kubeloop"

@@ -15,13 +15,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import tools
 import yaml
 from prometheus_client import generate_latest
 
 from kubeloop.api.modelversion import ModelVersion, Signature
 from kubeloop.data.bundled import bundled_path
-from monitoring import detectors, traffic
+from monitoring import detectors
 from monitoring.events import (
     REQUEST_TYPE,
     Malformed,
@@ -31,6 +30,8 @@ from monitoring.events import (
     parse_predictions,
 )
 from monitoring.schema import Schema
+from tests.support import tools
+from tests.support import traffic_events as traffic
 
 SAMPLE = Path(__file__).resolve().parents[2] / "manifests" / "samples" / "modelversion.yaml"
 FEATURES = ["colour", "year", "age", "sex", "employed", "citizen", "checks"]

@@ -16,13 +16,13 @@ from typing import Any
 import kopf
 import pytest
 import yaml
-from fake_kube import FakeKube
 
 from operators import admission, deployment_handlers, handlers, kube, metrics, run_handlers
 from operators import canary as canary_analysis
 from operators import inferenceservice as isvc
 from operators import rayjob as rj
 from operators.settings import Settings
+from tests.support.fake_kube import FakeKube
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from fake_kube import FakeKube
 
 from kubeloop.analysis import VersionSignals
 from kubeloop.api import TrainingJob, parse_resource
 from kubeloop.api.trainingjob import name_is_valid
 from operators import retrain
+from tests.support.fake_kube import FakeKube
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

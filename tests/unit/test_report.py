@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
-from html_structure import structure_of
 
 from kubeloop.report import promtext
 from kubeloop.status_view import (
@@ -29,6 +28,7 @@ from kubeloop.status_view import (
     sidecar_for,
     status_table,
 )
+from tests.support.html_structure import structure_of
 
 REPO = Path(__file__).resolve().parents[2]
 SECTIONS = ("summary", "data", "training", "evaluation", "slices", "gate", "comparison", "history", "drift")
@@ -398,12 +398,13 @@ def test_drift_predictions_text_per_task(task: str) -> None:
     from kubeloop.data.bundled import bundled_path
     from kubeloop.histograms import value_buckets
     from kubeloop.report.drift import read_drift
-    from monitoring import detectors, traffic
+    from monitoring import detectors
     from monitoring.app import DriftSidecar
     from monitoring.config import SidecarConfig
     from monitoring.events import lower_headers
     from monitoring.schema import Schema
     from monitoring.versions import VersionMonitor
+    from tests.support import traffic_events as traffic
 
     sample = ModelVersion.model_validate(yaml.safe_load((REPO / "manifests/samples/modelversion.yaml").read_text()))
     schema = Schema.from_signature(sample.spec.signature)

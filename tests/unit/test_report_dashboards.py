@@ -11,10 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import tools
 import yaml
 
 from kubeloop.report import dashboards
+from tests.support import tools
 
 REPO = Path(__file__).resolve().parents[2]
 BOARDS = dashboards.load()

@@ -8,8 +8,9 @@ import subprocess
 import textwrap
 from pathlib import Path
 
-import tools
 import yaml
+
+from tests.support import tools
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "monitoring/rules/kubeloop.rules.yaml"

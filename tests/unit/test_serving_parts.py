@@ -10,7 +10,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import tools
 from kserve.protocol.infer_type import InferInput, InferRequest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -20,6 +19,7 @@ from serving.cache import PredictionCache, row_keys
 from serving.metrics import ServingMetrics, feature_buckets
 from serving.splitter import Backend, Splitter, SplitterMetrics, bucket
 from serving.validation import InvalidRequest, SignatureValidator
+from tests.support import tools
 
 FEATURES = [
     Feature(name="colour", dtype="string", categories=["Black", "White"], nullable=False),

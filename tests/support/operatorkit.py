@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 import yaml
-from clusterkit import wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubeloop.processes import free_port
+from tests.support.clusterkit import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 RELEASE, SYSTEM = "kubeloop", "kubeloop-system"

@@ -5,7 +5,7 @@ The model: a bundled data set (arrests for a binary model, penguins for a multic
 full-batch Adam steps on the task's loss (kubeloop.training.tasks; seconds, not a Ray TrainingJob), saved as a
 `ModelArtifact` and registered through `Registry.allocate/save` with a ModelVersion record.
 
-The sink (`python tests/integration/serving_fixtures.py sink --port 0 [--delay S]`): a small real HTTP server standing
+The sink (`python tests/support/serving_fixtures.py sink --port 0 [--delay S]`): a small real HTTP server standing
 in for the drift sidecar; it answers 200 to every POST (HTTP/1.1 keep-alive, pipelining), keeps the last events'
 headers and bodies, and answers `GET /events` with them as JSON and `GET /count` with how many it received.
 """
