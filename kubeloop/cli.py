@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -89,29 +90,6 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pipeline(args: argparse.Namespace) -> int:
-    if args.action == "compile":
-        from pipelines.compile import COMPILED_DIR, check, compile_all
-
-        out = Path(args.out) if args.out else COMPILED_DIR
-        if args.check:
-            stale = check(out)
-            for message in stale:
-                print(message, file=sys.stderr)
-            if not stale:
-                print("compiled pipelines are up to date")
-            return 1 if stale else 0
-        for path in compile_all(out):
-            print(f"wrote {path}")
-        return 0
-    if not args.name:
-        raise SpecError("pipeline run needs a pipeline name: training or continuous")
-    from pipelines.local import params_from_cli, run_local
-
-    run_local(args.name, **params_from_cli(args.file, args.param))
-    return 0
-
-
 def _status(args: argparse.Namespace) -> int:
     from kubeloop.status_view import status_table
 
@@ -180,14 +158,8 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--sidecar", help="report: drift sidecar URL of a running deployment (local ones are found)")
     models.set_defaults(handler=_models)
 
-    pipeline = commands.add_parser("pipeline", help="Kubeflow Pipelines: compile for the dashboard, run locally")
-    pipeline.add_argument("action", choices=["compile", "run"])
-    pipeline.add_argument("name", nargs="?", choices=["training", "continuous"], help="the pipeline to run")
-    pipeline.add_argument("-f", "--file", help="run: a TrainingJob YAML (default: the sample)")
-    pipeline.add_argument("-p", "--param", action="append", default=[], help="run: KEY=VALUE (JSON values parsed)")
-    pipeline.add_argument("--check", action="store_true", help="compile: exit 1 when pipelines/compiled is stale")
-    pipeline.add_argument("--out", help="compile: output folder (default pipelines/compiled)")
-    pipeline.set_defaults(handler=_pipeline)
+    for command in entry_points(group="kubeloop.commands"):
+        command.load()(commands)
 
     status = commands.add_parser("status", help="deployments running on this machine, live from their /metrics")
     status.add_argument("--interval", type=float, default=1.0, help="seconds between the two scrapes")
