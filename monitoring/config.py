@@ -9,8 +9,10 @@ from kubeloop.api.modeldeployment import DriftMonitor
 from monitoring.detectors import (
     ALARM_K,
     ALARM_M,
+    DEFAULT_BACKEND,
     DEFAULT_CORRECTION,
     MMD_PERMUTATIONS,
+    Backend,
     Correction,
 )
 
@@ -24,6 +26,7 @@ HISTORY = 50  # recent windows kept per version for /status (p-values, flag, sta
 @dataclass(frozen=True)
 class SidecarConfig:
     detector: Literal["ks", "mmd"] = "ks"
+    backend: Backend = DEFAULT_BACKEND
     window: int = 500  # rows (inference instances) per detection window
     p_value: float = 0.05  # family-wise alpha of one window's test
     reference_size: int = 2000
@@ -40,6 +43,7 @@ class SidecarConfig:
     def from_monitor(cls, monitor: DriftMonitor, **overrides: Any) -> SidecarConfig:
         return cls(
             detector=monitor.detector,
+            backend=monitor.backend,
             window=monitor.window,
             p_value=monitor.p_value,
             reference_size=monitor.reference_size,

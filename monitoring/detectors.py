@@ -7,6 +7,10 @@ flagged when some feature's p-value is below ``alpha / K``, K = features tested)
 option. ``mmd``: alibi-detect ``MMDDrift`` (pytorch backend, permutation test) on the numeric features
 standardized by the reference plus one-hot categories.
 
+The ``ks`` tests run on one of two backends with the same decisions (tests/unit/test_drift_backends.py compares
+them window by window): ``alibi`` (alibi-detect, Business Source License 1.1: not free for production use without
+Seldon's terms) or ``scipy`` (BSD-3-Clause). ``mmd`` exists on alibi only.
+
 A flagged window is not yet an alarm. Against one fixed reference, feature-wise tests flag in-distribution windows
 more often than their nominal level (the reference's own sampling error is shared by every window), so the
 decision rule is: the model version is in Drift when the corrected test flagged at least ``k`` of the last ``m``
@@ -37,11 +41,13 @@ from monitoring.schema import FeatureSpec, Schema
 log = logging.getLogger(__name__)
 
 Correction = Literal["bonferroni", "fdr"]
+Backend = Literal["alibi", "scipy"]
 State = Literal["Unknown", "NoDrift", "Drift"]
 
 # ---- the decision rule and what it promises (declared, tested, measured) ---------------------------------------
 DEFAULT_ALPHA = 0.05  # family-wise level of one window's test, after the correction across features
 DEFAULT_CORRECTION: Correction = "bonferroni"
+DEFAULT_BACKEND: Backend = "alibi"
 ALARM_K = 2  # Drift when >= ALARM_K ...
 ALARM_M = 3  # ... of the last ALARM_M evaluated windows were flagged
 # In-distribution traffic: at most this share of evaluated windows may end in state Drift (1 of 20 windows).
@@ -162,19 +168,82 @@ class Detector(Protocol):
     def test(self, columns: Sequence[np.ndarray]) -> WindowResult: ...
 
 
+class _AlibiTests:
+    """The feature-wise tests through alibi-detect's KSDrift and ChiSquareDrift (BSL-1.1)."""
+
+    def __init__(self, numeric: Mapping[int, np.ndarray], categorical: np.ndarray | None, alpha: float):
+        cd = _alibi()
+        # one 1-D detector per numeric feature, so nulls (NaN) drop out feature by feature
+        self._ks = {i: cd.KSDrift(values.reshape(-1, 1), p_val=alpha) for i, values in numeric.items()}
+        # categories per feature inferred from the reference codes; a window's unseen codes join at test time
+        self._chi2 = cd.ChiSquareDrift(categorical, p_val=alpha) if categorical is not None else None
+        self._lock = threading.Lock()  # alibi detectors keep state (counters): one test at a time
+
+    def ks(self, i: int, values: np.ndarray) -> tuple[float, float]:
+        with self._lock:
+            p, d = self._ks[i].score(values.reshape(-1, 1))
+        return float(p[0]), float(d[0])
+
+    def chi2(self, window: np.ndarray) -> list[tuple[float, float]]:
+        assert self._chi2 is not None
+        with self._lock:
+            p, d = self._chi2.score(window)
+        return [(float(p[j]), float(d[j])) for j in range(window.shape[1])]
+
+
+class _ScipyTests:
+    """The same tests on scipy (BSD-3-Clause): the asymptotic two-sample KS, and Chi-square on the contingency
+    table of reference and window counts over the union of their categories, as alibi-detect computes them."""
+
+    def __init__(self, numeric: Mapping[int, np.ndarray], categorical: np.ndarray | None, alpha: float):
+        self._numeric = dict(numeric)
+        self._categorical = categorical
+
+    def ks(self, i: int, values: np.ndarray) -> tuple[float, float]:
+        result = stats.ks_2samp(self._numeric[i], values, method="asymp")
+        return float(result.pvalue), float(result.statistic)
+
+    def chi2(self, window: np.ndarray) -> list[tuple[float, float]]:
+        assert self._categorical is not None
+        scores = []
+        for j in range(window.shape[1]):
+            reference = self._categorical[:, j]
+            categories = np.union1d(np.unique(reference), np.unique(window[:, j]))
+            table = np.vstack([_counts(reference, categories), _counts(window[:, j], categories)])
+            result = stats.chi2_contingency(table)
+            scores.append((float(result.pvalue), float(result.statistic)))
+        return scores
+
+
+def _counts(codes: np.ndarray, categories: np.ndarray) -> np.ndarray:
+    return (codes[:, None] == categories[None, :]).sum(axis=0)
+
+
+BACKENDS: dict[str, type[_AlibiTests] | type[_ScipyTests]] = {"alibi": _AlibiTests, "scipy": _ScipyTests}
+
+
 class FeatureWiseDrift:
-    """KS (numeric) + Chi-square (categorical) per feature, one correction across all features."""
+    """KS (numeric) + Chi-square (categorical) per feature, one correction across all features; the tests run on
+    alibi-detect or on scipy (``backend``), with the same decisions."""
 
     name = "ks"
 
-    def __init__(self, reference: Reference, alpha: float = DEFAULT_ALPHA, correction: Correction = "bonferroni"):
+    def __init__(
+        self,
+        reference: Reference,
+        alpha: float = DEFAULT_ALPHA,
+        correction: Correction = "bonferroni",
+        backend: Backend = DEFAULT_BACKEND,
+    ):
         if correction not in ("bonferroni", "fdr"):
             raise ValueError(f"correction must be bonferroni or fdr, not {correction!r}")
-        cd = _alibi()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, not {backend!r}")
         self.schema = reference.schema
         self.alpha = alpha
         self.correction = correction
-        self._ks: dict[int, Any] = {}
+        self.backend = backend
+        numeric: dict[int, np.ndarray] = {}
         for i in self.schema.numeric():
             values = reference.columns[i]
             values = values[~np.isnan(values)]
@@ -182,45 +251,35 @@ class FeatureWiseDrift:
                 name = self.schema.features[i].name
                 event(log, "feature_untested", logging.WARNING, feature=name, reason="no non-null reference values")
                 continue
-            # one 1-D detector per numeric feature, so nulls (NaN) drop out feature by feature
-            self._ks[i] = cd.KSDrift(values.reshape(-1, 1), p_val=alpha)
+            numeric[i] = values
         self._categorical = self.schema.categorical()
-        self._chi2 = None
-        if self._categorical:
-            x_ref = np.stack([reference.columns[i] for i in self._categorical], axis=1)
-            # categories per feature inferred from the reference codes; a window's unseen codes join at test time
-            self._chi2 = cd.ChiSquareDrift(x_ref, p_val=alpha)
-        self._lock = threading.Lock()
+        x_ref = np.stack([reference.columns[i] for i in self._categorical], axis=1) if self._categorical else None
+        self._tests = BACKENDS[backend](numeric, x_ref, alpha)
+        self._numeric = list(numeric)
 
     def test(self, columns: Sequence[np.ndarray]) -> WindowResult:
         start = time.perf_counter()
         names: list[str] = []
         tests: list[str] = []
-        p_values: list[float] = []
-        distances: list[float] = []
-        with self._lock:  # alibi detectors keep state (x_ref updates off, but counters): one test at a time
-            for i, detector in self._ks.items():
-                values = np.asarray(columns[i], dtype=np.float64)
-                values = values[~np.isnan(values)]
-                if len(values) == 0:
-                    continue
-                p, d = detector.score(values.reshape(-1, 1))
-                names.append(self.schema.features[i].name)
-                tests.append("ks")
-                p_values.append(float(p[0]))
-                distances.append(float(d[0]))
-            if self._chi2 is not None:
-                x = np.stack([np.asarray(columns[i], dtype=np.int64) for i in self._categorical], axis=1)
-                p, d = self._chi2.score(x)
-                for j, i in enumerate(self._categorical):
-                    names.append(self.schema.features[i].name)
-                    tests.append("chi2")
-                    p_values.append(float(p[j]))
-                    distances.append(float(d[j]))
+        scores: list[tuple[float, float]] = []
+        for i in self._numeric:
+            values = np.asarray(columns[i], dtype=np.float64)
+            values = values[~np.isnan(values)]
+            if len(values) == 0:
+                continue
+            names.append(self.schema.features[i].name)
+            tests.append("ks")
+            scores.append(self._tests.ks(i, values))
+        if self._categorical:
+            x = np.stack([np.asarray(columns[i], dtype=np.int64) for i in self._categorical], axis=1)
+            names += [self.schema.features[i].name for i in self._categorical]
+            tests += ["chi2"] * len(self._categorical)
+            scores += self._tests.chi2(x)
+        p_values = [p for p, _ in scores]
         adjusted, flagged, threshold = correct(p_values, self.alpha, self.correction)
         features = {
             name: FeatureTest(test, p, d, a)
-            for name, test, p, d, a in zip(names, tests, p_values, distances, adjusted, strict=True)
+            for name, test, (p, d), a in zip(names, tests, scores, adjusted, strict=True)
         }
         rows = len(columns[0]) if columns else 0
         elapsed = time.perf_counter() - start
@@ -288,10 +347,13 @@ def build_detector(
     alpha: float = DEFAULT_ALPHA,
     correction: Correction = DEFAULT_CORRECTION,
     mmd_permutations: int = MMD_PERMUTATIONS,
+    backend: Backend = DEFAULT_BACKEND,
 ) -> Detector:
     if kind == "ks":
-        return FeatureWiseDrift(reference, alpha, correction)
+        return FeatureWiseDrift(reference, alpha, correction, backend)
     if kind == "mmd":
+        if backend != "alibi":
+            raise ValueError(f"detector mmd runs on backend alibi only, not {backend!r}")
         return MMDDetector(reference, alpha, mmd_permutations)
     raise ValueError(f"detector must be ks or mmd, not {kind!r}")
 

@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--default-version", type=int, help="version of events without ce-modelversion (first given)")
     p.add_argument("--detector", choices=["ks", "mmd"], default=defaults.detector)
+    p.add_argument("--backend", choices=["alibi", "scipy"], default=defaults.backend, help="runs the ks tests")
     p.add_argument("--window", type=int, default=defaults.window, help="rows per detection window")
     p.add_argument("--p-value", type=float, default=defaults.p_value, help="family-wise alpha per window")
     p.add_argument("--reference-size", type=int, default=defaults.reference_size)
@@ -133,7 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # the ModelDeployment's own bounds (window >= 20, 0 < p < 1, ...) apply to the flags too
         monitor = DriftMonitor(
-            detector=args.detector, window=args.window, p_value=args.p_value, reference_size=args.reference_size
+            detector=args.detector,
+            backend=args.backend,
+            window=args.window,
+            p_value=args.p_value,
+            reference_size=args.reference_size,
         )
         config = SidecarConfig.from_monitor(
             monitor,

@@ -172,7 +172,12 @@ def build_monitor(record: ModelVersion, config: SidecarConfig) -> VersionMonitor
             advice=f"the declared false-positive rate assumes reference >= {MIN_REFERENCE_PER_WINDOW}x window",
         )
     detector = build_detector(
-        config.detector, reference, config.p_value, config.correction, mmd_permutations=config.mmd_permutations
+        config.detector,
+        reference,
+        config.p_value,
+        config.correction,
+        mmd_permutations=config.mmd_permutations,
+        backend=config.backend,
     )
     event(
         log,

@@ -121,9 +121,22 @@ class DriftMonitor(KubeModel):
         default="ks",
         description="ks: Kolmogorov-Smirnov (numeric) + Chi-square (categorical); mmd: multivariate.",
     )
+    backend: Literal["alibi", "scipy"] = Field(
+        default="alibi",
+        description=(
+            "What runs the ks tests, with the same decisions: alibi (alibi-detect, Business Source License 1.1, "
+            "not free for production use) or scipy (BSD-3-Clause). mmd needs alibi."
+        ),
+    )
     window: Annotated[int, Field(ge=20, le=100_000, description="Requests per detection window.")] = 500
     p_value: Annotated[float, Field(gt=0, lt=1)] = 0.05
     reference_size: Annotated[int, Field(ge=50, le=1_000_000)] = 2000
+
+    @model_validator(mode="after")
+    def _backend_runs_detector(self) -> DriftMonitor:
+        if self.detector == "mmd" and self.backend != "alibi":
+            raise ValueError("spec.drift.detector mmd runs on backend alibi only: set spec.drift.backend: alibi")
+        return self
 
 
 class InputPolicy(KubeModel):
