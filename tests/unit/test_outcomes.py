@@ -1,0 +1,117 @@
+"""Ground truth joined to served predictions (monitoring/outcomes.py): label decoding per task, the join under
+late, partial, out-of-order, duplicated and unknown feedback, the live metrics against a direct computation on
+the same joined rows, and the estimate without labels against the labels it stands in for."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from kubeloop.api.modelversion import Feature, Signature
+from monitoring.outcomes import LabelError, OutcomeJoin, decode_label, estimate_without_labels
+
+INPUTS = [Feature(name="x", dtype="float")]
+BINARY = Signature(inputs=INPUTS, label="released", task="binary", positive_class="Yes")
+MULTICLASS = Signature(inputs=INPUTS, label="kind", task="multiclass", classes=["a", "b", "c"])
+REGRESSION = Signature(inputs=INPUTS, label="price", task="regression")
+
+
+def test_labels_decode_as_the_model_learned_them_and_a_wrong_type_names_its_field() -> None:
+    assert [decode_label(v, BINARY, "labels[0]") for v in ("Yes", "No", True, False, 1, 0)] == [1, 0, 1, 0, 1, 0]
+    assert [decode_label(v, MULTICLASS, "label") for v in ("a", "c", 1)] == [0, 2, 1]
+    assert decode_label(2.5, REGRESSION, "label") == 2.5
+    cases = [
+        (2, BINARY, "is not 0/1, true/false or a class name"),
+        (0.5, BINARY, "is not 0/1"),
+        ("d", MULTICLASS, "is not one of the model's classes ['a', 'b', 'c']"),
+        (3, MULTICLASS, "is not one of the model's classes"),
+        ("1.5", REGRESSION, "is not a finite number"),
+        (float("nan"), REGRESSION, "is not a finite number"),
+        (True, REGRESSION, "is not a finite number"),
+    ]
+    for value, signature, message in cases:
+        with pytest.raises(LabelError, match=re.escape(message)) as raised:
+            decode_label(value, signature, "feedback[3].labels[1]")
+        assert raised.value.field == "feedback[3].labels[1]"
+
+
+def _served(join: OutcomeJoin, rng: np.random.Generator, requests: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Requests of 1-3 rows with calibrated scores; returns id -> (scores, the labels that will come)."""
+    truth = {}
+    for i in range(requests):
+        scores = rng.random(int(rng.integers(1, 4))).tolist()
+        labels = [float(rng.random() < s) for s in scores]
+        join.served(f"req-{i}", 1, scores)
+        truth[f"req-{i}"] = (scores, labels)
+    return truth
+
+
+@pytest.mark.parametrize("share", [1.0, 0.1, 0.0])
+def test_late_partial_out_of_order_feedback_joins_and_the_live_metrics_match_a_direct_computation(share) -> None:
+    rng = np.random.default_rng(7)
+    join = OutcomeJoin(BINARY, window=10_000)
+    truth = _served(join, rng, 400)
+    chosen = [rid for rid in truth if rng.random() < share]
+    rng.shuffle(chosen)  # labels arrive in any order, long after the requests
+    for rid in chosen:
+        assert join.label(rid, truth[rid][1]) == "joined"
+    if chosen:
+        assert join.label(chosen[0], truth[chosen[0]][1]) == "duplicate"
+    assert join.label("never-served", [1.0]) == "unknown"
+    live = join.live(1)
+    assert join.results["joined"] == len(chosen) and join.results["unknown"] == 1
+    assert join.results["duplicate"] == (1 if chosen else 0)
+    if not chosen:
+        assert live == {"rows": 0}
+        return
+    scores = np.array([s for rid in chosen for s in truth[rid][0]])
+    labels = np.array([y for rid in chosen for y in truth[rid][1]])
+    assert live["rows"] == len(labels)
+    assert live["rocAuc"] == pytest.approx(skm.roc_auc_score(labels, scores))
+    assert live["accuracy"] == pytest.approx(skm.accuracy_score(labels, scores >= 0.5))
+    assert live["positiveShare"] == pytest.approx(labels.mean())
+    assert 0 <= live["calibrationError"] < 0.25
+
+
+def test_counts_mismatched_rows_and_expires_the_oldest_waiting_request() -> None:
+    join = OutcomeJoin(BINARY, capacity=3)
+    for i in range(5):
+        join.served(f"r{i}", 2, [0.2, 0.9])
+    assert join.results["expired"] == 2
+    assert join.label("r0", [0.0, 1.0]) == "unknown"  # expired before its label came
+    assert join.label("r4", [1.0]) == "mismatch"  # two rows served, one label
+    assert join.label("r4", [0.0, 1.0]) == "joined"
+    assert join.status(2)["labelled"] == 2 and join.status(1)["labelled"] == 0
+
+
+def test_multiclass_and_regression_live_metrics() -> None:
+    join = OutcomeJoin(MULTICLASS)
+    join.served("m", 1, [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+    join.label("m", [0.0, 1.0, 2.0, 1.0])
+    live = join.live(1)
+    assert live["accuracy"] == 0.75 and live["labelShare.b"] == 0.5 and live["rocAuc"] is not None
+    reg = OutcomeJoin(REGRESSION)
+    reg.served("r", 1, [1.0, 2.0])
+    reg.label("r", [2.0, 2.0])
+    assert reg.live(1) == {"rows": 2, "mae": 0.5, "rmse": pytest.approx(np.sqrt(0.5)), "labelMean": 2.0}
+
+
+def test_the_estimate_without_labels_brackets_the_performance_of_calibrated_scores_and_not_of_a_broken_model() -> None:
+    rng = np.random.default_rng(3)
+    scores = rng.beta(2, 2, 2000)
+    labels = rng.random(2000) < scores  # calibrated: the labels are drawn from the scores
+    estimate = estimate_without_labels(BINARY, scores.tolist())
+    actual_auc, actual_accuracy = skm.roc_auc_score(labels, scores), np.mean((scores >= 0.5) == labels)
+    assert estimate["rocAuc"].low <= actual_auc <= estimate["rocAuc"].high
+    assert estimate["accuracy"].low <= actual_accuracy <= estimate["accuracy"].high
+    assert estimate["accuracy"].high - estimate["accuracy"].low < 0.06
+    # a model whose scores no longer say anything about the labels: its estimate still says what calibrated
+    # scores would give, and the live metric on labels shows the gap (why labels are preferred where they come)
+    broken = rng.permutation(scores)
+    assert skm.roc_auc_score(labels, broken) < estimate_without_labels(BINARY, broken.tolist())["rocAuc"].low
+    multiclass = estimate_without_labels(MULTICLASS, [[0.8, 0.1, 0.1]] * 500)
+    assert multiclass["accuracy"].low < 0.8 < multiclass["accuracy"].high
+    assert estimate_without_labels(REGRESSION, [1.0]) == {}
