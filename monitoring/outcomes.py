@@ -12,7 +12,6 @@ each draw, reported as the mean with a 95% interval.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
@@ -31,37 +30,6 @@ DEFAULT_CAPACITY = 100_000  # requests waiting for labels, per sidecar
 DEFAULT_WINDOW = 500  # labelled rows per version the live metrics are computed on
 ESTIMATE_DRAWS = 200
 CALIBRATION_BINS = 10
-
-
-class LabelError(ValueError):
-    """A label of the wrong type for the model's task; ``field`` names where it was in the request."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-def decode_label(value: Any, signature: Signature, field: str) -> float:
-    """The label as the model learned it: binary 1.0 for the positive class (or 1/true) else 0.0, multiclass the
-    class index, regression the value."""
-    if signature.task == "regression":
-        if type(value) in (int, float) and math.isfinite(value):
-            return float(value)
-        raise LabelError(field, f"{value!r} is not a finite number (the model is a regression)")
-    if signature.task == "multiclass":
-        classes = signature.classes or []
-        if type(value) is str and value in classes:
-            return float(classes.index(value))
-        if type(value) is int and 0 <= value < len(classes):
-            return float(value)
-        raise LabelError(field, f"{value!r} is not one of the model's classes {classes} (or their index)")
-    if type(value) is bool or (type(value) is int and value in (0, 1)):
-        return float(value)
-    if type(value) is str:
-        return 1.0 if value == signature.positive_class else 0.0
-    raise LabelError(
-        field, f"{value!r} is not 0/1, true/false or a class name (positive: {signature.positive_class!r})"
-    )
 
 
 @dataclass(frozen=True)

@@ -4,38 +4,17 @@ the same joined rows, and the estimate without labels against the labels it stan
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
 from kubeloop.api.modelversion import Feature, Signature
-from monitoring.outcomes import LabelError, OutcomeJoin, decode_label, estimate_without_labels
+from monitoring.outcomes import OutcomeJoin, estimate_without_labels
 
 INPUTS = [Feature(name="x", dtype="float")]
 BINARY = Signature(inputs=INPUTS, label="released", task="binary", positive_class="Yes")
 MULTICLASS = Signature(inputs=INPUTS, label="kind", task="multiclass", classes=["a", "b", "c"])
 REGRESSION = Signature(inputs=INPUTS, label="price", task="regression")
-
-
-def test_labels_decode_as_the_model_learned_them_and_a_wrong_type_names_its_field() -> None:
-    assert [decode_label(v, BINARY, "labels[0]") for v in ("Yes", "No", True, False, 1, 0)] == [1, 0, 1, 0, 1, 0]
-    assert [decode_label(v, MULTICLASS, "label") for v in ("a", "c", 1)] == [0, 2, 1]
-    assert decode_label(2.5, REGRESSION, "label") == 2.5
-    cases = [
-        (2, BINARY, "is not 0/1, true/false or a class name"),
-        (0.5, BINARY, "is not 0/1"),
-        ("d", MULTICLASS, "is not one of the model's classes ['a', 'b', 'c']"),
-        (3, MULTICLASS, "is not one of the model's classes"),
-        ("1.5", REGRESSION, "is not a finite number"),
-        (float("nan"), REGRESSION, "is not a finite number"),
-        (True, REGRESSION, "is not a finite number"),
-    ]
-    for value, signature, message in cases:
-        with pytest.raises(LabelError, match=re.escape(message)) as raised:
-            decode_label(value, signature, "feedback[3].labels[1]")
-        assert raised.value.field == "feedback[3].labels[1]"
 
 
 def _served(join: OutcomeJoin, rng: np.random.Generator, requests: int) -> dict[str, tuple[list[float], list[float]]]:
