@@ -28,7 +28,9 @@ from kserve.errors import InferenceError, InvalidInput, generic_exception_handle
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.rest.server import RESTServer
 
-from kubeloop.asgi import Receive, Send, respond
+from kubeloop.api.modelversion import Signature
+from kubeloop.asgi import Receive, Send, read_body, respond
+from kubeloop.feedback import LabelError, parse_feedback
 from kubeloop.log import event
 from serving.grpc import start_grpc_server
 from serving.metrics import ServingMetrics
@@ -69,16 +71,19 @@ class ServingMiddleware:
         metrics: ServingMetrics,
         payload_logger: PayloadLogger | None,
         max_body_bytes: int,
+        signature: Signature | None = None,
         repository_enabled: bool = False,
     ):
         self.app = app
         self.metrics = metrics
+        self.signature = signature
         self.payload_logger = payload_logger
         self.max_body_bytes = max_body_bytes
         self.repository_enabled = repository_enabled
         self.model_name, self.model_version = model_name, str(model_version)
         self.v1_path = f"/v1/models/{model_name}:predict"
         self.v2_prefix = f"/v2/models/{model_name}/"
+        self.feedback_path = f"/v1/models/{model_name}:feedback"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,6 +99,8 @@ class ServingMiddleware:
             return await respond(send, 403, _error_body(message + "and unload models over HTTP"))
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
+        if path == self.feedback_path:
+            return await self._feedback(receive, send)
         if path == self.v1_path:
             protocol: str | None = "v1"
         elif path.startswith(self.v2_prefix) and path.endswith("/infer"):
@@ -179,6 +186,31 @@ class ServingMiddleware:
                 response = b"".join(response_chunks) if status == 200 else None
                 self.payload_logger.log(event_id(ce_id), body, response, content_type)
 
+    async def _feedback(self, receive: Receive, send: Send) -> None:
+        """Labels for served requests (kubeloop/feedback.py), checked against the model's signature and passed on
+        to the drift sidecar, which joins them to the predictions it saw, as one CloudEvent through the payload
+        logger: 202 once queued."""
+        if self.payload_logger is None or self.signature is None:
+            message = (
+                "feedback goes to the drift sidecar through the payload logger: start the server with --logger-url"
+            )
+            return await respond(send, 409, _error_body(message))
+        body = await read_body(receive, self.max_body_bytes)
+        if body is None:
+            message = (
+                f"body: over the limit of {self.max_body_bytes} bytes (--max-body-bytes): send fewer labels a body"
+            )
+            return await respond(send, 413, _error_body(message))
+        try:
+            entries = parse_feedback(orjson.loads(body), self.signature)
+        except orjson.JSONDecodeError as error:
+            return await respond(send, 400, _error_body(f"body: not JSON ({error})"))
+        except LabelError as error:
+            return await respond(send, 400, _error_body(str(error)))
+        self.payload_logger.log_feedback(body)
+        labels = sum(len(entry.labels) for entry in entries)
+        await respond(send, 202, orjson.dumps({"accepted": len(entries), "labels": labels}))
+
     def _unversioned(self, path: str) -> str | None:
         """/v2/models/NAME/versions/V[/rest] as /v2/models/NAME[/rest]; None for a version of this model that is
         not the served one. Other models' paths lose the version too: kserve then answers that it has no such
@@ -229,10 +261,12 @@ class LocalRESTServer(RESTServer):
         payload_logger: PayloadLogger | None,
         max_body_bytes: int,
         repository_enabled: bool,
+        signature: Signature | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.sock = sock
+        self.signature = signature
         self.metrics, self.model_name, self.model_version = metrics, model_name, model_version
         self.payload_logger, self.max_body_bytes = payload_logger, max_body_bytes
         self.repository_enabled = repository_enabled
@@ -264,6 +298,7 @@ class LocalRESTServer(RESTServer):
             metrics=self.metrics,
             payload_logger=self.payload_logger,
             max_body_bytes=self.max_body_bytes,
+            signature=self.signature,
             repository_enabled=self.repository_enabled,
         )
 
@@ -354,6 +389,7 @@ class KubeloopModelServer(ModelServer):
         grpc_port: int | None = None,
         grace_period: int = 5,
         repository_enabled: bool = False,
+        signature: Signature | None = None,
     ):
         super().__init__(
             http_port=http_port,
@@ -364,7 +400,7 @@ class KubeloopModelServer(ModelServer):
         )
         self.host = host
         self.metrics, self.model_name, self.model_version = metrics, model_name, model_version
-        self.repository_enabled = repository_enabled
+        self.repository_enabled, self.signature = repository_enabled, signature
         self.dataplane = KubeloopDataPlane(self.registered_models, repository_enabled=repository_enabled)
         self.payload_logger, self.max_body_bytes = payload_logger, max_body_bytes
         self.sock = bind(host, http_port)
@@ -390,6 +426,7 @@ class KubeloopModelServer(ModelServer):
             payload_logger=self.payload_logger,
             max_body_bytes=self.max_body_bytes,
             repository_enabled=self.repository_enabled,
+            signature=self.signature,
         )
         if self.payload_logger is not None:
             self.payload_logger.start()

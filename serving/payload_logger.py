@@ -49,6 +49,7 @@ from urllib.parse import urlsplit
 import orjson
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
+from kubeloop.feedback import FEEDBACK_TYPE
 from kubeloop.log import event
 
 REQUEST_TYPE = "org.kubeflow.serving.inference.request"
@@ -60,8 +61,9 @@ _EVENT_OVERHEAD = 400  # bytes of one event's attributes, for the batch size lim
 
 log = logging.getLogger("kubeloop.serving.payload")
 
-# (ce_id, time.time(), request body, response body or None, content type): one logged request
-Item = tuple[str, float, bytes, bytes | None, str]
+# (ce_id, time.time(), request body, response body or None, content type, the first event's opening bytes): one
+# logged request (its request event and, for a 200, its response event), or one feedback body (a feedback event)
+Item = tuple[str, float, bytes, bytes | None, str, bytes]
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ class BatchEncoder:
             return b"[]"
         parts = [b"["]
         append = parts.append
-        for ce_id, when, request, response, content_type in items:
+        for ce_id, when, request, response, content_type, opening in items:
             quoted_type, is_json = self._content_type(content_type)
             attributes = b'"id":%b,"time":"%b",%b"datacontenttype":%b,' % (
                 orjson.dumps(ce_id),
@@ -149,11 +151,11 @@ class BatchEncoder:
                 self._static,
                 quoted_type,
             )
-            append(_REQUEST_OPEN)
+            append(opening)
             append(attributes)
             _data(append, request, is_json)
             if response is not None:
-                append(_RESPONSE_OPEN)
+                append(RESPONSE_OPENING)
                 append(attributes)
                 _data(append, response, is_json)
         parts[-1] = b"}]"  # the last event's "},"
@@ -178,8 +180,9 @@ class BatchEncoder:
         return known
 
 
-_REQUEST_OPEN = b'{"specversion":"1.0","type":"' + REQUEST_TYPE.encode() + b'",'
-_RESPONSE_OPEN = b'{"specversion":"1.0","type":"' + RESPONSE_TYPE.encode() + b'",'
+REQUEST_OPENING = b'{"specversion":"1.0","type":"' + REQUEST_TYPE.encode() + b'",'
+RESPONSE_OPENING = b'{"specversion":"1.0","type":"' + RESPONSE_TYPE.encode() + b'",'
+FEEDBACK_OPENING = b'{"specversion":"1.0","type":"' + FEEDBACK_TYPE.encode() + b'",'
 
 
 def _data(append: Callable[[bytes], None], body: bytes, is_json: bool) -> None:
@@ -298,7 +301,17 @@ class PayloadLogger:
         if len(self._queue) >= self.queue_size or self._closed:
             self.metrics.dropped.inc(1 if response_body is None else 2)
             return
-        self._queue.append((ce_id, time.time(), request_body, response_body, content_type))
+        self._enqueue((ce_id, time.time(), request_body, response_body, content_type, REQUEST_OPENING))
+
+    def log_feedback(self, body: bytes) -> None:
+        """A feedback body (kubeloop/feedback.py, already checked) as one event of its own type and a new id."""
+        if len(self._queue) >= self.queue_size or self._closed:
+            self.metrics.dropped.inc()
+            return
+        self._enqueue((str(uuid.uuid4()), time.time(), body, None, "application/json", FEEDBACK_OPENING))
+
+    def _enqueue(self, item: Item) -> None:
+        self._queue.append(item)
         if not self._flush_scheduled:
             if self._loop is None:
                 self.start()
@@ -341,7 +354,7 @@ class PayloadLogger:
             items: list[Item] = []
             events = size = 0
             while queue:
-                _, _, request, response, _ = queue[0]
+                _, _, request, response, _, _ = queue[0]
                 count = 1 if response is None else 2
                 more = len(request) + (len(response) if response is not None else 0) + count * _EVENT_OVERHEAD
                 if items and (events + count > self.max_batch_events or size + more > self.max_batch_bytes):

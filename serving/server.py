@@ -161,6 +161,7 @@ def serve(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port or None,
         grace_period=args.grace_period,
         repository_enabled=args.enable_repository,
+        signature=spec.signature,
     )
     payload_logger = None
     if args.logger_url:

@@ -13,9 +13,12 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
+from kubeloop.feedback import FEEDBACK_TYPE
 from monitoring.events import decode_batch, parse_envelope
 from serving.payload_logger import (
     BATCH_CONTENT_TYPE,
+    FEEDBACK_OPENING,
+    REQUEST_OPENING,
     REQUEST_TYPE,
     RESPONSE_TYPE,
     BatchEncoder,
@@ -35,8 +38,15 @@ RESPONSE = b'{"predictions":[0.25]}'
 def test_a_batch_reads_back_as_the_events_kserve_logs() -> None:
     when = 1_700_000_000.25
     items = [
-        ("trace-1", when, REQUEST, RESPONSE, "application/json"),
-        ('odd"id\\', when + 1, REQUEST, None, "application/json"),  # answered non-200: no response event
+        ("trace-1", when, REQUEST, RESPONSE, "application/json", REQUEST_OPENING),
+        (
+            'odd"id\\',
+            when + 1,
+            REQUEST,
+            None,
+            "application/json",
+            REQUEST_OPENING,
+        ),  # answered non-200: no response event
     ]
     events = orjson.loads(BatchEncoder(SOURCE).encode(items))
     assert [(e["id"], e["type"]) for e in events] == [
@@ -69,21 +79,34 @@ def test_a_batch_reads_back_as_the_events_kserve_logs() -> None:
     assert parsed[1][1] == {"predictions": [0.25]}
 
 
+def test_a_feedback_body_goes_as_one_event_of_its_own_type() -> None:
+    feedback = b'{"feedback": [{"id": "trace-1", "label": "Yes"}]}'
+    items = [
+        ("trace-1", 0.0, REQUEST, RESPONSE, "application/json", REQUEST_OPENING),
+        ("fb-1", 5.0, feedback, None, "application/json", FEEDBACK_OPENING),
+    ]
+    events = orjson.loads(BatchEncoder(SOURCE).encode(items))
+    assert [(e["id"], e["type"]) for e in events][2:] == [("fb-1", FEEDBACK_TYPE)]
+    assert events[2]["data"] == json.loads(feedback) and events[2]["modelversion"] == "4"
+
+
 def test_json_bodies_are_embedded_byte_for_byte() -> None:
     body = b'{ "instances" :[ {"name": "\\u00e9t\\u00e9", "x": 1.50e0, "y": -0.0} ] }'
     answer = b'{"predictions": [1E-3]}'
     for content_type in ("application/json", "application/json; charset=utf-8", "application/vnd.kubeloop+json"):
-        encoded = BatchEncoder(SOURCE).encode([("a", 0.0, body, answer, content_type)])
+        encoded = BatchEncoder(SOURCE).encode([("a", 0.0, body, answer, content_type, REQUEST_OPENING)])
         assert b'"data":' + body + b"}" in encoded and b'"data":' + answer + b"}" in encoded
         assert [e["data"] for e in orjson.loads(encoded)] == [json.loads(body), json.loads(answer)]
 
 
 def test_other_content_goes_as_data_base64() -> None:
     raw = b"\x00\xff not json"
-    events = orjson.loads(BatchEncoder(SOURCE).encode([("a", 0.0, raw, b"[1]", "application/octet-stream")]))
+    events = orjson.loads(
+        BatchEncoder(SOURCE).encode([("a", 0.0, raw, b"[1]", "application/octet-stream", REQUEST_OPENING)])
+    )
     assert [base64.b64decode(e["data_base64"]) for e in events] == [raw, b"[1]"]
     assert all("data" not in e and e["datacontenttype"] == "application/octet-stream" for e in events)
-    empty = orjson.loads(BatchEncoder(SOURCE).encode([("b", 0.0, b"", None, "application/json")]))
+    empty = orjson.loads(BatchEncoder(SOURCE).encode([("b", 0.0, b"", None, "application/json", REQUEST_OPENING)]))
     assert empty[0]["data_base64"] == ""  # no body is no JSON value: never `"data":` followed by nothing
 
 
