@@ -124,6 +124,9 @@ class FeatureTest:
     p_value: float
     distance: float
     adjusted_p_value: float  # after the correction across features (Bonferroni: min(1, p * K))
+    # how far the feature moved, on one 0..1 scale for both tests: KS D, or Cramer's V of the reference/window
+    # contingency table (sqrt(chi2 / rows of both)); None for mmd
+    effect: float | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,12 @@ class WindowResult:
 
     def drifted_features(self) -> list[str]:
         return [name for name, t in self.features.items() if t.adjusted_p_value < self.alpha]
+
+    def shares(self) -> dict[str, float]:
+        """Each drifted feature's share of the shift: its effect over the sum of the drifted features' effects."""
+        effects = {name: self.features[name].effect or 0.0 for name in self.drifted_features()}
+        total = sum(effects.values())
+        return {name: effect / total for name, effect in effects.items()} if total > 0 else {}
 
 
 def correct(p_values: Sequence[float], alpha: float, method: Correction) -> tuple[list[float], bool, float]:
@@ -255,6 +264,7 @@ class FeatureWiseDrift:
         self._categorical = self.schema.categorical()
         x_ref = np.stack([reference.columns[i] for i in self._categorical], axis=1) if self._categorical else None
         self._tests = BACKENDS[backend](numeric, x_ref, alpha)
+        self._reference_rows = reference.size
         self._numeric = list(numeric)
 
     def test(self, columns: Sequence[np.ndarray]) -> WindowResult:
@@ -277,11 +287,11 @@ class FeatureWiseDrift:
             scores += self._tests.chi2(x)
         p_values = [p for p, _ in scores]
         adjusted, flagged, threshold = correct(p_values, self.alpha, self.correction)
+        rows = len(columns[0]) if columns else 0
         features = {
-            name: FeatureTest(test, p, d, a)
+            name: FeatureTest(test, p, d, a, d if test == "ks" else math.sqrt(d / (self._reference_rows + rows)))
             for name, test, (p, d), a in zip(names, tests, scores, adjusted, strict=True)
         }
-        rows = len(columns[0]) if columns else 0
         elapsed = time.perf_counter() - start
         return WindowResult("ks", rows, features, self.alpha, self.correction, threshold, flagged, elapsed)
 

@@ -76,6 +76,7 @@ def test_scipy_decides_every_recorded_window_as_alibi_does(schema, frame, window
             # (a strong shift's 1e-60) are 0 there
             assert other.p_value == pytest.approx(test.p_value, rel=1e-5, abs=1e-35), f"{name} {feature}"
             assert other.distance == pytest.approx(test.distance, rel=1e-5), f"{name} {feature}"
+            assert other.effect == pytest.approx(test.effect, rel=1e-5), f"{name} {feature}"
         assert trackers["alibi"].update(a.flagged) == trackers["scipy"].update(s.flagged)
         flagged += a.flagged
     # the recorded windows do exercise both decisions, near the threshold too
@@ -89,3 +90,20 @@ def test_the_backend_flows_from_the_deployment_spec_and_mmd_needs_alibi() -> Non
         DriftMonitor(detector="mmd", backend="scipy")
     with pytest.raises(ValidationError, match="backend"):
         DriftMonitor(backend="numpy")
+
+
+def test_a_flagged_window_says_which_features_moved_how_far_and_their_share(schema, frame) -> None:
+    reference = detectors.Reference.from_frame(schema, frame, 2000, seed=0)
+    rng = np.random.default_rng(5)
+    for backend in ("alibi", "scipy"):
+        detector = detectors.FeatureWiseDrift(reference, 0.05, "bonferroni", backend=backend)
+        age = detector.test(schema.encode_frame(traffic.shift_mean(frame, 400, rng, "age", 8)))
+        assert age.flagged and age.drifted_features() == ["age"] and age.shares() == {"age": 1.0}
+        both = detector.test(schema.encode_frame(traffic.shift_age_colour(frame, 400, rng, years=15)))
+        shares = both.shares()
+        assert set(shares) >= {"age", "colour"} and sum(shares.values()) == pytest.approx(1.0)
+        assert all(0 <= test.effect <= 1 for test in both.features.values())
+        # KS D of age against Cramer's V of colour: one scale, so the shares compare them
+        assert both.features["age"].effect == both.features["age"].distance
+        calm = detector.test(schema.encode_frame(traffic.in_distribution(frame, 400, rng)))
+        assert not calm.flagged and calm.shares() == {}
