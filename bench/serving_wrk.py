@@ -16,6 +16,7 @@ registered again with its training data stored as a snapshot, the sidecar's refe
   (a1) (a) with --no-merge-requests: each request runs the model alone, as in (b) and (c);
   (b)  a stock `kserve.Model` + `kserve.ModelServer` with default settings whose predict only runs the model;
   (c)  a bare FastAPI `async def` endpoint running the same model (the framework-free ceiling).
+(b) and (c) are bench/serving_baselines.py; what a run measures is bench/serving_measures.py.
 
 Every request is one row (v1 protocol, rows as objects); wrk cycles through the first --distinct-rows rows of the
 data set, so the sidecar's windows hold real data. (b) and (c) run the model as their user would write it,
@@ -42,7 +43,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -54,12 +54,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from fastapi import Request  # at module level: the endpoint's annotation is resolved from these globals
+
+from bench.serving_baselines import PREDICT
+from bench.serving_measures import cpu_seconds, settled, wrk
+from kubeloop.processes import free_port
+from tests.support.serving_fixtures import Process, arrests_frame, record_path, register_model, rows
 
 REPO = Path(__file__).resolve().parents[1]
-
-from kubeloop.processes import free_port  # noqa: E402
-from tests.support.serving_fixtures import Process, arrests_frame, record_path, register_model, rows  # noqa: E402
 
 # wrk cycles through these requests: one row each, a different row of the data set every time
 LUA = """local requests, n, i = {}, 0, 0
@@ -72,7 +73,6 @@ request = function()
 end
 """
 READY = re.compile(r"^(?:serving .* on|drift sidecar on) (http://\S+)", re.M)
-PREDICT = "/v1/models/arrests:predict"
 # the ModelDeployment's spec.drift defaults, as `kubeloop run` passes them
 SIDECAR_FLAGS = ["--detector", "ks", "--window", "200", "--p-value", "0.05", "--reference-size", "2000"]
 
@@ -94,51 +94,6 @@ VARIANTS = {
     "b": Variant("(b) stock kserve", "stock"),
     "c": Variant("(c) bare fastapi", "bare"),
 }
-
-
-# ---------------------------------------------------------------- the baselines, run as subprocesses of this file
-def stock_kserve(record: str, port: int, grpc_port: int) -> None:
-    import kserve
-    import pandas as pd
-
-    from kubeloop.api.load import load_resources
-    from kubeloop.artifact import ModelArtifact
-
-    uri = load_resources(record)[0].spec.artifact_uri
-
-    class Stock(kserve.Model):
-        def load(self) -> bool:
-            self.artifact = ModelArtifact.load(uri)
-            self.ready = True
-            return True
-
-        def predict(self, payload, headers=None):
-            return {"predictions": self.artifact.predict(pd.DataFrame(payload["instances"])).tolist()}
-
-    model = Stock("arrests")
-    model.load()
-    print(f"serving stock kserve on http://127.0.0.1:{port}", flush=True)
-    kserve.ModelServer(http_port=port, grpc_port=grpc_port).start([model])
-
-
-def bare_fastapi(record: str, port: int) -> None:
-    import pandas as pd
-    import uvicorn
-    from fastapi import FastAPI
-
-    from kubeloop.api.load import load_resources
-    from kubeloop.artifact import ModelArtifact
-
-    artifact = ModelArtifact.load(load_resources(record)[0].spec.artifact_uri)
-    app = FastAPI()
-
-    @app.post(PREDICT)
-    async def predict(request: Request) -> dict:
-        body = await request.json()
-        return {"predictions": artifact.predict(pd.DataFrame(body["instances"])).tolist()}
-
-    print(f"serving bare fastapi on http://127.0.0.1:{port}", flush=True)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 # ---------------------------------------------------------------- setting up
@@ -229,87 +184,6 @@ def _cpu_range(part: str) -> range:
     return range(int(low), int(high or low) + 1)
 
 
-# ---------------------------------------------------------------- measuring
-def to_ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
-    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
-
-
-def wrk(url: str, script: Path, duration: int, connections: int, cpus: str | None) -> dict:
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "--latency", "-s", str(script)]
-    if cpus is not None:
-        command = ["taskset", "-c", cpus, *command]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    latency = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)\s*$", out, re.M))
-    if "99" not in latency:
-        raise RuntimeError(f"wrk gave no latency distribution:\n{out}")
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: (.*)", out)
-    return {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
-        "p50": to_ms(latency["50"]),
-        "p99": to_ms(latency["99"]),
-        "non2xx": int(errors.group(1)) if errors else 0,
-        "socket_errors": socket_errors.group(1) if socket_errors else "",
-        "wrk_cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
-    }
-
-
-def cpu_seconds(process: Process | None) -> float:
-    """User + system CPU time of this process so far, all its threads (Linux /proc); 0 for none."""
-    if process is None:
-        return 0.0
-    fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14 and 15)
-
-
-def counter_sums(metrics: str, prefix: str) -> dict[str, float]:
-    """Each counter whose name starts with `prefix`, summed over its labels, by name less prefix and `_total`."""
-    sums: dict[str, float] = {}
-    for line in metrics.splitlines():
-        if not line.startswith(prefix):
-            continue
-        sample, _, value = line.rpartition(" ")
-        name = sample.partition("{")[0]
-        if name.endswith("_total"):
-            key = name.removeprefix(prefix).removesuffix("_total")
-            sums[key] = sums.get(key, 0.0) + float(value)
-    return sums
-
-
-def logging_figures(server: Process, sidecar: Process) -> dict[str, float]:
-    """The server's payload counters and the sidecar's events and windows, cumulative."""
-    payload = counter_sums(httpx.get(server.url + "/metrics", timeout=10).text, "kubeloop_payload_events_")
-    drift = counter_sums(httpx.get(sidecar.url + "/metrics", timeout=10).text, "kubeloop_drift_events_")
-    status = httpx.get(sidecar.url + "/status", timeout=10).json()
-    versions = status["versions"].values()
-    return {
-        **{f"server_{k}": v for k, v in payload.items()},
-        "sidecar_received": drift.get("received", 0.0),
-        "sidecar_malformed": drift.get("malformed", 0.0),
-        "sidecar_rows": sum(v["rows"] for v in versions),
-        "windows_evaluated": sum(v["windowsEvaluated"] for v in versions),
-        "windows_dropped": sum(v["windowsDropped"] for v in versions),
-        "pending_windows": status["pendingWindows"],
-    }
-
-
-def settled(server: Process, sidecar: Process, timeout: float = 15) -> dict[str, float]:
-    """`logging_figures` once the logger has flushed and the detector has caught up (or after `timeout`)."""
-    deadline = time.monotonic() + timeout
-    previous = logging_figures(server, sidecar)
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        figures = logging_figures(server, sidecar)
-        if figures == previous and not figures["pending_windows"]:
-            return figures
-        previous = figures
-    return previous
-
-
 def in_process_timings(record: Path) -> dict:
     import pandas as pd
     import torch
@@ -369,7 +243,6 @@ def main() -> None:
     body = json.dumps({"instances": rows(arrests_frame(), 1)})
     script = work / "post.lua"
     script.write_text(lua_script(arrests_frame(), args.distinct_rows))
-    me = str(Path(__file__).resolve())
 
     timings = in_process_timings(record)
     print("in-process, one row (us): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), flush=True)
@@ -384,9 +257,9 @@ def main() -> None:
     def server_command(name: str, sidecar: Process | None) -> list[str]:
         variant = VARIANTS[name]
         if variant.kind == "stock":
-            return [me, "stock", str(record), str(free_port()), str(free_port())]
+            return ["-m", "bench.serving_baselines", "stock", str(record), str(free_port()), str(free_port())]
         if variant.kind == "bare":
-            return [me, "bare", str(record), str(free_port())]
+            return ["-m", "bench.serving_baselines", "bare", str(record), str(free_port())]
         command = ["-m", "serving.server", "--model-version", str(record), "--http-port", "0"]
         if sidecar is not None:
             command += ["--logger-url", sidecar.url + "/"]
@@ -503,12 +376,4 @@ def report(names: list[str], results: dict[str, list[dict]], args) -> dict:
 
 
 if __name__ == "__main__":
-    command = sys.argv[1:2]
-    if command == ["stock"]:
-        record_, port_, grpc_port_ = sys.argv[2:5]
-        sys.argv = sys.argv[:1]  # kserve parses sys.argv when it is imported
-        stock_kserve(record_, int(port_), int(grpc_port_))
-    elif command == ["bare"]:
-        bare_fastapi(sys.argv[2], int(sys.argv[3]))
-    else:
-        main()
+    main()

@@ -11,10 +11,8 @@ import time
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -23,26 +21,18 @@ from prometheus_client import (
     generate_latest,
 )
 
-from kubeloop.api.modeldeployment import DriftStatus
 from kubeloop.api.modelversion import ModelVersion
 from kubeloop.asgi import lifespan, respond
+from kubeloop.feedback import LabelError, parse_feedback
 from kubeloop.log import event
 from monitoring.config import LOG_EVERY_S, SidecarConfig
-from monitoring.detectors import (
-    skew,
-    window_statistics,
-)
-from monitoring.events import (
-    BATCH,
-    EventMeta,
-    Malformed,
-    decode_batch,
-    parse_envelope,
-    parse_event,
-    parse_predictions,
-)
-from monitoring.metrics import EventCounters, Metrics
-from monitoring.versions import VersionMonitor, _clean, _finite, _prediction_summary, build_monitor, prediction_shift
+from monitoring.detection import evaluate_window
+from monitoring.events import BATCH, EventMeta, Malformed, decode_batch, parse_envelope, parse_event
+from monitoring.metrics import EventCounters, Metrics, OutcomeMetrics
+from monitoring.outcomes import OutcomeJoin
+from monitoring.predictions import parse_predictions
+from monitoring.status import version_status
+from monitoring.versions import VersionMonitor, build_monitor
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +92,8 @@ class DriftSidecar:
         self.metrics.pending.set_function(self._jobs.qsize)
         self.counters = EventCounters(list(self.monitors.values()))
         self.registry.register(self.counters)
+        self.outcomes = OutcomeJoin(self.default.task, self.default.classes, window=config.window)
+        self.registry.register(OutcomeMetrics(self.outcomes, list(self.monitors.values())))
         self._received = self.counters.received
         self._last_logged: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
@@ -190,14 +182,28 @@ class DriftSidecar:
                 rows = monitor.parser.parse(payload)
                 monitor.requests += 1
                 self._append(monitor, rows.n, rows.columns)
-            else:
+            elif meta.type == "response":
                 predictions = parse_predictions(payload, monitor.task, len(monitor.classes))
                 monitor.responses += 1
                 monitor.predictions.extend(predictions)
                 self.counters.observe(monitor.labels, predictions)
+                self.outcomes.served(meta.id, monitor.version, predictions)
+            else:
+                self._feedback(monitor, payload)
         except Malformed as error:
             return self._reject(error)
         return 200, ""
+
+    def _feedback(self, monitor: VersionMonitor, payload: Any) -> None:
+        """Labels joined to the predictions served under their request ids (whichever version served them)."""
+        if monitor.signature is None:
+            raise Malformed("bad_feedback", f"version {monitor.version} was monitored without its signature")
+        try:
+            entries = parse_feedback(payload, monitor.signature)
+        except LabelError as error:
+            raise Malformed("bad_feedback", str(error)) from error
+        for entry in entries:
+            self.outcomes.label(entry.request_id, entry.labels)
 
     def _take_group(self, group: _Group, batch: _Batch) -> None:
         """The requests of a batch grouped for one version: converted at once, or when one of them is malformed
@@ -275,7 +281,8 @@ class DriftSidecar:
             try:
                 if job is None:
                     return
-                self._detect(job)
+                evaluate_window(job.monitor, job.columns, self.metrics)
+                self.outcomes.refresh_estimate(job.monitor.version)
             except Exception as error:  # a detector failure costs one window, never the process
                 job_monitor = job.monitor if job else None
                 if job_monitor is not None:
@@ -285,59 +292,11 @@ class DriftSidecar:
             finally:
                 self._jobs.task_done()
 
-    def _detect(self, job: _Job) -> None:
-        monitor = job.monitor
-        schema = monitor.schema
-        arrays = [
-            np.asarray(col, dtype=np.float64 if spec.kind == "numeric" else np.int64)
-            for col, spec in zip(job.columns, schema.features, strict=True)
-        ]
-        result = monitor.detector.test(arrays)
-        skews = skew(monitor.reference, arrays)
-        stats = window_statistics(schema, arrays)
-        with monitor.lock:
-            monitor.last_skew, monitor.last_stats = skews, stats
-            previous = monitor.tracker.state
-            state = monitor.tracker.update(result.flagged)
-            monitor.last = result
-            monitor.last_checked = datetime.now(UTC)
-            monitor.history.append(
-                {
-                    "time": monitor.last_checked.isoformat(),
-                    "pValues": {k: _finite(t.p_value) for k, t in result.features.items()},
-                    "flagged": result.flagged,
-                    "state": state,
-                }
-            )
-        labels = monitor.labels
-        metrics = self.metrics
-        metrics.seconds.labels(result.detector).observe(result.seconds)
-        metrics.windows.labels(*labels, "drift" if result.flagged else "no_drift").inc()
-        metrics.detected.labels(*labels).set(1 if state == "Drift" else 0)
-        for feature, test in result.features.items():
-            metrics.p_value.labels(*labels, feature).set(test.p_value)
-            metrics.distance.labels(*labels, feature).set(test.distance)
-        for feature, numbers in monitor.last_skew.items():
-            for statistic, value in numbers.items():
-                metrics.skew.labels(*labels, feature, statistic).set(value)
-        if state != previous:  # every change of state, and flagged windows at most once per LOG_EVERY_S
-            event(log, "drift_state", model=monitor.model, version=monitor.version, state=state, previous=previous)
-        if result.flagged and time.monotonic() - monitor.last_flag_log >= LOG_EVERY_S:
-            monitor.last_flag_log = time.monotonic()
-            event(
-                log,
-                "drift_window",
-                model=monitor.model,
-                version=monitor.version,
-                state=state,
-                features=",".join(result.drifted_features()) or "-",
-                min_p=result.min_p_value or 0.0,
-                flagged_windows=monitor.tracker.flagged_windows,
-            )
-
     # ---- status ------------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        versions = {str(v): self._version_status(m) for v, m in self.monitors.items()}
+        versions = {str(v): version_status(m, self.default) for v, m in self.monitors.items()}
+        for version, status in versions.items():
+            status["outcomes"] = self.outcomes.status(int(version))
         return {
             "defaultVersion": self.default.version,
             "detector": self.config.detector,
@@ -354,64 +313,11 @@ class DriftSidecar:
                 "malformed": {k: v for k, v in self.counters.malformed.items() if v},
                 "dropped": self.counters.dropped,
             },
+            "feedback": {result: self.outcomes.results[result] for result in sorted(self.outcomes.results)},
             "pendingWindows": self._jobs.qsize(),
             "uptimeSeconds": round(time.time() - self.started, 3),
             "versions": versions,
         }
-
-    def _version_status(self, m: VersionMonitor) -> dict[str, Any]:
-        with m.lock:
-            return self._version_status_locked(m)
-
-    def _version_status_locked(self, m: VersionMonitor) -> dict[str, Any]:
-        last = m.last
-        drift = DriftStatus(
-            state=m.tracker.state,
-            min_p_value=_finite(last.min_p_value) if last else None,
-            events=m.requests,
-            last_checked=m.last_checked,
-        ).model_dump(mode="json", by_alias=True)
-        out: dict[str, Any] = {
-            "model": m.model,
-            "version": m.version,
-            "task": m.task,
-            "drift": drift,
-            "state": m.tracker.state,
-            "referenceRows": m.reference.size,
-            "referenceDigest": m.reference.digest,
-            "events": {"request": m.requests, "response": m.responses},
-            "rows": m.rows,
-            "windowFill": m.filled,
-            "windowsEvaluated": m.tracker.windows,
-            "windowsFlagged": m.tracker.flagged_windows,
-            "windowsInDrift": m.tracker.drift_windows,
-            "windowsDropped": m.dropped_windows,
-            "windowErrors": m.errors,
-            "recentFlags": list(m.tracker.recent),
-            "skew": _clean(m.last_skew),
-            "serving": _clean(m.last_stats),
-            "predictions": _prediction_summary(m),
-            "history": list(m.history),
-        }
-        if last is not None:
-            out["lastWindow"] = {
-                "detector": last.detector,
-                "rows": last.rows,
-                "flagged": last.flagged,
-                "threshold": last.threshold,
-                "correction": last.correction,
-                "seconds": round(last.seconds, 6),
-                "driftedFeatures": last.drifted_features(),
-                "pValues": {k: _finite(t.p_value) for k, t in last.features.items()},
-                "adjustedPValues": {k: _finite(t.adjusted_p_value) for k, t in last.features.items()},
-                "distances": {k: _finite(t.distance) for k, t in last.features.items()},
-                "tests": {k: t.test for k, t in last.features.items()},
-            }
-        if m is not self.default and len(m.predictions) and len(self.default.predictions):
-            shift = prediction_shift(m, self.default)
-            if shift is not None:
-                out["predictionShift"] = shift
-        return out
 
     # ---- ASGI --------------------------------------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

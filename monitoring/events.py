@@ -1,4 +1,5 @@
-"""KServe logger CloudEvents: headers and bodies, parsed into encoded feature columns or predictions.
+"""KServe logger CloudEvents: headers and bodies, request bodies parsed into encoded feature columns (response
+bodies: :mod:`monitoring.predictions`).
 
 KServe's logger (pkg/logger/worker.go) sends each inference request and response as a CloudEvent in binary mode
 through the CloudEvents Go SDK: the body is the payload as received or returned, the attributes are headers
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kubeloop.api.modelversion import Task
+from kubeloop.feedback import FEEDBACK_TYPE
 from monitoring.schema import FeatureSpec, Schema
 
 try:  # orjson is ~5x faster on these bodies; the stdlib is the fallback
@@ -42,8 +43,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 REQUEST_TYPE = "org.kubeflow.serving.inference.request"
 RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
-EventType = Literal["request", "response"]
-_TYPES: dict[str, EventType] = {REQUEST_TYPE: "request", RESPONSE_TYPE: "response"}
+EventType = Literal["request", "response", "feedback"]
+_TYPES: dict[str, EventType] = {REQUEST_TYPE: "request", RESPONSE_TYPE: "response", FEEDBACK_TYPE: "feedback"}
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 
@@ -51,11 +52,12 @@ BATCH = "application/cloudevents-batch+json"
 REASONS = (
     "missing_header",  # no ce-type / ce-id / ce-specversion
     "bad_header",  # a header with an impossible value (specversion, modelversion)
-    "unknown_type",  # ce-type is neither the request nor the response type
+    "unknown_type",  # ce-type is none of the request, response and feedback types
     "unknown_version",  # ce-modelversion names a version this sidecar was not started for
     "too_large",  # body over the limit
     "bad_json",  # body is not JSON (or not UTF-8)
     "bad_body",  # JSON, but not a v1/v2 inference request or response
+    "bad_feedback",  # a feedback body kubeloop/feedback.py refuses (the log line names the field)
     "unknown_feature",  # a feature the signature does not have
     "missing_feature",  # a non-nullable feature absent
     "wrong_type",  # a value of the wrong JSON type (a string for a number, a number for a category, inf)
@@ -91,6 +93,10 @@ class Rows:
 
     n: int
     columns: list[list[Any]]
+
+
+# the model's answer per row (monitoring.predictions reads it): a score or value, or a list of class probabilities
+Predictions = list[float] | list[list[float]]
 
 
 def lower_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -367,7 +373,7 @@ class RequestParser:
         unknown = [k for k in inputs if k not in self.index]
         if unknown:
             raise Malformed("unknown_feature", f"{str(unknown[0])[:60]!r} is not in the signature")
-        return self._from_tensors({k: _flat(v, k) for k, v in inputs.items()})
+        return self._from_tensors({k: flat_data(v, k) for k, v in inputs.items()})
 
     # v2 ---------------------------------------------------------------------------------------------
     def _v2(self, inputs: list[Any]) -> Rows:
@@ -379,7 +385,7 @@ class RequestParser:
             if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str) or "data" not in tensor:
                 raise Malformed("bad_body", "each v2 input needs a 'name' and 'data'")
             name = tensor["name"]
-            data = _flat(tensor["data"], name)
+            data = flat_data(tensor["data"], name)
             shape = tensor.get("shape")
             if shape is not None:
                 if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
@@ -417,7 +423,7 @@ class RequestParser:
         return Rows(n, columns)
 
 
-def _flat(data: Any, name: str) -> list[Any]:
+def flat_data(data: Any, name: str) -> list[Any]:
     if not isinstance(data, list):
         raise Malformed("bad_body", f"{str(name)[:60]}: data is not a list")
     if data and type(data[0]) is list:  # nested ([[v], [v]] or [[row], [row]]): row-major flatten
@@ -428,100 +434,3 @@ def _flat(data: Any, name: str) -> list[Any]:
             flat.extend(item)
         return flat
     return data
-
-
-# --------------------------------------------------------------------------------------------- responses
-
-# v2 outputs taken for each task, by name in this order (else the first output)
-PREDICTION_OUTPUTS: dict[Task, tuple[str, ...]] = {
-    "binary": ("probability", "probabilities", "predict_proba", "output-0"),
-    "multiclass": ("probabilities", "probability", "predict_proba", "output-0"),
-    "regression": ("value", "predictions", "output-0"),
-}
-Predictions = list[float] | list[list[float]]
-
-
-def parse_predictions(payload: Any, task: Task = "binary", classes: int = 0) -> Predictions:
-    """The model's answer per row from a v1 ``{"predictions": [...]}`` or v2 ``{"outputs": [...]}`` response.
-
-    binary, a score per row: a number is the score; a list of class probabilities gives its last entry (the positive
-    class); an object gives its ``probability`` or ``score``; of a v2 ``[n, classes]`` tensor the last column.
-    multiclass, a list of ``classes`` probabilities per row: v1 one list per row, v2 an ``[n, classes]`` tensor
-    (``probabilities``). regression, a value per row: v1 numbers, v2 ``value`` of shape ``[n]`` or ``[n, 1]``.
-    """
-    if not isinstance(payload, dict):
-        raise Malformed("bad_body", f"response body is {type(payload).__name__}, not an object")
-    predictions = payload.get("predictions")
-    if predictions is not None:
-        if not isinstance(predictions, list):
-            raise Malformed("bad_body", "'predictions' is not a list")
-        if task == "multiclass":
-            out: Predictions = [_probabilities(p, classes) for p in predictions]
-        else:
-            out = [_score(p) if task == "binary" else _value(p) for p in predictions]
-    elif isinstance(payload.get("outputs"), list) and payload["outputs"]:
-        out = _v2_predictions(payload["outputs"], task, classes)
-    else:
-        raise Malformed("bad_body", "response has neither 'predictions' (v1) nor 'outputs' (v2)")
-    if not out:
-        raise Malformed("empty", "no predictions")
-    return out
-
-
-def _v2_predictions(outputs: list[Any], task: Task, classes: int) -> Predictions:
-    tensors = [o for o in outputs if isinstance(o, dict)]
-    named = {o.get("name"): o for o in tensors}
-    chosen = next((named[n] for n in PREDICTION_OUTPUTS[task] if n in named), tensors[0] if tensors else None)
-    if chosen is None or not isinstance(chosen.get("data"), list):
-        raise Malformed("bad_body", "v2 response output without 'data'")
-    name = str(chosen.get("name"))
-    data = _flat(chosen["data"], name)
-    shape = chosen.get("shape")
-    width = shape[1] if isinstance(shape, list) and len(shape) == 2 and type(shape[1]) is int else 1
-    if width > 1 and len(data) != math.prod(shape):
-        raise Malformed("shape_mismatch", f"output shape {shape} but {len(data)} values")
-    if task == "multiclass":
-        if width != classes:
-            raise Malformed("shape_mismatch", f"{name[:60]}: shape {str(shape)[:40]}, expected [n, {classes}]")
-        return [_probabilities(data[i : i + width], classes) for i in range(0, len(data), width)]
-    if task == "regression":
-        if width != 1:
-            raise Malformed("shape_mismatch", f"{name[:60]}: shape {str(shape)[:40]}, expected [n] or [n, 1]")
-        return [_value(v) for v in data]
-    return [_score(p) for p in (data[width - 1 :: width] if width > 1 else data)]
-
-
-def _score(value: Any) -> float:
-    kind = type(value)
-    if kind is float or kind is int:
-        if value - value != 0:
-            raise Malformed("wrong_type", f"prediction {value} is not finite")
-        return float(value)
-    if kind is list and value:
-        return _score(value[-1])
-    if kind is dict:
-        for key in ("probability", "score"):
-            if key in value:
-                return _score(value[key])
-    raise Malformed("wrong_type", f"prediction {str(value)[:40]!r} is not a number")
-
-
-def _number(value: Any) -> float:
-    kind = type(value)
-    if kind is not float and kind is not int:
-        raise Malformed("wrong_type", f"prediction {str(value)[:40]!r} is not a number")
-    if value - value != 0:
-        raise Malformed("wrong_type", f"prediction {value} is not finite")
-    return float(value)
-
-
-def _value(value: Any) -> float:
-    return _number(value[0] if type(value) is list and len(value) == 1 else value)
-
-
-def _probabilities(row: Any, classes: int) -> list[float]:
-    if type(row) is not list:
-        raise Malformed("wrong_type", f"prediction {str(row)[:40]!r} is not a list of {classes} class probabilities")
-    if len(row) != classes:
-        raise Malformed("shape_mismatch", f"a prediction of {len(row)} probabilities, the model has {classes} classes")
-    return [_number(p) for p in row]

@@ -12,13 +12,14 @@ from prometheus_client import (
     Gauge,
     Histogram,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from monitoring.config import DETECTOR_BUCKETS
 from monitoring.events import (
     REASONS,
     Predictions,
 )
+from monitoring.outcomes import OutcomeJoin
 from monitoring.versions import VersionMonitor
 
 
@@ -68,7 +69,7 @@ class EventCounters:
     prometheus_client child's inc() (a lock each) cost more than parsing a one-row event. Only the event loop's
     thread writes them, and /metrics is served by that same thread, so a scrape sees a consistent set."""
 
-    TYPES = ("request", "response", "unknown")
+    TYPES = ("request", "response", "feedback", "unknown")
 
     def __init__(self, monitors: Sequence[VersionMonitor]) -> None:
         self.received: dict[str, int] = dict.fromkeys(self.TYPES, 0)
@@ -138,3 +139,46 @@ class EventCounters:
                 for label, count in zip(self.classes[labels], counts, strict=True):
                     predicted.add_metric([*labels, label], count)
             yield predicted
+
+
+class OutcomeMetrics:
+    """Ground truth per version, read from the join at scrape time (the estimates as last refreshed)."""
+
+    def __init__(self, join: OutcomeJoin, monitors: Sequence[VersionMonitor]) -> None:
+        self.join = join
+        self.versions = [(m.labels, m.version) for m in monitors]
+
+    def collect(self) -> Iterator[Metric]:
+        model = self.versions[0][0][0]
+        results = CounterMetricFamily(
+            "kubeloop_feedback_labels",
+            "Feedback entries by result: joined; unknown (an id not served here, or expired); duplicate; mismatch "
+            "(not one label per row); expired (served requests dropped unlabelled, the oldest first)",
+            labels=["model", "result"],
+        )
+        for result in ("joined", "unknown", "duplicate", "mismatch", "expired"):
+            results.add_metric([model, result], self.join.results[result])
+        labelled = CounterMetricFamily(
+            "kubeloop_labelled_rows", "Served rows joined to their labels", labels=["model", "version"]
+        )
+        live = GaugeMetricFamily(
+            "kubeloop_live_metric",
+            "Each version's performance on its last labelled rows: rocAuc, accuracy, calibrationError, positiveShare "
+            "(binary); accuracy, rocAuc, calibrationError, labelShare.CLASS (multiclass); mae, rmse, labelMean",
+            labels=["model", "version", "metric"],
+        )
+        estimated = GaugeMetricFamily(
+            "kubeloop_estimated_metric",
+            "Performance the model's own probabilities imply without labels (if calibrated): value, and the 95% "
+            "interval's low and high",
+            labels=["model", "version", "metric", "bound"],
+        )
+        for labels, version in self.versions:
+            labelled.add_metric(list(labels), self.join.version(version).labelled_total)
+            for name, value in self.join.live(version).items():
+                if name != "rows" and value is not None:
+                    live.add_metric([*labels, name], value)
+            for name, found in self.join.estimate(version).items():
+                for bound in ("value", "low", "high"):
+                    estimated.add_metric([*labels, name, bound], getattr(found, bound))
+        yield from (results, labelled, live, estimated)

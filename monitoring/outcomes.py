@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from scipy import stats
 from sklearn import metrics as skm
 
-from kubeloop.api.modelversion import Signature
+from kubeloop.api.modelversion import Task
 
 LabelResult = Literal["joined", "unknown", "duplicate", "mismatch", "expired"]
 Prediction = float | list[float]
@@ -30,12 +31,6 @@ DEFAULT_CAPACITY = 100_000  # requests waiting for labels, per sidecar
 DEFAULT_WINDOW = 500  # labelled rows per version the live metrics are computed on
 ESTIMATE_DRAWS = 200
 CALIBRATION_BINS = 10
-
-
-@dataclass(frozen=True)
-class Served:
-    version: int
-    predictions: list[Prediction]
 
 
 @dataclass
@@ -64,14 +59,19 @@ class VersionOutcomes:
 class OutcomeJoin:
     """Predictions by request id until their labels arrive; the joined rows per version; counts of every result."""
 
-    def __init__(self, signature: Signature, capacity: int = DEFAULT_CAPACITY, window: int = DEFAULT_WINDOW) -> None:
-        self.signature = signature
+    def __init__(
+        self, task: Task, classes: Sequence[str] = (), capacity: int = DEFAULT_CAPACITY, window: int = DEFAULT_WINDOW
+    ) -> None:
+        self.task, self.classes = task, tuple(classes)
         self.capacity = capacity
         self.window = window
         self.results: Counter[LabelResult] = Counter()
-        self._waiting: OrderedDict[str, Served] = OrderedDict()
+        # request id -> (version, its predictions), oldest first: a plain dict keeps insertion order and costs the
+        # event route (every response event) less than an OrderedDict
+        self._waiting: dict[str, tuple[int, Sequence[Prediction]]] = {}
         self._labelled: OrderedDict[str, None] = OrderedDict()  # ids already joined, to count duplicates
         self._versions: dict[int, VersionOutcomes] = {}
+        self._estimates: dict[int, dict[str, Estimate]] = {}  # refreshed off the event loop (refresh_estimate)
         self._lock = threading.Lock()
 
     def version(self, version: int) -> VersionOutcomes:
@@ -80,12 +80,13 @@ class OutcomeJoin:
         return self._versions[version]
 
     def served(self, request_id: str, version: int, predictions: Sequence[Prediction]) -> None:
+        outcomes = self._versions.get(version) or self.version(version)
+        waiting = self._waiting
         with self._lock:
-            self._waiting[request_id] = Served(version, list(predictions))
-            self._waiting.move_to_end(request_id)
-            self.version(version).served.extend(predictions)
-            while len(self._waiting) > self.capacity:
-                self._waiting.popitem(last=False)
+            waiting[request_id] = (version, predictions)
+            outcomes.served.extend(predictions)
+            if len(waiting) > self.capacity:
+                del waiting[next(iter(waiting))]
                 self.results["expired"] += 1
 
     def label(self, request_id: str, labels: Sequence[float]) -> LabelResult:
@@ -94,15 +95,15 @@ class OutcomeJoin:
             served = self._waiting.get(request_id)
             if served is None:
                 result: LabelResult = "duplicate" if request_id in self._labelled else "unknown"
-            elif len(labels) != len(served.predictions):
+            elif len(labels) != len(served[1]):
                 result = "mismatch"
             else:
                 del self._waiting[request_id]
                 self._labelled[request_id] = None
                 while len(self._labelled) > self.capacity:
                     self._labelled.popitem(last=False)
-                outcomes = self.version(served.version)
-                outcomes.predictions.extend(served.predictions)
+                outcomes = self.version(served[0])
+                outcomes.predictions.extend(served[1])
                 outcomes.labels.extend(labels)
                 outcomes.labelled_total += len(labels)
                 result = "joined"
@@ -114,12 +115,21 @@ class OutcomeJoin:
         with self._lock:
             outcomes = self.version(version)
             predictions, labels = list(outcomes.predictions), np.asarray(outcomes.labels, dtype=np.float64)
-        return performance(self.signature, predictions, labels)
+        return performance(self.task, self.classes, predictions, labels)
 
-    def estimate(self, version: int, seed: int = 0) -> dict[str, Estimate]:
+    def refresh_estimate(self, version: int, seed: int = 0) -> dict[str, Estimate]:
+        """Re-estimate the version's performance from its served rows (a few hundred ms: not on the event loop)."""
         with self._lock:
             served = list(self.version(version).served)
-        return estimate_without_labels(self.signature, served, seed)
+        found = estimate_without_labels(self.task, served, seed)
+        with self._lock:
+            self._estimates[version] = found
+        return found
+
+    def estimate(self, version: int) -> dict[str, Estimate]:
+        """The last refreshed estimate."""
+        with self._lock:
+            return dict(self._estimates.get(version, {}))
 
     def status(self, version: int) -> dict[str, Any]:
         outcomes = self.version(version)
@@ -131,12 +141,14 @@ class OutcomeJoin:
         }
 
 
-def performance(signature: Signature, predictions: Sequence[Prediction], labels: np.ndarray) -> dict[str, float | None]:
+def performance(
+    task: Task, classes: Sequence[str], predictions: Sequence[Prediction], labels: np.ndarray
+) -> dict[str, float | None]:
     """Live metrics of joined rows, the same the evaluation computes on the test split, plus calibration and the
     label balance."""
     if len(labels) == 0:
         return {"rows": 0}
-    if signature.task == "regression":
+    if task == "regression":
         values = np.asarray(predictions, dtype=np.float64)
         return {
             "rows": len(labels),
@@ -144,20 +156,20 @@ def performance(signature: Signature, predictions: Sequence[Prediction], labels:
             "rmse": float(np.sqrt(np.mean((values - labels) ** 2))),
             "labelMean": float(labels.mean()),
         }
-    if signature.task == "multiclass":
+    if task == "multiclass":
         probabilities = np.asarray(predictions, dtype=np.float64)
-        classes = list(range(probabilities.shape[1]))
+        indices = list(range(probabilities.shape[1]))
         truth = labels.astype(np.int64)
-        both = len(np.unique(truth)) == len(classes)
-        shares = np.bincount(truth, minlength=len(classes)) / len(truth)
+        both = len(np.unique(truth)) == len(indices)
+        shares = np.bincount(truth, minlength=len(indices)) / len(truth)
         return {
             "rows": len(labels),
             "accuracy": float(np.mean(probabilities.argmax(axis=1) == truth)),
-            "rocAuc": float(skm.roc_auc_score(truth, probabilities, multi_class="ovr", labels=classes))
+            "rocAuc": float(skm.roc_auc_score(truth, probabilities, multi_class="ovr", labels=indices))
             if both
             else None,
             "calibrationError": _calibration_error(probabilities.max(axis=1), probabilities.argmax(axis=1) == truth),
-            **{f"labelShare.{name}": float(s) for name, s in zip(signature.classes or [], shares, strict=False)},
+            **{f"labelShare.{name}": float(s) for name, s in zip(classes, shares, strict=False)},
         }
     scores = np.asarray(predictions, dtype=np.float64)
     both = len(np.unique(labels)) == 2
@@ -182,32 +194,37 @@ def _calibration_error(confidence: np.ndarray, correct: np.ndarray) -> float:
 
 
 def estimate_without_labels(
-    signature: Signature, predictions: Sequence[Prediction], seed: int = 0, draws: int = ESTIMATE_DRAWS
+    task: Task, predictions: Sequence[Prediction], seed: int = 0, draws: int = ESTIMATE_DRAWS
 ) -> dict[str, Estimate]:
     """Accuracy (and binary ROC AUC) the predicted probabilities imply if they are calibrated: labels drawn from
-    them ``draws`` times; the mean and the 2.5/97.5 percentiles of the metric over the draws."""
-    if signature.task == "regression" or not predictions:
+    them ``draws`` times (all draws at once: it runs beside the drift tests); the mean and the 2.5/97.5 percentiles
+    of the metric over the draws."""
+    if task == "regression" or not predictions:
         return {}
     rng = np.random.default_rng(seed)
-    found: dict[str, list[float]] = {"accuracy": []}
-    if signature.task == "multiclass":
+    found: dict[str, np.ndarray] = {}
+    if task == "multiclass":
         probabilities = np.asarray(predictions, dtype=np.float64)
         probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
-        predicted = probabilities.argmax(axis=1)
         cumulative = probabilities.cumsum(axis=1)
-        for _ in range(draws):
-            drawn = (rng.random((len(predicted), 1)) > cumulative).sum(axis=1)
-            found["accuracy"].append(float(np.mean(drawn == predicted)))
+        drawn = (rng.random((draws, len(probabilities), 1)) > cumulative[None]).sum(axis=2)
+        found["accuracy"] = (drawn == probabilities.argmax(axis=1)[None]).mean(axis=1)
     else:
         scores = np.clip(np.asarray(predictions, dtype=np.float64), 0.0, 1.0)
-        found["rocAuc"] = []
-        for _ in range(draws):
-            drawn = rng.random(len(scores)) < scores
-            found["accuracy"].append(float(np.mean((scores >= 0.5) == drawn)))
-            if 0 < drawn.sum() < len(drawn):
-                found["rocAuc"].append(float(skm.roc_auc_score(drawn, scores)))
+        drawn = rng.random((draws, len(scores))) < scores[None]
+        found["accuracy"] = ((scores >= 0.5)[None] == drawn).mean(axis=1)
+        positives = drawn.sum(axis=1)
+        both = (positives > 0) & (positives < len(scores))
+        found["rocAuc"] = _auc_by_ranks(stats.rankdata(scores), drawn[both], positives[both])
     return {
         name: Estimate(float(np.mean(v)), float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))
         for name, v in found.items()
-        if v
+        if len(v)
     }
+
+
+def _auc_by_ranks(ranks: np.ndarray, positive: np.ndarray, positives: np.ndarray) -> np.ndarray:
+    """ROC AUC of one score vector (its average ranks) against each row of labels: the Mann-Whitney U statistic
+    over the number of positive-negative pairs, as sklearn computes it with ties counted half."""
+    negatives = positive.shape[1] - positives
+    return (positive @ ranks - positives * (positives + 1) / 2) / (positives * negatives)

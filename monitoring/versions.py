@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from kubeloop.api.modelversion import ModelVersion, Task
+from kubeloop.api.modelversion import ModelVersion, Signature, Task
 from kubeloop.data.snapshot import ColumnStats
 from kubeloop.histograms import value_buckets
 from kubeloop.log import event
@@ -48,6 +48,7 @@ class VersionMonitor:
     predictions: deque[Any]  # the last predictions: numbers, or (multiclass) lists of class probabilities
     task: Task = "binary"
     classes: tuple[str, ...] = ()  # multiclass: the order of the probabilities (spec.signature.classes)
+    signature: Signature | None = None  # what feedback labels are decoded by
     prediction_buckets: tuple[float, ...] = PREDICTION_BUCKETS
     parser: RequestParser = field(init=False)
     # the event loop's side: the window being filled
@@ -201,6 +202,7 @@ def build_monitor(record: ModelVersion, config: SidecarConfig) -> VersionMonitor
         predictions=deque(maxlen=config.prediction_window or config.window),
         task=signature.task,
         classes=tuple(signature.classes or ()),
+        signature=signature,
         prediction_buckets=_prediction_buckets(signature.task, snapshot.stats.get(signature.label)),
     )
 

@@ -169,11 +169,15 @@ class ServingMiddleware:
         status = 500
         response_chunks: list[bytes] = []
         capture = self.payload_logger is not None
+        # the id the request's events carry, answered as ce-id: what a client names when it sends the labels later
+        request_id = event_id(ce_id) if capture else ""
 
         async def watch(message: dict) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if capture:
+                    message = {**message, "headers": [*message.get("headers", []), (b"ce-id", request_id.encode())]}
             elif capture and message["type"] == "http.response.body":
                 response_chunks.append(message.get("body", b""))
             await send(message)
@@ -184,7 +188,7 @@ class ServingMiddleware:
             self.metrics.count_request(protocol, status, time.perf_counter() - started)
             if self.payload_logger is not None and not 400 <= status < 500:
                 response = b"".join(response_chunks) if status == 200 else None
-                self.payload_logger.log(event_id(ce_id), body, response, content_type)
+                self.payload_logger.log(request_id, body, response, content_type)
 
     async def _feedback(self, receive: Receive, send: Send) -> None:
         """Labels for served requests (kubeloop/feedback.py), checked against the model's signature and passed on

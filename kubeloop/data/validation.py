@@ -58,6 +58,17 @@ from kubeloop.api.validation import (
     Severity,
     ValidationReport,
 )
+from kubeloop.data.column_checks import (
+    NUMERIC,
+    against_schema,
+    baseline_range,
+    compatible,
+    finding,
+    mixed_type,
+    type_detail,
+    uninformative,
+    unseen,
+)
 from kubeloop.data.snapshot import CATEGORY_CAP, Dtype, Snapshot, dtype_of, read_frame
 from kubeloop.errors import DataError, KubeloopError
 
@@ -76,14 +87,9 @@ __all__ = [
     "validate",
 ]
 
-RANGE_SLACK = 0.1  # baseline [min, max] is widened by this share of its range before values count as new
-UNSEEN_ERROR_SHARE = 0.01  # unseen categories in more than this share of rows are an error, else a warning
-MOSTLY_NUMERIC = 0.9  # a string column whose values parse as numbers at least this often is a broken numeric one
 BINS = 10  # histogram bins between the baseline's min and max, for the numeric distances
 DEFAULT_THRESHOLDS: dict[Metric, float] = {"linf": 0.1, "jensen_shannon": 0.2, "psi": 0.25}
 _PSI_FLOOR = 1e-4  # empty bins count as this share, or PSI would be infinite
-_EXAMPLES = 5
-_NUMERIC = ("float", "int")
 
 
 class _Model(BaseModel):
@@ -114,7 +120,7 @@ class ColumnSpec(_Model):
 
     @model_validator(mode="after")
     def _metric_fits_dtype(self) -> ColumnSpec:
-        if self.distance and self.distance.metric not in (None, "linf") and self.dtype not in _NUMERIC:
+        if self.distance and self.distance.metric not in (None, "linf") and self.dtype not in NUMERIC:
             raise ValueError(
                 f"distance.metric {self.distance.metric} needs an int or float column, {self.name} is {self.dtype}: "
                 "use linf"
@@ -200,14 +206,14 @@ def validate(
     distances: list[FeatureDistance] = []
     label = label or (schema.label if schema else None)
     if snapshot.rows == 0:
-        findings.append(_finding("error", None, "empty", "the snapshot has no rows"))
+        findings.append(finding("error", None, "empty", "the snapshot has no rows"))
     else:
         frame = read_frame(snapshot)
         findings += type_findings(frame, schema)
         if schema is not None:
-            findings += _against_schema(frame, schema)
+            findings += against_schema(frame, schema)
         if label and label not in frame.columns and not (schema and schema.column(label)):
-            findings.append(_finding("error", label, "missing_column", "the label column is absent from the data"))
+            findings.append(finding("error", label, "missing_column", "the label column is absent from the data"))
         if baseline is not None:
             skip = {f.column for f in findings if f.rule in ("type_mismatch", "mixed_type") and f.severity == "error"}
             found, distances = _against_baseline(
@@ -225,8 +231,8 @@ def validate(
 def type_findings(data: pd.DataFrame | Snapshot, schema: DatasetSchema | None = None) -> list[Finding]:
     """Findings about column types that would otherwise go unnoticed; part of `validate`, usable on its own.
 
-    - ``mixed_type`` (error): a string column whose non-null values mostly (``MOSTLY_NUMERIC``) parse as numbers
-      but a few do not, e.g. ``?`` or ``12,5``: a numeric column that was read as text. A column the schema
+    - ``mixed_type`` (error): a string column whose non-null values mostly (``column_checks.MOSTLY_NUMERIC``) parse
+      as numbers but a few do not, e.g. ``?`` or ``12,5``: a numeric column that was read as text. A column the schema
       declares follows the schema instead: ``type_mismatch`` (error) when the declared dtype does not fit,
       with the count and examples of the values that do not.
     - ``all_null`` and ``constant``: a column with only nulls, or one distinct non-null value; severity from the
@@ -238,122 +244,12 @@ def type_findings(data: pd.DataFrame | Snapshot, schema: DatasetSchema | None = 
     for name in frame.columns:
         series, spec = frame[name], schema.column(name)
         actual = dtype_of(series)
-        if spec is not None and not _compatible(spec.dtype, actual):
-            mismatch = f"declared {spec.dtype}, found {actual}{_type_detail(spec.dtype, series)}"
-            findings.append(_finding("error", name, "type_mismatch", mismatch))
+        if spec is not None and not compatible(spec.dtype, actual):
+            mismatch = f"declared {spec.dtype}, found {actual}{type_detail(spec.dtype, series)}"
+            findings.append(finding("error", name, "type_mismatch", mismatch))
         elif spec is None and actual == "string":
-            findings += _mixed_type(name, series)
-        findings += _uninformative(name, series, spec, schema)
-    return findings
-
-
-def _finding(severity: Severity, column: str | None, rule: Rule, message: str) -> Finding:
-    return Finding(column=column, rule=rule, severity=severity, message=message)
-
-
-def _compatible(expected: Dtype, actual: Dtype) -> bool:
-    return expected == actual or (expected, actual) == ("float", "int")
-
-
-def _examples(values: pd.Series) -> str:
-    unique = sorted(values.astype(str).unique())
-    more = ", …" if len(unique) > _EXAMPLES else ""
-    return ", ".join(repr(v) for v in unique[:_EXAMPLES]) + more
-
-
-def _unparsable(series: pd.Series) -> tuple[pd.Series, int]:
-    """The non-null values that do not parse as numbers, and how many non-null values there are."""
-    values = series.dropna().astype(str)
-    parsed = pd.to_numeric(values.str.strip(), errors="coerce")
-    return values[parsed.isna()], len(values)
-
-
-def _type_detail(expected: Dtype, series: pd.Series) -> str:
-    """Why a column is not of the expected dtype: how many values are not, and examples."""
-    if expected in _NUMERIC and dtype_of(series) == "string":
-        bad, total = _unparsable(series)
-        return f": {len(bad)} of {total} values do not parse as numbers ({_examples(bad)})"
-    if expected == "int" and dtype_of(series) == "float":
-        values = series.dropna().astype("float64")
-        fractional = values[values != values.round()]
-        if len(fractional):
-            return f": {len(fractional)} of {len(values)} values are not whole numbers ({_examples(fractional)})"
-    return ""
-
-
-def _mixed_type(name: str, series: pd.Series) -> list[Finding]:
-    bad, total = _unparsable(series)
-    if not len(bad) or total - len(bad) < MOSTLY_NUMERIC * total:
-        return []
-    msg = (
-        f"{len(bad)} of {total} values do not parse as numbers ({_examples(bad)}), so the column was read as "
-        "text: fix or blank those values, or declare the column with dtype string in the schema if it is text"
-    )
-    return [_finding("error", name, "mixed_type", msg)]
-
-
-def _uninformative(name: str, series: pd.Series, spec: ColumnSpec | None, schema: DatasetSchema) -> list[Finding]:
-    values = series.dropna()
-    if values.empty:
-        policy = (spec and spec.on_all_null) or schema.on_all_null
-        rule: Rule = "all_null"
-        msg = f"all {len(series)} values are null: the column carries no information (severity: onAllNull)"
-    elif values.nunique() == 1:
-        policy = (spec and spec.on_constant) or schema.on_constant
-        rule = "constant"
-        msg = (
-            f"every non-null value is {str(values.iloc[0])!r}: the column carries no information (severity: onConstant)"
-        )
-    else:
-        return []
-    return [] if policy == "ignore" else [_finding(policy, name, rule, msg)]
-
-
-def _against_schema(frame: pd.DataFrame, schema: DatasetSchema) -> list[Finding]:
-    findings = []
-    for spec in schema.columns:
-        if spec.name not in frame.columns:
-            findings.append(_finding("error", spec.name, "missing_column", "declared column is absent from the data"))
-            continue
-        series = frame[spec.name]
-        if not _compatible(spec.dtype, dtype_of(series)):
-            continue  # a type_mismatch of type_findings: ranges and domains would mean nothing
-        findings += _null_rate(spec, float(series.isna().mean()))
-        findings += _declared_range(spec, series)
-        if spec.categories is not None:
-            values = series.dropna().astype(str)
-            outside = values[~values.isin(spec.categories)]
-            if len(outside):
-                msg = f"{len(outside)} values outside declared categories ({_examples(outside)})"
-                findings.append(_finding("error", spec.name, "domain", msg))
-    if not schema.allow_extra_columns:
-        declared = {spec.name for spec in schema.columns}
-        for name in frame.columns:
-            if name not in declared:
-                msg = "column is not declared (declare it or set allowExtraColumns)"
-                findings.append(_finding("error", name, "extra_column", msg))
-    return findings
-
-
-def _null_rate(spec: ColumnSpec, null_rate: float) -> list[Finding]:
-    allowed = spec.max_null_rate if spec.max_null_rate is not None else (1.0 if spec.nullable else 0.0)
-    if null_rate <= allowed:
-        return []
-    limit = "column is not nullable" if allowed == 0 else f"above declared max {allowed:.1%}"
-    return [_finding("error", spec.name, "null_rate", f"{null_rate:.1%} nulls, {limit}")]
-
-
-def _declared_range(spec: ColumnSpec, series: pd.Series) -> list[Finding]:
-    if spec.dtype not in _NUMERIC or (spec.min is None and spec.max is None):
-        return []
-    values = series.dropna().astype("float64")
-    findings = []
-    if spec.min is not None and (below := int((values < spec.min).sum())):
-        msg = f"{below} values below declared min {spec.min:g} (min seen {values.min():g})"
-        findings.append(_finding("error", spec.name, "range", msg))
-    if spec.max is not None and (above := int((values > spec.max).sum())):
-        msg = f"{above} values above declared max {spec.max:g} (max seen {values.max():g})"
-        findings.append(_finding("error", spec.name, "range", msg))
+            findings += mixed_type(name, series)
+        findings += uninformative(name, series, spec, schema)
     return findings
 
 
@@ -371,7 +267,7 @@ def _against_baseline(
     findings, distances = [], []
     for name, base_dtype in baseline.columns.items():
         if name not in frame.columns:
-            findings.append(_finding("error", name, "missing_column", "column of the baseline is absent"))
+            findings.append(finding("error", name, "missing_column", "column of the baseline is absent"))
             continue
         if name in skip:
             continue
@@ -379,58 +275,35 @@ def _against_baseline(
         dtype = dtype_of(series)
         if (base_dtype, dtype) == ("int", "float"):
             # pandas writes an int column with nulls as 1.0, 2.0: still numbers, so worth a look, not a stop
-            findings.append(_finding("warning", name, "type_mismatch", "baseline has int, found float"))
-        elif not _compatible(base_dtype, dtype):
-            msg = f"baseline has {base_dtype}, found {dtype}{_type_detail(base_dtype, series)}"
-            findings.append(_finding("error", name, "type_mismatch", msg))
+            findings.append(finding("warning", name, "type_mismatch", "baseline has int, found float"))
+        elif not compatible(base_dtype, dtype):
+            msg = f"baseline has {base_dtype}, found {dtype}{type_detail(base_dtype, series)}"
+            findings.append(finding("error", name, "type_mismatch", msg))
             continue
         base = baseline.stats[name]
         null_rate = float(series.isna().mean())
         if null_rate - base.null_rate > null_rate_tolerance:
             msg = f"null rate rose from {base.null_rate:.1%} to {null_rate:.1%} (tolerance {null_rate_tolerance:.1%})"
-            findings.append(_finding("error", name, "null_rate", msg))
-        if dtype in _NUMERIC and base.min is not None and base.max is not None:
-            findings += _baseline_range(name, series, base.min, base.max)
+            findings.append(finding("error", name, "null_rate", msg))
+        if dtype in NUMERIC and base.min is not None and base.max is not None:
+            findings += baseline_range(name, series, base.min, base.max)
         # a capped baseline domain is incomplete, so "unseen" would be meaningless
         if base.categories is not None and len(base.categories) < CATEGORY_CAP:
-            findings += _unseen(name, series, base.categories)
+            findings += unseen(name, series, base.categories)
         distance = _distance(name, base_frame[name], series, schema, is_label=name == label)
         if distance is not None:
             distances.append(distance)
             findings += _drifted(distance, is_label=name == label)
     for name in frame.columns:
         if name not in baseline.columns:
-            findings.append(_finding("warning", name, "extra_column", "column is new since the baseline"))
+            findings.append(finding("warning", name, "extra_column", "column is new since the baseline"))
     return findings, distances
-
-
-def _baseline_range(name: str, series: pd.Series, lo: float, hi: float) -> list[Finding]:
-    slack = RANGE_SLACK * (hi - lo)
-    values = series.dropna().astype("float64")
-    findings = []
-    if below := int((values < lo - slack).sum()):
-        msg = f"{below} values below baseline min {lo:g} widened by 10% (min seen {values.min():g})"
-        findings.append(_finding("warning", name, "range", msg))
-    if above := int((values > hi + slack).sum()):
-        msg = f"{above} values above baseline max {hi:g} widened by 10% (max seen {values.max():g})"
-        findings.append(_finding("warning", name, "range", msg))
-    return findings
-
-
-def _unseen(name: str, series: pd.Series, known: dict[str, int]) -> list[Finding]:
-    values = series.dropna().astype(str)
-    unseen = values[~values.isin(list(known))]
-    if unseen.empty:
-        return []
-    share = len(unseen) / len(series)
-    msg = f"{len(unseen)} values ({share:.1%} of rows) unseen in the baseline ({_examples(unseen)})"
-    return [_finding("error" if share > UNSEEN_ERROR_SHARE else "warning", name, "domain", msg)]
 
 
 def _rule_for(name: str, dtype: Dtype, schema: DatasetSchema, is_label: bool) -> tuple[Metric, float, Policy]:
     """The metric, threshold and severity for one column: its spec, else the schema's defaults, else ours."""
     own = (spec.distance if (spec := schema.column(name)) else None) or DistanceSpec()
-    numeric = dtype in _NUMERIC
+    numeric = dtype in NUMERIC
     kind = schema.numeric_distance if numeric else schema.categorical_distance
     # a label is a set of classes unless it is a float (a regression target)
     default_metric: Metric = "linf" if not numeric or (is_label and dtype == "int") else "jensen_shannon"
@@ -481,7 +354,7 @@ def _distance(
 
 def _class_values(series: pd.Series) -> pd.Series:
     """Values as class names: numbers that are whole read the same from an int and a float column (1, not 1.0)."""
-    if dtype_of(series) in _NUMERIC:
+    if dtype_of(series) in NUMERIC:
         numbers = series.astype("float64")
         if (numbers == numbers.round()).all():
             return numbers.astype("int64").astype(str)
@@ -508,5 +381,5 @@ def _drifted(distance: FeatureDistance, is_label: bool) -> list[Finding]:
     judged = f"{METRIC_NAMES[distance.metric]} {distance.value:.3f} above threshold {distance.threshold:g}"
     if is_label and distance.metric == "linf":
         moved = f"share of class {distance.category!r} moved from {distance.before:.1%} to {distance.after:.1%}"
-        return [_finding(distance.severity, distance.column, "label_balance", f"{moved}: {judged}")]
-    return [_finding(distance.severity, distance.column, "drift", f"{judged}: {distance.moved()}")]
+        return [finding(distance.severity, distance.column, "label_balance", f"{moved}: {judged}")]
+    return [finding(distance.severity, distance.column, "drift", f"{judged}: {distance.moved()}")]

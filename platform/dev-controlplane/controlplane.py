@@ -22,6 +22,7 @@ import argparse
 import base64
 import contextlib
 import ctypes
+import importlib.util
 import json
 import os
 import secrets
@@ -37,14 +38,24 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "helm")
-NODE_ANNOTATION = "kwok.x-k8s.io/node"
-SERVICE_CIDR = "10.0.0.0/24"
-POD_CIDR = "10.244.0.0/16"
 ADMIN_USER = "kubeloop-admin"
+
+
+def _beside(stem: str) -> ModuleType:
+    """A module of this folder, loaded by path: platform/ is no package (it would shadow the stdlib's `platform`)."""
+    spec = importlib.util.spec_from_file_location(f"kubeloop_dev_{stem}", HERE / f"{stem}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+components = _beside("components")  # each component's flags and the fake nodes
 
 
 def versions() -> dict[str, str]:
@@ -144,9 +155,12 @@ class ControlPlane:
             self._start_etcd(deadline)
             self._start_apiserver(deadline)
             self._write_kubeconfigs()
-            self._start("kube-controller-manager", self._controller_manager_args())
-            self._start("kube-scheduler", self._scheduler_args())
-            self._start("kwok", self._kwok_args())
+            pki, kubeconfig = self.workdir / "pki", self.kubeconfig
+            self._start(
+                "kube-controller-manager", components.controller_manager_args(pki, kubeconfig, self.ports["kcm"])
+            )
+            self._start("kube-scheduler", components.scheduler_args(pki, kubeconfig, self.ports["scheduler"]))
+            self._start("kwok", components.kwok_args(self.workdir, kubeconfig, self.ports["kwok"]))
             self._create_nodes()
             self._wait_ready(deadline)
         except BaseException:
@@ -209,7 +223,7 @@ class ControlPlane:
         self.ports = {name: free_port() for name in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok")}
         self.admin_token = secrets.token_hex(24)
         pki = self.workdir / "pki"
-        _generate_rsa_key_pair(pki / "sa.key", pki / "sa.pub")
+        components.generate_rsa_key_pair(pki / "sa.key", pki / "sa.pub")
         # static tokens: token,user,uid,"group1,group2"
         (pki / "tokens.csv").write_text(f'{self.admin_token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n')
         (pki / "tokens.csv").chmod(0o600)
@@ -241,46 +255,16 @@ class ControlPlane:
 
     def _start_etcd(self, deadline: float) -> None:
         client, peer = f"http://127.0.0.1:{self.ports['etcd']}", f"http://127.0.0.1:{self.ports['etcd-peer']}"
-        self._start(
-            "etcd",
-            [
-                "--name=default",
-                f"--data-dir={self.workdir / 'etcd'}",
-                f"--listen-client-urls={client}",
-                f"--advertise-client-urls={client}",
-                f"--listen-peer-urls={peer}",
-                f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster=default={peer}",
-                "--unsafe-no-fsync=true",  # a throw-away dev store: don't wait on the disk
-                "--log-level=warn",
-            ],
-        )
+        self._start("etcd", components.etcd_args(self.workdir, client, peer))
         self._wait(deadline, "etcd /health", lambda: _http_ok(f"{client}/health", expect='"health":"true"'))
 
     def _start_apiserver(self, deadline: float) -> None:
         pki = self.workdir / "pki"
-        self._start(
-            "kube-apiserver",
-            [
-                f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={self.ports['apiserver']}",
-                f"--cert-dir={pki}",  # self-signed serving cert + its CA, written on start
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-account-key-file={pki / 'sa.pub'}",
-                f"--service-account-signing-key-file={pki / 'sa.key'}",
-                "--authorization-mode=RBAC",
-                f"--token-auth-file={pki / 'tokens.csv'}",
-                "--endpoint-reconciler-type=none",  # 127.0.0.1 is not a valid endpoint for the kubernetes Service
-                "--allow-privileged=true",
-                "--profiling=false",
-                "--v=1",
-            ],
-        )
+        self._start("kube-apiserver", components.apiserver_args(pki, self.ports["etcd"], self.ports["apiserver"]))
         self._wait(
-            deadline, "kube-apiserver serving certificate", lambda: _split_ca(pki / "apiserver.crt", pki / "ca.crt")
+            deadline,
+            "kube-apiserver serving certificate",
+            lambda: components.split_ca(pki / "apiserver.crt", pki / "ca.crt"),
         )
         self._wait(deadline, "kube-apiserver /readyz", lambda: self.api("GET", "/readyz")[0] == 200)
 
@@ -300,77 +284,12 @@ class ControlPlane:
         self.kubeconfig.write_text(json.dumps(config, indent=2) + "\n")
         self.kubeconfig.chmod(0o600)
 
-    def _controller_manager_args(self) -> list[str]:
-        pki, kubeconfig = self.workdir / "pki", str(self.kubeconfig)
-        return [
-            f"--kubeconfig={kubeconfig}",
-            f"--authentication-kubeconfig={kubeconfig}",
-            f"--authorization-kubeconfig={kubeconfig}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={self.ports['kcm']}",
-            f"--cert-dir={pki / 'kcm'}",
-            "--leader-elect=false",
-            "--use-service-account-credentials=true",  # each controller acts as its own RBAC-bound identity
-            f"--service-account-private-key-file={pki / 'sa.key'}",
-            f"--root-ca-file={pki / 'ca.crt'}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--controllers=*",
-            "--concurrent-gc-syncs=5",
-            "--profiling=false",
-            "--v=1",
-        ]
-
-    def _scheduler_args(self) -> list[str]:
-        kubeconfig = str(self.kubeconfig)
-        return [
-            f"--kubeconfig={kubeconfig}",
-            f"--authentication-kubeconfig={kubeconfig}",
-            f"--authorization-kubeconfig={kubeconfig}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={self.ports['scheduler']}",
-            f"--cert-dir={self.workdir / 'pki' / 'scheduler'}",
-            "--leader-elect=false",
-            "--profiling=false",
-            "--v=1",
-        ]
-
-    def _kwok_args(self) -> list[str]:
-        return [
-            f"--config={self.workdir / 'kwok.yaml'}",
-            f"--kubeconfig={self.kubeconfig}",
-            "--manage-all-nodes=false",
-            f"--manage-nodes-with-annotation-selector={NODE_ANNOTATION}=fake",
-            f"--cidr={POD_CIDR}",
-            "--node-ip=127.0.0.1",
-            f"--server-address=127.0.0.1:{self.ports['kwok']}",
-            "--node-lease-duration-seconds=40",  # kwok renews the nodes' Leases, so they stay Ready
-        ]
-
     def _create_nodes(self) -> None:
         for index in range(self.nodes):
-            name = f"kwok-node-{index}"
-            capacity = {"cpu": "32", "memory": "128Gi", "pods": "110", "ephemeral-storage": "500Gi"}
-            if index == 1:
-                capacity["nvidia.com/gpu"] = "4"  # one node offers (fake) GPUs, so GPU requests can be scheduled
-            node = {
-                "apiVersion": "v1",
-                "kind": "Node",
-                "metadata": {
-                    "name": name,
-                    "annotations": {NODE_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
-                    "labels": {
-                        "kubernetes.io/hostname": name,
-                        "kubernetes.io/os": "linux",
-                        "kubernetes.io/arch": "amd64",
-                        "kubeloop.dev/fake-node": "kwok",
-                        "type": "kwok",
-                    },
-                },
-                "status": {"capacity": capacity, "allocatable": capacity},
-            }
+            node = components.kwok_node(index)
             status, body = self.api("POST", "/api/v1/nodes", node)
             if status not in (201, 409):
-                raise ControlPlaneError(f"creating node {name}: HTTP {status}: {body}")
+                raise ControlPlaneError(f"creating node {node['metadata']['name']}: HTTP {status}: {body}")
 
     def _wait_ready(self, deadline: float) -> None:
         def nodes_ready() -> bool:
@@ -427,45 +346,6 @@ def _https_ok(port: int) -> bool:
     context.verify_mode = ssl.CERT_NONE
     with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=context, timeout=2) as response:
         return response.status == 200
-
-
-def _split_ca(serving: Path, ca: Path) -> bool:
-    """kube-apiserver's self-signed --cert-dir file holds the serving cert followed by the CA that signed it:
-    write the CA alone to ``ca`` (kubeconfigs and --root-ca-file want the CA, not the leaf)."""
-    if not serving.exists():
-        return False
-    marker = "-----END CERTIFICATE-----"
-    blocks = [block.strip() + "\n" + marker + "\n" for block in serving.read_text().split(marker) if block.strip()]
-    if len(blocks) < 2:
-        return False  # not written yet, or only partly
-    ca.write_text("".join(blocks[1:]))
-    return True
-
-
-def _generate_rsa_key_pair(private: Path, public: Path) -> None:
-    """The service-account signing key pair: openssl when present, else the `cryptography` package."""
-    openssl = shutil.which("openssl")
-    if openssl:
-        subprocess.run([openssl, "genrsa", "-out", str(private), "2048"], check=True, capture_output=True)
-        subprocess.run(
-            [openssl, "rsa", "-in", str(private), "-pubout", "-out", str(public)], check=True, capture_output=True
-        )
-    else:
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        private.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.TraditionalOpenSSL,
-                serialization.NoEncryption(),
-            )
-        )
-        public.write_bytes(
-            key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        )
-    private.chmod(0o600)
 
 
 def _stop_in_order(pgid: int, procs: list[tuple[int, Callable[[], int | None]]], grace: float) -> None:

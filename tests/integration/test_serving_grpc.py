@@ -10,7 +10,9 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -21,36 +23,26 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 
 from kubeloop.api.load import load_resources
-from kubeloop.artifact import ModelArtifact
 from kubeloop.processes import free_port
 from tests.support.serving_fixtures import (
-    Process,
     arrests_frame,
     launch_server,
     launch_sink,
     record_path,
     rows,
     scrape,
-    shared_home,
     start_all,
     stop_all,
 )
+from tests.support.serving_requests import FEATURES, MAX_BODY, V2_TYPES
 
 pytestmark = pytest.mark.integration
 
-FEATURES = ["colour", "year", "age", "sex", "employed", "citizen", "checks"]
-STRINGS = {"colour", "sex", "employed", "citizen"}
-MAX_BODY = 64 * 1024
 FIELD_FIRST = re.compile(r"^(inputs|raw_input_contents)\b")
 
 
 @pytest.fixture(scope="module")
-def serving_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_home(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def processes(serving_home: Path, tmp_path_factory: pytest.TempPathFactory):
+def grpc_processes(serving_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A sink and a model server with gRPC on, logging payloads to the sink."""
     logs = tmp_path_factory.mktemp("serving-grpc")
     (sink,) = start_all(launch_sink(logs / "sink.log"))
@@ -74,18 +66,13 @@ def processes(serving_home: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def server(processes) -> Process:
-    return processes["server"]
+def target(grpc_processes: dict[str, Any]) -> str:
+    return grpc_processes["grpc"]
 
 
 @pytest.fixture(scope="module")
-def target(processes) -> str:
-    return processes["grpc"]
-
-
-@pytest.fixture(scope="module")
-def http_url(server: Process) -> str:
-    return server.url
+def http_url(grpc_processes: dict[str, Any]) -> str:
+    return grpc_processes["server"].url
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +83,10 @@ def stub(target: str):
         yield GRPCInferenceServiceStub(channel)
 
 
-@pytest.fixture(scope="module")
-def artifact(serving_home: Path) -> ModelArtifact:
-    return ModelArtifact.load(load_resources(record_path(serving_home, 1))[0].spec.artifact_uri)
-
-
 def infer_request(instances: list[dict], *, request_id: str = "", **override: tuple[str, list]) -> InferRequest:
     """A v2 request of the rows, one tensor per feature (BYTES for strings, INT64 else); `override` replaces a
     feature's (datatype, data) or, for a name not a feature, adds a tensor."""
-    tensors = {name: ("BYTES" if name in STRINGS else "INT64", [row[name] for row in instances]) for name in FEATURES}
+    tensors = {name: (V2_TYPES.get(name, "INT64"), [row[name] for row in instances]) for name in FEATURES}
     tensors.update(override)
     inputs = [InferInput(name, [len(data)], datatype, data) for name, (datatype, data) in tensors.items()]
     return InferRequest(model_name="arrests", infer_inputs=inputs, request_id=request_id or None)
@@ -143,8 +125,8 @@ def test_grpc_numpy_inputs_sent_as_raw_contents_are_decoded(target, artifact):
     frame = arrests_frame().iloc[:20]
     inputs = []
     for name in FEATURES:
-        tensor = InferInput(name, [20], "BYTES" if name in STRINGS else "INT64")
-        values = frame[name].to_numpy(dtype=object if name in STRINGS else np.int64)
+        tensor = InferInput(name, [20], V2_TYPES.get(name, "INT64"))
+        values = frame[name].to_numpy(dtype=object if name in V2_TYPES else np.int64)
         tensor.set_data_from_numpy(values, binary_data=True)
         inputs.append(tensor)
     response = asyncio.run(grpc_infer(target, InferRequest(model_name="arrests", infer_inputs=inputs)))
@@ -213,8 +195,8 @@ def test_grpc_requests_are_counted_by_status_and_reason(target, http_url):
     assert delta("kubeloop_feature_category_total", feature="colour") == 6  # the 3 answered requests' rows
 
 
-def test_grpc_requests_are_logged_to_the_sink_as_v2_json(target, processes):
-    sink = processes["sink"]
+def test_grpc_requests_are_logged_to_the_sink_as_v2_json(target, grpc_processes):
+    sink = grpc_processes["sink"]
     instances = rows(arrests_frame(), 2, start=7)
     response = asyncio.run(grpc_infer(target, infer_request(instances, request_id="r-9"), headers=(("ce-id", "g-9"),)))
     deadline = time.monotonic() + 10
@@ -256,9 +238,7 @@ def test_grpc_repository_rpcs_are_refused_by_default(stub, target, rpc):
 def test_grpc_model_metadata_lists_the_served_version(stub):
     metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name="arrests"), timeout=30)
     assert list(metadata.versions) == ["1"]
-    assert {(t.name, t.datatype) for t in metadata.inputs} == {
-        (name, "BYTES" if name in STRINGS else "INT64") for name in FEATURES
-    }
+    assert {(t.name, t.datatype) for t in metadata.inputs} == {(name, V2_TYPES.get(name, "INT64")) for name in FEATURES}
     assert list(stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=30).extensions) == []
     with pytest.raises(grpc.RpcError) as caught:
         stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"), timeout=30)
@@ -291,17 +271,17 @@ def test_grpc_fuzz_never_answers_internal(stub, target, http_url):
     )
 
     def typed(name: str, values: list) -> pb.ModelInferRequest.InferInputTensor:
-        if name in STRINGS:
+        if name in V2_TYPES:
             contents = pb.InferTensorContents(bytes_contents=[v.encode() for v in values])
         else:
             contents = pb.InferTensorContents(int64_contents=values)
-        datatype = "BYTES" if name in STRINGS else "INT64"
+        datatype = V2_TYPES.get(name, "INT64")
         return pb.ModelInferRequest.InferInputTensor(
             name=name, datatype=datatype, shape=[len(values)], contents=contents
         )
 
     def values(name: str, n: int) -> st.SearchStrategy[list]:  # any text (unseen categories), numbers near and far
-        value = st.text(max_size=8) if name in STRINGS else st.integers(-(10**4), 10**4)
+        value = st.text(max_size=8) if name in V2_TYPES else st.integers(-(10**4), 10**4)
         return st.lists(value, min_size=n, max_size=n)
 
     well_typed = st.integers(1, 4).flatmap(

@@ -8,13 +8,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from kubeloop.api.modelversion import Feature, Signature
 from monitoring.outcomes import OutcomeJoin, estimate_without_labels
-
-INPUTS = [Feature(name="x", dtype="float")]
-BINARY = Signature(inputs=INPUTS, label="released", task="binary", positive_class="Yes")
-MULTICLASS = Signature(inputs=INPUTS, label="kind", task="multiclass", classes=["a", "b", "c"])
-REGRESSION = Signature(inputs=INPUTS, label="price", task="regression")
 
 
 def _served(join: OutcomeJoin, rng: np.random.Generator, requests: int) -> dict[str, tuple[list[float], list[float]]]:
@@ -31,7 +25,7 @@ def _served(join: OutcomeJoin, rng: np.random.Generator, requests: int) -> dict[
 @pytest.mark.parametrize("share", [1.0, 0.1, 0.0])
 def test_late_partial_out_of_order_feedback_joins_and_the_live_metrics_match_a_direct_computation(share) -> None:
     rng = np.random.default_rng(7)
-    join = OutcomeJoin(BINARY, window=10_000)
+    join = OutcomeJoin("binary", window=10_000)
     truth = _served(join, rng, 400)
     chosen = [rid for rid in truth if rng.random() < share]
     rng.shuffle(chosen)  # labels arrive in any order, long after the requests
@@ -56,7 +50,7 @@ def test_late_partial_out_of_order_feedback_joins_and_the_live_metrics_match_a_d
 
 
 def test_counts_mismatched_rows_and_expires_the_oldest_waiting_request() -> None:
-    join = OutcomeJoin(BINARY, capacity=3)
+    join = OutcomeJoin("binary", capacity=3)
     for i in range(5):
         join.served(f"r{i}", 2, [0.2, 0.9])
     assert join.results["expired"] == 2
@@ -67,12 +61,12 @@ def test_counts_mismatched_rows_and_expires_the_oldest_waiting_request() -> None
 
 
 def test_multiclass_and_regression_live_metrics() -> None:
-    join = OutcomeJoin(MULTICLASS)
+    join = OutcomeJoin("multiclass", ["a", "b", "c"])
     join.served("m", 1, [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
     join.label("m", [0.0, 1.0, 2.0, 1.0])
     live = join.live(1)
     assert live["accuracy"] == 0.75 and live["labelShare.b"] == 0.5 and live["rocAuc"] is not None
-    reg = OutcomeJoin(REGRESSION)
+    reg = OutcomeJoin("regression")
     reg.served("r", 1, [1.0, 2.0])
     reg.label("r", [2.0, 2.0])
     assert reg.live(1) == {"rows": 2, "mae": 0.5, "rmse": pytest.approx(np.sqrt(0.5)), "labelMean": 2.0}
@@ -82,7 +76,7 @@ def test_the_estimate_without_labels_brackets_the_performance_of_calibrated_scor
     rng = np.random.default_rng(3)
     scores = rng.beta(2, 2, 2000)
     labels = rng.random(2000) < scores  # calibrated: the labels are drawn from the scores
-    estimate = estimate_without_labels(BINARY, scores.tolist())
+    estimate = estimate_without_labels("binary", scores.tolist())
     actual_auc, actual_accuracy = skm.roc_auc_score(labels, scores), np.mean((scores >= 0.5) == labels)
     assert estimate["rocAuc"].low <= actual_auc <= estimate["rocAuc"].high
     assert estimate["accuracy"].low <= actual_accuracy <= estimate["accuracy"].high
@@ -90,7 +84,7 @@ def test_the_estimate_without_labels_brackets_the_performance_of_calibrated_scor
     # a model whose scores no longer say anything about the labels: its estimate still says what calibrated
     # scores would give, and the live metric on labels shows the gap (why labels are preferred where they come)
     broken = rng.permutation(scores)
-    assert skm.roc_auc_score(labels, broken) < estimate_without_labels(BINARY, broken.tolist())["rocAuc"].low
-    multiclass = estimate_without_labels(MULTICLASS, [[0.8, 0.1, 0.1]] * 500)
+    assert skm.roc_auc_score(labels, broken) < estimate_without_labels("binary", broken.tolist())["rocAuc"].low
+    multiclass = estimate_without_labels("multiclass", [[0.8, 0.1, 0.1]] * 500)
     assert multiclass["accuracy"].low < 0.8 < multiclass["accuracy"].high
-    assert estimate_without_labels(REGRESSION, [1.0]) == {}
+    assert estimate_without_labels("regression", [1.0]) == {}
