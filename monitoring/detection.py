@@ -51,6 +51,11 @@ def evaluate_window(monitor: VersionMonitor, columns: list[list[Any]], metrics: 
     for feature, test in result.features.items():
         metrics.p_value.labels(*labels, feature).set(test.p_value)
         metrics.distance.labels(*labels, feature).set(test.distance)
+        if test.effect is not None:
+            metrics.effect.labels(*labels, feature).set(test.effect)
+    shares = result.shares()
+    for feature in result.features:
+        metrics.share.labels(*labels, feature).set(shares.get(feature, 0.0))
     for feature, numbers in monitor.last_skew.items():
         for statistic, value in numbers.items():
             metrics.skew.labels(*labels, feature, statistic).set(value)

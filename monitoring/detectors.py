@@ -15,7 +15,8 @@ A flagged window is not yet an alarm. Against one fixed reference, feature-wise 
 more often than their nominal level (the reference's own sampling error is shared by every window), so the
 decision rule is: the model version is in Drift when the corrected test flagged at least ``k`` of the last ``m``
 windows (2 of 3 by default). With a reference >= 5x the window, the declared rates below hold; both are tested
-(tests/unit/drift/test_drift_detector.py, tests/integration/test_monitoring_sidecar.py) and measured (bench/drift_calibration.py).
+(tests/unit/drift/test_drift_detector.py, tests/integration/test_monitoring_sidecar.py) and measured
+(bench/drift_calibration.py).
 """
 
 from __future__ import annotations

@@ -38,6 +38,19 @@ class Metrics:
             [*mv, "feature"],
             registry=registry,
         )
+        self.effect = Gauge(
+            "kubeloop_drift_effect",
+            "Last window's effect size per feature on one 0..1 scale: KS D (numeric), Cramer's V (categorical)",
+            [*mv, "feature"],
+            registry=registry,
+        )
+        self.share = Gauge(
+            "kubeloop_drift_share",
+            "Each drifted feature's share of the last window's shift (its effect over the drifted features' sum); 0 "
+            "for a feature that did not drift",
+            [*mv, "feature"],
+            registry=registry,
+        )
         self.detected = Gauge("kubeloop_drift_detected", "1 when the model version is in Drift", mv, registry=registry)
         self.windows = Counter(
             "kubeloop_drift_windows",

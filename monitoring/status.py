@@ -59,6 +59,9 @@ def _version_status_locked(m: VersionMonitor, default: VersionMonitor) -> dict[s
             "adjustedPValues": {k: _finite(t.adjusted_p_value) for k, t in last.features.items()},
             "distances": {k: _finite(t.distance) for k, t in last.features.items()},
             "tests": {k: t.test for k, t in last.features.items()},
+            # how far each feature moved (KS D, Cramer's V) and each drifted feature's share of the shift
+            "effects": {k: _finite(t.effect) for k, t in last.features.items() if t.effect is not None},
+            "shares": last.shares(),
         }
     if m is not default and len(m.predictions) and len(default.predictions):
         shift = prediction_shift(m, default)

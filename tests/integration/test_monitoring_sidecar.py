@@ -138,6 +138,10 @@ def test_shifted_traffic_is_flagged_within_the_declared_windows(sidecar: Sidecar
     status = sidecar.status()["versions"]["2"]
     assert status["drift"]["state"] == "Drift" and status["drift"]["minPValue"] < 1e-6
     assert {"age", "colour"} <= set(status["lastWindow"]["driftedFeatures"])
+    # the window explains itself: how far each feature moved, and the drifted features' shares of the shift
+    shares, effects = status["lastWindow"]["shares"], status["lastWindow"]["effects"]
+    assert set(shares) == set(status["lastWindow"]["driftedFeatures"]) and sum(shares.values()) == pytest.approx(1)
+    assert effects["age"] > 0.3 and effects["age"] == max(effects.values()) and shares["age"] == max(shares.values())
     assert status["skew"]["age"]["mean_shift"] > 1.0 and status["skew"]["colour"]["linf"] > 0.3
     assert status["predictionShift"]["against"] == 1 and status["predictionShift"]["ksDistance"] > 0.1
     metrics = sidecar.metrics()
@@ -146,6 +150,8 @@ def test_shifted_traffic_is_flagged_within_the_declared_windows(sidecar: Sidecar
         r'kubeloop_drift_skew\{feature="age",model="arrests",statistic="mean_shift",version="2"\} (\S+)', metrics
     )
     assert skew and float(skew.group(1)) > 1.0, [line for line in metrics.splitlines() if "skew" in line][:20]
+    share = re.search(r'kubeloop_drift_share\{feature="age",model="arrests",version="2"\} (\S+)', metrics)
+    assert share and float(share.group(1)) == pytest.approx(shares["age"])
 
 
 MALFORMED: list[tuple[str, dict[str, str], bytes | None, int]] = [
