@@ -19,10 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client.samples import Sample
+
 from kubeloop import config
+from kubeloop.analysis.signals import Buckets, histogram_quantile
 from kubeloop.errors import KubeloopError
 from kubeloop.report import promtext
-from kubeloop.report.promtext import Sample
 
 if TYPE_CHECKING:
     from kubeloop.processes import Child
@@ -167,7 +169,7 @@ def _scrape(url: str, timeout: float) -> Scrape:
     try:
         samples = promtext.scrape(url, timeout)
         return Scrape(time.monotonic(), samples)
-    except (KubeloopError, ValueError) as error:
+    except KubeloopError as error:
         return Scrape(time.monotonic(), None, str(error))
 
 
@@ -199,12 +201,12 @@ def _requests(samples: list[Sample]) -> tuple[float, float]:
     return sum(s.value for s in rows), sum(s.value for s in rows if not s.labels.get("code", "").startswith("2"))
 
 
-def _latency(samples: list[Sample]) -> dict[float, float]:
+def _latency(samples: list[Sample]) -> Buckets:
     for name in LATENCY_HISTOGRAMS:
         found = promtext.buckets(samples, name)
         if found:
             return found
-    return {}
+    return []
 
 
 def _drift_state(samples: list[Sample] | None, model: str, version: int) -> str:
@@ -269,7 +271,7 @@ def collect(
                 row.since_start = True
                 row.error_rate = failed_1 / total_1 if total_1 else None
                 latency = latency_1
-            p99 = promtext.quantile(0.99, latency)
+            p99 = histogram_quantile(0.99, latency)
             row.p99_ms = None if p99 is None else p99 * 1000
             rows.append(row)
     return rows

@@ -29,8 +29,8 @@ from typing import Any
 from kubeloop.analysis import AnalysisState, PrometheusSource, SignalSource, decide
 from kubeloop.analysis.signals import Queries, SignalError, duration_seconds
 from kubeloop.api import ModelDeployment, ModelVersion
+from kubeloop.kube import ApiError, Kind, Kube, kind_of
 from operators import common, httproute, inferenceservice
-from operators.kube import ApiError, Kind, Kube, kind_of
 from operators.settings import Settings
 
 log = logging.getLogger("operators.canary")

@@ -15,7 +15,6 @@ LABEL_TRAININGJOB = "kubeloop.dev/trainingjob"
 LABEL_MODELDEPLOYMENT = "kubeloop.dev/modeldeployment"
 LABEL_MODEL = "kubeloop.dev/model"
 LABEL_VERSION = "kubeloop.dev/version"
-ANNOTATION_SPEC_HASH = "kubeloop.dev/spec-generation"
 
 
 def labels(owner: Resource, component: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -65,9 +64,10 @@ def metadata(
     return meta
 
 
-def is_owned_by(obj: Mapping[str, Any], owner_uid: str) -> bool:
+def controller_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid of the object's controller (its ownerReference with controller: true), None when it has none."""
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
-    return any(ref.get("uid") == owner_uid and ref.get("controller") for ref in refs)
+    return next((ref.get("uid") for ref in refs if ref.get("controller")), None)
 
 
 # --- Pod Security "restricted" ---------------------------------------------------------------------------

@@ -19,9 +19,9 @@ import kopf
 
 from kubeloop.api import GROUP, VERSION, ModelDeployment, ModelVersion, Resource
 from kubeloop.errors import SpecError
+from kubeloop.kube import ApiError
 from operators import canary, common, handlers, httproute, retrain
 from operators import inferenceservice as isvc
-from operators.kube import ApiError
 from operators.settings import current
 
 log = logging.getLogger("operators")
@@ -77,10 +77,10 @@ def reconcile_modeldeployment(body: Mapping[str, Any], patch: kopf.Patch, **_: A
     canary_live = httproute.canary_ready(md, existing)
     route = httproute.desired_httproute(md, settings, canary_live)
     children = [
-        (isvc.desired_versions_configmap(md, versions), "replace", False),
-        (isvc.desired_inferenceservice(md, versions, settings, with_canary), "replace", False),
+        isvc.desired_versions_configmap(md, versions),
+        isvc.desired_inferenceservice(md, versions, settings, with_canary),
     ]
-    done = handlers.apply_children(body, children + ([(route, "replace", False)] if route else []))
+    done = handlers.apply_children(body, [(child, False) for child in children + ([route] if route else [])])
     _, obj = done["InferenceService"]
     new = isvc.modeldeployment_status(md, obj, status, with_canary, httproute.url(md, settings) if route else None)
     traffic = httproute.traffic_condition(md, settings, canary_live)
@@ -210,7 +210,7 @@ def _route_url(md: ModelDeployment, body: Mapping[str, Any]) -> str | None:
     if not httproute.routed(md, settings):
         return None
     route = handlers.kube().get(handlers.HTTPROUTE, md.metadata.namespace, httproute.route_name(md))
-    if route is None or not common.is_owned_by(route, (body.get("metadata") or {}).get("uid", "")):
+    if route is None or common.controller_uid(route) != (body.get("metadata") or {}).get("uid"):
         return None
     return httproute.url(md, settings)
 

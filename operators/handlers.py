@@ -2,10 +2,11 @@
 
 Handlers are small, level-triggered and idempotent. Every handler computes the desired children with the pure
 functions of operators.rayjob / operators.batchjob (both through operators.rayrun) / operators.inferenceservice and
-writes them with apply_children (operators.kube.apply), which writes nothing when the cluster already matches.
-Children carry a controller owner reference: deleting a parent deletes them (garbage collection); nothing outside
-Kubernetes is created, so no finalizer of ours is needed (kopf keeps its own on a resource while one of its timers
-runs for it). What happened is posted as Kubernetes Events on the parent (emit; unit tests replace it, and kube).
+writes them with apply_children (operators.children: server-side apply), which changes nothing when the cluster
+already matches. Children carry a controller owner reference: deleting a parent deletes them (garbage collection);
+nothing outside Kubernetes is created, so no finalizer of ours is needed (kopf keeps its own on a resource while one
+of its timers runs for it). What happened is posted as Kubernetes Events on the parent (emit; unit tests replace it,
+and kube).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import kopf
 from kubeloop.api import Resource
 from kubeloop.api.load import parse_resource
 from kubeloop.errors import SpecError
+from kubeloop.kube import ApiError, Kube, RestKube, kind_of
 from operators import common, httproute, metrics, rayrun
-from operators.kube import Action, ApiError, Conflict, Kube, RestKube, apply, kind_of
+from operators.children import FIELD_MANAGER, Action, Conflict, apply
 from operators.settings import Settings, configure_kopf, current
 
 log = logging.getLogger("operators")
@@ -44,7 +46,7 @@ _kube: Kube | None = None
 def kube() -> Kube:
     global _kube
     if _kube is None:
-        _kube = RestKube.from_environment(connections=settings().workers)
+        _kube = RestKube.from_environment(FIELD_MANAGER, connections=settings().workers)
     return _kube
 
 
@@ -103,28 +105,19 @@ def invalid(body: Mapping[str, Any], patch: kopf.Patch, error: SpecError) -> Non
 
 
 def apply_children(
-    owner: Mapping[str, Any], children: list[tuple[dict[str, Any], str, bool]], create_first: bool = False
+    owner: Mapping[str, Any], children: list[tuple[dict[str, Any], bool]]
 ) -> dict[str, tuple[Action, dict[str, Any]]]:
-    """Apply (desired, mode, create_only) children in order; post one Event per action, naming its children.
-
-    ``create_first``: create each child without reading it first; the ``ApiError`` 409 of one that exists
-    propagates (see operators.kube.apply).
-    """
+    """Apply (desired, create_only) children in order (operators.children.apply); post one Event per action,
+    naming its children."""
     done: dict[str, tuple[Action, dict[str, Any]]] = {}
     try:
-        for desired, mode, create_only in children:
+        for desired, create_only in children:
             try:
-                action, obj = apply(kube(), desired, mode=mode, create_only=create_only, create_first=create_first)
+                action, obj = apply(kube(), desired, create_only=create_only)
             except Conflict as error:
                 emit(owner, "Warning", "NameConflict", str(error))
                 raise kopf.TemporaryError(str(error), delay=settings().retry_delay * 4) from None
             except ApiError as error:
-                if error.status == 409 and not create_first:
-                    # another writer (KServe's controller, on its InferenceService) changed it since it was read
-                    raise kopf.TemporaryError(
-                        f"{desired['kind']} {desired['metadata']['name']} changed while being updated: applying again",
-                        delay=1,
-                    ) from None
                 if error.status != 404:
                     raise
                 message = _not_served(desired, error)

@@ -30,8 +30,8 @@ from kubeloop.api import API_VERSION, ModelDeployment, ModelVersion, TrainingJob
 from kubeloop.api.load import parse_resource
 from kubeloop.api.trainingjob import NAME_MAX_LENGTH, name_is_valid
 from kubeloop.errors import SpecError
+from kubeloop.kube import ApiError, Kube, kind_of
 from operators import common
-from operators.kube import ApiError, Kube, kind_of
 
 log = logging.getLogger("operators.retrain")
 

@@ -18,9 +18,10 @@ import kopf
 
 from kubeloop.api import GROUP, VERSION, BatchPrediction, ModelVersion, Resource, TrainingJob
 from kubeloop.errors import SpecError
+from kubeloop.kube import ApiError, Kind
 from operators import batchjob, common, handlers, metrics, rayrun
 from operators import rayjob as rj
-from operators.kube import Action, ApiError, Kind
+from operators.children import Action
 from operators.settings import current
 
 log = logging.getLogger("operators")
@@ -33,7 +34,7 @@ log = logging.getLogger("operators")
 @kopf.on.create(GROUP, VERSION, "trainingjobs")
 @kopf.on.update(GROUP, VERSION, "trainingjobs")
 @handlers.timed("TrainingJob")
-def reconcile_trainingjob(body: Mapping[str, Any], patch: kopf.Patch, reason: str | None = None, **_: Any) -> None:
+def reconcile_trainingjob(body: Mapping[str, Any], patch: kopf.Patch, **_: Any) -> None:
     """Apply the TrainingJob's children; the RayJob is created once and never changed after submission."""
     try:
         tj = handlers.parse(body)
@@ -41,36 +42,22 @@ def reconcile_trainingjob(body: Mapping[str, Any], patch: kopf.Patch, reason: st
         handlers.invalid(body, patch, error)
     assert isinstance(tj, TrainingJob)
     run = rj.training_run(tj)
-    job = _submit(body, run, rayrun.desired_rayjob(run, handlers.settings()), reason)
+    job = _submit(body, run, rayrun.desired_rayjob(run, handlers.settings()))
     patch.status["rayJobName"] = run.name
     status = handlers.plain(body.get("status") or {})
     _submitted_status(patch, tj, job, status, lambda kept: rj.trainingjob_status(tj, job, kept))
 
 
 def _submit(
-    body: Mapping[str, Any],
-    run: rayrun.Run,
-    desired_job: dict[str, Any],
-    reason: str | None,
-    submitted: bool | None = None,
+    body: Mapping[str, Any], run: rayrun.Run, desired_job: dict[str, Any], submitted: bool | None = None
 ) -> dict[str, Any]:
     """Apply a run's children; the RayJob as it is. The RayJob is created once and never changed after submission,
     nor is the document the run reads: a spec that asks for another run than the one submitted gets a Warning.
 
-    ``submitted``: whether the RayJob exists (None: not known; a resource handled for the first time then creates its
-    children without reading each first, and converges as on resume if one exists, after an attempt that stopped
-    mid-way)."""
-    done = None
-    if submitted is None and reason == kopf.Reason.CREATE:
-        try:
-            done = handlers.apply_children(body, _run_children(run, desired_job, submitted=False), create_first=True)
-        except ApiError as error:
-            if error.status != 409:
-                raise
-    if done is None:
-        if submitted is None:
-            submitted = handlers.kube().get(handlers.RAYJOB, run.namespace, run.name) is not None
-        done = handlers.apply_children(body, _run_children(run, desired_job, submitted))
+    ``submitted``: whether the RayJob exists (None: not known, read it)."""
+    if submitted is None:
+        submitted = handlers.kube().get(handlers.RAYJOB, run.namespace, run.name) is not None
+    done = handlers.apply_children(body, _run_children(run, desired_job, submitted))
     action, job = done["RayJob"]
     if action is not Action.CREATED and not rayrun.submitted_unchanged(done["ConfigMap"][1], run):
         handlers.emit(
@@ -83,19 +70,17 @@ def _submit(
     return job
 
 
-def _run_children(
-    run: rayrun.Run, desired_job: dict[str, Any], submitted: bool
-) -> list[tuple[dict[str, Any], str, bool]]:
-    """(desired, mode, create_only) of a run's children, in order: the RayJob right after what its pods need to
+def _run_children(run: rayrun.Run, desired_job: dict[str, Any], submitted: bool) -> list[tuple[dict[str, Any], bool]]:
+    """(desired, create_only) of a run's children, in order: the RayJob right after what its pods need to
     start (the spec ConfigMap, the ServiceAccount), the Role and RoleBinding after it: the run needs them only to
     publish what it reports, and creating them costs the apiserver's RBAC escalation check (about 0.1 s each),
     which would otherwise delay the start of every run."""
     return [
-        (rayrun.desired_configmap(run), "merge", submitted),  # once submitted, the document the run read stays
-        (rayrun.desired_service_account(run), "merge", False),
-        (desired_job, "replace", True),
-        (rayrun.desired_role(run), "merge", False),
-        (rayrun.desired_role_binding(run), "merge", False),
+        (rayrun.desired_configmap(run), submitted),  # once submitted, the document the run read stays
+        (rayrun.desired_service_account(run), False),
+        (desired_job, True),
+        (rayrun.desired_role(run), False),
+        (rayrun.desired_role_binding(run), False),
     ]
 
 
@@ -279,7 +264,7 @@ def reconcile_batchprediction(body: Mapping[str, Any], patch: kopf.Patch, **_: A
         handlers.emit(body, "Warning", "ModelVersionNotFound", problem)
         raise kopf.PermanentError(problem)
     run = batchjob.batch_run(bp, version, settings)
-    job = _submit(body, run, batchjob.desired_rayjob(bp, version, settings), None, submitted=existing is not None)
+    job = _submit(body, run, batchjob.desired_rayjob(bp, version, settings), submitted=existing is not None)
     patch.status["rayJobName"] = run.name
     if existing is None or not status.get("modelVersion"):  # once running, the run's report says it
         patch.status["modelVersion"] = ModelVersion.resource_name(bp.spec.model, version)

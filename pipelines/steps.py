@@ -3,7 +3,7 @@
 The components (`pipelines.components`) are one line each: they hand their KFP parameters and artifacts to the
 functions here. Every step's logic is kubeloop's own (`kubeloop.training.job`, `kubeloop.data`, the registry);
 this module only moves state between steps through KFP artifacts and, in a cluster, talks to the API server
-(`pipelines.kube`). Artifacts are duck-typed (`.path`, `.metadata`, `.log_metric`), so tests can call these
+(`pipelines.cluster_steps`). Artifacts are duck-typed (`.path`, `.metadata`, `.log_metric`), so tests can call these
 functions directly.
 
 State shared by the steps: the snapshot store and the registry under KUBELOOP_HOME (in a cluster, the
@@ -215,10 +215,10 @@ def train(training_job: dict[str, Any], runner: str, transform: ArtifactLike, mo
         trained.artifact.save(directory)
         info = {"history": trained.history, "epochs": trained.epochs, "backend": trained.backend}
     else:
-        from pipelines import kube
+        from pipelines import cluster_steps
 
-        finished = kube.run_trainingjob(job)
-        registered = kube.registered_version(finished)
+        finished = cluster_steps.run_trainingjob(job)
+        registered = cluster_steps.registered_version(finished)
         _copy_artifact(registered, directory)
         info = {
             "history": registered.spec.metrics.per_epoch,
@@ -371,9 +371,9 @@ def deploy(deployment: str, model: str, version: int, traffic_percent: int, runn
     if registered.spec.stage == "Rejected":
         raise KubeloopError(f"{registered.metadata.name} is Rejected ({registered.spec.stage_reason}): not deploying")
     if resolve_runner(runner) == "cluster":
-        from pipelines import kube
+        from pipelines import cluster_steps
 
-        target = kube.set_canary(deployment, model, version, traffic_percent)
+        target = cluster_steps.set_canary(deployment, model, version, traffic_percent)
     else:
         target = set_canary_in_file(Path(deployment), model, version, traffic_percent)
     print(f"{target}: canary is now {registered.metadata.name} at {traffic_percent}% of traffic")

@@ -1,8 +1,8 @@
 """A real Prometheus server for the embedded mode: Debian's `prometheus` binary, a generated config scraping the
 local processes on loopback every `scrape_interval`, storage in a temporary directory, the alert rules loaded.
 
-`signal_source()` picks what the embedded mode reads: this server when the binary is on PATH, else the processes'
-/metrics directly (same `SignalSource` interface, same queries).
+`Scraped` is what the embedded mode reads its canary signals from: this server, through the same `PrometheusSource`
+and PromQL the operator uses against the cluster's Prometheus.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from kubeloop.analysis.signals import MetricsSource, PrometheusSource, Queries, SignalSource, duration_seconds
+from kubeloop.analysis.signals import PrometheusSource, Queries
 from kubeloop.errors import KubeloopError
 from kubeloop.log import event
 from kubeloop.processes import free_port
@@ -30,6 +30,7 @@ RULES = Path(__file__).resolve().parents[2] / "monitoring" / "rules" / "kubeloop
 
 
 def binary() -> str | None:
+    """The `prometheus` executable on PATH, if there is one."""
     return shutil.which("prometheus")
 
 
@@ -37,7 +38,11 @@ class EmbeddedPrometheus:
     def __init__(self, scrape_interval: str = "1s", rules: Path | None = RULES, executable: str | None = None):
         self.executable = executable or binary()
         if self.executable is None:
-            raise KubeloopError("prometheus is not on PATH (Debian/Ubuntu: apt-get install prometheus)")
+            raise KubeloopError(
+                "the embedded mode reads its signals from a Prometheus server, and no `prometheus` executable is on "
+                "PATH: install it (Debian/Ubuntu: `apt-get install prometheus`; `./dev test` installs it when run as "
+                "root), or put a Prometheus 2.x binary named `prometheus` in a directory on PATH"
+            )
         self.scrape_interval, self.rules = scrape_interval, rules
         self.directory = Path(tempfile.mkdtemp(prefix="kubeloop-prometheus-"))
         self.config = self.directory / "prometheus.yml"
@@ -131,33 +136,27 @@ class EmbeddedPrometheus:
 
 
 class Scraped:
-    """The embedded mode's signal source and the targets it reads, whichever the backend."""
+    """The embedded mode's signal source: an `EmbeddedPrometheus`, started, and a `PrometheusSource` reading it.
 
-    def __init__(self, use_prometheus: bool | None = None, scrape_interval: str = "1s", queries: Queries | None = None):
-        self.targets: dict[str, list[str]] = {}
-        self.prometheus: EmbeddedPrometheus | None = None
-        if use_prometheus is None:
-            use_prometheus = binary() is not None
-        if use_prometheus:
-            self.prometheus = EmbeddedPrometheus(scrape_interval)
+    KubeloopError when the `prometheus` binary is missing (the message says how to install it).
+    """
+
+    def __init__(self, *, scrape_interval: str = "1s", queries: Queries | None = None):
+        self.prometheus = EmbeddedPrometheus(scrape_interval)
+        try:
             self.prometheus.start()
-            self.source: SignalSource = PrometheusSource(self.prometheus.url, queries)
-        else:
-            self.source = MetricsSource(self._urls, queries)
-        self.scrape_s = duration_seconds(scrape_interval)
+        except BaseException:
+            self.prometheus.stop()  # a server that never became ready, and its temporary directory
+            raise
+        self.source = PrometheusSource(self.prometheus.url, queries)
 
     @property
     def backend(self) -> str:
-        return f"Prometheus {self.prometheus.url}" if self.prometheus else "direct /metrics scrapes"
-
-    def _urls(self) -> list[str]:
-        return [f"{base.rstrip('/')}/metrics" for targets in self.targets.values() for base in targets]
+        return f"Prometheus {self.prometheus.url}"
 
     def scrape(self, job: str, targets: Sequence[str]) -> None:
-        self.targets[job] = list(targets)
-        if self.prometheus is not None:
-            self.prometheus.scrape(job, targets)
+        """Scrape these base URLs (their /metrics) as `job`, from now on."""
+        self.prometheus.scrape(job, targets)
 
     def stop(self) -> None:
-        if self.prometheus is not None:
-            self.prometheus.stop()
+        self.prometheus.stop()

@@ -10,9 +10,9 @@ Per model version and analysis window (the increase of each counter over the win
 
 Which series carry them is one `Queries` object of PromQL selectors with `$model` and `$version` placeholders, so any
 Prometheus works (point the selectors at the metrics your stack has). `PrometheusSource` asks Prometheus's HTTP
-query API (`sum by (le) (increase(SELECTOR[WINDOW]))` …); `MetricsSource` scrapes the processes' `/metrics` itself and
-computes the same increases between its own scrapes. Both return the same `VersionSignals`; the math on them
-(quantiles, KS distance of two histograms) is shared and lives here.
+query API (`sum by (le) (increase(SELECTOR[WINDOW]))` …): the cluster's Prometheus for the operator, the embedded
+mode's own (`kubeloop.analysis.prometheus`) on one machine. The math on the signals (PromQL's histogram_quantile,
+the KS distance of two histograms) lives here, and is the one `kubeloop status` uses too.
 
 Only the Python standard library is used (urllib), so the operator image and the embedded mode both import it.
 """
@@ -22,10 +22,9 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from string import Template
 from typing import Protocol
@@ -79,21 +78,26 @@ class VersionSignals:
 
 
 def histogram_quantile(q: float, buckets: Buckets) -> float | None:
-    """Prometheus's histogram_quantile on cumulative buckets: linear interpolation inside the bucket."""
-    if not buckets or buckets[-1][1] <= 0:
+    """PromQL's histogram_quantile on cumulative buckets sorted by bound: linear interpolation inside the bucket the
+    rank falls in (the first one starting at 0), the highest finite bound when it falls in the +Inf bucket.
+
+    None where PromQL answers NaN: fewer than two buckets, no +Inf bucket, no observations.
+    """
+    if len(buckets) < 2 or not math.isinf(buckets[-1][0]) or buckets[-1][1] <= 0:
         return None
-    total = buckets[-1][1]
-    rank = q * total
-    lower_bound, lower_count = 0.0, 0.0
-    for bound, count in buckets:
-        if count >= rank:
-            if math.isinf(bound):
-                return lower_bound  # in the +Inf bucket: the highest finite bound, as Prometheus answers
-            if count == lower_count:
-                return bound
-            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
-        lower_bound, lower_count = bound, count
-    return lower_bound
+    if not 0 <= q <= 1:
+        return -math.inf if q < 0 else math.inf
+    rank = q * buckets[-1][1]
+    index = next(i for i, (_, count) in enumerate(buckets) if count >= rank)
+    bound, count = buckets[index]
+    if index == len(buckets) - 1:
+        return buckets[-2][0]
+    if index == 0 and bound <= 0:
+        return bound
+    lower_bound, lower_count = buckets[index - 1] if index > 0 else (0.0, 0.0)
+    if count == lower_count:  # q 0 on an empty first bucket
+        return bound
+    return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
 
 
 def ks_distance(a: Buckets, b: Buckets) -> float | None:
@@ -154,10 +158,7 @@ class Queries:
 
 
 class SignalSource(Protocol):
-    """Where the analysis reads its signals. `tick()` is called when an interval starts (a no-op for Prometheus,
-    which keeps its own history; the direct scraper takes its baseline then)."""
-
-    def tick(self) -> None: ...
+    """Where the analysis reads its signals: a `PrometheusSource`, or a test's fake."""
 
     def version_signals(self, model: str, version: int, window_s: float, namespace: str = "") -> VersionSignals: ...
 
@@ -172,9 +173,6 @@ class SignalError(RuntimeError):
 class PrometheusSource:
     def __init__(self, url: str, queries: Queries | None = None, timeout: float = 10.0) -> None:
         self.url, self.queries, self.timeout = url.rstrip("/"), queries or Queries(), timeout
-
-    def tick(self) -> None:
-        pass
 
     def query(self, promql: str) -> list[tuple[dict[str, str], float]]:
         """An instant query: [(labels, value)]."""
@@ -209,144 +207,6 @@ class PrometheusSource:
             classes={
                 labels.get("class", ""): _finite(value) for labels, value in increase(q.predicted_classes, "class")
             },
-        )
-
-
-# ---- the processes' /metrics, scraped directly -------------------------------------------------------------------
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
-
-Sample = tuple[str, dict[str, str], float]
-
-
-def parse_exposition(text: str) -> list[Sample]:
-    """Samples of the Prometheus text format (enough of it for prometheus_client's output)."""
-    samples = []
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        match = _SAMPLE.match(line)
-        if match is None:
-            continue
-        name, labels, value = match.groups()
-        parsed = {k: _unescape(v) for k, _, v in _LABEL.findall(labels or "")}
-        try:
-            samples.append((name, parsed, float(value)))
-        except ValueError:
-            continue
-    return samples
-
-
-def _unescape(value: str) -> str:
-    return value.replace(r"\"", '"').replace(r"\n", "\n").replace("\\\\", "\\")
-
-
-@dataclass(frozen=True)
-class Selector:
-    name: str
-    matchers: tuple[tuple[str, str, str], ...]
-
-    @classmethod
-    def parse(cls, text: str) -> Selector:
-        name, _, rest = text.strip().partition("{")
-        return cls(name.strip(), tuple((k, op, _unescape(v)) for k, op, v in _LABEL.findall(rest.rstrip("}"))))
-
-    def matches(self, name: str, labels: dict[str, str]) -> bool:
-        if name != self.name:
-            return False
-        for key, op, value in self.matchers:
-            actual = labels.get(key, "")
-            if (
-                (op == "=" and actual != value)
-                or (op == "!=" and actual == value)
-                or (op == "=~" and not re.fullmatch(value, actual))
-            ):
-                return False
-        return True
-
-
-def _with_total(name: str) -> set[str]:
-    """prometheus_client exposes counter `x` as `x_total`; a selector may name either."""
-    return {name, name + "_total", name.removesuffix("_total")}
-
-
-class MetricsSource:
-    """Scrapes the given `/metrics` URLs itself and answers the same questions as Prometheus would.
-
-    The increase over a window is the difference between the latest scrape and the latest scrape at least one
-    window old (the oldest one when none is that old); counter resets count from zero.
-    """
-
-    def __init__(
-        self,
-        targets: Sequence[str] | Callable[[], Sequence[str]],
-        queries: Queries | None = None,
-        timeout: float = 5.0,
-        keep_s: float = 900.0,
-    ) -> None:
-        self._targets, self.queries, self.timeout, self.keep_s = targets, queries or Queries(), timeout, keep_s
-        self.history: list[tuple[float, list[Sample]]] = []
-
-    def targets(self) -> list[str]:
-        return list(self._targets() if callable(self._targets) else self._targets)
-
-    def tick(self) -> None:
-        self.scrape()
-
-    def scrape(self) -> list[Sample]:
-        samples: list[Sample] = []
-        for url in self.targets():
-            try:
-                with urllib.request.urlopen(url, timeout=self.timeout) as response:
-                    samples += parse_exposition(response.read().decode("utf-8", "replace"))
-            except OSError:
-                continue  # a target that is down contributes nothing, as a failed Prometheus scrape
-        now = time.monotonic()
-        self.history.append((now, samples))
-        self.history = [(t, s) for t, s in self.history if now - t <= self.keep_s] or self.history[-1:]
-        return samples
-
-    def _window(self, window_s: float) -> tuple[list[Sample], list[Sample]]:
-        now_samples = self.scrape()
-        now = self.history[-1][0]
-        older = [s for t, s in self.history[:-1] if now - t >= window_s * 0.999]
-        base = older[-1] if older else (self.history[0][1] if len(self.history) > 1 else [])
-        return base, now_samples
-
-    def version_signals(self, model: str, version: int, window_s: float, namespace: str = "") -> VersionSignals:
-        q = self.queries
-        base, current = self._window(window_s)
-
-        def increase(template: str, by: str) -> dict[str, float]:
-            selector = Selector.parse(q.render(template, model, version, namespace))
-            names = _with_total(selector.name)
-            grouped: dict[str, float] = {}
-            before = {
-                (n, tuple(sorted(lab.items()))): v
-                for n, lab, v in base
-                if n in names and selector.matches(selector.name, lab)
-            }
-            for name, labels, value in current:
-                if name not in names or not selector.matches(selector.name, labels):
-                    continue
-                previous = before.get((name, tuple(sorted(labels.items()))), 0.0)
-                delta = value - previous if value >= previous else value
-                key = labels.get(by, "")
-                grouped[key] = grouped.get(key, 0.0) + delta
-            return grouped
-
-        requests = increase(q.requests, q.code_label)
-        drift_selector = Selector.parse(q.render(q.drift, model, version, namespace))
-        flags = [v for n, lab, v in current if n == drift_selector.name and drift_selector.matches(n, lab)]
-        return VersionSignals(
-            version=version,
-            requests=sum(requests.values()),
-            errors=sum(v for code, v in requests.items() if code.startswith("5")),
-            latency=_buckets(increase(q.latency_buckets, "le").items()),
-            predictions=_buckets(increase(q.prediction_buckets, "le").items()),
-            drift=(max(flags) >= 1) if flags else None,
-            classes=increase(q.predicted_classes, "class"),
         )
 
 

@@ -1,61 +1,29 @@
-"""Reading Prometheus' text exposition format (what every kubeloop process serves on /metrics), stdlib only.
-
-Enough for kubeloop's own views (`kubeloop status`, the report's drift section): samples with their labels,
-sums over label subsets, and quantiles from cumulative histogram buckets the way PromQL's histogram_quantile
-computes them.
+"""What kubeloop's own views (`kubeloop status`, the report's drift section) read from a process's /metrics, on top
+of prometheus_client's parser: the samples, sums over label subsets and a histogram's cumulative buckets (their
+quantile: `kubeloop.analysis.signals.histogram_quantile`, the one PromQL's histogram_quantile semantics).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from kubeloop.analysis.signals import Buckets
 from kubeloop.errors import KubeloopError
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)(?:\s+\S+)?$")
-_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
-_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
-
-
-@dataclass(frozen=True)
-class Sample:
-    name: str
-    labels: dict[str, str]
-    value: float
 
 
 def parse(text: str) -> list[Sample]:
-    """The samples of an exposition (comments and blank lines skipped); ValueError on a malformed line."""
-    samples = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = _SAMPLE.match(line)
-        if match is None:
-            raise ValueError(f"line {number}: not a Prometheus sample: {line[:120]!r}")
-        name, raw_labels, value = match.groups()
-        labels: dict[str, str] = {}
-        if raw_labels:
-            body, position = raw_labels[1:-1], 0
-            while position < len(body):
-                label = _LABEL.match(body, position)
-                if label is None:
-                    raise ValueError(f"line {number}: malformed labels {raw_labels[:120]!r}")
-                labels[label.group(1)] = re.sub(r"\\[\\\"n]", lambda m: _UNESCAPE[m.group(0)], label.group(2))
-                position = label.end()
-        samples.append(Sample(name, labels, float(value)))
-    return samples
-
-
-def names(samples: Iterable[Sample]) -> set[str]:
-    return {sample.name for sample in samples}
+    """The samples of a text exposition, every family's in order; ValueError when it is not that format."""
+    try:
+        return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+    except ValueError as error:
+        raise ValueError(f"not the Prometheus text format: {error}") from error
 
 
 def select(samples: Iterable[Sample], name: str, **labels: str) -> list[Sample]:
@@ -66,39 +34,19 @@ def total(samples: Iterable[Sample], name: str, **labels: str) -> float:
     return sum(s.value for s in select(samples, name, **labels))
 
 
-def buckets(samples: Iterable[Sample], name: str, **labels: str) -> dict[float, float]:
+def buckets(samples: Iterable[Sample], name: str, **labels: str) -> Buckets:
     """Cumulative counts of histogram `name` (its _bucket series) by upper bound, summed over other labels."""
     out: dict[float, float] = {}
     for sample in select(samples, f"{name}_bucket", **labels):
         bound = float(sample.labels["le"])
         out[bound] = out.get(bound, 0.0) + sample.value
-    return dict(sorted(out.items()))
+    return sorted(out.items())
 
 
-def subtract(after: Mapping[float, float], before: Mapping[float, float]) -> dict[float, float]:
-    return {bound: count - before.get(bound, 0.0) for bound, count in after.items()}
-
-
-def quantile(q: float, cumulative: Mapping[float, float]) -> float | None:
-    """PromQL's histogram_quantile: linear interpolation inside the bucket; None without observations.
-
-    Like Prometheus, a quantile falling in the +Inf bucket is the highest finite bound.
-    """
-    bounds = sorted(cumulative)
-    if not bounds or not math.isinf(bounds[-1]) or cumulative[bounds[-1]] <= 0:
-        return None
-    rank = q * cumulative[bounds[-1]]
-    previous_bound, previous_count = 0.0, 0.0
-    for bound in bounds:
-        count = cumulative[bound]
-        if count >= rank:
-            if math.isinf(bound):
-                return previous_bound
-            if count == previous_count:
-                return bound
-            return previous_bound + (bound - previous_bound) * (rank - previous_count) / (count - previous_count)
-        previous_bound, previous_count = bound, count
-    return previous_bound
+def subtract(after: Buckets, before: Buckets) -> Buckets:
+    """The observations between two reads of the same histogram."""
+    earlier = dict(before)
+    return [(bound, count - earlier.get(bound, 0.0)) for bound, count in after]
 
 
 def get(url: str, timeout: float = 5.0) -> str:
@@ -110,7 +58,11 @@ def get(url: str, timeout: float = 5.0) -> str:
 
 
 def scrape(base_url: str, timeout: float = 5.0) -> list[Sample]:
-    return parse(get(f"{base_url.rstrip('/')}/metrics", timeout))
+    url = f"{base_url.rstrip('/')}/metrics"
+    try:
+        return parse(get(url, timeout))
+    except ValueError as error:
+        raise KubeloopError(f"GET {url}: {error}") from error
 
 
 def get_json(url: str, timeout: float = 5.0) -> Any:

@@ -1,5 +1,11 @@
-"""One in-memory Kubernetes API for the operator's unit tests: the operator's `Kube` protocol over a dict, with
-RFC 7386 merge patches, status as a subresource, resourceVersion preconditions and 409 on a second create."""
+"""One in-memory Kubernetes API for the unit tests: kubeloop's `Kube` protocol (kubeloop.kube) over a dict, with
+RFC 7386 merge patches, status as a subresource, resourceVersion preconditions, 409 on a second create, and
+server-side apply as far as the tests need it.
+
+Apply is modelled for one field manager: create when missing, else merge the intent into the object, less the
+fields the previous intent set and this one does not; no change, no write (the resourceVersion stays). Field
+ownership across managers (conflicts, shared fields, list merge keys) is not modelled: the cluster tier
+(tests/cluster) checks the operator against a real apiserver's server-side apply."""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import copy
 import itertools
 from typing import Any
 
-from operators import kube
+from kubeloop import kube
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -23,9 +29,23 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
+def dropped(previous: Any, intent: Any) -> dict[str, Any]:
+    """A merge patch removing what the previous intent set and ``intent`` no longer does (lists are atomic)."""
+    if not isinstance(previous, dict) or not isinstance(intent, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in previous.items():
+        if key not in intent:
+            out[key] = None
+        elif inner := dropped(value, intent[key]):
+            out[key] = inner
+    return out
+
+
 class FakeKube:
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str | None, str], dict[str, Any]] = {}
+        self.intents: dict[tuple[str, str | None, str], dict[str, Any]] = {}  # the last apply of each object
         self.writes: list[tuple[str, str, str]] = []
         self.patches: list[tuple[str, str, str | None, Any]] = []  # (kind, name, subresource, patch) as sent
         self._ids = itertools.count(1)
@@ -54,20 +74,6 @@ class FakeKube:
         self.writes.append(("create", kind.kind, obj["metadata"]["name"]))
         return copy.deepcopy(obj)
 
-    def replace(self, kind: kube.Kind, namespace: str | None, name: str, body: Any) -> dict[str, Any]:
-        key = self._key(kind, namespace, name)
-        old = self.objects[key]
-        sent = body["metadata"].get("resourceVersion")
-        if sent is not None and sent != old["metadata"].get("resourceVersion"):  # the apiserver's optimistic lock
-            raise kube.ApiError(409, "Conflict", {"message": "the object has been modified"})
-        obj = copy.deepcopy(dict(body))
-        obj["metadata"]["resourceVersion"] = str(next(self._ids))
-        if "status" in old:
-            obj["status"] = old["status"]
-        self.objects[key] = obj
-        self.writes.append(("replace", kind.kind, name))
-        return copy.deepcopy(obj)
-
     def patch(self, kind: kube.Kind, namespace: str | None, name: str, patch: Any, subresource: str | None = None):
         key = self._key(kind, namespace, name)
         old = self.objects[key]
@@ -84,6 +90,22 @@ class FakeKube:
         new["metadata"]["resourceVersion"] = str(next(self._ids))
         self.objects[key] = new
         self.writes.append(("patch" + (f"/{subresource}" if subresource else ""), kind.kind, name))
+        return copy.deepcopy(new)
+
+    def apply(self, kind: kube.Kind, namespace: str | None, body: Any) -> dict[str, Any]:
+        name = body["metadata"]["name"]
+        key = self._key(kind, namespace, name)
+        intent = copy.deepcopy(dict(body))
+        old = self.objects.get(key)
+        previous, self.intents[key] = self.intents.get(key, {}), intent
+        if old is None:
+            return self.create(kind, namespace, intent)
+        new = merge_patch(merge_patch(old, dropped(previous, intent)), intent)
+        if new == old:
+            return copy.deepcopy(old)
+        new["metadata"]["resourceVersion"] = str(next(self._ids))
+        self.objects[key] = new
+        self.writes.append(("apply", kind.kind, name))
         return copy.deepcopy(new)
 
     # test helpers

@@ -1,38 +1,21 @@
-"""The canary analysis engine and the retrain policy (pure), the signal math, and both signal sources (the direct
-/metrics scraper, and Prometheus's HTTP API on a real Prometheus) on the model servers' real expositions."""
+"""The canary analysis engine and the retrain policy (pure), and the signal math (PromQL's histogram_quantile, the
+KS distance of two histograms, class shares). The signals read from a real Prometheus: test_analysis_prometheus.py."""
 
 from __future__ import annotations
 
-import re
-import threading
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import pytest
 
 from kubeloop.analysis import (
     AnalysisState,
     CheckResult,
-    MetricsSource,
-    PrometheusSource,
     RetrainState,
     VersionSignals,
     decide,
     decide_retrain,
 )
-from kubeloop.analysis.prometheus import EmbeddedPrometheus
-from kubeloop.analysis.signals import (
-    Queries,
-    Selector,
-    duration_seconds,
-    histogram_quantile,
-    ks_distance,
-    parse_exposition,
-    share_gap,
-)
+from kubeloop.analysis.signals import duration_seconds, histogram_quantile, ks_distance, share_gap
 from kubeloop.api.modeldeployment import AnalysisRecord, CanaryAnalysis, CanaryChecks, Retrain
 
 ANALYSIS = CanaryAnalysis(steps=[10, 25, 50, 100], interval="5s", max_failed_checks=2)
@@ -40,25 +23,6 @@ LAT_FAST = [(0.01, 90.0), (0.05, 100.0), (float("inf"), 100.0)]
 LAT_SLOW = [(0.01, 0.0), (0.05, 10.0), (0.5, 100.0), (float("inf"), 100.0)]
 PRED_LOW = [(0.25, 80.0), (0.5, 95.0), (0.75, 100.0), (float("inf"), 100.0)]
 PRED_HIGH = [(0.25, 0.0), (0.5, 5.0), (0.75, 20.0), (float("inf"), 100.0)]
-
-
-def serve_text(body: Callable[[], str]) -> ThreadingHTTPServer:
-    """A /metrics endpoint on loopback answering ``body()``; the caller shuts it down."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            data = body().encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def signals(
@@ -75,12 +39,20 @@ def test_durations() -> None:
         duration_seconds("5 minutes")
 
 
-def test_histogram_quantile_matches_prometheus() -> None:
+def test_histogram_quantile_is_promqls() -> None:
     # 100 observations: 90 in (0, 0.01], 10 in (0.01, 0.05]: p50 at 0.01*50/90, p99 at 0.01 + 0.04*9/10
     assert histogram_quantile(0.5, LAT_FAST) == pytest.approx(0.01 * 50 / 90)
     assert histogram_quantile(0.99, LAT_FAST) == pytest.approx(0.046)
+    cumulative = [(0.1, 10.0), (0.5, 60.0), (1.0, 100.0), (float("inf"), 100.0)]
+    assert histogram_quantile(0.5, cumulative) == pytest.approx(0.1 + 0.4 * 40 / 50)
+    assert histogram_quantile(0.99, cumulative) == pytest.approx(0.5 + 0.5 * 39 / 40)
     assert histogram_quantile(0.99, [(0.1, 0.0), (float("inf"), 5.0)]) == 0.1  # +Inf bucket: highest finite bound
+    assert histogram_quantile(0.99, [(0.1, 1.0), (float("inf"), 10.0)]) == 0.1
+    assert histogram_quantile(0.5, [(-1.0, 5.0), (float("inf"), 10.0)]) == -1.0  # first bucket's bound <= 0
+    # PromQL's NaN: no observations, no buckets, no +Inf bucket
+    assert histogram_quantile(0.99, [(0.1, 0.0), (float("inf"), 0.0)]) is None
     assert histogram_quantile(0.99, []) is None
+    assert histogram_quantile(0.5, [(0.1, 1.0), (0.5, 2.0)]) is None
 
 
 def test_ks_distance_of_histograms() -> None:
@@ -232,279 +204,3 @@ def test_retrain_needs_sustained_drift_and_is_rate_limited() -> None:
     assert decide_retrain(policy, go.state, True, t0 + timedelta(minutes=69)).start
     assert not decide_retrain(policy, state, True, t0 + timedelta(minutes=9), canary_active=True).start
     assert not decide_retrain(Retrain(enabled=False), state, True, t0 + timedelta(hours=2)).start
-
-
-EXPOSITION = """# HELP kubeloop_splitter_requests_total Requests
-# TYPE kubeloop_splitter_requests_total counter
-kubeloop_splitter_requests_total{code="200",version="2"} %(ok)s
-kubeloop_splitter_requests_total{code="500",version="2"} %(bad)s
-kubeloop_splitter_requests_total{code="200",version="1"} 1000.0
-kubeloop_splitter_request_duration_seconds_bucket{le="0.01",version="2"} %(ok)s
-kubeloop_splitter_request_duration_seconds_bucket{le="+Inf",version="2"} %(total)s
-kubeloop_prediction_bucket{model="arrests",version="2",le="0.5"} %(total)s
-kubeloop_prediction_bucket{model="arrests",version="2",le="+Inf"} %(total)s
-kubeloop_drift_detected{model="arrests",version="2"} 1.0
-"""
-
-
-def test_selectors_and_exposition_parsing() -> None:
-    samples = parse_exposition(EXPOSITION % {"ok": 1, "bad": 2, "total": 3})
-    assert ("kubeloop_splitter_requests_total", {"code": "500", "version": "2"}, 2.0) in samples
-    selector = Selector.parse('kubeloop_splitter_requests_total{version="2",code=~"5.."}')
-    assert [v for n, lab, v in samples if selector.matches(n, lab)] == [2.0]
-
-
-def test_metrics_source_reads_increases_over_the_window() -> None:
-    values = {"ok": 10, "bad": 0, "total": 10}
-
-    server = serve_text(lambda: EXPOSITION % values)
-    try:
-        source = MetricsSource([f"http://127.0.0.1:{server.server_port}/metrics"], Queries())
-        source.tick()
-        values.update(ok=40, bad=10, total=50)
-        got = source.version_signals("arrests", 2, window_s=0.0)
-        assert (got.requests, got.errors, got.error_rate) == (40, 10, 0.25)
-        assert got.latency == [(0.01, 30.0), (float("inf"), 40.0)]
-        assert got.predicted == 40 and got.drift is True
-        assert source.version_signals("arrests", 7, window_s=0.0).drift is None
-    finally:
-        server.shutdown()
-
-
-# ---- per task: the model servers' real expositions through both sources ------------------------------------------
-
-CLASSES = ("Adelie", "Chinstrap", "Gentoo")
-
-
-def model_servers(**tasks: dict) -> tuple[dict[int, object], Callable[[], str]]:
-    """Model servers' metrics, one per version (keyword `v<N>`: ServingMetrics options), and their /metrics text."""
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from serving.metrics import ServingMetrics
-
-    registries, servers = {}, {}
-    for name, options in tasks.items():
-        version = int(name.removeprefix("v"))
-        registries[version] = CollectorRegistry()
-        servers[version] = ServingMetrics("penguins", version, [], registry=registries[version], **options)
-    return servers, lambda: "".join(generate_latest(r).decode() for r in registries.values())
-
-
-def probabilities(predicted: list[int], confidence: float = 0.8) -> np.ndarray:
-    """One row of class probabilities per predicted class index, the predicted one at `confidence`."""
-    rows = np.full((len(predicted), len(CLASSES)), (1 - confidence) / (len(CLASSES) - 1))
-    rows[np.arange(len(predicted)), predicted] = confidence
-    return rows
-
-
-def test_metrics_source_reads_the_predicted_class_mix() -> None:
-    servers, text = model_servers(
-        v1={"task": "multiclass", "classes": CLASSES}, v2={"task": "multiclass", "classes": CLASSES}, v3={}
-    )
-    servers[1].observe_batch({}, probabilities([0] * 5))  # before the baseline: not in the increase
-    scraped = {"namespace": "ml", "pod": "penguins-predictor-1", "container": "kserve-container"}
-    server = serve_text(text)
-    clustered = serve_text(lambda: scraped_as(text(), scraped))
-    try:
-        local = MetricsSource([f"http://127.0.0.1:{server.server_port}/metrics"], Queries())
-        cluster = MetricsSource([f"http://127.0.0.1:{clustered.server_port}/metrics"], Queries.cluster())
-        local.tick()
-        cluster.tick()
-        servers[1].observe_batch({}, probabilities([0] * 34 + [1] * 33 + [2] * 33))
-        servers[2].observe_batch({}, probabilities([0] * 80 + [1] * 10 + [2] * 10))
-        servers[3].observe_batch({}, np.array([0.2, 0.9]))
-        time.sleep(0.3)
-        window = 0.2  # since the tick's scrape, not since the scrape of an earlier question
-
-        stable = local.version_signals("penguins", 1, window)
-        candidate = local.version_signals("penguins", 2, window)
-        assert stable.classes == dict(zip(CLASSES, (34.0, 33.0, 33.0), strict=True))
-        assert candidate.classes == dict(zip(CLASSES, (80.0, 10.0, 10.0), strict=True))
-        assert stable.predictions == candidate.predictions  # the same confidence
-        assert local.version_signals("penguins", 3, window).classes == {}  # binary
-        assert cluster.version_signals("penguins", 2, window, namespace="ml").classes == candidate.classes
-        assert cluster.version_signals("penguins", 2, window, namespace="staging").classes == {}
-        check = prediction_shift_check(decide(ANALYSIS, AnalysisState(), stable, candidate))
-        assert check.status == "fail" and check.value == pytest.approx(0.46)
-    finally:
-        server.shutdown()
-        clustered.shutdown()
-
-
-def test_prometheus_source_reads_the_predicted_class_mix() -> None:
-    """A real Prometheus scraping the servers (with a namespace label, as a PodMonitor scrape adds it) answers the
-    cluster queries: `sum by (class) (increase(kubeloop_predicted_class_total{...}[window]))`."""
-    servers, text = model_servers(v1={"task": "multiclass", "classes": CLASSES}, v2={})
-    server = serve_text(text)
-    try:
-        with EmbeddedPrometheus("1s", rules=None) as prometheus:
-            prometheus.scrape("servers", [f"http://127.0.0.1:{server.server_port}"], {"namespace": "ml"})
-            prometheus.start()
-            source = PrometheusSource(prometheus.url, Queries.cluster())
-            total = 'sum(kubeloop_predicted_class_total{namespace="ml"})'
-            until(lambda: source.query(total) == [({}, 0.0)])  # scraped while every count is 0
-            servers[1].observe_batch({}, probabilities([0] * 60 + [1] * 30 + [2] * 10))
-            servers[2].observe_batch({}, np.array([0.2, 0.9]))
-            until(lambda: source.query(total) == [({}, 100.0)])
-            multiclass = source.version_signals("penguins", 1, window_s=60.0, namespace="ml")
-            # increase() extrapolates every class's series alike: the shares are exact
-            assert multiclass.class_shares() == pytest.approx(dict(zip(CLASSES, (0.6, 0.3, 0.1), strict=True)))
-            assert source.version_signals("penguins", 2, window_s=60.0, namespace="ml").classes == {}
-            assert source.version_signals("penguins", 1, window_s=60.0, namespace="staging").classes == {}
-    finally:
-        server.shutdown()
-
-
-def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout}s"
-        time.sleep(0.2)
-
-
-def test_regression_value_buckets_compare_across_versions() -> None:
-    """Two regression versions trained on slightly different labels: their value buckets lie on the same grid of
-    round steps (here 2, from 0..20 and from 2..22), so the histograms' KS distance is near 0 on the same values and
-    large on shifted ones."""
-    from kubeloop.histograms import value_buckets
-
-    assert value_buckets(10.0, 3.0)[:2] == (0.0, 2.0) and value_buckets(12.0, 3.2)[:2] == (2.0, 4.0)
-    servers, text = model_servers(
-        v1={"task": "regression", "label_stats": (10.0, 3.0)},
-        v2={"task": "regression", "label_stats": (12.0, 3.2)},
-        v3={"task": "regression", "label_stats": (12.0, 3.2)},
-    )
-    values = np.random.default_rng(0).normal(11.0, 3.0, 2000)
-    servers[1].observe_batch({}, values)
-    servers[2].observe_batch({}, values[::-1].copy())
-    servers[3].observe_batch({}, values + 3.0)
-    server = serve_text(text)
-    try:
-        # a first scrape each: every counter's increase is its whole value
-        stable, same, shifted = (
-            MetricsSource([f"http://127.0.0.1:{server.server_port}/metrics"]).version_signals("penguins", v, 60.0)
-            for v in (1, 2, 3)
-        )
-    finally:
-        server.shutdown()
-    assert stable.classes == {}
-    assert ks_distance(same.predictions, stable.predictions) < 0.01
-    assert prediction_shift_check(decide(ANALYSIS, AnalysisState(), stable, same)).status == "pass"
-    check = prediction_shift_check(decide(ANALYSIS, AnalysisState(), stable, shifted))
-    assert check.status == "fail" and check.value > 0.3
-
-
-# ---- the cluster's default queries against series labelled as the chart's PodMonitor scrape labels them --------------
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def scraped_as(exposition: str, target: dict[str, str]) -> str:
-    """The samples of an exposition as Prometheus stores them from a target with these labels (honor_labels false,
-    the PodMonitor default: an exported label that a target label also names is kept as exported_<name>)."""
-    lines = []
-    for name, labels, value in parse_exposition(exposition):
-        stored = {(f"exported_{k}" if k in target else k): v for k, v in labels.items()}
-        stored.update(target)
-        body = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(stored.items()))
-        lines.append(f"{name}{{{body}}} {value!r}")
-    return "\n".join(lines) + "\n"
-
-
-def _predictor_pod(stable: int, canary: int, drifting: bool) -> dict[str, str]:
-    """/metrics of one predictor pod's two containers serving `stable` (its sidecar also knows `canary`)."""
-    import numpy as np
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from monitoring.metrics import Metrics
-    from serving.metrics import ServingMetrics
-
-    registry = CollectorRegistry()
-    server = ServingMetrics("arrests", stable, [], registry=registry)
-    for code, seconds in [(200, 0.004)] * 8 + [(500, 0.2)] * 2:
-        server.count_request("v1", code, seconds)
-    server.observe_batch({}, np.array([0.2, 0.9, 0.7]))
-    sidecar_registry = CollectorRegistry()
-    drift = Metrics(sidecar_registry)
-    drift.detected.labels("arrests", str(stable)).set(1 if drifting else 0)
-    drift.detected.labels("arrests", str(canary)).set(0)  # the other version's window, which this pod never fills
-    return {
-        "kserve-container": generate_latest(registry).decode(),
-        "drift-detector": generate_latest(sidecar_registry).decode(),
-    }
-
-
-def test_cluster_queries_select_the_series_a_podmonitor_scrape_stores() -> None:
-    from operators import inferenceservice as isvc
-
-    # prometheus-operator's target labels for a PodMonitor endpoint: namespace, pod, container, endpoint (the port's
-    # name), job (<namespace>/<PodMonitor name>) and instance
-    ports = {"kserve-container": isvc.SERVER_PORT_NAME, "drift-detector": isvc.SIDECAR_METRICS_PORT_NAME}
-    pods = {
-        ("ml", "arrests-predictor-7d9f"): _predictor_pod(1, 2, drifting=False),
-        ("ml", "arrests-predictor-v2-5c4b"): _predictor_pod(2, 1, drifting=True),
-        ("other", "arrests-predictor-1a2b"): _predictor_pod(1, 2, drifting=True),  # same model elsewhere
-    }
-    stored = ""
-    for (namespace, pod), containers in pods.items():
-        for container, text in containers.items():
-            target = {
-                "namespace": namespace,
-                "pod": pod,
-                "container": container,
-                "endpoint": ports[container],
-                "job": "kubeloop-system/kubeloop-predictors",
-                "instance": f"10.0.0.1:{container}",
-            }
-            stored += scraped_as(text, target)
-    assert "exported_" not in stored  # no exported label is shadowed by a target label
-
-    server = serve_text(lambda: stored)
-    try:
-
-        def signals(version: int, namespace: str) -> VersionSignals:
-            # a first scrape: each counter's increase is its whole value
-            source = MetricsSource([f"http://127.0.0.1:{server.server_port}/metrics"], Queries.cluster())
-            return source.version_signals("arrests", version, window_s=30.0, namespace=namespace)
-
-        canary = signals(2, "ml")
-        assert (canary.requests, canary.errors) == (10, 2)
-        assert canary.latency[-1] == (float("inf"), 10.0) and canary.p99() is not None
-        assert canary.predicted == 3 and canary.drift is True
-        stable = signals(1, "ml")
-        assert (stable.requests, stable.predicted, stable.drift) == (10, 3, False)  # the other namespace not in it
-        nowhere = signals(2, "staging")
-        assert (nowhere.requests, nowhere.predicted, nowhere.drift) == (0, 0, None)
-    finally:
-        server.shutdown()
-
-
-def test_annotation_scrapes_keep_model_and_version_too() -> None:
-    """Plain Prometheus's kubernetes-pods job copies every pod label to a target label (labelmap, names sanitized):
-    none of the predictor pods' labels may become one the servers export."""
-    from pathlib import Path
-
-    import yaml
-
-    from kubeloop.api import parse_resource
-    from operators import inferenceservice as isvc
-    from operators.settings import Settings
-
-    samples = Path(__file__).resolve().parents[2] / "manifests/samples"
-    md = yaml.safe_load((samples / "modeldeployment.yaml").read_text())
-    md["metadata"].update(namespace="ml", uid="md-uid")
-    md["spec"].update(drift={"enabled": True}, canary={"version": 2, "trafficPercent": 10})
-    versions = {}
-    for n in (1, 2):
-        mv = yaml.safe_load((samples / "modelversion.yaml").read_text())
-        mv["metadata"].update(name=f"arrests-v{n}", namespace="ml")
-        mv["spec"]["version"] = n
-        versions[n] = parse_resource(mv)
-    obj = isvc.desired_inferenceservice(parse_resource(md), versions, Settings())
-    exported = {"model", "version", "code", "protocol", "reason", "le", "feature", "value", "tier", "result", "class"}
-    for component in [obj["spec"]["predictor"], obj["spec"]["canary"][0]["predictor"]]:
-        labels = {**obj["metadata"]["labels"], **component["labels"]}
-        mapped = {re.sub(r"[^a-zA-Z0-9_]", "_", key) for key in labels}
-        assert not mapped & exported, mapped & exported

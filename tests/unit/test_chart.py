@@ -30,7 +30,8 @@ ALL_ON = [
     "--set", "webhook.enabled=true",
 ]  # fmt: skip
 
-# What the operator does (operators/*handlers.py, operators/kube.py) and therefore all the chart may grant.
+# What the operator does (operators/*handlers.py, operators/children.py, kubeloop/kube.py) and therefore all the
+# chart may grant.
 EXPECTED_RULES = [
     {"apiGroups": ["kubeloop.dev"], "resources": ["trainingjobs", "modeldeployments", "batchpredictions"],
      "verbs": ["get", "list", "watch", "patch"]},
@@ -40,9 +41,9 @@ EXPECTED_RULES = [
     {"apiGroups": ["kubeloop.dev"], "resources": ["modelversions"], "verbs": ["get", "list", "create", "patch"]},
     {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
-     "verbs": ["get", "list", "watch", "create", "patch", "update"]},
-    {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"], "verbs": ["get", "create", "update"]},
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch", "update"]},
+     "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"], "verbs": ["get", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]},
     {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "create", "patch"]},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
      "verbs": ["get", "create", "patch"]},

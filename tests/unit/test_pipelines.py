@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 from kfp import components
-from kubernetes.client.exceptions import ApiException
 
 from kubeloop.api import ModelDeployment, TrainingJob
 from kubeloop.api.modelversion import Evaluation, Metrics, SliceMetrics
 from kubeloop.api.trainingjob import name_is_valid
 from kubeloop.errors import KubeloopError, SpecError
-from pipelines import kube, steps
+from pipelines import cluster_steps, steps
 from pipelines.compile import COMPILED_DIR, check, normalize
 from pipelines.definitions import DEFAULT_TRAINING_JOB
+from tests.support.fake_kube import FakeKube
 
 TRAINING_STEPS = {"ingest", "validate", "transform", "train", "evaluate", "register"}
 # consumer -> the tasks it waits for (data or .after)
@@ -225,29 +226,7 @@ def test_parse_version_name():
         steps.parse_version_name("arrests")
 
 
-# --- the cluster side, against a stand-in for kubernetes' CustomObjectsApi ------------------------------------
-
-
-class FakeApi:
-    def __init__(self, phases: list[dict], exists: bool = False):
-        self.phases, self.exists = phases, exists
-        self.created: list[tuple] = []
-        self.patched: list[tuple] = []
-        self.objects: dict[str, dict] = {}
-
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-        if self.exists:
-            raise ApiException(status=409, reason="AlreadyExists")
-        self.created.append((group, version, namespace, plural, body))
-
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        if plural == "modeldeployments":
-            return self.objects[name]
-        status = self.phases.pop(0) if len(self.phases) > 1 else self.phases[0]
-        return {"metadata": {"name": name, "namespace": namespace}, "status": status}
-
-    def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body):
-        self.patched.append((namespace, plural, name, body))
+# --- the cluster side, against the in-memory Kubernetes API -------------------------------------------------------
 
 
 def job() -> TrainingJob:
@@ -256,25 +235,41 @@ def job() -> TrainingJob:
     return resolved
 
 
+def operator_writes(kube: FakeKube, phases: list[dict]) -> Callable[[float], None]:
+    """A `sleep` during which the operator writes the TrainingJob's next status."""
+
+    def sleep(_: float) -> None:
+        kube.find("TrainingJob", cluster_steps.trainingjob_name(job()))["status"] = phases.pop(0)
+
+    return sleep
+
+
 def test_run_trainingjob_creates_the_resource_and_waits_for_success():
-    api = FakeApi([{}, {"phase": "Running"}, {"phase": "Succeeded", "modelVersion": "arrests-v4"}])
-    slept = []
-    done = kube.run_trainingjob(job(), api=api, namespace="ml", sleep=slept.append, poll_s=5)
+    kube, slept = FakeKube(), []
+    writes = operator_writes(kube, [{"phase": "Running"}, {"phase": "Succeeded", "modelVersion": "arrests-v4"}])
+    done = cluster_steps.run_trainingjob(
+        job(), kube=kube, namespace="ml", sleep=lambda s: slept.append(s) or writes(s), poll_s=5
+    )
     assert done["status"]["modelVersion"] == "arrests-v4"
     assert len(slept) == 2
-    ((group, version, namespace, plural, body),) = api.created
-    assert (group, version, namespace, plural) == ("kubeloop.dev", "v1alpha1", "ml", "trainingjobs")
-    assert body["metadata"]["name"] == kube.trainingjob_name(job())
+    name = cluster_steps.trainingjob_name(job())
+    assert kube.writes == [("create", "TrainingJob", name)]
+    body = kube.find("TrainingJob", name)
+    assert (body["apiVersion"], body["metadata"]["namespace"]) == ("kubeloop.dev/v1alpha1", "ml")
     assert body["spec"]["dataset"]["digest"] == "sha256:" + "a" * 64, "the TrainingJob trains on the pinned snapshot"
     assert body["spec"]["workers"] == {"replicas": 2, "cpu": 1, "memory": "2Gi", "gpu": 0, "allowCpuFallback": False}
-    TrainingJob.model_validate(body)
+    TrainingJob.model_validate({k: v for k, v in body.items() if k != "status"})
 
 
 def test_run_trainingjob_adopts_an_existing_job_and_reports_failure():
-    api = FakeApi([{"phase": "Failed", "message": "RayJob failed: OOMKilled"}], exists=True)
+    kube = FakeKube()
+    existing = job().to_manifest()
+    existing["metadata"] = {"name": cluster_steps.trainingjob_name(job()), "namespace": "ml"}
+    existing["status"] = {"phase": "Failed", "message": "RayJob failed: OOMKilled"}
+    kube.put(existing)
     with pytest.raises(KubeloopError, match="failed: RayJob failed: OOMKilled"):
-        kube.run_trainingjob(job(), api=api, namespace="ml", sleep=lambda _: None)
-    assert api.created == []
+        cluster_steps.run_trainingjob(job(), kube=kube, namespace="ml", sleep=lambda _: None)
+    assert kube.writes == []
 
 
 def test_run_trainingjob_times_out():
@@ -283,27 +278,29 @@ def test_run_trainingjob_times_out():
     def sleep(seconds: float) -> None:
         now[0] += seconds
 
-    api = FakeApi([{"phase": "Running"}])
+    kube = FakeKube()
     with pytest.raises(KubeloopError, match="not finished after 30s"):
-        kube.run_trainingjob(job(), api=api, namespace="ml", timeout_s=30, poll_s=10, sleep=sleep, clock=lambda: now[0])
+        cluster_steps.run_trainingjob(
+            job(), kube=kube, namespace="ml", timeout_s=30, poll_s=10, sleep=sleep, clock=lambda: now[0]
+        )
 
 
 def test_trainingjob_name_follows_the_spec():
     first, changed = job(), job()
     changed.spec.hyperparameters.epochs = 3
-    assert kube.trainingjob_name(first) == kube.trainingjob_name(job())
-    assert kube.trainingjob_name(first) != kube.trainingjob_name(changed)
+    assert cluster_steps.trainingjob_name(first) == cluster_steps.trainingjob_name(job())
+    assert cluster_steps.trainingjob_name(first) != cluster_steps.trainingjob_name(changed)
     first.metadata.name = "x" * 47
-    assert name_is_valid(kube.trainingjob_name(first))
+    assert name_is_valid(cluster_steps.trainingjob_name(first))
 
 
 def test_set_canary_patches_the_modeldeployment():
-    api = FakeApi([])
-    api.objects["arrests"] = {**yaml.safe_load(DEPLOYMENT), "status": {"ready": True}}
-    api.objects["arrests"]["metadata"] |= {"namespace": "ml", "uid": "1234", "resourceVersion": "7"}
-    assert kube.set_canary("ml/arrests", "arrests", 5, 10, api=api) == "ml/arrests"
-    ((namespace, plural, name, body),) = api.patched
-    assert (namespace, plural, name) == ("ml", "modeldeployments", "arrests")
+    kube, deployment = FakeKube(), yaml.safe_load(DEPLOYMENT)
+    deployment["metadata"]["namespace"] = "ml"
+    kube.put({**deployment, "status": {"ready": True}})
+    assert cluster_steps.set_canary("ml/arrests", "arrests", 5, 10, kube=kube) == "ml/arrests"
+    ((kind, name, subresource, body),) = kube.patches
+    assert (kind, name, subresource) == ("ModelDeployment", "arrests", None)
     assert body["spec"]["canary"]["version"] == 5 and body["spec"]["canary"]["trafficPercent"] == 10
     assert body["spec"]["canary"]["analysis"]["steps"] == [20, 100]
 

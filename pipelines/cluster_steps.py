@@ -1,4 +1,5 @@
-"""The cluster side of the train and deploy steps: a TrainingJob resource waited for, a ModelDeployment patched.
+"""The cluster side of the train and deploy steps: a TrainingJob resource waited for, a ModelDeployment patched,
+through kubeloop's Kubernetes client (kubeloop.kube), as field manager ``kubeloop-pipelines``.
 
 The step's pod talks to the API server with the run's service account (set when the run is created: KFP v2 has no
 per-task service account), which needs: trainingjobs create/get and modeldeployments get/patch in its namespace.
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from kubeloop.api import TrainingJob
-from kubeloop.api.common import GROUP, VERSION
+from kubeloop.api.common import API_VERSION
 from kubeloop.api.modeldeployment import ModelDeployment
 from kubeloop.api.modelversion import ModelVersion
 from kubeloop.api.trainingjob import NAME_MAX_LENGTH
 from kubeloop.errors import KubeloopError
+from kubeloop.kube import ApiError, Kube, RestKube, kind_of
 from kubeloop.log import event
 from kubeloop.registry import Registry
 
@@ -32,15 +34,14 @@ TRAINING_TIMEOUT_S = 24 * 3600
 POLL_S = 10.0
 
 
-def custom_objects_api() -> Any:
-    """kubernetes' CustomObjectsApi, configured in-cluster (a pipeline pod) or from the kubeconfig."""
-    from kubernetes import client, config
+MANAGED_BY = "kubeloop-pipelines"
+TRAININGJOB = kind_of(API_VERSION, TrainingJob.KIND)
+MODELDEPLOYMENT = kind_of(API_VERSION, ModelDeployment.KIND)
 
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.CustomObjectsApi()
+
+def client() -> Kube:
+    """In-cluster (a pipeline pod) or from the kubeconfig."""
+    return RestKube.from_environment(MANAGED_BY)
 
 
 def pod_namespace() -> str:
@@ -58,7 +59,7 @@ def trainingjob_name(job: TrainingJob) -> str:
 def run_trainingjob(
     job: TrainingJob,
     *,
-    api: Any = None,
+    kube: Kube | None = None,
     namespace: str | None = None,
     timeout_s: float = TRAINING_TIMEOUT_S,
     poll_s: float = POLL_S,
@@ -66,22 +67,20 @@ def run_trainingjob(
     clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, Any]:
     """Create the TrainingJob (or adopt the one this spec already made) and wait for Succeeded; returns it."""
-    from kubernetes.client.exceptions import ApiException
-
-    api = api or custom_objects_api()
+    kube = kube or client()
     namespace = namespace or pod_namespace()
     name = trainingjob_name(job)
     manifest = job.to_manifest()
     manifest["metadata"] = {
         "name": name,
         "namespace": namespace,
-        "labels": {"app.kubernetes.io/managed-by": "kubeloop-pipelines", "kubeloop.dev/model": job.spec.model.name},
+        "labels": {"app.kubernetes.io/managed-by": MANAGED_BY, "kubeloop.dev/model": job.spec.model.name},
     }
     manifest.pop("status", None)
     try:
-        api.create_namespaced_custom_object(GROUP, VERSION, namespace, TrainingJob.PLURAL, manifest)
+        kube.create(TRAININGJOB, namespace, manifest)
         event(log, "trainingjob.created", trainingjob=f"{namespace}/{name}")
-    except ApiException as error:
+    except ApiError as error:
         if error.status != 409:
             raise KubeloopError(
                 f"cannot create TrainingJob {namespace}/{name}: {error.status} {error.reason}"
@@ -90,7 +89,9 @@ def run_trainingjob(
     deadline = clock() + timeout_s
     last_phase = None
     while True:
-        current = api.get_namespaced_custom_object(GROUP, VERSION, namespace, TrainingJob.PLURAL, name)
+        current = kube.get(TRAININGJOB, namespace, name)
+        if current is None:
+            raise KubeloopError(f"TrainingJob {namespace}/{name} was deleted while the step waited: run the step again")
         status = current.get("status") or {}
         phase = status.get("phase")
         if phase != last_phase:
@@ -120,19 +121,26 @@ def registered_version(trainingjob: dict[str, Any], registry: Registry | None = 
 
 
 def set_canary(
-    deployment: str, model: str, version: int, traffic_percent: int, *, api: Any = None, namespace: str | None = None
+    deployment: str,
+    model: str,
+    version: int,
+    traffic_percent: int,
+    *,
+    kube: Kube | None = None,
+    namespace: str | None = None,
 ) -> str:
     """Patch ModelDeployment NAME (or NAMESPACE/NAME): spec.canary = the new version; returns NAMESPACE/NAME."""
     from pipelines.steps import with_canary
 
-    api = api or custom_objects_api()
+    kube = kube or client()
     given, _, name = deployment.rpartition("/")
     namespace = given or namespace or pod_namespace()
-    current = ModelDeployment.model_validate(
-        api.get_namespaced_custom_object(GROUP, VERSION, namespace, ModelDeployment.PLURAL, name)
-    )
+    found = kube.get(MODELDEPLOYMENT, namespace, name)
+    if found is None:
+        raise KubeloopError(f"no ModelDeployment {namespace}/{name}: create it first, or name another")
+    current = ModelDeployment.model_validate(found)
     updated = with_canary(current, model, version, traffic_percent)  # validates: model, stable version, canary
     patch = {"spec": {"canary": updated.spec.canary.model_dump(mode="json", by_alias=True, exclude_none=True)}}
-    api.patch_namespaced_custom_object(GROUP, VERSION, namespace, ModelDeployment.PLURAL, name, patch)
+    kube.patch(MODELDEPLOYMENT, namespace, name, patch)
     event(log, "deploy.canary", deployment=f"{namespace}/{name}", version=version, traffic_percent=traffic_percent)
     return f"{namespace}/{name}"
