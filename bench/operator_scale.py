@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 from kubernetes import client, config, watch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 
-from operators import chart  # noqa: E402
+from kubeloop import chart  # noqa: E402
 from operators.settings import Settings  # noqa: E402
 from tests.support.clusterkit import exists, load_controlplane, load_upstream, service_account_kubeconfig  # noqa: E402
 from tests.support.operatorkit import OPERATOR_SA, RELEASE, SYSTEM, OperatorProcess  # noqa: E402  (as the tests run it)

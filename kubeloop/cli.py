@@ -39,15 +39,10 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _manifests(args: argparse.Namespace) -> int:
-    from kubeloop import manifests
-    from kubeloop.report import dashboards
-
-    # the kustomize base is rendered from the chart by helm; the operators package owns that rendering
-    from operators import chart
+    from kubeloop import chart, manifests
 
     root = Path(args.root)
-    # the dashboards' ConfigMap template is part of the chart, which the kustomize base is rendered from
-    steps = (manifests, dashboards, chart)
+    steps = (manifests, chart)
     if args.action == "generate":
         for step in steps:
             for path in step.generate(root):

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from operators import chart as chart_render
+from kubeloop import chart as chart_render
 from operators.settings import Settings
 from tests.support.clusterkit import (
     EXTERNAL_ENV,

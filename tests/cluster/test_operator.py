@@ -26,10 +26,10 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from kubeloop import chart as chart_render
 from kubeloop import in_cluster
 from kubeloop.api import ModelVersion, TrainingJob, parse_resource
 from operators import admission, rayrun
-from operators import chart as chart_render
 from operators import rayjob as rj
 from operators.children import Action
 from operators.settings import Settings

@@ -20,8 +20,7 @@ import httpx
 import pytest
 from test_report_card import Trained, structure_of, trained_models
 
-from kubeloop.report import dashboards
-from tests.support import tools
+from tests.support import dashboards, tools
 
 pytestmark = pytest.mark.integration
 

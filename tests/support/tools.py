@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from operators import chart
+from kubeloop import chart
 
 _DEBIAN = "`./dev test` installs it when run as root on Debian/Ubuntu; otherwise: apt-get install"
 

@@ -1,6 +1,7 @@
 """The kubeloop.dev/v1alpha1 pydantic models: loading resources, defaults, and errors that name the field.
 
-What the generated CRDs accept and reject (and their agreement with these models) is tested in test_crds.py and test_crd_rules.py.
+What the generated CRDs accept and reject (and their agreement with these models) is tested in test_crds.py and
+test_crd_rules.py.
 """
 
 from __future__ import annotations

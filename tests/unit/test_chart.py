@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
-from kubeloop.report import dashboards
-from operators import admission, chart
+from kubeloop import chart
+from operators import admission
 from operators.settings import Settings
-from tests.support import tools
+from tests.support import dashboards, tools
 
 REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "helm/kubeloop"

@@ -78,7 +78,8 @@ def test_a_batch_is_taken_event_by_event_and_answered_with_counts(app) -> None:
     status = app.status()
     assert status["events"]["malformed"] == reasons
     assert status["events"]["received"] == len(events)
-    assert app.counters.received == {"request": 7, "response": 2, "feedback": 0, "unknown": 2}  # unknown: no readable type
+    # unknown: no readable type
+    assert app.counters.received == {"request": 7, "response": 2, "feedback": 0, "unknown": 2}
 
 
 def test_a_batch_with_a_non_finite_number_rejects_that_event_alone(app) -> None:

@@ -1,33 +1,21 @@
-"""The Grafana dashboards (monitoring/dashboards/*.json) and what ships them: the chart's ConfigMap template.
-
-The JSON files are the source of truth (edit them, or edit in Grafana and export). The chart cannot read files
-outside its own folder, so helm/kubeloop/templates/dashboards-configmap.yaml embeds them, generated from them
-by `kubeloop manifests generate` (and checked by `kubeloop manifests check`).
-
-This module also reads every PromQL query of a dashboard and the metric names in it, which the tests check against
-what kubeloop's processes really export (`exported_names` of their /metrics).
-"""
+"""What the tests read from the Grafana dashboards (monitoring/dashboards/*.json): every PromQL query of a dashboard
+and the metric names in it, checked against what kubeloop's processes really export (`exported_names` of their
+/metrics)."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kubeloop import generated
+from kubeloop.chart import load_dashboards
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCE = Path("monitoring/dashboards")
-TEMPLATE = Path("helm/kubeloop/templates/dashboards-configmap.yaml")
-
-# ---- reading dashboards ------------------------------------------------------------------------------------------
 
 
-def load(root: Path = REPO) -> dict[str, dict[str, Any]]:
-    """file name -> dashboard, for every monitoring/dashboards/*.json."""
-    return {path.name: json.loads(path.read_text()) for path in sorted((root / SOURCE).glob("*.json"))}
+def load() -> dict[str, dict[str, Any]]:
+    return load_dashboards(REPO)
 
 
 def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -134,63 +122,3 @@ def exported_names(exposition: str) -> set[str]:
         elif line and not line.startswith("#"):
             names.add(re.split(r"[{\s]", line, maxsplit=1)[0])
     return names
-
-
-# ---- the chart template ------------------------------------------------------------------------------------------
-
-HEADER = """\
-{{- /*
-Grafana dashboards as one ConfigMap that Grafana's dashboard sidecar (kube-prometheus-stack, the grafana chart)
-loads: it watches ConfigMaps labelled grafana_dashboard: "1" (dashboards.label / dashboards.labelValue).
-GENERATED from monitoring/dashboards/*.json by `kubeloop manifests generate`: edit those, not this file.
-*/ -}}
-{{- if .Values.dashboards.enabled }}
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: {{ include "kubeloop.fullname" . }}-dashboards
-  namespace: {{ .Values.dashboards.namespace | default .Release.Namespace }}
-  labels:
-    helm.sh/chart: {{ include "kubeloop.chart" . }}
-    app.kubernetes.io/name: {{ include "kubeloop.name" . }}
-    app.kubernetes.io/instance: {{ .Release.Name }}
-    app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-    app.kubernetes.io/component: dashboards
-    app.kubernetes.io/part-of: kubeloop
-    app.kubernetes.io/managed-by: {{ .Release.Service }}
-    {{ .Values.dashboards.label }}: {{ .Values.dashboards.labelValue | quote }}
-    {{- with .Values.dashboards.labels }}
-    {{- toYaml . | nindent 4 }}
-    {{- end }}
-  {{- if or .Values.dashboards.folder .Values.dashboards.annotations }}
-  annotations:
-    {{- with .Values.dashboards.folder }}
-    {{ $.Values.dashboards.folderAnnotation }}: {{ . | quote }}
-    {{- end }}
-    {{- with .Values.dashboards.annotations }}
-    {{- toYaml . | nindent 4 }}
-    {{- end }}
-  {{- end }}
-data:
-"""
-
-
-def template(root: Path = REPO) -> str:
-    """The ConfigMap template: each dashboard's JSON as a Go template raw string (Grafana's {{legend}} syntax
-    would otherwise be read by Helm)."""
-    parts = [HEADER]
-    for name, dashboard in load(root).items():
-        text = json.dumps(dashboard, indent=1, ensure_ascii=False)
-        if "`" in text:
-            raise ValueError(f"{SOURCE / name}: a backtick cannot be embedded in the chart template")
-        parts.append(f"  {name}: |-\n{{{{ `{text}` | indent 4 }}}}\n")
-    parts.append("{{- end }}\n")
-    return "".join(parts)
-
-
-def generate(root: Path = REPO) -> list[Path]:
-    return generated.write(root, {TEMPLATE: template(root)})
-
-
-def check(root: Path = REPO) -> list[str]:
-    return generated.stale(root, {TEMPLATE: template(root)})

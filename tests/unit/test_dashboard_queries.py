@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubeloop.report import dashboards
-from tests.support import tools
+from kubeloop import chart, generated
+from tests.support import dashboards, tools
 
 REPO = Path(__file__).resolve().parents[2]
 BOARDS = dashboards.load()
@@ -108,7 +108,7 @@ def test_training_dashboard_uses_what_the_operator_exports() -> None:
 
 
 def test_chart_template_is_generated_from_the_dashboards() -> None:
-    assert dashboards.check() == [], "run: kubeloop manifests generate"
+    assert generated.stale(dashboards.REPO, chart.dashboards_files(dashboards.REPO)) == []
 
 
 def test_prediction_panels_fit_every_task() -> None:
