@@ -1,5 +1,6 @@
-"""The report's parts without training or model servers: Prometheus text, quantiles, the status table against small
-real HTTP endpoints, the deployments' state files, the plots, and a report whose snapshot and artifact are elsewhere.
+"""The report's parts without training or model servers: Prometheus text and histogram buckets, the status table
+against small real HTTP endpoints, the deployments' state files, the plots, and a report whose snapshot and
+artifact are elsewhere.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from kubeloop.status_view import (
     status_table,
 )
 from tests.support.html_structure import structure_of
+from tests.support.metrics_endpoint import MetricsEndpoint
 
 REPO = Path(__file__).resolve().parents[2]
 SECTIONS = ("summary", "data", "training", "evaluation", "slices", "gate", "comparison", "history", "drift")
@@ -51,49 +53,28 @@ def test_parse_reads_labels_escapes_and_skips_comments() -> None:
     assert samples[2].labels == {"path": 'a"b\\c\nd'} and samples[2].value == 1000
     assert promtext.total(samples, "kubeloop_requests_total", model="arrests") == 100
     assert promtext.total(samples, "kubeloop_requests_total", code="500") == 10
-    with pytest.raises(ValueError, match="line 1"):
+    with pytest.raises(ValueError, match="not the Prometheus text format"):
         promtext.parse("not a sample line at all {")
 
 
-def test_quantile_is_promql_histogram_quantile() -> None:
-    cumulative = {0.1: 10.0, 0.5: 60.0, 1.0: 100.0, float("inf"): 100.0}
-    assert promtext.quantile(0.5, cumulative) == pytest.approx(0.1 + 0.4 * 40 / 50)
-    assert promtext.quantile(0.99, cumulative) == pytest.approx(0.5 + 0.5 * 39 / 40)
-    assert promtext.quantile(0.99, {0.1: 1.0, float("inf"): 10.0}) == 0.1  # in +Inf: the highest finite bound
-    assert promtext.quantile(0.99, {0.1: 0.0, float("inf"): 0.0}) is None
-    assert promtext.quantile(0.5, {}) is None
+def test_histogram_buckets_are_summed_over_labels_and_subtracted() -> None:
+    text = (
+        "# TYPE request_predict_seconds histogram\n"
+        'request_predict_seconds_bucket{model_name="a",le="0.01"} 3\n'
+        'request_predict_seconds_bucket{model_name="a",le="+Inf"} 4\n'
+        'request_predict_seconds_bucket{model_name="b",le="0.01"} 1\n'
+        'request_predict_seconds_bucket{model_name="b",le="+Inf"} 6\n'
+    )
+    after = promtext.buckets(promtext.parse(text), "request_predict_seconds")
+    assert after == [(0.01, 4.0), (float("inf"), 10.0)]
+    assert promtext.buckets(promtext.parse(text), "request_predict_seconds", model_name="b") == [
+        (0.01, 1.0),
+        (float("inf"), 6.0),
+    ]
+    assert promtext.subtract(after, [(0.01, 1.0), (float("inf"), 2.0)]) == [(0.01, 3.0), (float("inf"), 8.0)]
 
 
 # ---- kubeloop status -----------------------------------------------------------------------------------------------
-
-
-class Endpoint:
-    """A real HTTP /metrics endpoint whose exposition is computed per scrape (the scrape number given)."""
-
-    def __init__(self, exposition: Callable[[int], str]) -> None:
-        self.scrapes = 0
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                owner.scrapes += 1
-                body = exposition(owner.scrapes).encode()
-                self.send_response(200 if self.path == "/metrics" else 404)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def _server(version: int, per_scrape: int, failing: int) -> Callable[[int], str]:
@@ -130,12 +111,12 @@ def _sidecar(_: int) -> str:
 
 
 @pytest.fixture
-def live() -> Iterator[dict[str, Endpoint]]:
+def live() -> Iterator[dict[str, MetricsEndpoint]]:
     endpoints = {
-        "v1": Endpoint(_server(1, per_scrape=50, failing=5)),
-        "v2": Endpoint(_server(2, per_scrape=20, failing=0)),
-        "sidecar": Endpoint(_sidecar),
-        "splitter": Endpoint(
+        "v1": MetricsEndpoint(_server(1, per_scrape=50, failing=5)),
+        "v2": MetricsEndpoint(_server(2, per_scrape=20, failing=0)),
+        "sidecar": MetricsEndpoint(_sidecar),
+        "splitter": MetricsEndpoint(
             lambda _: "# TYPE kubeloop_splitter_candidate_percent gauge\nkubeloop_splitter_candidate_percent 25\n"
         ),
     }
@@ -144,7 +125,7 @@ def live() -> Iterator[dict[str, Endpoint]]:
         endpoint.close()
 
 
-def test_status_table_reads_rates_errors_p99_traffic_and_drift(live: dict[str, Endpoint]) -> None:
+def test_status_table_reads_rates_errors_p99_traffic_and_drift(live: dict[str, MetricsEndpoint]) -> None:
     state = DeploymentEndpoints(
         name="arrests",
         model="arrests",
@@ -169,13 +150,17 @@ def test_status_table_reads_rates_errors_p99_traffic_and_drift(live: dict[str, E
     assert "Drift (3/4 flagged)" in second and "9.9ms" in first
 
 
-def test_status_table_marks_a_server_that_is_down(live: dict[str, Endpoint]) -> None:
+def test_status_table_marks_a_server_that_is_down(live: dict[str, MetricsEndpoint]) -> None:
     url = live["v1"].url
     live["v1"].close()
     state = DeploymentEndpoints(name="solo", model="arrests", stable=1, servers={1: url})
     (row,) = collect([state], interval=0.05, timeout=1)
     assert row.down and row.drift == "off"
     assert "down" in render([row], 0.05).splitlines()[1]
+    with MetricsEndpoint(lambda _: "not a sample line at all {\n") as garbage:
+        state = DeploymentEndpoints(name="odd", model="arrests", stable=1, servers={1: garbage.url})
+        (row,) = collect([state], interval=0.05, timeout=1)
+    assert row.down and row.down.startswith(f"GET {garbage.url}/metrics: not the Prometheus text format: ")
 
 
 def test_deployment_state_files(kubeloop_home: Path) -> None:
@@ -341,7 +326,7 @@ def test_report_of_multiclass_and_regression_records_from_elsewhere(kubeloop_hom
         text = write_report(record, registry).read_text()
         structure = structure_of(text)
         assert [i for i in structure.ids if i in SECTIONS] == list(SECTIONS)
-        assert hostile not in text and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in text
+        assert hostile not in text and "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in text
         assert f"<th>task</th><td>{task}</td>" in text
         assert "is a binary model, this one " + task + ": their metrics do not compare" in text
         assert f"<li>{reason}</li>" in text
