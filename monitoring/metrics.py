@@ -176,7 +176,7 @@ class OutcomeMetrics:
         )
         live = GaugeMetricFamily(
             "kubeloop_live_metric",
-            "Each version's performance on its last labelled rows: rocAuc, accuracy, calibrationError, positiveShare "
+            "Each version's performance on its last labelled rows: rocAuc, accuracy, calibrationError, positiveRate "
             "(binary); accuracy, rocAuc, calibrationError, labelShare.CLASS (multiclass); mae, rmse, labelMean",
             labels=["model", "version", "metric"],
         )

@@ -178,7 +178,7 @@ def performance(
         "accuracy": float(np.mean((scores >= 0.5) == (labels == 1))),
         "rocAuc": float(skm.roc_auc_score(labels, scores)) if both else None,
         "calibrationError": _calibration_error(scores, labels == 1),
-        "positiveShare": float(labels.mean()),
+        "positiveRate": float(labels.mean()),
     }
 
 

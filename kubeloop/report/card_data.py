@@ -119,6 +119,8 @@ class FeatureDrift:
     adjusted: float | None
     distance: float | None
     drifted: bool
+    effect: float | None  # KS D or Cramer's V: how far it moved
+    share: float | None  # of the window's shift, for a drifted feature
 
 
 @dataclass
@@ -131,6 +133,15 @@ class DriftPart:
     features: list[FeatureDrift]  # the last window's test per feature
     skew_statistics: list[str]
     skew: list[tuple[str, list[float | None]]]  # per feature: its value of each statistic
+    served: list[ServedMetric]  # performance on the labels that came back, beside the evaluation's
+
+
+@dataclass
+class ServedMetric:
+    metric: str
+    evaluated: float | None  # on the held-out split when the version was registered
+    live: float | None  # on the last labelled rows served
+    estimated: tuple[float, float, float] | None  # from the model's probabilities, no labels: value, low, high
 
 
 @dataclass
@@ -331,10 +342,10 @@ def _drift(record: ModelVersion, sidecar: str | None, notes: Notes) -> DriftPart
     except KubeloopError as error:
         notes.add("drift", f"the drift sidecar could not be read: {error}")
         return None
-    return drift_part(view)
+    return drift_part(view, record.spec.metrics.overall.model_dump(by_alias=True))
 
 
-def drift_part(view: DriftView) -> DriftPart:
+def drift_part(view: DriftView, evaluated: dict[str, float | None]) -> DriftPart:
     history = None
     if view.history:
         history = Figure(plots.p_value_history(view.history, view.threshold), "p-value per feature over time")
@@ -352,9 +363,28 @@ def drift_part(view: DriftView) -> DriftPart:
                 (last.get("adjustedPValues") or {}).get(feature),
                 (last.get("distances") or {}).get(feature),
                 feature in (last.get("driftedFeatures") or []),
+                (last.get("effects") or {}).get(feature),
+                (last.get("shares") or {}).get(feature),
             )
             for feature, p in p_values.items()
         ]
     statistics = sorted({s for stats in view.skew.values() for s in stats})
     skew = [(feature, [stats.get(s) for s in statistics]) for feature, stats in view.skew.items()]
-    return DriftPart(view, history, figure, features, statistics, skew)
+    return DriftPart(view, history, figure, features, statistics, skew, served_metrics(view, evaluated))
+
+
+def served_metrics(view: DriftView, evaluated: dict[str, float | None]) -> list[ServedMetric]:
+    """Each metric the labels that came back give, beside what the evaluation measured and what the probabilities
+    imply without labels."""
+    live = {k: v for k, v in (view.outcomes.get("live") or {}).items() if k != "rows"}
+    estimated = view.outcomes.get("estimated") or {}
+    names = list(dict.fromkeys([*live, *estimated]))
+    return [
+        ServedMetric(
+            name,
+            evaluated.get(name),
+            live.get(name),
+            (estimated[name]["value"], estimated[name]["low"], estimated[name]["high"]) if name in estimated else None,
+        )
+        for name in names
+    ]

@@ -42,6 +42,7 @@ class DriftView:
     predictions: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     prediction_shift: dict[str, Any] | None = None  # against the sidecar's default version; absent for that one
+    outcomes: dict[str, Any] = field(default_factory=dict)  # labels joined to predictions: live and estimated metrics
 
     def predictions_text(self) -> str:
         p = self.predictions or {}
@@ -105,4 +106,5 @@ def read_drift(url: str, version: int, timeout: float = 5.0) -> DriftView:
         predictions=mine.get("predictions") or {},
         history=list(mine.get("history") or []),
         prediction_shift=mine.get("predictionShift"),
+        outcomes=mine.get("outcomes") or {},
     )

@@ -8,6 +8,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,6 +20,7 @@ from kubeloop.api import ModelDeployment, load_resources
 from kubeloop.data.snapshot import ingest
 from kubeloop.local_deployment import Endpoints, LocalDeployment
 from kubeloop.registry import Registry
+from kubeloop.report.model_card import render
 from tests.support.serving_fixtures import arrests_frame, record_path, scrape, shared_home
 
 pytestmark = pytest.mark.integration
@@ -26,11 +29,18 @@ REQUESTS = 240
 WINDOW = 60
 
 
+@dataclass
+class Served:
+    endpoints: Endpoints
+    home: Path  # the deployment's KUBELOOP_HOME (each test gets a home of its own)
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     models = shared_home(tmp_path_factory)
+    home = tmp_path_factory.mktemp("feedback-home")
     monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setenv("KUBELOOP_HOME", str(tmp_path_factory.mktemp("feedback-home")))
+    monkeypatch.setenv("KUBELOOP_HOME", str(home))
     (shared,) = load_resources(record_path(models, 1))
     lineage = shared.spec.lineage.model_copy(update={"dataset_digest": ingest("bundled://arrests").digest})
     registry = Registry()
@@ -41,13 +51,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
     )
     try:
         with LocalDeployment(deployment, Registry()) as local:
-            yield local.start()
+            yield Served(local.start(), home)
     finally:
         monkeypatch.undo()
 
 
-def _sidecar_status(endpoints: Endpoints) -> dict:
-    return httpx.get(f"{endpoints.sidecar}/status", timeout=10).json()
+def _sidecar_status(served: Served) -> dict:
+    return httpx.get(f"{served.endpoints.sidecar}/status", timeout=10).json()
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:
@@ -57,8 +67,10 @@ def _wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_labels_posted_later_are_joined_and_the_live_metrics_match_a_direct_computation(served: Endpoints) -> None:
-    server = served.servers[1]
+def test_labels_posted_later_are_joined_and_the_live_metrics_match_a_direct_computation(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = served.endpoints.servers[1]
     frame = arrests_frame().sample(REQUESTS, random_state=3)
     labels = frame.pop("released").tolist()
     answered: dict[str, tuple[float, str]] = {}
@@ -108,8 +120,8 @@ def test_labels_posted_later_are_joined_and_the_live_metrics_match_a_direct_comp
     assert outcomes["labelledTotal"] == len(labelled) and outcomes["live"]["rows"] == WINDOW
     assert outcomes["live"]["rocAuc"] == pytest.approx(skm.roc_auc_score(truth, scores))
     assert outcomes["live"]["accuracy"] == pytest.approx(np.mean((scores >= 0.5) == truth))
-    assert outcomes["live"]["positiveShare"] == pytest.approx(truth.mean())
-    text = httpx.get(f"{served.sidecar}/metrics", timeout=10).text
+    assert outcomes["live"]["positiveRate"] == pytest.approx(truth.mean())
+    text = httpx.get(f"{served.endpoints.sidecar}/metrics", timeout=10).text
     assert scrape(text, "kubeloop_live_metric", model="arrests", version="1", metric="rocAuc") == pytest.approx(
         outcomes["live"]["rocAuc"]
     )
@@ -117,10 +129,19 @@ def test_labels_posted_later_are_joined_and_the_live_metrics_match_a_direct_comp
     # the estimate without labels, refreshed with each drift window (REQUESTS = 4 windows): an interval
     estimated = outcomes["estimated"]["accuracy"]
     assert 0 <= estimated["low"] <= estimated["value"] <= estimated["high"] <= 1
+    # the model card puts the served performance beside the evaluated one
+    monkeypatch.setenv("KUBELOOP_HOME", str(served.home))
+    registry = Registry()
+    record = registry.resolve("arrests:1")
+    card = render(record, registry, sidecar=served.endpoints.sidecar)
+    section = card[card.index('id="served"') :]
+    evaluated = record.spec.metrics.overall.roc_auc
+    row = f"<td><code>rocAuc</code></td><td>{evaluated:.3f}</td><td>{outcomes['live']['rocAuc']:.3f}</td>"
+    assert row in section, section[:2000]
 
 
-def test_a_body_that_is_no_feedback_is_refused_saying_what_was_expected(served: Endpoints) -> None:
-    server = served.servers[1]
+def test_a_body_that_is_no_feedback_is_refused_saying_what_was_expected(served: Served) -> None:
+    server = served.endpoints.servers[1]
     not_json = httpx.post(f"{server}/v1/models/arrests:feedback", content=b"{nope", timeout=10)
     assert not_json.status_code == 400 and "body: not JSON" in not_json.json()["error"]
     empty = httpx.post(f"{server}/v1/models/arrests:feedback", json={"labels": [1]}, timeout=10)

@@ -45,7 +45,7 @@ def test_late_partial_out_of_order_feedback_joins_and_the_live_metrics_match_a_d
     assert live["rows"] == len(labels)
     assert live["rocAuc"] == pytest.approx(skm.roc_auc_score(labels, scores))
     assert live["accuracy"] == pytest.approx(skm.accuracy_score(labels, scores >= 0.5))
-    assert live["positiveShare"] == pytest.approx(labels.mean())
+    assert live["positiveRate"] == pytest.approx(labels.mean())
     assert 0 <= live["calibrationError"] < 0.25
 
 
