@@ -1,6 +1,6 @@
 """How each serving component is started: one command line per component, built here and used by the embedded
-deployment (`kubeloop.local_deployment`), the embedded loop (`kubeloop.loop`) and the operator's predictor pods
-(`operators.inferenceservice`), so the three cannot drift apart."""
+deployment (`kubeloop.local_deployment`, which the closed loop `kubeloop.loop` runs on) and the operator's predictor
+pods (`operators.inferenceservice`), so they cannot drift apart."""
 
 from __future__ import annotations
 
@@ -61,16 +61,26 @@ def drift_sidecar(
         args += ["--metrics-host", metrics_host or "0.0.0.0", "--metrics-port", str(metrics_port)]
     for record in records:
         args += ["--model-version", record]
-    args += ["--default-version", str(default_version), "--detector", drift.detector, "--window", str(drift.window)]
+    args += ["--default-version", str(default_version), "--detector", drift.detector, "--backend", drift.backend]
+    args += ["--window", str(drift.window)]
     args += ["--p-value", str(drift.p_value), "--reference-size", str(drift.reference_size)]
     return Launch("monitoring.sidecar", args, "/healthz")
 
 
 def traffic_splitter(
-    *, host: str, port: int, percent: int, stable: tuple[int, str], candidate: tuple[int, str]
+    *,
+    host: str,
+    port: int,
+    percent: int,
+    stable: tuple[int, str],
+    candidate: tuple[int, str],
+    candidate_fault_rate: float = 0.0,
 ) -> Launch:
-    """The embedded canary split: percent of requests to the candidate (version, url), the rest to the stable."""
+    """The embedded canary split: percent of requests to the candidate (version, url), the rest to the stable;
+    candidate_fault_rate > 0 makes the splitter fail that share of the candidate's requests (a rollback drill)."""
     args = ["--host", host, "--port", str(port), "--percent", str(percent)]
     args += ["--stable", stable[1], "--stable-version", str(stable[0])]
     args += ["--candidate", candidate[1], "--candidate-version", str(candidate[0])]
+    if candidate_fault_rate:
+        args += ["--candidate-fault-rate", str(candidate_fault_rate)]
     return Launch("serving.splitter", args, "/v2/health/ready")

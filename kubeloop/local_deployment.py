@@ -3,6 +3,8 @@
 Per version a KServe model server (`serving.server`), one drift sidecar (`monitoring.sidecar`) fed by their
 payload loggers, and with a canary the traffic splitter (`serving.splitter`) in front. The cluster runs the
 same modules in the InferenceService's predictor pod (server + sidecar) and splits with KServe/Gateway API.
+`add_canary` rolls a canary out on a running deployment (the closed loop, `kubeloop.loop`): the candidate's server
+with a drift sidecar of its own, and the splitter; `set_canary_percent` moves the split.
 Like the kubelet with a pod's containers, a process that exits is restarted (with back-off, on the same port,
 see kubeloop.processes) while the others keep serving; the state file counts the restarts for `kubeloop status`.
 """
@@ -11,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import httpx
+
 from kubeloop.api import ModelDeployment
-from kubeloop.api.modeldeployment import rejected_versions, version_refusal
+from kubeloop.api.modeldeployment import Canary, rejected_versions, version_refusal
 from kubeloop.errors import SpecError
 from kubeloop.launch import drift_sidecar, model_server, traffic_splitter
 from kubeloop.log import event
@@ -31,6 +35,7 @@ class Endpoints:
     servers: dict[int, str]
     sidecar: str | None
     splitter: str | None
+    canary_sidecar: str | None = None  # the drift sidecar of a canary added to a running deployment (add_canary)
 
 
 class LocalDeployment:
@@ -40,6 +45,7 @@ class LocalDeployment:
         self.deployment = deployment
         self.registry = registry or Registry()
         self.processes = ProcessGroup(restart, on_restart=self._restarted)
+        self.endpoints: Endpoints | None = None  # once started
         self.state_file: Path | None = None  # $KUBELOOP_HOME/deployments/<name>.json while it runs (kubeloop status)
         self._state_lock = threading.Lock()  # restarts (from the watching threads) and start/stop write the file
 
@@ -73,54 +79,102 @@ class LocalDeployment:
         self.admit()
         spec, name = self.deployment.spec, self.deployment.metadata.name
         records = {version: self.registry.record_path(spec.model, version) for version, _ in self.versions()}
-        sidecar = None
-        if spec.drift.enabled:
-            port = free_port()
-            sidecar = f"http://127.0.0.1:{port}"
-            launch = drift_sidecar(
-                [str(path) for path in records.values()],
-                default_version=spec.version,
-                drift=spec.drift,
-                host="127.0.0.1",
-                port=port,
-            )
-            self.processes.start("drift-sidecar", launch.module, launch.args, sidecar + launch.ready_path)
-        servers: dict[int, str] = {}
-        for version, endpoint in self.versions():
-            port = free_port()
-            servers[version] = f"http://127.0.0.1:{port}"
-            launch = model_server(
-                str(records[version]),
-                host="127.0.0.1",
-                port=port,
-                endpoint=endpoint,
-                inputs=spec.inputs,
-                inference_service=name,
-                namespace=self.deployment.metadata.namespace,
-                logger_url=f"{sidecar}/" if sidecar else None,
-            )
-            self.processes.start(f"server-v{version}", launch.module, launch.args, servers[version] + launch.ready_path)
-        splitter = None
-        if spec.canary is not None:
-            port = free_port()
-            splitter = f"http://127.0.0.1:{port}"
-            launch = traffic_splitter(
-                host="127.0.0.1",
-                port=port,
-                percent=spec.canary.traffic_percent,
-                stable=(spec.version, servers[spec.version]),
-                candidate=(spec.canary.version, servers[spec.canary.version]),
-            )
-            self.processes.start("splitter", launch.module, launch.args, splitter + launch.ready_path)
+        sidecar = self._start_sidecar("drift-sidecar", list(records.values()), spec.version)
+        servers = {
+            version: self._start_server(version, endpoint, records[version], sidecar)
+            for version, endpoint in self.versions()
+        }
+        splitter = self._start_splitter(servers) if spec.canary is not None else None
         endpoints = Endpoints(
             url=splitter or servers[spec.version], servers=servers, sidecar=sidecar, splitter=splitter
         )
-        from kubeloop.status_view import record_deployment
-
-        with self._state_lock:  # a restart during start is in the file from the start
-            self.state_file = record_deployment(self.deployment, endpoints, self.processes.children)
+        self._record(endpoints)
         event(log, "deployment.ready", name=name, model=spec.model, url=endpoints.url, sidecar=sidecar or "off")
         return endpoints
+
+    def add_canary(self, canary: Canary, record: Path | None = None, fault_rate: float = 0.0) -> Endpoints:
+        """Roll a canary out on a started deployment that has none: the candidate's model server with a drift
+        sidecar of its own (the running one holds only the stable version's reference), and the splitter in front
+        sending canary.trafficPercent to it. `record` serves another ModelVersion record of that version than the
+        registry's; `fault_rate` makes the splitter fail that share of the candidate's requests (rollback drills)."""
+        name = self.deployment.metadata.name
+        if self.endpoints is None or self.deployment.spec.canary is not None:
+            raise SpecError(
+                f"ModelDeployment {name}: add_canary needs a started deployment without a canary "
+                "(start() it first, with spec.canary unset)"
+            )
+        self.deployment.spec.canary = canary
+        self.admit()
+        record = record or self.registry.record_path(self.deployment.spec.model, canary.version)
+        sidecar = self._start_sidecar("drift-sidecar-canary", [record], canary.version)
+        servers = self.endpoints.servers | {
+            canary.version: self._start_server(canary.version, "canary", record, sidecar)
+        }
+        splitter = self._start_splitter(servers, fault_rate)
+        endpoints = replace(self.endpoints, url=splitter, servers=servers, splitter=splitter, canary_sidecar=sidecar)
+        self._record(endpoints)
+        event(log, "deployment.canary", name=name, version=canary.version, url=splitter, fault_rate=fault_rate)
+        return endpoints
+
+    def set_canary_percent(self, percent: int) -> None:
+        """Move the split of a running canary (the splitter's /admin/traffic)."""
+        canary, endpoints = self.deployment.spec.canary, self.endpoints
+        if canary is None or endpoints is None or endpoints.splitter is None:
+            raise SpecError(f"ModelDeployment {self.deployment.metadata.name}: no canary is running")
+        httpx.post(f"{endpoints.splitter}/admin/traffic", json={"percent": percent}, timeout=10).raise_for_status()
+        canary.traffic_percent = percent
+
+    def _start_sidecar(self, name: str, records: list[Path], default_version: int) -> str | None:
+        """A drift sidecar watching these records (spec.drift), or None when drift monitoring is off."""
+        drift = self.deployment.spec.drift
+        if not drift.enabled:
+            return None
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        paths = [str(path) for path in records]
+        launch = drift_sidecar(paths, default_version=default_version, drift=drift, host="127.0.0.1", port=port)
+        self.processes.start(name, launch.module, launch.args, url + launch.ready_path)
+        return url
+
+    def _start_server(self, version: int, endpoint: str, record: Path, sidecar: str | None) -> str:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        launch = model_server(
+            str(record),
+            host="127.0.0.1",
+            port=port,
+            endpoint=endpoint,
+            inputs=self.deployment.spec.inputs,
+            inference_service=self.deployment.metadata.name,
+            namespace=self.deployment.metadata.namespace,
+            logger_url=f"{sidecar}/" if sidecar else None,
+        )
+        self.processes.start(f"server-v{version}", launch.module, launch.args, url + launch.ready_path)
+        return url
+
+    def _start_splitter(self, servers: dict[int, str], candidate_fault_rate: float = 0.0) -> str:
+        spec = self.deployment.spec
+        assert spec.canary is not None
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        launch = traffic_splitter(
+            host="127.0.0.1",
+            port=port,
+            percent=spec.canary.traffic_percent,
+            stable=(spec.version, servers[spec.version]),
+            candidate=(spec.canary.version, servers[spec.canary.version]),
+            candidate_fault_rate=candidate_fault_rate,
+        )
+        self.processes.start("splitter", launch.module, launch.args, url + launch.ready_path)
+        return url
+
+    def _record(self, endpoints: Endpoints) -> None:
+        """Keep the endpoints and write them to the state file (`kubeloop status`)."""
+        from kubeloop.status_view import record_deployment
+
+        self.endpoints = endpoints
+        with self._state_lock:  # a restart during start is in the file from the start
+            self.state_file = record_deployment(self.deployment, endpoints, self.processes.children)
 
     def _restarted(self, child: Child) -> None:
         from kubeloop.status_view import record_processes

@@ -6,51 +6,52 @@ the traffic splitter -> the analysis engine walks the steps (10 -> 25 -> 50 -> 1
 v2 Production; or, with a broken candidate (`break_candidate="errors"|"garbage"`), rolled back within
 maxFailedChecks intervals and marked Rejected (never deleted). Every decision is printed with its reason.
 
-Signals come from a real Prometheus (Debian's `prometheus`) scraping the processes every second when it is on PATH,
-else from the processes' /metrics directly: the same `SignalSource` interface and PromQL-shaped queries. The
-engine (`kubeloop.analysis`) is the one the operator runs.
+The processes are a `LocalDeployment` (what `kubeloop run -f modeldeployment.yaml` starts), the canary added to it
+at run time; the `errors` candidate is the splitter's injected fault rate. Signals come from a real Prometheus
+scraping the processes every second (`Scraped`), read with the PromQL-shaped queries and the analysis engine
+(`kubeloop.analysis`) the operator runs.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 import tempfile
-import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
-import httpx
 import pandas as pd
 import yaml
 
 from kubeloop import config
-from kubeloop.analysis import AnalysisState, Decision, RetrainState, decide, decide_retrain
+from kubeloop.analysis import (
+    AnalysisState,
+    Decision,
+    RetrainState,
+    VersionSignals,
+    decide,
+    decide_retrain,
+    duration_seconds,
+)
 from kubeloop.analysis.prometheus import Scraped
-from kubeloop.analysis.signals import duration_seconds
-from kubeloop.api import ModelDeployment, TrainingJob, load_resources
-from kubeloop.api.modeldeployment import CanaryAnalysis, CanaryChecks, DriftMonitor, InputPolicy, Retrain
+from kubeloop.api import ModelDeployment, TrainingJob
+from kubeloop.api.modeldeployment import Canary, CanaryAnalysis, CanaryChecks, Retrain
 from kubeloop.api.modelversion import ModelVersion
 from kubeloop.data.snapshot import load_snapshot, read_frame
 from kubeloop.errors import KubeloopError
-from kubeloop.launch import drift_sidecar, model_server, traffic_splitter
+from kubeloop.local_deployment import LocalDeployment
 from kubeloop.log import event
-from kubeloop.processes import ProcessGroup, free_port
+from kubeloop.quickstart import sample
 from kubeloop.registry import Registry
-from kubeloop.traffic import payload, shifted
+from kubeloop.traffic import TrafficPump, shifted
 
 log = logging.getLogger(__name__)
-# the sample resources ship inside the package (manifests/samples links here), so an installed kubeloop has them
-SAMPLES = Path(str(files("kubeloop") / "samples"))
 Broken = Literal["errors", "garbage"]
+FAULT_RATE = 0.5  # the `errors` candidate: the splitter answers this share of its requests with HTTP 500
 
 
 @dataclass
@@ -68,100 +69,7 @@ class LoopResult:
     backend: str = ""
 
 
-# ---- traffic ----------------------------------------------------------------------------------------------------
-
-
-class TrafficPump:
-    """Background traffic: batches of rows POSTed to the current URL by a few threads; the rows switch from the
-    training distribution to the shifted one on `shift()`, which records the time of the first drifted request."""
-
-    def __init__(self, url: str, model: str, data: pd.DataFrame, batch: int = 10, threads: int = 3) -> None:
-        self.url, self.model, self.data, self.batch = url, model, data, batch
-        self.shifted_data: pd.DataFrame | None = None
-        self.first_shifted: float | None = None
-        self.sent = self.failed = 0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)]
-
-    def start(self) -> TrafficPump:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def shift(self, seed: int = 1) -> None:
-        self.shifted_data = shifted(self.data, seed=seed)
-
-    def _run(self, number: int) -> None:
-        rng = random.Random(number)
-        with httpx.Client(timeout=30) as client:
-            while not self._stop.is_set():
-                frame = self.shifted_data if self.shifted_data is not None else self.data
-                body = payload(frame.iloc[rng.sample(range(len(frame)), self.batch)])  # iid rows: the file is ordered
-                if frame is self.shifted_data and self.first_shifted is None:
-                    with self._lock:
-                        self.first_shifted = self.first_shifted or time.monotonic()
-                try:
-                    code = client.post(f"{self.url}/v1/models/{self.model}:predict", json=body).status_code
-                except httpx.HTTPError:
-                    code = 0
-                with self._lock:
-                    self.sent += 1
-                    self.failed += code != 200
-                time.sleep(0.01)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=35)
-
-
-class FaultProxy:
-    """The `errors` broken candidate: a reverse proxy in front of the candidate's model server that answers
-    `rate` of the requests with HTTP 500 (the splitter counts them against the candidate, as a mesh would)."""
-
-    def __init__(self, upstream: str, rate: float = 0.5, seed: int = 0) -> None:
-        rng, lock = random.Random(seed), threading.Lock()
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                self._forward(None)
-
-            def do_POST(self) -> None:
-                self._forward(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-
-            def _forward(self, body: bytes | None) -> None:
-                with lock:
-                    fail = body is not None and rng.random() < rate
-                if fail:
-                    status, content = 500, b'{"error": "injected fault (kubeloop quickstart --loop --break errors)"}'
-                else:
-                    request = urllib.request.Request(upstream + self.path, data=body, method=self.command)
-                    request.add_header("Content-Type", self.headers.get("Content-Type", "application/json"))
-                    try:
-                        with urllib.request.urlopen(request, timeout=30) as response:
-                            status, content = response.status, response.read()
-                    except urllib.error.HTTPError as error:
-                        status, content = error.code, error.read()
-                    except OSError as error:
-                        status, content = 502, str(error).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(content)))
-                self.end_headers()
-                self.wfile.write(content)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
+# ---- the broken candidate -----------------------------------------------------------------------------------------
 
 
 def garbage_record(record: ModelVersion, directory: Path, seed: int = 0) -> Path:
@@ -187,42 +95,11 @@ def garbage_record(record: ModelVersion, directory: Path, seed: int = 0) -> Path
     return path
 
 
-# ---- processes --------------------------------------------------------------------------------------------------
-
-
-def _start_sidecar(group: ProcessGroup, name: str, records: list[Path], default: int, window: int) -> str:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    drift = DriftMonitor(window=window, reference_size=1000)
-    launch = drift_sidecar([str(p) for p in records], default_version=default, drift=drift, host="127.0.0.1", port=port)
-    group.start(name, launch.module, launch.args, url + launch.ready_path)
-    return url
-
-
-def _start_server(group: ProcessGroup, name: str, record: Path, endpoint: str, sidecar: str) -> str:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    launch = model_server(
-        str(record), host="127.0.0.1", port=port, endpoint=endpoint, inputs=InputPolicy(), logger_url=f"{sidecar}/"
-    )
-    group.start(name, launch.module, launch.args, url + launch.ready_path)
-    return url
-
-
 def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _wait_scraped(scraped: Scraped, model: str, version: int, timeout: float = 30) -> None:
-    """Until the signal source sees the version's prediction histogram (Prometheus scraped the new targets)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if scraped.source.version_signals(model, version, 60).predicted > 0:
-            return
-        time.sleep(0.5)
-
-
-# ---- the loop ---------------------------------------------------------------------------------------------------
+# ---- what the phases share --------------------------------------------------------------------------------------
 
 
 def loop_analysis(interval: str, steps: list[int] | None = None, max_failed_checks: int = 2) -> CanaryAnalysis:
@@ -235,6 +112,214 @@ def loop_analysis(interval: str, steps: list[int] | None = None, max_failed_chec
     )
 
 
+@dataclass
+class Loop:
+    """What the phases share: the registry, the TrainingJob to copy and the stable version's training rows, the
+    deployment's processes, the traffic, the signals and the result so far (each history entry also appended to
+    `result.history_path` as it happens)."""
+
+    registry: Registry
+    job: TrainingJob
+    data: pd.DataFrame
+    analysis: CanaryAnalysis
+    result: LoopResult
+    local: LocalDeployment
+    pump: TrafficPump
+    scraped: Scraped
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kubeloop-loop-")))
+
+    @property
+    def model(self) -> str:
+        return self.local.deployment.spec.model
+
+    def signals(self, version: int, window_s: float) -> VersionSignals:
+        return self.scraped.source.version_signals(self.model, version, window_s)
+
+    def scrape(self, job: str, *urls: str | None) -> None:
+        """Have Prometheus scrape these processes (a drift sidecar is None when drift monitoring is off)."""
+        self.scraped.scrape(job, [url for url in urls if url is not None])
+
+    def keep(self, entry: dict) -> None:
+        self.result.history.append(entry)
+        with self.result.history_path.open("a") as out:  # type: ignore[union-attr]
+            out.write(json.dumps(entry) + "\n")
+
+    def record(self, action: str, reason: str, **extra: object) -> None:
+        entry = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "action": action, "reason": reason}
+        self.keep(entry | extra)
+        _say(f"[loop] {action.upper():8} {reason}")
+
+    def stop(self) -> None:
+        self.pump.stop()
+        self.local.stop()
+        self.scraped.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def prepare(registry: Registry, job: TrainingJob, stable: ModelVersion, analysis: CanaryAnalysis, window: int) -> Loop:
+    """The loop's state around a stable version: nothing started but the Prometheus it reads."""
+    model, v1 = stable.spec.model, stable.spec.version
+    result = LoopResult(outcome="no-drift", stable=v1)
+    result.history_path = config.loops_dir() / f"{model}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.jsonl"
+    result.history_path.parent.mkdir(parents=True, exist_ok=True)
+    deployment = ModelDeployment.model_validate(
+        {
+            "metadata": {"name": f"{model}-loop"},
+            "spec": {"model": model, "version": v1, "drift": {"window": window, "referenceSize": 1000}},
+        }
+    )
+    data = read_frame(load_snapshot(stable.spec.lineage.dataset_digest))
+    pump = TrafficPump(model, data[[f.name for f in stable.spec.signature.inputs]])
+    scraped = Scraped()
+    result.backend = scraped.backend
+    return Loop(registry, job, data, analysis, result, LocalDeployment(deployment, registry), pump, scraped)
+
+
+# ---- the phases -------------------------------------------------------------------------------------------------
+
+
+def train_stable(job: TrainingJob, registry: Registry, reuse_production: bool) -> ModelVersion:
+    """The Production version to start from: the registry's when reused, else trained, gated and promoted."""
+    from kubeloop.training.job import run_training_job
+
+    model = job.spec.model.name
+    stable = registry.production(model) if reuse_production else None
+    if stable is not None:
+        return stable
+    _say(
+        f"[loop] train the stable version of {model}: {job.spec.workers.replicas} Ray workers, "
+        f"{job.spec.hyperparameters.epochs} epochs"
+    )
+    stable = run_training_job(job, registry).model_version
+    if stable.spec.stage == "Rejected":
+        raise KubeloopError(f"{stable.metadata.name} did not pass the gate: {stable.spec.stage_reason}")
+    production = registry.production(model)
+    if production is None or production.spec.version != stable.spec.version:
+        stable = registry.promote(model, stable.spec.version, "first version of the loop")
+    return stable
+
+
+def deploy_stable(loop: Loop) -> None:
+    """v1 served (model server + drift sidecar), scraped, with in-distribution traffic flowing for a few seconds."""
+    v1 = loop.result.stable
+    _say(f"[loop] signals from {loop.scraped.backend}")
+    endpoints = loop.local.start()
+    loop.scrape("stable", endpoints.servers[v1], endpoints.sidecar)
+    _say(f"[loop] serving {loop.model} v{v1} at {endpoints.url} (drift sidecar {endpoints.sidecar})")
+    loop.pump.start(endpoints.url)
+    time.sleep(3)
+    if loop.signals(v1, 30).drift:
+        _say(f"[loop] warning: the detector flags v{v1} before the shift (the measured time starts anyway)")
+
+
+def watch_for_drift(loop: Loop, policy: Retrain, max_wait: float) -> bool:
+    """Shift the traffic and wait until the retrain policy fires on sustained drift (True) or max_wait passes."""
+    v1, result = loop.result.stable, loop.result
+    _say("[loop] traffic shifts: arrestees 15 years older, colour mix inverted, unemployment up")
+    loop.pump.shift()
+    state, deadline = RetrainState(), time.monotonic() + max_wait
+    while True:
+        drifting = bool(loop.signals(v1, 30).drift)
+        if drifting and result.seconds_drift_to_detected is None and loop.pump.first_shifted:
+            result.seconds_drift_to_detected = time.monotonic() - loop.pump.first_shifted
+            _say(f"[loop] drift detected on v{v1} {result.seconds_drift_to_detected:.1f}s after the shift")
+        retrain = decide_retrain(policy, state, drifting, datetime.now(UTC))
+        state = retrain.state
+        if retrain.start:
+            loop.record("retrain", retrain.reason, stable=v1)
+            return True
+        if time.monotonic() > deadline:
+            loop.record("retrainFailed", f"no sustained drift within {max_wait:.0f}s", stable=v1)
+            return False
+        time.sleep(0.5)
+
+
+def retrain(loop: Loop) -> ModelVersion | None:
+    """A copy of the TrainingJob on fresh shifted data; the candidate when it passed the gate, else None."""
+    from kubeloop.training.job import run_training_job
+
+    fresh = shifted(loop.data, seed=2)
+    data_path = loop.workdir / "arrests-shifted.csv"
+    fresh.to_csv(data_path, index=False)
+    job = loop.job.model_copy(deep=True)
+    job.metadata.name = f"{loop.job.metadata.name}-retrain"
+    job.spec.dataset.uri, job.spec.dataset.digest = str(data_path), None
+    job.spec.dataset.baseline = "none"  # the point is that the data moved away from Production's
+    _say(f"[loop] retraining on {len(fresh)} rows of the shifted data (TrainingJob {job.metadata.name})")
+    candidate = run_training_job(job, loop.registry).model_version
+    v2 = loop.result.candidate = candidate.spec.version
+    if candidate.spec.stage == "Rejected":
+        loop.record("retrainFailed", f"v{v2} failed the evaluation gate: {candidate.spec.stage_reason}", candidate=v2)
+        loop.result.outcome = "gate-failed"
+        return None
+    gate = "; ".join(candidate.spec.gate.reasons) if candidate.spec.gate else ""
+    auc = candidate.spec.metrics.overall.roc_auc
+    _say(f"[loop] v{v2} passed the evaluation gate (AUC {auc:.3f}){f': {gate}' if gate else ''}")
+    return candidate
+
+
+def start_canary(loop: Loop, candidate: ModelVersion, broken: Broken | None) -> float:
+    """The candidate as a canary at the first step behind the splitter, the traffic moved there; when it started."""
+    v1, v2, percent = loop.result.stable, candidate.spec.version, loop.analysis.steps[0]
+    record, fault_rate = None, 0.0
+    if broken == "garbage":
+        record = garbage_record(candidate, loop.workdir / "broken")
+        _say(f"[loop] BROKEN CANDIDATE: v{v2} is served with scrambled weights (garbage predictions)")
+    if broken == "errors":
+        fault_rate = FAULT_RATE
+        _say(f"[loop] BROKEN CANDIDATE: the splitter answers {fault_rate:.0%} of v{v2}'s requests with HTTP 500")
+    canary = Canary(version=v2, traffic_percent=percent, analysis=loop.analysis)
+    endpoints = loop.local.add_canary(canary, record, fault_rate)
+    loop.scrape("canary", endpoints.servers[v2], endpoints.canary_sidecar, endpoints.splitter)
+    loop.pump.url = endpoints.url
+    started = time.monotonic()
+    loop.record("start", f"canary v{v2} at {percent}% behind {endpoints.url}", candidate=v2, stable=v1)
+    _wait_scraped(loop, v2)
+    return started
+
+
+def _wait_scraped(loop: Loop, version: int, timeout: float = 30) -> None:
+    """Until the signal source sees the version's prediction histogram (Prometheus scraped the new targets)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if loop.signals(version, 60).predicted > 0:
+            return
+        time.sleep(0.5)
+
+
+def promote_or_rollback(loop: Loop, canary_started: float) -> None:
+    """One analysis per interval on that interval's signals, the split moved as decided, until the engine promotes
+    the candidate (Production) or rolls it back (Rejected, kept in the registry)."""
+    analysis, result, model = loop.analysis, loop.result, loop.model
+    v1, v2 = result.stable, result.candidate
+    assert v2 is not None
+    interval_s = duration_seconds(analysis.interval)
+    state = AnalysisState()
+    while True:
+        time.sleep(interval_s)
+        decision = decide(analysis, state, loop.signals(v1, interval_s), loop.signals(v2, interval_s))
+        state = decision.state
+        result.decisions.append(decision)
+        loop.keep(decision.record())
+        _say(f"[loop] {decision.line()}")
+        if decision.next_percent != decision.percent:
+            loop.local.set_canary_percent(decision.next_percent)
+            if decision.next_percent == 100 and loop.pump.first_shifted:
+                result.seconds_drift_to_full = time.monotonic() - loop.pump.first_shifted
+        if decision.action == "promote":
+            loop.registry.promote(model, v2, decision.reason)
+            result.outcome = "promoted"
+            _say(f"[loop] v{v2} is Production; v{v1} Archived")
+            return
+        if decision.action == "rollback":
+            loop.registry.reject(model, v2, decision.reason)
+            result.outcome = "rolled-back"
+            result.seconds_to_rollback = time.monotonic() - canary_started
+            result.intervals_to_rollback = decision.state.intervals
+            _say(f"[loop] 100% back on v{v1}; v{v2} Rejected (kept in the registry)")
+            return
+
+
 def run_loop(
     epochs: int = 2,
     workers: int = 2,
@@ -243,7 +328,6 @@ def run_loop(
     steps: list[int] | None = None,
     break_candidate: Broken | None = None,
     sustained_for: str = "3s",
-    use_prometheus: bool | None = None,
     reuse_production: bool = False,
     drift_window: int = 100,
     registry: Registry | None = None,
@@ -251,168 +335,32 @@ def run_loop(
 ) -> LoopResult:
     """The whole loop; prints every decision with its reason and returns what happened (see LoopResult)."""
     from kubeloop.training import ray_runner
-    from kubeloop.training.job import run_training_job
 
     registry = registry or Registry()
+    job = sample("trainingjob.yaml")
+    assert isinstance(job, TrainingJob)
+    job.spec.hyperparameters.epochs, job.spec.workers.replicas = epochs, workers
+    policy = Retrain(enabled=True, sustained_for=sustained_for, min_interval="10m", training_job=job.metadata.name)
     # one Ray for both trainings: starting a second one next to the serving processes is slow on a small machine
     ray_started = ray_runner.connect(workers)
-    analysis = loop_analysis(interval, steps)
-    policy = Retrain(enabled=True, sustained_for=sustained_for, min_interval="10m", training_job="arrests-mlp")
-    (job,) = load_resources(SAMPLES / "trainingjob.yaml")
-    (sample,) = load_resources(SAMPLES / "modeldeployment.yaml")
-    assert isinstance(job, TrainingJob) and isinstance(sample, ModelDeployment)
-    job.spec.hyperparameters.epochs, job.spec.workers.replicas = epochs, workers
-    model = job.spec.model.name
-
-    stable = registry.production(model) if reuse_production else None
-    if stable is None:
-        _say(f"[loop] train the stable version of {model}: {workers} Ray workers, {epochs} epochs")
-        stable = run_training_job(job, registry).model_version
-        if stable.spec.stage == "Rejected":
-            raise KubeloopError(f"{stable.metadata.name} did not pass the gate: {stable.spec.stage_reason}")
-        if registry.production(model) is None or registry.production(model).spec.version != stable.spec.version:
-            stable = registry.promote(model, stable.spec.version, "first version of the loop")
-    v1 = stable.spec.version
-    features = [f.name for f in stable.spec.signature.inputs]
-    full = read_frame(load_snapshot(stable.spec.lineage.dataset_digest))
-    result = LoopResult(outcome="no-drift", stable=v1)
-    result.history_path = config.loops_dir() / f"{model}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.jsonl"
-    result.history_path.parent.mkdir(parents=True, exist_ok=True)
-
-    def keep(entry: dict) -> None:
-        result.history.append(entry)
-        with result.history_path.open("a") as out:  # type: ignore[union-attr]
-            out.write(json.dumps(entry) + "\n")
-
-    workdir = Path(tempfile.mkdtemp(prefix="kubeloop-loop-"))
-    group, scraped, pump, proxy = ProcessGroup(), None, None, None
-
-    def record(action: str, reason: str, **extra: object) -> None:
-        entry = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "action": action, "reason": reason}
-        keep(entry | extra)
-        _say(f"[loop] {action.upper():8} {reason}")
-
+    loop: Loop | None = None
     try:
-        scraped = Scraped(use_prometheus)
-        result.backend = scraped.backend
-        _say(f"[loop] signals from {scraped.backend}")
-        sidecar_a = _start_sidecar(group, "drift-sidecar", [registry.record_path(model, v1)], v1, drift_window)
-        server_v1 = _start_server(group, f"server-v{v1}", registry.record_path(model, v1), "default", sidecar_a)
-        scraped.scrape("stable", [server_v1, sidecar_a])
-        _say(f"[loop] serving {model} v{v1} at {server_v1} (drift sidecar {sidecar_a})")
-        pump = TrafficPump(server_v1, model, full[features]).start()
-        time.sleep(3)
-        if scraped.source.version_signals(model, v1, 30).drift:
-            _say(f"[loop] warning: the detector flags v{v1} before the shift (the measured time starts anyway)")
-        _say("[loop] traffic shifts: arrestees 15 years older, colour mix inverted, unemployment up")
-        pump.shift()
-
-        # -- sustained drift -> retrain
-        state, deadline = RetrainState(), time.monotonic() + max_drift_wait
-        while True:
-            drifting = bool(scraped.source.version_signals(model, v1, 30).drift)
-            if drifting and result.seconds_drift_to_detected is None and pump.first_shifted:
-                result.seconds_drift_to_detected = time.monotonic() - pump.first_shifted
-                _say(f"[loop] drift detected on v{v1} {result.seconds_drift_to_detected:.1f}s after the shift")
-            retrain = decide_retrain(policy, state, drifting, datetime.now(UTC))
-            state = retrain.state
-            if retrain.start:
-                record("retrain", retrain.reason, stable=v1)
-                break
-            if time.monotonic() > deadline:
-                record("retrainFailed", f"no sustained drift within {max_drift_wait:.0f}s", stable=v1)
-                return result
-            time.sleep(0.5)
-
-        fresh = shifted(full, seed=2)
-        data_path = workdir / "arrests-shifted.csv"
-        fresh.to_csv(data_path, index=False)
-        retrain_job = job.model_copy(deep=True)
-        retrain_job.metadata.name = f"{job.metadata.name}-retrain"
-        retrain_job.spec.dataset.uri, retrain_job.spec.dataset.digest = str(data_path), None
-        retrain_job.spec.dataset.baseline = "none"  # the point is that the data moved away from Production's
-        _say(f"[loop] retraining on {len(fresh)} rows of the shifted data (TrainingJob {retrain_job.metadata.name})")
-        candidate = run_training_job(retrain_job, registry).model_version
-        v2 = candidate.spec.version
-        result.candidate = v2
-        gate = "; ".join(candidate.spec.gate.reasons) if candidate.spec.gate else ""
-        if candidate.spec.stage == "Rejected":
-            record("retrainFailed", f"v{v2} failed the evaluation gate: {candidate.spec.stage_reason}", candidate=v2)
-            result.outcome = "gate-failed"
-            return result
-        auc = candidate.spec.metrics.overall.roc_auc
-        _say(f"[loop] v{v2} passed the evaluation gate (AUC {auc:.3f}){f': {gate}' if gate else ''}")
-
-        # -- canary
-        candidate_record = registry.record_path(model, v2)
-        if break_candidate == "garbage":
-            candidate_record = garbage_record(candidate, workdir / "broken")
-            _say(f"[loop] BROKEN CANDIDATE: v{v2} is served with scrambled weights (garbage predictions)")
-        sidecar_b = _start_sidecar(group, "drift-sidecar-canary", [candidate_record], v2, drift_window)
-        server_v2 = _start_server(group, f"server-v{v2}", candidate_record, "canary", sidecar_b)
-        upstream = server_v2
-        if break_candidate == "errors":
-            proxy = FaultProxy(server_v2, rate=0.5)
-            upstream = proxy.url
-            _say(f"[loop] BROKEN CANDIDATE: half of v{v2}'s answers are HTTP 500 (fault proxy {proxy.url})")
-        port = free_port()
-        splitter = f"http://127.0.0.1:{port}"
-        launch = traffic_splitter(
-            host="127.0.0.1", port=port, percent=analysis.steps[0], stable=(v1, server_v1), candidate=(v2, upstream)
-        )
-        group.start("splitter", launch.module, launch.args, splitter + launch.ready_path)
-        scraped.scrape("canary", [server_v2, sidecar_b, splitter])
-        pump.url = splitter
-        canary_started = time.monotonic()
-        record("start", f"canary v{v2} at {analysis.steps[0]}% behind {splitter}", candidate=v2, stable=v1)
-        _wait_scraped(scraped, model, v2)
-
-        interval_s = duration_seconds(analysis.interval)
-        analysis_state = AnalysisState()
-        while True:
-            scraped.source.tick()
-            time.sleep(interval_s)
-            decision = decide(
-                analysis,
-                analysis_state,
-                scraped.source.version_signals(model, v1, interval_s),
-                scraped.source.version_signals(model, v2, interval_s),
-            )
-            analysis_state = decision.state
-            result.decisions.append(decision)
-            keep(decision.record())
-            _say(f"[loop] {decision.line()}")
-            if decision.next_percent != decision.percent:
-                httpx.post(f"{splitter}/admin/traffic", json={"percent": decision.next_percent}, timeout=10)
-                if decision.next_percent == 100 and pump.first_shifted:
-                    result.seconds_drift_to_full = time.monotonic() - pump.first_shifted
-            if decision.action == "promote":
-                registry.promote(model, v2, decision.reason)
-                result.outcome = "promoted"
-                _say(f"[loop] v{v2} is Production; v{v1} Archived")
-                break
-            if decision.action == "rollback":
-                registry.reject(model, v2, decision.reason)
-                result.outcome = "rolled-back"
-                result.seconds_to_rollback = time.monotonic() - canary_started
-                result.intervals_to_rollback = decision.state.intervals
-                _say(f"[loop] 100% back on v{v1}; v{v2} Rejected (kept in the registry)")
-                break
-        return result
+        stable = train_stable(job, registry, reuse_production)
+        loop = prepare(registry, job, stable, loop_analysis(interval, steps), drift_window)
+        deploy_stable(loop)
+        if watch_for_drift(loop, policy, max_drift_wait):
+            candidate = retrain(loop)
+            if candidate is not None:
+                promote_or_rollback(loop, start_canary(loop, candidate, break_candidate))
+        return loop.result
     finally:
-        if pump is not None:
-            pump.stop()
-        if proxy is not None:
-            proxy.stop()
-        group.stop()
-        if scraped is not None:
-            scraped.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if loop is not None:
+            loop.stop()
         if ray_started:
             import ray
 
             ray.shutdown()
-        event(log, "loop.done", outcome=result.outcome)
+        event(log, "loop.done", outcome=loop.result.outcome if loop is not None else "error")
 
 
 def report(result: LoopResult) -> str:

@@ -34,7 +34,8 @@ CALM_WINDOWS = 6  # in-distribution windows sent before the shift
 MAX_SHIFTED_WINDOWS = 6  # shifted windows sent before giving up on the detector
 
 
-def _sample(name: str) -> ModelDeployment | TrainingJob:
+def sample(name: str) -> ModelDeployment | TrainingJob:
+    """The sample resource of that file name (manifests/samples), as shipped with the package."""
     path = SAMPLES / name
     if not path.is_file():
         raise KubeloopError(f"{path} is missing: run the quickstart from a kubeloop checkout")
@@ -68,7 +69,7 @@ def quickstart(epochs: int, workers: int) -> int:
     from kubeloop.training.job import run_training_job
 
     started = time.perf_counter()
-    job = _sample("trainingjob.yaml")
+    job = sample("trainingjob.yaml")
     assert isinstance(job, TrainingJob)
     job.spec.hyperparameters.epochs = epochs
     job.spec.workers.replicas = workers
@@ -84,7 +85,7 @@ def quickstart(epochs: int, workers: int) -> int:
         raise KubeloopError(f"{record.metadata.name} did not pass the gate; not serving it")
     trained = time.perf_counter()
 
-    deployment = _sample("modeldeployment.yaml")
+    deployment = sample("modeldeployment.yaml")
     assert isinstance(deployment, ModelDeployment)
     deployment.spec.version = record.spec.version
     window = deployment.spec.drift.window

@@ -9,6 +9,10 @@ candidate. Responses carry `x-kubeloop-version` and `x-request-id`.
 The splitter's own routes: `GET /metrics` (kubeloop_splitter_*), `GET /admin/traffic` and
 `POST /admin/traffic {"percent": K}` to change the split at run time (the canary analysis walks its steps through
 it). It binds 127.0.0.1 by default; the admin route has no authentication, like the rest of the embedded mode.
+
+For rollback drills, `--candidate-fault-rate R` (`--stable-fault-rate R`) answers a random share R of the POST
+requests routed to that version with HTTP 500 instead of forwarding them, counted under the version like any other
+answer (as a failing pod behind a mesh would be). Off by default.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import gc
 import hashlib
 import json
 import logging
+import random
 import ssl
 import sys
 import time
@@ -64,6 +69,11 @@ def bucket(request_id: str) -> int:
 class Backend:
     version: str
     url: str
+    fault_rate: float = 0.0  # share of POST requests answered 500 without forwarding (rollback drills)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fault_rate <= 1.0:
+            raise ValueError(f"fault rate of v{self.version}: expected a share from 0 to 1, got {self.fault_rate:g}")
 
 
 class UpstreamError(Exception):
@@ -246,6 +256,7 @@ class Splitter:
         self._pools = {b.version: _Pool(b.url, timeout) for b in (stable, candidate) if b}
         self._children: dict[tuple[str, int], Any] = {}
         self._latency = {b.version: self.metrics.latency.labels(b.version) for b in (stable, candidate) if b}
+        self._faults = random.Random()
 
     def set_percent(self, percent: Any) -> int:
         if type(percent) is not int or not 0 <= percent <= 100:
@@ -262,10 +273,13 @@ class Splitter:
         return self.stable
 
     def traffic(self) -> dict:
-        out = {"percent": self.percent, "stable": {"version": self.stable.version, "url": self.stable.url}}
+        out = {"percent": self.percent, "stable": _describe(self.stable)}
         if self.candidate is not None:
-            out["candidate"] = {"version": self.candidate.version, "url": self.candidate.url}
+            out["candidate"] = _describe(self.candidate)
         return out
+
+    def _injects_fault(self, backend: Backend, method: str) -> bool:
+        return backend.fault_rate > 0 and method == "POST" and self._faults.random() < backend.fault_rate
 
     # ---- ASGI
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -312,6 +326,9 @@ class Splitter:
         body = await read_body(receive, self.max_body_bytes)
         if body is None:
             return await self._answer(send, backend, started, 413, b'{"error": "body: too large for the splitter"}')
+        if self._injects_fault(backend, scope["method"]):
+            message = f"injected fault: the splitter fails {backend.fault_rate:g} of v{backend.version}'s requests"
+            return await self._answer(send, backend, started, 500, _error(message))
         target = scope["raw_path"].decode("latin-1")
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
@@ -345,6 +362,13 @@ class Splitter:
         self._latency[backend.version].observe(time.perf_counter() - started)
 
 
+def _describe(backend: Backend) -> dict:
+    out: dict = {"version": backend.version, "url": backend.url}
+    if backend.fault_rate:
+        out["faultRate"] = backend.fault_rate
+    return out
+
+
 def _error(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
@@ -363,6 +387,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate-version", help="its model version")
     p.add_argument("--percent", type=int, default=0, help="share of traffic for the candidate, 0..100")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an upstream answer")
+    for role in ("stable", "candidate"):
+        p.add_argument(
+            f"--{role}-fault-rate",
+            type=float,
+            default=0.0,
+            metavar="R",
+            help=f"answer this share (0..1) of the POST requests routed to the {role} with HTTP 500 (default 0)",
+        )
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -378,11 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.candidate) != bool(args.candidate_version):
         print("error: --candidate and --candidate-version go together", file=sys.stderr)
         return 2
-    stable = Backend(str(args.stable_version).removeprefix("v"), args.stable.rstrip("/"))
-    candidate = (
-        Backend(str(args.candidate_version).removeprefix("v"), args.candidate.rstrip("/")) if args.candidate else None
-    )
+    if args.candidate_fault_rate and not args.candidate:
+        print("error: --candidate-fault-rate needs --candidate", file=sys.stderr)
+        return 2
     try:
+        stable = Backend(str(args.stable_version).removeprefix("v"), args.stable.rstrip("/"), args.stable_fault_rate)
+        candidate = None
+        if args.candidate:
+            version, url = str(args.candidate_version).removeprefix("v"), args.candidate.rstrip("/")
+            candidate = Backend(version, url, args.candidate_fault_rate)
         splitter = Splitter(stable, candidate, args.percent, timeout=args.timeout)
         sock = bind(args.host, args.port)
     except (ValueError, OSError) as error:

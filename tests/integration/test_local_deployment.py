@@ -18,7 +18,9 @@ import httpx
 import pytest
 
 from kubeloop.api import ModelDeployment, load_resources
+from kubeloop.api.modeldeployment import Canary
 from kubeloop.data.snapshot import ingest
+from kubeloop.errors import SpecError
 from kubeloop.local_deployment import Endpoints, LocalDeployment
 from kubeloop.processes import RestartPolicy
 from kubeloop.registry import Registry
@@ -94,15 +96,16 @@ class Predictions:
         return self.codes
 
 
-def register(models: Path) -> None:
-    """arrests v1 of the shared test models in $KUBELOOP_HOME's registry, with the snapshot of its training data
-    stored there: the drift sidecar's reference (the shared record names the bundled file's digest instead)."""
+def register(models: Path, versions: tuple[int, ...] = (1,)) -> None:
+    """These arrests versions of the shared test models in $KUBELOOP_HOME's registry, with the snapshot of their
+    training data stored there: the drift sidecar's reference (the shared records name the bundled file's digest)."""
     snapshot = ingest("bundled://arrests")
-    (shared,) = load_resources(record_path(models, 1))
-    lineage = shared.spec.lineage.model_copy(update={"dataset_digest": snapshot.digest})
     registry = Registry()
-    version, _ = registry.allocate("arrests")
-    registry.save(shared.spec.model_copy(update={"version": version, "lineage": lineage}), "the shared test model")
+    for number in versions:
+        (shared,) = load_resources(record_path(models, number))
+        lineage = shared.spec.lineage.model_copy(update={"dataset_digest": snapshot.digest})
+        version, _ = registry.allocate("arrests")
+        registry.save(shared.spec.model_copy(update={"version": version, "lineage": lineage}), "a shared test model")
 
 
 @dataclass
@@ -240,3 +243,35 @@ def test_a_second_signal_during_the_cleanup_leaves_no_child_behind(run_home) -> 
     assert code == 143, log
     assert "SIGINT: stopping already" in log and "SIGTERM: stopping already" in log
     assert not any(map(alive, state.pids.values())) and not state_file.exists()
+
+
+def test_a_canary_added_to_a_running_deployment(tmp_path_factory: pytest.TempPathFactory, kubeloop_home: Path) -> None:
+    """add_canary, as the closed loop rolls a retrained version out: v2's server with a drift sidecar of its own and
+    the splitter in front, recorded for `kubeloop status`; the splitter's injected fault rate fails v2's predictions
+    only; set_canary_percent moves the split."""
+    register(shared_home(tmp_path_factory), versions=(1, 2))
+    deployment = ModelDeployment.model_validate(
+        {"metadata": {"name": "canary"}, "spec": {"model": "arrests", "version": 1, "drift": {"window": 50}}}
+    )
+    with LocalDeployment(deployment, Registry(), restart=None) as local:
+        stable = local.start()
+        endpoints = local.add_canary(Canary(version=2, traffic_percent=50), fault_rate=1.0)
+        assert endpoints.url == endpoints.splitter and endpoints.servers[1] == stable.servers[1]
+        assert endpoints.canary_sidecar is not None and endpoints.canary_sidecar != endpoints.sidecar
+        names = sorted(child.name for child in local.processes.children)
+        assert names == ["drift-sidecar", "drift-sidecar-canary", "server-v1", "server-v2", "splitter"]
+        assert local.state_file is not None
+        state = DeploymentEndpoints.from_json(local.state_file.read_text())
+        assert (state.canary, state.canary_percent, state.url) == (2, 50, endpoints.url)
+
+        def answered() -> set[tuple[str, int]]:
+            with httpx.Client(timeout=30) as client:
+                body = {"instances": rows(arrests_frame(), 1)}
+                answers = [client.post(f"{endpoints.url}/v1/models/arrests:predict", json=body) for _ in range(40)]
+            return {(answer.headers["x-kubeloop-version"], answer.status_code) for answer in answers}
+
+        assert answered() == {("1", 200), ("2", 500)}  # 40 requests at 50%: both versions, but for 2**-39
+        local.set_canary_percent(0)
+        assert answered() == {("1", 200)}
+        with pytest.raises(SpecError, match="add_canary needs a started deployment without a canary"):
+            local.add_canary(Canary(version=2))

@@ -2,7 +2,8 @@
 retraining on the shifted data -> the gate -> canary 10 -> 25 -> 50 -> 100 -> v2 Production; and a broken
 candidate rolled back within two intervals, marked Rejected and kept in the registry.
 
-Signals come from a real Prometheus when `prometheus` is on PATH (Debian's package), else from /metrics directly.
+The processes are a LocalDeployment with the canary added at run time; signals come from a real Prometheus
+(`prometheus` on PATH, Debian's package).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from kubeloop.analysis.prometheus import binary
 from kubeloop.loop import report, run_loop
 from kubeloop.registry import Registry
 
@@ -35,7 +35,7 @@ def test_drift_retrains_and_the_canary_promotes_the_new_version(registry: Regist
     result = run_loop(epochs=1, workers=2, interval=INTERVAL, registry=registry, reuse_production=True)
     print(report(result))
     assert result.outcome == "promoted", report(result)
-    assert result.backend.startswith("Prometheus" if binary() else "direct")
+    assert result.backend.startswith("Prometheus")
     steps = [(d.action, d.percent) for d in result.decisions if d.action != "hold"]
     assert steps == [("advance", 10), ("advance", 25), ("advance", 50), ("promote", 100)]
     candidate = registry.get("arrests", result.candidate)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -146,3 +149,39 @@ def test_an_upstream_that_is_down_gets_a_502(tmp_path: Path):
         assert scrape(metrics, "kubeloop_splitter_requests_total", version="3", code="502") == 1
     finally:
         assert process.stop() == 0
+
+
+def test_an_injected_fault_rate_fails_that_share_of_one_versions_predictions(backends, tmp_path: Path):
+    """--candidate-fault-rate: the rollback drill's broken candidate; its 500s count under its version."""
+    stable, candidate = backends
+    args = ["--stable", stable.url, "--stable-version", "1", "--candidate", candidate.url, "--candidate-version", "2"]
+    process = start(
+        ["-m", "serving.splitter", "--port", "0", *args, "--percent", "50", "--candidate-fault-rate", "0.5"],
+        tmp_path / "splitter.log",
+    )
+    try:
+        assert httpx.get(f"{process.url}/admin/traffic").json()["candidate"]["faultRate"] == 0.5
+        body = json.dumps({"instances": rows(arrests_frame(), 1)}).encode()
+        headers = {"content-type": "application/json"}
+        answers = http_many(process.url, [("POST", "/v1/models/arrests:predict", headers, body)] * 400)
+        codes = Counter((answer_headers["x-kubeloop-version"], status) for status, answer_headers, _ in answers)
+        assert set(codes) <= {("1", 200), ("2", 200), ("2", 500)}, codes
+        assert 0.35 <= codes["2", 500] / (codes["2", 200] + codes["2", 500]) <= 0.65, codes
+        probes = http_many(process.url, [("GET", "/v2/health/ready", {}, b"")] * 50)  # only POSTs fail
+        assert all(status == 200 for status, _, _ in probes)
+        metrics = httpx.get(f"{process.url}/metrics").text
+        assert scrape(metrics, "kubeloop_splitter_requests_total", version="2", code="500") == codes["2", 500]
+        assert scrape(metrics, "kubeloop_splitter_requests_total", version="1", code="500") == 0
+    finally:
+        assert process.stop() == 0
+
+
+def test_a_fault_rate_outside_0_to_1_is_refused():
+    stable = ["--stable", "http://127.0.0.1:1", "--stable-version", "1"]
+    refused = subprocess.run(
+        [sys.executable, "-m", "serving.splitter", *stable, "--stable-fault-rate", "1.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "expected a share from 0 to 1, got 1.5" in refused.stderr

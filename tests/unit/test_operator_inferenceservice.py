@@ -154,8 +154,16 @@ def test_drift_sidecar_and_logger_wiring() -> None:
     assert arg(sidecar, "--port") == str(SETTINGS.sidecar_port)
     assert arg(sidecar, "--model-version") == "/etc/kubeloop/versions/v1.yaml"
     assert arg(sidecar, "--default-version") == "1"
-    assert arg(sidecar, "--detector") == "mmd"
+    assert arg(sidecar, "--detector") == "mmd" and arg(sidecar, "--backend") == "alibi"
     assert arg(sidecar, "--window") == "300"
+    scipy = deployment(drift={"backend": "scipy"})
+    assert (
+        arg(
+            containers(isvc.desired_inferenceservice(scipy, VERSIONS, SETTINGS)["spec"]["predictor"])["drift-detector"],
+            "--backend",
+        )
+        == "scipy"
+    )
     assert arg(sidecar, "--p-value") == "0.01"
     assert arg(sidecar, "--reference-size") == "900"
     # the ingest listener on loopback (only the logger in the pod posts to it), the read-only one on the pod network
