@@ -156,14 +156,8 @@ def test_drift_sidecar_and_logger_wiring() -> None:
     assert arg(sidecar, "--default-version") == "1"
     assert arg(sidecar, "--detector") == "mmd" and arg(sidecar, "--backend") == "alibi"
     assert arg(sidecar, "--window") == "300"
-    scipy = deployment(drift={"backend": "scipy"})
-    assert (
-        arg(
-            containers(isvc.desired_inferenceservice(scipy, VERSIONS, SETTINGS)["spec"]["predictor"])["drift-detector"],
-            "--backend",
-        )
-        == "scipy"
-    )
+    scipy = isvc.desired_inferenceservice(deployment(drift={"backend": "scipy"}), VERSIONS, SETTINGS)["spec"]
+    assert arg(containers(scipy["predictor"])["drift-detector"], "--backend") == "scipy"
     assert arg(sidecar, "--p-value") == "0.01"
     assert arg(sidecar, "--reference-size") == "900"
     # the ingest listener on loopback (only the logger in the pod posts to it), the read-only one on the pod network
