@@ -36,11 +36,7 @@ log = logging.getLogger("operators")
 @handlers.timed("ModelDeployment")
 def reconcile_modeldeployment(body: Mapping[str, Any], patch: kopf.Patch, **_: Any) -> None:
     """Resolve the ModelVersions, then apply the versions ConfigMap, the InferenceService and the HTTPRoute."""
-    try:
-        md = handlers.parse(body)
-    except SpecError as error:
-        handlers.invalid(body, patch, error)
-    assert isinstance(md, ModelDeployment)
+    md = handlers.parse_valid(body, patch, ModelDeployment)
     settings = handlers.settings()
     status = handlers.plain(body.get("status") or {})
     if any(c.get("type") == "Valid" for c in status.get("conditions") or []):  # it was invalid, and is valid now

@@ -15,7 +15,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 
@@ -90,6 +90,18 @@ def parse(body: Mapping[str, Any]) -> Resource:
 
 
 _RUNS = ("TrainingJob", "BatchPrediction")  # kinds with a phase (the others say ready)
+R = TypeVar("R", bound=Resource)
+
+
+def parse_valid(body: Mapping[str, Any], patch: kopf.Patch, kind: type[R]) -> R:
+    """The resource of a create, update or resume event; an invalid spec is marked in status (`invalid`) and ends
+    the handler for good."""
+    try:
+        resource = parse(body)
+    except SpecError as error:
+        invalid(body, patch, error)
+    assert isinstance(resource, kind)
+    return resource
 
 
 def invalid(body: Mapping[str, Any], patch: kopf.Patch, error: SpecError) -> None:

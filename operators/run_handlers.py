@@ -36,11 +36,7 @@ log = logging.getLogger("operators")
 @handlers.timed("TrainingJob")
 def reconcile_trainingjob(body: Mapping[str, Any], patch: kopf.Patch, **_: Any) -> None:
     """Apply the TrainingJob's children; the RayJob is created once and never changed after submission."""
-    try:
-        tj = handlers.parse(body)
-    except SpecError as error:
-        handlers.invalid(body, patch, error)
-    assert isinstance(tj, TrainingJob)
+    tj = handlers.parse_valid(body, patch, TrainingJob)
     run = rj.training_run(tj)
     job = _submit(body, run, rayrun.desired_rayjob(run, handlers.settings()))
     patch.status["rayJobName"] = run.name
@@ -244,11 +240,7 @@ def reconcile_batchprediction(body: Mapping[str, Any], patch: kopf.Patch, **_: A
     """Resolve the version to score with, then apply the run's children, as for a TrainingJob. A BatchPrediction is
     one run: once its RayJob exists, a spec change gets a Warning and changes nothing; before (no version found,
     say), the changed spec is the one submitted."""
-    try:
-        bp = handlers.parse(body)
-    except SpecError as error:
-        handlers.invalid(body, patch, error)
-    assert isinstance(bp, BatchPrediction)
+    bp = handlers.parse_valid(body, patch, BatchPrediction)
     settings = handlers.settings()
     status = handlers.plain(body.get("status") or {})
     existing = handlers.kube().get(handlers.RAYJOB, bp.metadata.namespace, bp.metadata.name)
