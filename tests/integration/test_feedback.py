@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from kubeloop.api import ModelDeployment, load_resources
-from kubeloop.data.snapshot import ingest
+from kubeloop.api import ModelDeployment
 from kubeloop.local_deployment import Endpoints, LocalDeployment
 from kubeloop.registry import Registry
 from kubeloop.report.model_card import render
-from tests.support.serving_fixtures import arrests_frame, record_path, scrape, shared_home
+from tests.support.serving_fixtures import arrests_frame, register_shared, scrape, shared_home
 
 pytestmark = pytest.mark.integration
 
@@ -41,11 +40,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     home = tmp_path_factory.mktemp("feedback-home")
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("KUBELOOP_HOME", str(home))
-    (shared,) = load_resources(record_path(models, 1))
-    lineage = shared.spec.lineage.model_copy(update={"dataset_digest": ingest("bundled://arrests").digest})
-    registry = Registry()
-    registry.allocate("arrests")
-    registry.save(shared.spec.model_copy(update={"version": 1, "lineage": lineage}), "a shared test model")
+    register_shared(models)
     deployment = ModelDeployment.model_validate(
         {"metadata": {"name": "arrests"}, "spec": {"model": "arrests", "version": 1, "drift": {"window": WINDOW}}}
     )

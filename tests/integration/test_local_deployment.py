@@ -17,15 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kubeloop.api import ModelDeployment, load_resources
+from kubeloop.api import ModelDeployment
 from kubeloop.api.modeldeployment import Canary
-from kubeloop.data.snapshot import ingest
 from kubeloop.errors import SpecError
 from kubeloop.local_deployment import Endpoints, LocalDeployment
 from kubeloop.processes import RestartPolicy
 from kubeloop.registry import Registry
 from kubeloop.status_view import DeploymentEndpoints, status_table
-from tests.support.serving_fixtures import arrests_frame, record_path, rows, scrape, shared_home
+from tests.support.serving_fixtures import arrests_frame, register_shared, rows, scrape, shared_home
 
 pytestmark = pytest.mark.integration
 
@@ -96,18 +95,6 @@ class Predictions:
         return self.codes
 
 
-def register(models: Path, versions: tuple[int, ...] = (1,)) -> None:
-    """These arrests versions of the shared test models in $KUBELOOP_HOME's registry, with the snapshot of their
-    training data stored there: the drift sidecar's reference (the shared records name the bundled file's digest)."""
-    snapshot = ingest("bundled://arrests")
-    registry = Registry()
-    for number in versions:
-        (shared,) = load_resources(record_path(models, number))
-        lineage = shared.spec.lineage.model_copy(update={"dataset_digest": snapshot.digest})
-        version, _ = registry.allocate("arrests")
-        registry.save(shared.spec.model_copy(update={"version": version, "lineage": lineage}), "a shared test model")
-
-
 @dataclass
 class Running:
     local: LocalDeployment
@@ -130,7 +117,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     home = tmp_path_factory.mktemp("restarts-home")
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("KUBELOOP_HOME", str(home))
-    register(models)
+    register_shared(models)
     deployment = ModelDeployment.model_validate(
         {
             "metadata": {"name": "arrests"},
@@ -193,7 +180,7 @@ def test_a_killed_model_server_is_restarted_and_answers_again(running, monkeypat
 @pytest.fixture
 def run_home(tmp_path_factory: pytest.TempPathFactory, kubeloop_home: Path) -> Path:
     """This test's KUBELOOP_HOME with arrests v1 registered."""
-    register(shared_home(tmp_path_factory))
+    register_shared(shared_home(tmp_path_factory))
     return kubeloop_home
 
 
@@ -249,7 +236,7 @@ def test_a_canary_added_to_a_running_deployment(tmp_path_factory: pytest.TempPat
     """add_canary, as the closed loop rolls a retrained version out: v2's server with a drift sidecar of its own and
     the splitter in front, recorded for `kubeloop status`; the splitter's injected fault rate fails v2's predictions
     only; set_canary_percent moves the split."""
-    register(shared_home(tmp_path_factory), versions=(1, 2))
+    register_shared(shared_home(tmp_path_factory), versions=(1, 2))
     deployment = ModelDeployment.model_validate(
         {"metadata": {"name": "canary"}, "spec": {"model": "arrests", "version": 1, "drift": {"window": 50}}}
     )

@@ -118,6 +118,22 @@ def record_path(home: Path, version: int, model: str = "arrests") -> Path:
     return home / "registry" / model / f"v{version}" / "modelversion.yaml"
 
 
+def register_shared(models: Path, versions: tuple[int, ...] = (1,)) -> None:
+    """These arrests versions of the shared test models in $KUBELOOP_HOME's registry, with the snapshot of their
+    training data stored there: the drift sidecar's reference (the shared records name the bundled file's digest)."""
+    from kubeloop.api import load_resources
+    from kubeloop.data.snapshot import ingest
+    from kubeloop.registry import Registry
+
+    snapshot = ingest("bundled://arrests")
+    registry = Registry()
+    for number in versions:
+        (shared,) = load_resources(record_path(models, number))
+        lineage = shared.spec.lineage.model_copy(update={"dataset_digest": snapshot.digest})
+        version, _ = registry.allocate("arrests")
+        registry.save(shared.spec.model_copy(update={"version": version, "lineage": lineage}), "a shared test model")
+
+
 # ---------------------------------------------------------------- processes
 class Process:
     def __init__(self, popen: subprocess.Popen, url: str, log: Path):
