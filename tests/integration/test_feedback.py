@@ -20,7 +20,7 @@ from kubeloop.api import ModelDeployment
 from kubeloop.local_deployment import Endpoints, LocalDeployment
 from kubeloop.registry import Registry
 from kubeloop.report.model_card import render
-from tests.support.serving_fixtures import arrests_frame, register_shared, scrape, shared_home
+from tests.support.serving_fixtures import arrests_frame, home_with_shared_models, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -36,19 +36,15 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    models = shared_home(tmp_path_factory)
-    home = tmp_path_factory.mktemp("feedback-home")
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setenv("KUBELOOP_HOME", str(home))
-    register_shared(models)
     deployment = ModelDeployment.model_validate(
         {"metadata": {"name": "arrests"}, "spec": {"model": "arrests", "version": 1, "drift": {"window": WINDOW}}}
     )
-    try:
-        with LocalDeployment(deployment, Registry()) as local:
-            yield Served(local.start(), home)
-    finally:
-        monkeypatch.undo()
+    # the registry is read in the home the first context sets
+    with (
+        home_with_shared_models(tmp_path_factory, "feedback-home") as home,
+        LocalDeployment(deployment, Registry()) as local,
+    ):
+        yield Served(local.start(), home)
 
 
 def _sidecar_status(served: Served) -> dict:

@@ -24,7 +24,14 @@ from kubeloop.local_deployment import Endpoints, LocalDeployment
 from kubeloop.processes import RestartPolicy
 from kubeloop.registry import Registry
 from kubeloop.status_view import DeploymentEndpoints, status_table
-from tests.support.serving_fixtures import arrests_frame, register_shared, rows, scrape, shared_home
+from tests.support.serving_fixtures import (
+    arrests_frame,
+    home_with_shared_models,
+    register_shared,
+    rows,
+    scrape,
+    shared_home,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -113,22 +120,18 @@ class Running:
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     """arrests v1 served with its drift sidecar, restarts after a 0.5 s back-off (doubling up to 2 s)."""
-    models = shared_home(tmp_path_factory)
-    home = tmp_path_factory.mktemp("restarts-home")
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setenv("KUBELOOP_HOME", str(home))
-    register_shared(models)
     deployment = ModelDeployment.model_validate(
         {
             "metadata": {"name": "arrests"},
             "spec": {"model": "arrests", "version": 1, "drift": {"window": 50, "referenceSize": 200}},
         }
     )
-    try:
-        with LocalDeployment(deployment, Registry(), restart=BACKOFF) as local:
-            yield Running(local, local.start(), home)
-    finally:
-        monkeypatch.undo()
+    # the registry is read in the home the first context sets
+    with (
+        home_with_shared_models(tmp_path_factory, "restarts-home") as home,
+        LocalDeployment(deployment, Registry(), restart=BACKOFF) as local,
+    ):
+        yield Running(local, local.start(), home)
 
 
 def test_a_killed_sidecar_is_restarted_on_its_port_while_predictions_keep_answering(running, monkeypatch) -> None:

@@ -24,10 +24,13 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 READY = re.compile(r"(?:serving .* on|splitting on) (http://\S+)")
@@ -116,6 +119,20 @@ def register_model(home: Path, *, seed: int = 0, steps: int = 60, dataset: str =
 
 def record_path(home: Path, version: int, model: str = "arrests") -> Path:
     return home / "registry" / model / f"v{version}" / "modelversion.yaml"
+
+
+@contextmanager
+def home_with_shared_models(tmp_path_factory, name: str) -> Iterator[Path]:
+    """A KUBELOOP_HOME of its own (set while the context lasts) with arrests v1 of the shared test models."""
+    models = shared_home(tmp_path_factory)
+    home = tmp_path_factory.mktemp(name)
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("KUBELOOP_HOME", str(home))
+    try:
+        register_shared(models)
+        yield home
+    finally:
+        monkeypatch.undo()
 
 
 def register_shared(models: Path, versions: tuple[int, ...] = (1,)) -> None:
