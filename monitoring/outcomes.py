@@ -172,11 +172,13 @@ def performance(
             **{f"labelShare.{name}": float(s) for name, s in zip(classes, shares, strict=False)},
         }
     scores = np.asarray(predictions, dtype=np.float64)
-    both = len(np.unique(labels)) == 2
+    positive = labels == 1
+    positives = np.array([positive.sum()])
+    both = 0 < positives[0] < len(labels)
     return {
         "rows": len(labels),
-        "accuracy": float(np.mean((scores >= 0.5) == (labels == 1))),
-        "rocAuc": float(skm.roc_auc_score(labels, scores)) if both else None,
+        "accuracy": float(np.mean((scores >= 0.5) == positive)),
+        "rocAuc": float(_auc_by_ranks(stats.rankdata(scores), positive[None], positives)[0]) if both else None,
         "calibrationError": _calibration_error(scores, labels == 1),
         "positiveRate": float(labels.mean()),
     }
