@@ -88,18 +88,20 @@ def tick(
             write(patch)
         return None
 
-    before = RetrainState(common.parse_time(retrain.get("driftSince")), common.parse_time(retrain.get("lastStarted")))
+    before = RetrainState(
+        common.parse_time(retrain.get("triggeredSince")), common.parse_time(retrain.get("lastStarted"))
+    )
     decision = decide_retrain(policy, before, bool(drifting), now, canary_active=md.spec.canary is not None)
-    if decision.state.drift_since != before.drift_since:
-        since = decision.state.drift_since
-        patch["retrain"] = {"driftSince": common.iso(since) if since else None}
+    if decision.state.triggered_since != before.triggered_since:
+        since = decision.state.triggered_since
+        patch["retrain"] = {"triggeredSince": common.iso(since) if since else None}
     if not decision.start:
         if patch:
             write(patch)
         return None
 
     job_name, problem = _create_job(kube, md, now)
-    started = {"driftSince": None, "lastStarted": common.iso(now)}
+    started = {"triggeredSince": None, "lastStarted": common.iso(now)}
     if problem:
         entry = {"action": "retrainFailed", "reason": f"{decision.reason}, but {problem}", "stable": md.spec.version}
         write({**patch, "retrain": {**started, "reason": problem}}, entry)

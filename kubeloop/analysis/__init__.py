@@ -10,7 +10,7 @@
 """
 
 from kubeloop.analysis.engine import AnalysisState, CheckResult, Decision, decide, run_checks
-from kubeloop.analysis.retrain_policy import RetrainDecision, RetrainState, decide_retrain
+from kubeloop.analysis.retrain_policy import RetrainDecision, RetrainState, decide_retrain, underperforming
 from kubeloop.analysis.signals import (
     PrometheusSource,
     Queries,
@@ -33,4 +33,5 @@ __all__ = [
     "decide_retrain",
     "duration_seconds",
     "run_checks",
+    "underperforming",
 ]

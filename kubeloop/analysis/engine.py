@@ -6,11 +6,15 @@ signals of that interval:
 - error rate of the candidate <= maxErrorRate;
 - p99 latency of the candidate / p99 of the stable version <= maxP99LatencyRatio (skipped while one side has no
   traffic, e.g. at 100%);
-- prediction shift <= maxPredictionShift (skipped while one side has too few predictions): the KS distance between
-  the candidate's and the stable version's prediction histograms (P(positive), the predicted class's probability,
-  or the value, per task); for a multiclass model the larger of that and the L-infinity gap between the two
-  versions' predicted-class shares, since a changed class mix at the same confidence leaves the histogram as is;
-- no drift flagged on the candidate (failOnDrift).
+- prediction shift <= maxPredictionShift (skipped while one side has too few predictions): the KS
+  distance between the candidate's and the stable version's prediction histograms (P(positive), the predicted
+  class's probability, or the value, per task); for a multiclass model the larger of that and the L-infinity gap
+  between the two versions' predicted-class shares, since a changed class mix at the same confidence leaves the
+  histogram as is;
+- no drift flagged on the candidate (failOnDrift);
+- labelled performance (labelled): on the rows labelled in the interval, the candidate's mean loss per row is not
+  higher than the stable's by more than maxLossIncrease at the significance level (one-sided Welch test; skipped
+  while either side has fewer than minLabels labelled rows).
 
 All passing: advance to the next step, or promote after the last one. A failing interval counts one failed check;
 at maxFailedChecks the canary is rolled back. Too little candidate traffic to judge: hold (not counted).
@@ -18,12 +22,13 @@ at maxFailedChecks the canary is rolled back. Too little candidate traffic to ju
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Literal
 
 from kubeloop.analysis.signals import VersionSignals, ks_distance, share_gap
-from kubeloop.api.modeldeployment import CanaryAnalysis, CanaryChecks
+from kubeloop.api.modeldeployment import CanaryAnalysis, CanaryChecks, LabelledChecks
 
 Action = Literal["advance", "hold", "promote", "rollback"]
 Status = Literal["pass", "fail", "skip"]
@@ -162,6 +167,8 @@ def run_checks(
         status = "fail" if shift > checks.max_prediction_shift else "pass"
         out.append(CheckResult("predictionShift", status, shift, checks.max_prediction_shift, why))
 
+    if checks.labelled.enabled:
+        out.append(labelled_check(checks.labelled, stable, candidate))
     if checks.fail_on_drift:
         if candidate.drift is None:
             out.append(CheckResult("drift", "skip", None, None, "no detector reports the candidate"))
@@ -170,6 +177,27 @@ def run_checks(
         else:
             out.append(CheckResult("drift", "pass", 0.0, 0.0, "no drift on the candidate"))
     return out
+
+
+def labelled_check(checks: LabelledChecks, stable: VersionSignals, candidate: VersionSignals) -> CheckResult:
+    """The candidate's mean loss on its labelled rows of the interval against the stable's: fails when a one-sided
+    Welch test finds it higher by more than maxLossIncrease at the significance level."""
+    ours, theirs = candidate.loss(), stable.loss()
+    if candidate.labelled < checks.min_labels or stable.labelled < checks.min_labels or ours is None or theirs is None:
+        why = f"{candidate.labelled:.0f} candidate / {stable.labelled:.0f} stable labelled rows"
+        why += f" (need {checks.min_labels})"
+        return CheckResult("labelledLoss", "skip", None, checks.max_loss_increase, why)
+    (mean_c, var_c), (mean_s, var_s) = ours, theirs
+    increase = mean_c - mean_s
+    spread = math.sqrt(var_c / candidate.labelled + var_s / stable.labelled)
+    excess = increase - checks.max_loss_increase
+    p_value = 0.5 * math.erfc(excess / spread / math.sqrt(2)) if spread > 0 else (0.0 if excess > 0 else 1.0)
+    worse = p_value < checks.significance
+    why = (
+        f"mean loss {mean_c:.4f} vs stable {mean_s:.4f} on {candidate.labelled:.0f} / {stable.labelled:.0f} labelled "
+        f"rows (increase {increase:+.4f}, p={p_value:.3g}{' <' if worse else ' >='} {checks.significance:g})"
+    )
+    return CheckResult("labelledLoss", "fail" if worse else "pass", increase, checks.max_loss_increase, why)
 
 
 def prediction_shift(stable: VersionSignals, candidate: VersionSignals) -> tuple[float, str]:

@@ -6,7 +6,9 @@ Per model version and analysis window (the increase of each counter over the win
 - the latency histogram (buckets), for p99;
 - the prediction histogram (buckets) and, for a multiclass model, the rows per predicted class, for the
   candidate-vs-stable prediction shift;
-- the drift detector's flag (a gauge, its latest value).
+- the drift detector's flag (a gauge, its latest value);
+- ground truth, from the drift sidecar's join of feedback to served rows: the rows labelled in the window with the
+  sums of their loss and squared loss (a Welch test of candidate against stable), and the live metrics now.
 
 Which series carry them is one `Queries` object of PromQL selectors with `$model` and `$version` placeholders, so any
 Prometheus works (point the selectors at the metrics your stack has). `PrometheusSource` asks Prometheus's HTTP
@@ -59,6 +61,11 @@ class VersionSignals:
     predictions: Buckets = field(default_factory=list)
     drift: bool | None = None  # None: no detector reports this version
     classes: dict[str, float] = field(default_factory=dict)  # rows per predicted class (multiclass only)
+    # ground truth: rows labelled in the window, the sums of their loss and squared loss (for the Welch test)
+    labelled: float = 0.0
+    loss_sum: float = 0.0
+    loss_squared_sum: float = 0.0
+    live: dict[str, float] = field(default_factory=dict)  # the live metrics now (kubeloop_live_metric), rows included
 
     @property
     def error_rate(self) -> float | None:
@@ -66,6 +73,14 @@ class VersionSignals:
 
     def p99(self) -> float | None:
         return histogram_quantile(0.99, self.latency)
+
+    def loss(self) -> tuple[float, float] | None:
+        """Mean and sample variance of the labelled rows' loss in the window; None below two rows."""
+        n = self.labelled
+        if n < 2:
+            return None
+        mean = self.loss_sum / n
+        return mean, max(0.0, (self.loss_squared_sum - n * mean * mean) / (n - 1))
 
     @property
     def predicted(self) -> float:
@@ -138,6 +153,10 @@ class Queries:
     prediction_buckets: str = 'kubeloop_prediction_bucket{model="$model",version="$version"}'
     predicted_classes: str = 'kubeloop_predicted_class_total{model="$model",version="$version"}'
     drift: str = 'kubeloop_drift_detected{model="$model",version="$version"}'
+    labelled: str = 'kubeloop_labelled_rows_total{model="$model",version="$version"}'
+    loss: str = 'kubeloop_labelled_loss_total{model="$model",version="$version"}'
+    loss_squared: str = 'kubeloop_labelled_loss_squared_total{model="$model",version="$version"}'
+    live: str = 'kubeloop_live_metric{model="$model",version="$version"}'
 
     @classmethod
     def cluster(cls) -> Queries:
@@ -151,6 +170,10 @@ class Queries:
             prediction_buckets=f"kubeloop_prediction_bucket{where}",
             predicted_classes=f"kubeloop_predicted_class_total{where}",
             drift=f"kubeloop_drift_detected{where}",
+            labelled=f"kubeloop_labelled_rows_total{where}",
+            loss=f"kubeloop_labelled_loss_total{where}",
+            loss_squared=f"kubeloop_labelled_loss_squared_total{where}",
+            live=f"kubeloop_live_metric{where}",
         )
 
     def render(self, template: str, model: str, version: int, namespace: str = "") -> str:
@@ -193,8 +216,12 @@ class PrometheusSource:
             selector = q.render(template, model, version, namespace)
             return self.query(f"sum by ({by}) (increase({selector}[{window}]))")
 
+        def total(template: str) -> float:
+            return sum(_finite(value) for _, value in increase(template, "model"))
+
         requests = increase(q.requests, q.code_label)
         drift = self.query(f"max({q.render(q.drift, model, version, namespace)})")
+        live = self.query(f"max by (metric) ({q.render(q.live, model, version, namespace)})")
         return VersionSignals(
             version=version,
             requests=sum(_finite(value) for _, value in requests),
@@ -207,6 +234,10 @@ class PrometheusSource:
             classes={
                 labels.get("class", ""): _finite(value) for labels, value in increase(q.predicted_classes, "class")
             },
+            labelled=total(q.labelled),
+            loss_sum=total(q.loss),
+            loss_squared_sum=total(q.loss_squared),
+            live={labels.get("metric", ""): value for labels, value in live if math.isfinite(value)},
         )
 
 

@@ -24,6 +24,33 @@ MODE_IMMUTABLE = (
 )
 
 
+class LabelledChecks(KubeModel):
+    """Candidate against stable on the rows labelled (ground-truth feedback joined) in the same interval."""
+
+    enabled: bool = True
+
+    min_labels: Annotated[
+        int, Field(ge=2, description="Labelled rows each version needs in the interval; fewer: the check is skipped.")
+    ] = 50
+    max_loss_increase: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="How much higher the candidate's mean loss per row (log loss for classifiers, squared error "
+            "for regression) may be than the stable's before it counts against the candidate.",
+        ),
+    ] = 0.0
+    significance: Annotated[
+        float,
+        Field(
+            gt=0,
+            lt=1,
+            description="The candidate fails when a one-sided Welch test says its mean loss exceeds the stable's "
+            "by more than maxLossIncrease with a p-value below this.",
+        ),
+    ] = 0.05
+
+
 class CanaryChecks(KubeModel):
     max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.01
     max_p99_latency_ratio: Annotated[float, Field(gt=0, description="Candidate p99 / stable p99.")] = 1.5
@@ -33,10 +60,21 @@ class CanaryChecks(KubeModel):
             ge=0,
             le=1,
             description="KS distance between candidate and stable prediction histograms; for multiclass, the larger "
-            "of that and the largest gap between their predicted-class shares.",
+            "of that and the largest gap between their predicted-class shares. 1: recorded, never fails (a model "
+            "retrained on moved data predicts differently by design: judge it on labels).",
         ),
     ] = 0.2
     fail_on_drift: bool = True
+    labelled: LabelledChecks = Field(
+        default_factory=LabelledChecks,
+        description="Labelled performance, candidate against stable (needs ground-truth feedback).",
+    )
+
+
+def retrain_checks() -> CanaryChecks:
+    """What a retrained version is judged on by default: labelled performance; its prediction shift is recorded but
+    never fails it."""
+    return CanaryChecks(max_prediction_shift=1.0)
 
 
 class CanaryAnalysis(KubeModel):
@@ -53,6 +91,12 @@ class CanaryAnalysis(KubeModel):
         if any(b <= a for a, b in pairwise(steps)):
             raise ValueError(f"steps must increase strictly, got {steps}")
         return steps
+
+
+class RetrainAnalysis(CanaryAnalysis):
+    """A canary analysis for a version retrained on moved data: judged on labels, not on prediction shift."""
+
+    checks: CanaryChecks = Field(default_factory=retrain_checks)
 
 
 class Canary(KubeModel):
@@ -151,6 +195,26 @@ class InputPolicy(KubeModel):
     )
 
 
+HIGHER_IS_BETTER = ("rocAuc", "accuracy")
+LOWER_IS_BETTER = ("calibrationError", "mae", "rmse")
+
+
+class PerformanceTrigger(KubeModel):
+    metric: Literal["rocAuc", "accuracy", "calibrationError", "mae", "rmse"] = Field(
+        description="A live metric of the stable version on its last labelled rows (kubeloop_live_metric)."
+    )
+    threshold: float = Field(
+        description="Worse than this (below it for rocAuc and accuracy, above it for calibrationError, mae, rmse) "
+        "triggers retraining once sustained."
+    )
+    min_labels: Annotated[int, Field(ge=1, description="Labelled rows the live metric needs before it is trusted.")] = (
+        100
+    )
+
+    def worse(self, value: float) -> bool:
+        return value < self.threshold if self.metric in HIGHER_IS_BETTER else value > self.threshold
+
+
 class Retrain(KubeModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -160,20 +224,33 @@ class Retrain(KubeModel):
                     "message": "retraining needs trainingJob: the TrainingJob to copy with fresh data",
                     "fieldPath": ".trainingJob",
                     "reason": "FieldValueRequired",
-                }
+                },
+                {
+                    "rule": "!has(self.on) || self.on == 'drift' || has(self.performance)",
+                    "message": "retraining on performance needs performance: the live metric and its threshold",
+                    "fieldPath": ".performance",
+                    "reason": "FieldValueRequired",
+                },
             ]
         }
     )
 
     enabled: bool = False
+    on: Literal["drift", "performance", "both"] = Field(
+        default="drift",
+        description="What starts retraining once sustained: the drift detector's flag on the stable version, its "
+        "live performance worse than spec.retrain.performance, or both (whichever holds).",
+    )
+    performance: PerformanceTrigger | None = None
     sustained_for: Duration = "5m"
     min_interval: Duration = "1h"
     training_job: TrainingJobName | None = Field(
-        default=None, description="TrainingJob to copy (with fresh data) when drift persists."
+        default=None, description="TrainingJob to copy (with fresh data) when the trigger persists."
     )
-    analysis: CanaryAnalysis = Field(
-        default_factory=CanaryAnalysis,
-        description="The canary analysis a retrained version that passed its gate is rolled out with.",
+    analysis: RetrainAnalysis = Field(
+        default_factory=RetrainAnalysis,
+        description="The canary analysis a retrained version that passed its gate is rolled out with; by default "
+        "judged on labelled performance, not on prediction shift.",
     )
 
     @model_validator(mode="after")
@@ -182,7 +259,42 @@ class Retrain(KubeModel):
             raise ValueError(
                 "spec.retrain.trainingJob is required when retraining is enabled: name the TrainingJob to copy"
             )
+        if self.on != "drift" and self.performance is None:
+            raise ValueError(
+                f"spec.retrain.on {self.on} needs spec.retrain.performance: the live metric and its threshold "
+                "(for example {metric: rocAuc, threshold: 0.65})"
+            )
         return self
+
+
+class ShadowAnalysis(KubeModel):
+    """When the shadow has seen enough, it becomes the canary (or is rejected)."""
+
+    interval: Duration = "30s"
+    windows: Annotated[int, Field(ge=1, description="Passing windows before the shadow becomes the canary.")] = 3
+    max_failed_windows: Annotated[int, Field(ge=1)] = 2
+    min_agreement: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=1,
+            description="Share of mirrored requests on which the shadow answers like the stable version (same "
+            "predicted class; for regression within 10% of the stable's value).",
+        ),
+    ] = 0.0
+    checks: CanaryChecks = Field(default_factory=retrain_checks)
+    canary: RetrainAnalysis = Field(
+        default_factory=RetrainAnalysis,
+        description="The canary analysis the shadow is rolled out with once it passed.",
+    )
+
+
+class Shadow(KubeModel):
+    version: Annotated[int, Field(ge=1, description="The version that receives mirrored traffic; never answers.")]
+    percent: Annotated[int, Field(ge=1, le=100, description="Share of live requests mirrored to it.")] = 100
+    analysis: ShadowAnalysis | None = Field(
+        default=None, description="Promote the shadow to a canary when it passes; unset: it stays a shadow."
+    )
 
 
 class ModelDeploymentSpec(KubeModel):
@@ -193,6 +305,13 @@ class ModelDeploymentSpec(KubeModel):
                     "rule": "!has(self.canary) || self.canary.version != self.version",
                     "message": "canary.version must differ from the stable version",
                     "fieldPath": ".canary.version",
+                    "reason": "FieldValueInvalid",
+                },
+                {
+                    "rule": "!has(self.shadow) || (self.shadow.version != self.version && "
+                    "(!has(self.canary) || self.shadow.version != self.canary.version))",
+                    "message": "shadow.version must differ from the stable and the canary version",
+                    "fieldPath": ".shadow.version",
                     "reason": "FieldValueInvalid",
                 },
                 {
@@ -224,6 +343,7 @@ class ModelDeploymentSpec(KubeModel):
         ),
     ] = "Standard"
     canary: Canary | None = None
+    shadow: Shadow | None = None
     allow_rejected: bool = Field(
         default=False,
         description="For debugging: serve spec.version or spec.canary.version even when its ModelVersion is "
@@ -240,6 +360,8 @@ class ModelDeploymentSpec(KubeModel):
     def _cross_field(self) -> ModelDeploymentSpec:
         if self.canary is not None and self.canary.version == self.version:
             raise ValueError("spec.canary.version must differ from the stable spec.version")
+        if self.shadow is not None and self.shadow.version in (self.version, self.canary and self.canary.version):
+            raise ValueError("spec.shadow.version must differ from the stable spec.version and spec.canary.version")
         if self.deployment_mode != "Knative":
             if self.autoscaling.metric in ("concurrency", "rps"):
                 raise ValueError(f"spec.autoscaling.metric {self.autoscaling.metric} needs deploymentMode Knative")
@@ -308,11 +430,57 @@ class CheckRecord(KubeModel):
     reason: str = ""
 
 
+class MetricEstimate(KubeModel):
+    value: float
+    low: float
+    high: float
+
+
+class VersionOutcomes(KubeModel):
+    """A version's performance on ground truth: live on its last labelled rows, and estimated without labels."""
+
+    version: int
+    labelled: Annotated[int, Field(ge=0, description="Labelled rows the live metrics are computed on.")] = 0
+    live: dict[str, float] = Field(default_factory=dict)
+    estimated: dict[str, MetricEstimate] = Field(
+        default_factory=dict, description="What the model's own probabilities imply (if calibrated), 95% interval."
+    )
+
+
+class ShadowReport(KubeModel):
+    """The shadow against the stable version over the last window of mirrored traffic."""
+
+    version: int
+    mirrored: Annotated[int, Field(ge=0, description="Requests mirrored to the shadow in the window.")] = 0
+    agreement: float | None = Field(default=None, description="Share of paired answers that agree.")
+    prediction_distance: float | None = Field(default=None, description="Mean |shadow - stable| score per row.")
+    error_rate: float | None = None
+    stable_error_rate: float | None = None
+    p99_latency_ratio: float | None = None
+    loss_increase: float | None = Field(default=None, description="Mean labelled loss, shadow minus stable.")
+    passed_windows: int = 0
+    failed_windows: int = 0
+    last_checked: datetime | None = None
+    checks: list[CheckRecord] = Field(default_factory=list)
+
+
 class AnalysisRecord(KubeModel):
     """One entry of status.history: a canary analysis decision or a retrain decision, with its reason."""
 
     time: datetime
-    action: Literal["start", "advance", "hold", "promote", "rollback", "retrain", "retrainFailed"]
+    action: Literal[
+        "start",
+        "advance",
+        "hold",
+        "promote",
+        "rollback",
+        "retrain",
+        "retrainFailed",
+        "shadowStart",
+        "shadowHold",
+        "shadowPromote",
+        "shadowReject",
+    ]
     reason: str
     candidate: int | None = None
     stable: int | None = None
@@ -335,7 +503,7 @@ class CanaryAnalysisStatus(KubeModel):
 
 
 class RetrainStatus(KubeModel):
-    drift_since: datetime | None = None
+    triggered_since: datetime | None = Field(default=None, description="Since when the trigger holds, unbroken.")
     last_started: datetime | None = None
     training_job: str | None = None
     reason: str | None = None
@@ -351,6 +519,10 @@ class ModelDeploymentStatus(KubeModel):
     drift: DriftStatus | None = None
     canary_analysis: CanaryAnalysisStatus | None = None
     retrain: RetrainStatus | None = None
+    outcomes: list[VersionOutcomes] = Field(
+        default_factory=list, description="Per served version: performance on ground-truth feedback."
+    )
+    shadow: ShadowReport | None = None
     history: list[AnalysisRecord] = Field(
         default_factory=list, description="Canary and retrain decisions with their reasons, newest last (capped)."
     )
@@ -367,6 +539,7 @@ class ModelDeployment(Resource):
         PrinterColumn(name="Stable", type="integer", json_path=".spec.version"),
         PrinterColumn(name="Canary", type="integer", json_path=".spec.canary.version"),
         PrinterColumn(name="Traffic", type="integer", json_path=".spec.canary.trafficPercent"),
+        PrinterColumn(name="Shadow", type="integer", json_path=".spec.shadow.version"),
         PrinterColumn(name="Drift", type="string", json_path=".status.drift.state"),
         PrinterColumn(name="Ready", type="boolean", json_path=".status.ready"),
         PrinterColumn(name="URL", type="string", json_path=".status.url"),

@@ -14,9 +14,11 @@ from kubeloop.analysis import (
     VersionSignals,
     decide,
     decide_retrain,
+    run_checks,
 )
+from kubeloop.analysis.engine import labelled_check
 from kubeloop.analysis.signals import duration_seconds, histogram_quantile, ks_distance, share_gap
-from kubeloop.api.modeldeployment import AnalysisRecord, CanaryAnalysis, CanaryChecks, Retrain
+from kubeloop.api.modeldeployment import AnalysisRecord, CanaryAnalysis, CanaryChecks, LabelledChecks, Retrain
 
 ANALYSIS = CanaryAnalysis(steps=[10, 25, 50, 100], interval="5s", max_failed_checks=2)
 LAT_FAST = [(0.01, 90.0), (0.05, 100.0), (float("inf"), 100.0)]
@@ -26,9 +28,28 @@ PRED_HIGH = [(0.25, 0.0), (0.5, 5.0), (0.75, 20.0), (float("inf"), 100.0)]
 
 
 def signals(
-    version: int, requests=100.0, errors=0.0, latency=LAT_FAST, predictions=PRED_LOW, drift=False, classes=None
+    version: int,
+    requests=100.0,
+    errors=0.0,
+    latency=LAT_FAST,
+    predictions=PRED_LOW,
+    drift=False,
+    classes=None,
+    losses=(0.2, 0.6) * 50,
 ):
-    return VersionSignals(version, requests, errors, list(latency), list(predictions), drift, dict(classes or {}))
+    """One version's signals; `losses` are the per-row losses of the rows labelled in the interval."""
+    return VersionSignals(
+        version,
+        requests,
+        errors,
+        list(latency),
+        list(predictions),
+        drift,
+        dict(classes or {}),
+        labelled=len(losses),
+        loss_sum=sum(losses),
+        loss_squared_sum=sum(x * x for x in losses),
+    )
 
 
 def test_durations() -> None:
@@ -90,6 +111,39 @@ def test_healthy_candidate_walks_the_steps_and_is_promoted() -> None:
     ]
     assert "promoting v2" in decisions[-1].reason
     assert all(c.status == "pass" for c in decisions[0].checks)
+
+
+def test_labelled_check_fails_a_candidate_whose_loss_is_higher_beyond_noise() -> None:
+    checks = LabelledChecks(min_labels=50, significance=0.05)
+    worse = labelled_check(checks, signals(1), signals(2, losses=(0.3, 0.7) * 50))
+    assert worse.status == "fail" and worse.value == pytest.approx(0.1)
+    assert "p=" in worse.reason and "100 / 100 labelled rows" in worse.reason
+    # the same increase on a handful of rows is noise: it passes
+    noisy = labelled_check(checks, signals(1, losses=(0.0, 1.0) * 30), signals(2, losses=(0.1, 1.1) * 30))
+    assert noisy.status == "pass"
+    # a margin tolerates a known increase
+    tolerated = labelled_check(LabelledChecks(max_loss_increase=0.15), signals(1), signals(2, losses=(0.3, 0.7) * 50))
+    assert tolerated.status == "pass"
+    better = labelled_check(checks, signals(1), signals(2, losses=(0.1, 0.3) * 50))
+    assert better.status == "pass" and better.value < 0
+
+
+def test_labelled_check_skips_below_min_labels_and_a_worse_candidate_is_rolled_back() -> None:
+    skipped = labelled_check(LabelledChecks(min_labels=50), signals(1), signals(2, losses=(0.9,) * 49))
+    assert skipped.status == "skip" and "49 candidate / 100 stable labelled rows (need 50)" in skipped.reason
+    decisions = walk(ANALYSIS, signals(1), signals(2, losses=(0.5, 0.9) * 50), 10)
+    assert [d.action for d in decisions] == ["hold", "rollback"]
+    assert "labelledLoss" not in [c.name for c in decisions[-1].checks if c.status != "fail"]
+    assert "mean loss 0.7000 vs stable 0.4000" in decisions[-1].reason
+
+
+def test_a_retrained_version_is_judged_on_labels_its_prediction_shift_only_recorded() -> None:
+    checks = Retrain().analysis.checks
+    found = {c.name: c for c in run_checks(checks, signals(1), signals(2, predictions=PRED_HIGH))}
+    assert found["predictionShift"].status == "pass" and found["predictionShift"].value == pytest.approx(0.9)
+    assert found["labelledLoss"].status == "pass"
+    custom = Retrain.model_validate({"analysis": {"steps": [50, 100]}}).analysis.checks
+    assert custom == checks  # a retrain analysis given without checks keeps the retrain defaults
 
 
 @pytest.mark.parametrize(
@@ -162,13 +216,14 @@ def test_no_candidate_traffic_holds_without_counting_a_failure() -> None:
 
 
 def test_comparisons_are_skipped_when_stable_gets_no_traffic() -> None:
-    stable = signals(1, requests=0, latency=[], predictions=[])
+    stable = signals(1, requests=0, latency=[], predictions=[], losses=())
     decision = decide(ANALYSIS, AnalysisState(step=3), stable, signals(2))
     assert decision.action == "promote"
     assert {c.name: c.status for c in decision.checks} == {
         "errorRate": "pass",
         "p99LatencyRatio": "skip",
         "predictionShift": "skip",
+        "labelledLoss": "skip",
         "drift": "pass",
     }
 
@@ -192,9 +247,9 @@ def test_retrain_needs_sustained_drift_and_is_rate_limited() -> None:
     policy = Retrain(enabled=True, sustained_for="5m", min_interval="1h", training_job="t")
     t0 = datetime(2025, 1, 1, tzinfo=UTC)
     first = decide_retrain(policy, RetrainState(), True, t0)
-    assert not first.start and first.state.drift_since == t0
+    assert not first.start and first.state.triggered_since == t0
     blip = decide_retrain(policy, first.state, False, t0 + timedelta(minutes=2))
-    assert blip.state.drift_since is None  # drift must be uninterrupted
+    assert blip.state.triggered_since is None  # drift must be uninterrupted
     state = decide_retrain(policy, blip.state, True, t0 + timedelta(minutes=3)).state
     assert not decide_retrain(policy, state, True, t0 + timedelta(minutes=7)).start
     go = decide_retrain(policy, state, True, t0 + timedelta(minutes=8))

@@ -81,7 +81,7 @@ def status(kube: Cluster) -> dict[str, Any]:
 def test_drift_must_last_sustained_for_then_one_copy_on_fresh_data_is_started() -> None:
     kube, source, events = Cluster(deployment(), template()), Drift(True), []
     assert tick(kube, source, 0, events) is None
-    assert status(kube)["drift"]["state"] == "Drift" and status(kube)["retrain"]["driftSince"]
+    assert status(kube)["drift"]["state"] == "Drift" and status(kube)["retrain"]["triggeredSince"]
     assert tick(kube, source, 30) is None and not kube.created
     assert tick(kube, source, 61, events) == "retrain"
     (job,) = kube.created
@@ -134,7 +134,7 @@ def test_drift_that_stops_resets_the_clock() -> None:
     tick(kube, source, 0)
     source.flag = False
     tick(kube, source, 30)
-    assert status(kube)["drift"]["state"] == "NoDrift" and "driftSince" not in status(kube)["retrain"]
+    assert status(kube)["drift"]["state"] == "NoDrift" and "triggeredSince" not in status(kube)["retrain"]
     source.flag = True
     tick(kube, source, 40)
     assert tick(kube, source, 61) is None and not kube.created  # 21 s of drift, not 60
@@ -181,8 +181,10 @@ def test_a_version_that_passed_its_gate_becomes_the_canary() -> None:
     assert md["spec"]["canary"] == {
         "version": 2, "trafficPercent": 20,
         "analysis": {"steps": [20, 100], "interval": "10s", "maxFailedChecks": 2,
-                     "checks": {"maxErrorRate": 0.01, "maxP99LatencyRatio": 1.5, "maxPredictionShift": 0.2,
-                                "failOnDrift": True}},
+                     "checks": {"maxErrorRate": 0.01, "maxP99LatencyRatio": 1.5, "maxPredictionShift": 1.0,
+                                "failOnDrift": True,
+                                "labelled": {"enabled": True, "minLabels": 50, "maxLossIncrease": 0.0,
+                                             "significance": 0.05}}},
     }  # fmt: skip
     assert "trainingJob" not in status(kube)["retrain"]
 
