@@ -92,6 +92,25 @@ class VersionSignals:
         return {label: count / total for label, count in self.classes.items()} if total > 0 else None
 
 
+@dataclass(frozen=True)
+class PairedSignals:
+    """The mirror's paired answers in a window: pairs compared (both answered 200), those that agreed, and the
+    summed absolute score difference over the rows compared."""
+
+    pairs: float = 0.0
+    agreed: float = 0.0
+    distance_sum: float = 0.0
+    rows: float = 0.0
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreed / self.pairs if self.pairs > 0 else None
+
+    @property
+    def distance(self) -> float | None:
+        return self.distance_sum / self.rows if self.rows > 0 else None
+
+
 def histogram_quantile(q: float, buckets: Buckets) -> float | None:
     """PromQL's histogram_quantile on cumulative buckets sorted by bound: linear interpolation inside the bucket the
     rank falls in (the first one starting at 0), the highest finite bound when it falls in the +Inf bucket.
@@ -157,6 +176,10 @@ class Queries:
     loss: str = 'kubeloop_labelled_loss_total{model="$model",version="$version"}'
     loss_squared: str = 'kubeloop_labelled_loss_squared_total{model="$model",version="$version"}'
     live: str = 'kubeloop_live_metric{model="$model",version="$version"}'
+    # the mirror's paired answers (the embedded splitter; empty: not available, as behind a Gateway's RequestMirror)
+    shadow_pairs: str = 'kubeloop_shadow_pairs_total{version="$version"}'  # label agree="true"|"false"
+    shadow_distance: str = 'kubeloop_shadow_distance_total{version="$version"}'
+    shadow_rows: str = 'kubeloop_shadow_rows_total{version="$version"}'
 
     @classmethod
     def cluster(cls) -> Queries:
@@ -174,6 +197,9 @@ class Queries:
             loss=f"kubeloop_labelled_loss_total{where}",
             loss_squared=f"kubeloop_labelled_loss_squared_total{where}",
             live=f"kubeloop_live_metric{where}",
+            shadow_pairs="",
+            shadow_distance="",
+            shadow_rows="",
         )
 
     def render(self, template: str, model: str, version: int, namespace: str = "") -> str:
@@ -184,6 +210,8 @@ class SignalSource(Protocol):
     """Where the analysis reads its signals: a `PrometheusSource`, or a test's fake."""
 
     def version_signals(self, model: str, version: int, window_s: float, namespace: str = "") -> VersionSignals: ...
+
+    def paired_signals(self, model: str, version: int, window_s: float, namespace: str = "") -> PairedSignals: ...
 
 
 class SignalError(RuntimeError):
@@ -238,6 +266,24 @@ class PrometheusSource:
             loss_sum=total(q.loss),
             loss_squared_sum=total(q.loss_squared),
             live={labels.get("metric", ""): value for labels, value in live if math.isfinite(value)},
+        )
+
+    def paired_signals(self, model: str, version: int, window_s: float, namespace: str = "") -> PairedSignals:
+        """A shadow version's paired answers over the window; all zero where the queries name no paired series."""
+        q, window = self.queries, promql_duration(window_s)
+        if not q.shadow_pairs:
+            return PairedSignals()
+
+        def increase(template: str, by: str) -> list[tuple[dict[str, str], float]]:
+            selector = q.render(template, model, version, namespace)
+            return self.query(f"sum by ({by}) (increase({selector}[{window}]))")
+
+        pairs = increase(q.shadow_pairs, "agree")
+        return PairedSignals(
+            pairs=sum(_finite(value) for _, value in pairs),
+            agreed=sum(_finite(value) for labels, value in pairs if labels.get("agree") == "true"),
+            distance_sum=sum(_finite(value) for _, value in increase(q.shadow_distance, "version")),
+            rows=sum(_finite(value) for _, value in increase(q.shadow_rows, "version")),
         )
 
 
