@@ -5,7 +5,8 @@ Sections: data (snapshot, columns, the validation report re-run against the prev
 snapshot), lineage and hyperparameters, training curves, the evaluation on the held-out rows (recomputed: the
 lineage's digest, test fraction and seed, with the task, label and slice column, give the same split training
 used, and the artifact's predictions on it), metrics per slice with their gap to overall, the gate's decision,
-the comparison with the previous Production version, the stage history and the drift sidecar's state.
+the comparison with the previous Production version, the stage history, the rollout decisions (shadow windows
+and canary steps, with their checks) and the drift sidecar's state.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from kubeloop.report import plots
 from kubeloop.report.card_values import HEADLINE, LOSS, METRICS, Change, Figure, Notes, metric_name
 from kubeloop.report.drift import DriftView, read_drift
 from kubeloop.report.held_out import EvaluationView, HeldOut, SlicesView, evaluation, held_out, slices
+from kubeloop.report.rollout import RolloutStep, rollout_steps
 from kubeloop.report.search import SearchView, search_view
 
 
@@ -159,6 +161,7 @@ class Card:
     gate: GateView | None  # None: no gate decision recorded
     comparison: Comparison | None
     history: list[StageChange]
+    rollout: list[RolloutStep]  # the shadow windows and canary steps that judged this version
     sidecar: str | None
     drift: DriftPart | None  # None: no sidecar given, or it could not be read (then a note says why)
 
@@ -189,6 +192,7 @@ def gather(record: ModelVersion, registry: Registry, sidecar: str | None = None)
         gate=_gate(record, previous),
         comparison=_comparison(record, previous) if previous is not None else None,
         history=record.status.stage_history if record.status else [],
+        rollout=rollout_steps(record),
         sidecar=sidecar,
         drift=_drift(record, sidecar, notes),
     )

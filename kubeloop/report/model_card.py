@@ -36,6 +36,7 @@ SECTIONS = (
     ("gate", "Gate"),
     ("comparison", "Against Production"),
     ("history", "Stage history"),
+    ("rollout", "Rollout"),
     ("drift", "Drift"),
 )
 

@@ -33,7 +33,7 @@ from tests.support.html_structure import structure_of
 from tests.support.metrics_endpoint import MetricsEndpoint
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("summary", "data", "training", "evaluation", "slices", "gate", "comparison", "history", "drift")
+SECTIONS = ("summary", "data", "training", "evaluation", "slices", "gate", "comparison", "history", "rollout", "drift")
 
 
 # ---- Prometheus text -----------------------------------------------------------------------------------------------
