@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,7 +49,8 @@ def prometheus_source(settings: Settings) -> SignalSource | None:
     if not settings.prometheus_url:
         return None
     defaults = Queries.cluster()
-    queries = Queries(
+    queries = replace(
+        defaults,
         requests=settings.query_requests or defaults.requests,
         latency_buckets=settings.query_latency or defaults.latency_buckets,
         prediction_buckets=settings.query_predictions or defaults.prediction_buckets,
@@ -127,15 +129,15 @@ def tick(
     if decision.action == "promote":
         # the registry first: whoever sees the deployment on the new version finds it Production (and a restart
         # in between judges the same interval again, which sets the same stages)
-        _set_stage(kube, emit, body, md, md.spec.version, "Archived", f"superseded by v{canary.version}")
-        _set_stage(kube, emit, body, md, canary.version, "Production", decision.reason)
+        set_stage(kube, emit, body, md, md.spec.version, "Archived", f"superseded by v{canary.version}")
+        set_stage(kube, emit, body, md, canary.version, "Production", decision.reason)
         write({"version": canary.version, "canary": None}, {"canaryAnalysis": None, "canaryPhase": "Promoted"}, entry)
         emit(body, "Normal", "CanaryPromoted", decision.line())
     elif decision.action == "rollback":
         # traffic first; the candidate is marked Rejected once no spec names it (a Rejected version named by the
         # spec would stop the reconcile)
         write({"canary": None}, {"canaryAnalysis": None, "canaryPhase": "RolledBack"}, entry)
-        _set_stage(kube, emit, body, md, canary.version, "Rejected", decision.reason)
+        set_stage(kube, emit, body, md, canary.version, "Rejected", decision.reason)
         emit(body, "Warning", "CanaryRolledBack", decision.line())
     else:
         spec_patch = {"canary": {"trafficPercent": decision.next_percent}}
@@ -145,7 +147,7 @@ def tick(
     return decision.action
 
 
-def _set_stage(kube: Kube, emit: Emit, body: Mapping[str, Any], md: ModelDeployment, version: int, stage: str,
+def set_stage(kube: Kube, emit: Emit, body: Mapping[str, Any], md: ModelDeployment, version: int, stage: str,
                reason: str) -> None:  # fmt: skip
     name = ModelVersion.resource_name(md.spec.model, version)
     kind: Kind = MODELVERSION

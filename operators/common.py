@@ -15,6 +15,7 @@ LABEL_TRAININGJOB = "kubeloop.dev/trainingjob"
 LABEL_MODELDEPLOYMENT = "kubeloop.dev/modeldeployment"
 LABEL_MODEL = "kubeloop.dev/model"
 LABEL_VERSION = "kubeloop.dev/version"
+LABEL_ROLE = "kubeloop.dev/role"  # on a shadow's InferenceService: "shadow"
 
 
 def labels(owner: Resource, component: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -1,12 +1,14 @@
 """The kopf handlers of ModelDeployments.
 
 - ModelDeployment create/update/resume -> resolve its ModelVersions, apply the versions ConfigMap, the
-  InferenceService and (Standard mode, a Gateway configured) the HTTPRoute that splits stable and canary traffic;
+  InferenceService and (Standard mode, a Gateway configured) the HTTPRoute that splits stable and canary traffic
+  and mirrors requests to the shadow, whose own InferenceService is applied too (or stopped once it is gone);
   a spec naming a Rejected version without spec.allowRejected is refused (condition VersionAdmitted False, a
   Warning Event) and nothing of it applied.
 - InferenceService events -> mirror URL, readiness and conditions into the ModelDeployment.
-- Every few seconds per ModelDeployment: its drift flag mirrored, retraining on sustained drift (operators.retrain),
-  the canary analysis (operators.canary), on Prometheus signals.
+- Every few seconds per ModelDeployment, on Prometheus signals: each served version's outcomes on ground truth
+  (operators.outcomes), its drift flag mirrored and retraining on a sustained trigger (operators.retrain), the
+  canary analysis (operators.canary), the shadow analysis (operators.shadow_analysis).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import kopf
 from kubeloop.api import GROUP, VERSION, ModelDeployment, ModelVersion, Resource
 from kubeloop.errors import SpecError
 from kubeloop.kube import ApiError
-from operators import canary, common, handlers, httproute, retrain
+from operators import canary, common, handlers, httproute, outcomes, retrain, shadow, shadow_analysis
 from operators import inferenceservice as isvc
 from operators.settings import current
 
@@ -78,12 +80,18 @@ def reconcile_modeldeployment(body: Mapping[str, Any], patch: kopf.Patch, **_: A
     ]
     done = handlers.apply_children(body, [(child, False) for child in children + ([route] if route else [])])
     _, obj = done["InferenceService"]
+    _serve_shadow(body, md, versions)
     new = isvc.modeldeployment_status(md, obj, status, with_canary, httproute.url(md, settings) if route else None)
     traffic = httproute.traffic_condition(md, settings, canary_live)
     if traffic is not None:
         new["conditions"] = common.merge_conditions(new["conditions"], [traffic], _generation(md))
         if traffic["reason"] == "NoGateway":
             handlers.emit(body, "Warning", "CanaryWithoutTraffic", traffic["message"])
+    mirror = shadow.condition(md, settings)
+    if mirror is not None:
+        new["conditions"] = common.merge_conditions(new["conditions"], [mirror], _generation(md))
+    else:
+        new["conditions"] = [c for c in new["conditions"] if c.get("type") != shadow.CONDITION]
     for key, value in new.items():
         patch.status[key] = value
     if not with_canary:
@@ -94,6 +102,23 @@ def reconcile_modeldeployment(body: Mapping[str, Any], patch: kopf.Patch, **_: A
     if route and md.spec.canary is not None and not canary_live:
         message = f"canary v{md.spec.canary.version} gets its traffic once KServe reports it ready"
         raise kopf.TemporaryError(message, delay=settings.retry_delay)
+
+
+def _serve_shadow(body: Mapping[str, Any], md: ModelDeployment, versions: Mapping[int, ModelVersion]) -> None:
+    """Apply the shadow's InferenceService when the HTTPRoute mirrors to it; else say why a shadow is not served,
+    and stop the one a former shadow left (operators.shadow)."""
+    settings, kube = handlers.settings(), handlers.kube()
+    if httproute.mirrored(md, settings):
+        handlers.apply_children(body, [(shadow.desired_inferenceservice(md, versions, settings), False)])
+        return
+    refusal = shadow.condition(md, settings)
+    if refusal is not None:
+        handlers.emit(body, "Warning", "ShadowNotServed", refusal["message"])
+    name = isvc.shadow_isvc_name(md)
+    stop = shadow.stop_patch(md, settings, kube.get(handlers.INFERENCESERVICE, md.metadata.namespace, name))
+    if stop is not None:
+        kube.patch(handlers.INFERENCESERVICE, md.metadata.namespace, name, stop)
+        handlers.emit(body, "Normal", "ShadowStopped", f"InferenceService {name} stopped: no shadow to mirror to")
 
 
 def _refuse(
@@ -185,6 +210,8 @@ def _sync_modeldeployment_status(obj: Mapping[str, Any]) -> dict[str, Any] | Non
     except SpecError:
         return None
     assert isinstance(md, ModelDeployment)
+    if meta.get("name") != isvc.isvc_name(md):  # the shadow's: it answers no user, the deployment's status is not its
+        return None
     old = body.get("status") or {}
     with_canary = "kubeloop.dev/canary-waiting" not in (meta.get("annotations") or {})
     new = isvc.modeldeployment_status(md, obj, old, with_canary, _route_url(md, body))
@@ -216,10 +243,15 @@ def _route_url(md: ModelDeployment, body: Mapping[str, Any]) -> str | None:
 
 @kopf.timer(GROUP, VERSION, "modeldeployments", interval=current().analysis_tick_seconds, idle=0)
 def watch_modeldeployment(body: Mapping[str, Any], **_: Any) -> None:
-    """Drift and retraining first; the canary analysis only when retrain changed neither spec nor history this tick
-    (both write status.history from the same body, so one writer per tick keeps every entry)."""
-    deployment, source = handlers.plain(body), canary.prometheus_source(handlers.settings())
-    if retrain.tick(deployment, handlers.kube(), handlers.emit, source) is None and (
-        deployment["spec"].get("canary") or {}
-    ).get("analysis"):
-        canary.tick(deployment, handlers.kube(), handlers.emit, source)
+    """Outcomes (they touch no history); then drift and retraining; the canary analysis only when retrain changed
+    neither spec nor history this tick, the shadow's only when neither did (they all write status.history from the
+    same body, so one writer per tick keeps every entry)."""
+    deployment, source, kube = handlers.plain(body), canary.prometheus_source(handlers.settings()), handlers.kube()
+    outcomes.tick(deployment, kube, source)
+    if retrain.tick(deployment, kube, handlers.emit, source) is not None:
+        return
+    spec = deployment["spec"]
+    if (spec.get("canary") or {}).get("analysis") and canary.tick(deployment, kube, handlers.emit, source):
+        return
+    if spec.get("shadow"):
+        shadow_analysis.tick(deployment, kube, handlers.emit, source)

@@ -14,6 +14,10 @@ The canary is weighted in only once KServe reports its Deployment ready (``statu
 answers 500/503 for the share it sends to a Service without ready endpoints, and the canary analysis would judge
 those errors, which no model server saw.
 
+A shadow (``spec.shadow``, operators.shadow) adds a ``RequestMirror`` filter to the rule: ``percent`` of the
+requests are copied to the shadow InferenceService's predictor Service ``<md>-shadow-predictor`` and its answers
+discarded.
+
 The backends are KServe's raw Services: port 80 (``CommonDefaultHttpPort``), forwarding to the server's port (or to
 KServe's logger agent in front of it). Knative mode has no HTTPRoute (Knative splits with
 ``canaryTrafficPercent``), nor does an operator without a Gateway: a canary then gets no traffic, which the
@@ -61,6 +65,28 @@ def canary_service(md: ModelDeployment, version: int) -> str:
     return f"{isvc.isvc_name(md)}-{isvc.canary_predictor_name(version)}-predictor"
 
 
+def shadow_service(md: ModelDeployment) -> str:
+    """KServe's predictor Service of the shadow InferenceService (operators.shadow)."""
+    return f"{isvc.shadow_isvc_name(md)}-predictor"
+
+
+def mirrored(md: ModelDeployment, settings: Settings) -> bool:
+    """Whether the deployment's shadow gets mirrored traffic: spec.shadow set, and an HTTPRoute to mirror on."""
+    return md.spec.shadow is not None and routed(md, settings)
+
+
+def mirror_filter(md: ModelDeployment) -> dict[str, Any] | None:
+    """The rule's RequestMirror filter to the shadow's predictor Service (None without spec.shadow); ``percent``
+    only below 100 (without it the Gateway API mirrors every request)."""
+    shadow = md.spec.shadow
+    if shadow is None:
+        return None
+    mirror: dict[str, Any] = {"backendRef": {"kind": "Service", "name": shadow_service(md), "port": SERVICE_PORT}}
+    if shadow.percent < 100:
+        mirror["percent"] = shadow.percent
+    return {"type": "RequestMirror", "requestMirror": mirror}
+
+
 def canary_ready(md: ModelDeployment, inferenceservice: Mapping[str, Any] | None) -> bool:
     """Whether KServe reports the deployment's canary ready (a Deployment with an available replica)."""
     if md.spec.canary is None or not inferenceservice:
@@ -105,15 +131,15 @@ def desired_httproute(
         for version, weight in weights(md, canary_live)
     ]
     labels = {common.LABEL_MODELDEPLOYMENT: md.metadata.name, common.LABEL_MODEL: md.spec.model}
+    rule: dict[str, Any] = {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "backendRefs": backends}
+    mirror = mirror_filter(md)
+    if mirror is not None:
+        rule["filters"] = [mirror]
     return {
         "apiVersion": API_VERSION,
         "kind": "HTTPRoute",
         "metadata": common.metadata(md, route_name(md), isvc.COMPONENT, labels),
-        "spec": {
-            "parentRefs": [parent],
-            "hostnames": [hostname(md, settings)],
-            "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "backendRefs": backends}],
-        },
+        "spec": {"parentRefs": [parent], "hostnames": [hostname(md, settings)], "rules": [rule]},
     }
 
 

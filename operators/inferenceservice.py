@@ -86,6 +86,11 @@ def isvc_name(md: ModelDeployment) -> str:
     return md.metadata.name
 
 
+def shadow_isvc_name(md: ModelDeployment) -> str:
+    """The InferenceService of the deployment's shadow (operators.shadow)."""
+    return f"{md.metadata.name}-shadow"
+
+
 def canary_predictor_name(version: int) -> str:
     """The name of a Standard-mode canary entry's predictor (KServe names its Deployment and Service after it)."""
     return f"v{version}"
@@ -115,14 +120,16 @@ def version_key(version: int) -> str:
 
 
 def wanted_versions(md: ModelDeployment) -> list[int]:
-    """The versions a ModelDeployment serves: the stable one, then the canary (if any)."""
+    """The versions a ModelDeployment serves: the stable one, then the canary and the shadow (if any)."""
     out = [md.spec.version]
     if md.spec.canary is not None:
         out.append(md.spec.canary.version)
+    if md.spec.shadow is not None:
+        out.append(md.spec.shadow.version)
     return out
 
 
-def _child_labels(md: ModelDeployment) -> dict[str, str]:
+def child_labels(md: ModelDeployment) -> dict[str, str]:
     return {common.LABEL_MODELDEPLOYMENT: md.metadata.name, common.LABEL_MODEL: md.spec.model}
 
 
@@ -137,7 +144,7 @@ def desired_versions_configmap(md: ModelDeployment, versions: Mapping[int, Model
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": common.metadata(md, versions_configmap_name(md), COMPONENT, _child_labels(md)),
+        "metadata": common.metadata(md, versions_configmap_name(md), COMPONENT, child_labels(md)),
         "data": data,
     }
 
@@ -171,7 +178,7 @@ def _env(settings: Settings) -> list[dict[str, Any]]:
     ]
 
 
-def _server(md: ModelDeployment, version: int, endpoint: str, settings: Settings) -> dict[str, Any]:
+def _server(md: ModelDeployment, version: int, endpoint: str, settings: Settings, service: str) -> dict[str, Any]:
     res = md.spec.resources
     launch = model_server(
         f"{VERSIONS_MOUNT}/{version_key(version)}",
@@ -179,7 +186,7 @@ def _server(md: ModelDeployment, version: int, endpoint: str, settings: Settings
         port=settings.server_port,
         endpoint=endpoint,
         inputs=md.spec.inputs,
-        inference_service=isvc_name(md),
+        inference_service=service,
         namespace=md.metadata.namespace,
     )
     return {
@@ -237,18 +244,19 @@ def logger_url(settings: Settings) -> str:
     return f"http://127.0.0.1:{settings.sidecar_port}/"
 
 
-def _predictor(
-    md: ModelDeployment, version: int, mv: ModelVersion, endpoint: str, settings: Settings
+def predictor_spec(
+    md: ModelDeployment, version: int, mv: ModelVersion, endpoint: str, settings: Settings, service: str | None = None
 ) -> dict[str, Any]:
-    """A predictor component (KServe PredictorSpec) running one model version."""
-    server = _server(md, version, endpoint, settings)
+    """A predictor component (KServe PredictorSpec) running one model version, of InferenceService ``service``
+    (default: the deployment's)."""
+    server = _server(md, version, endpoint, settings, service or isvc_name(md))
     server["env"].append({"name": STORAGE_URI_ENV, "value": storage_uri(mv.spec.artifact_uri, settings)})
     containers = [server]
     if md.spec.drift.enabled:
         containers.append(_sidecar(md, version, settings))
     predictor: dict[str, Any] = {
         "labels": {
-            **_child_labels(md),
+            **child_labels(md),
             common.LABEL_VERSION: str(version),
             "app.kubernetes.io/component": COMPONENT,
             "app.kubernetes.io/part-of": common.PART_OF,
@@ -271,7 +279,7 @@ def _predictor(
     return predictor
 
 
-def _autoscaling(md: ModelDeployment) -> dict[str, Any]:
+def autoscaling(md: ModelDeployment) -> dict[str, Any]:
     scaling = md.spec.autoscaling
     return {
         "minReplicas": scaling.min_replicas,
@@ -327,16 +335,16 @@ def desired_inferenceservice(
     canary = spec.canary if with_canary else None
     isvc_spec: dict[str, Any]
     if canary is not None and spec.deployment_mode == "Knative":
-        predictor = _predictor(md, canary.version, versions[canary.version], "default", settings)
-        predictor.update(_autoscaling(md))
+        predictor = predictor_spec(md, canary.version, versions[canary.version], "default", settings)
+        predictor.update(autoscaling(md))
         predictor["canaryTrafficPercent"] = canary.traffic_percent
         isvc_spec = {"predictor": predictor}
     else:
-        predictor = _predictor(md, spec.version, versions[spec.version], "default", settings)
-        predictor.update(_autoscaling(md))
+        predictor = predictor_spec(md, spec.version, versions[spec.version], "default", settings)
+        predictor.update(autoscaling(md))
         isvc_spec = {"predictor": predictor}
         if canary is not None:  # Standard: a named canary deployment beside the stable one
-            candidate = _predictor(md, canary.version, versions[canary.version], "canary", settings)
+            candidate = predictor_spec(md, canary.version, versions[canary.version], "canary", settings)
             candidate["name"] = canary_predictor_name(canary.version)
             isvc_spec["canary"] = [{"trafficPercent": canary.traffic_percent, "predictor": candidate}]
     annotations = _annotations(md)
@@ -345,7 +353,7 @@ def desired_inferenceservice(
     return {
         "apiVersion": ISVC_API_VERSION,
         "kind": "InferenceService",
-        "metadata": common.metadata(md, isvc_name(md), COMPONENT, _child_labels(md), annotations),
+        "metadata": common.metadata(md, isvc_name(md), COMPONENT, child_labels(md), annotations),
         "spec": isvc_spec,
     }
 

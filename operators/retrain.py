@@ -1,12 +1,15 @@
-"""Drift and retraining in the cluster: the retrain policy of kubeloop.analysis on the drift detector's flag, read
-from Prometheus.
+"""Drift and retraining in the cluster: the retrain policy of kubeloop.analysis on the drift detector's flag and the
+stable version's live performance on labels, read from Prometheus.
 
 The ModelDeployment timer (operators.deployment_handlers) calls `tick` before the canary analysis:
 
 - the drift flag of the stable version is mirrored into status.drift (written when the state changes);
-- with spec.retrain.enabled, the drift clock lives in status.retrain, and when `decide_retrain` says so a TrainingJob
-  is created: a copy of spec.retrain.trainingJob on fresh data (the dataset is re-read: digest cleared, and no
-  baseline check, since data that moved away from Production's is the reason to retrain), owned by the deployment;
+- with spec.retrain.enabled, the trigger spec.retrain.on names (drift; performance: the live metric of
+  spec.retrain.performance worse than its threshold on enough labelled rows; both: either) is timed in
+  status.retrain.triggeredSince (a `RetrainTriggered` Event when it starts), and when `decide_retrain` says so a
+  TrainingJob is created: a copy of spec.retrain.trainingJob on fresh data (the dataset is re-read: digest cleared,
+  and no baseline check, since data that moved away from Production's is the reason to retrain), owned by the
+  deployment;
 - once that TrainingJob has ended: a ModelVersion that passed its gate becomes spec.canary with spec.retrain.analysis
   (operators.canary rolls it out from there); a failed run or a version that failed its gate is recorded, and the
   next retraining waits for minInterval as usual.
@@ -24,7 +27,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from kubeloop.analysis import RetrainState, SignalSource, decide_retrain
+from kubeloop.analysis import RetrainState, SignalSource, decide_retrain, underperforming
 from kubeloop.analysis.signals import SignalError
 from kubeloop.api import API_VERSION, ModelDeployment, ModelVersion, TrainingJob
 from kubeloop.api.load import parse_resource
@@ -71,10 +74,11 @@ def tick(
     if source is None:
         return None
     try:
-        drifting = source.version_signals(md.spec.model, md.spec.version, SIGNAL_WINDOW_S, namespace).drift
+        signals = source.version_signals(md.spec.model, md.spec.version, SIGNAL_WINDOW_S, namespace)
     except SignalError as error:
         log.warning("drift of %s/%s unreadable: %s", namespace, name, error)
         return None
+    drifting = signals.drift
 
     patch: dict[str, Any] = {}
     state = "Unknown" if drifting is None else "Drift" if drifting else "NoDrift"
@@ -91,10 +95,14 @@ def tick(
     before = RetrainState(
         common.parse_time(retrain.get("triggeredSince")), common.parse_time(retrain.get("lastStarted"))
     )
-    decision = decide_retrain(policy, before, bool(drifting), now, canary_active=md.spec.canary is not None)
+    performance = underperforming(policy, signals.live) if policy.on != "drift" else None
+    canary_active = md.spec.canary is not None
+    decision = decide_retrain(policy, before, bool(drifting), now, canary_active=canary_active, performance=performance)
     if decision.state.triggered_since != before.triggered_since:
         since = decision.state.triggered_since
         patch["retrain"] = {"triggeredSince": common.iso(since) if since else None}
+        if before.triggered_since is None:
+            emit(body, "Warning", "RetrainTriggered", f"v{md.spec.version}: {decision.reason}")
     if not decision.start:
         if patch:
             write(patch)

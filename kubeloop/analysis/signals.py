@@ -8,7 +8,8 @@ Per model version and analysis window (the increase of each counter over the win
   candidate-vs-stable prediction shift;
 - the drift detector's flag (a gauge, its latest value);
 - ground truth, from the drift sidecar's join of feedback to served rows: the rows labelled in the window with the
-  sums of their loss and squared loss (a Welch test of candidate against stable), and the live metrics now.
+  sums of their loss and squared loss (a Welch test of candidate against stable), and the live metrics now;
+- the estimate without labels (what the model's own probabilities imply), its value and 95% interval now.
 
 Which series carry them is one `Queries` object of PromQL selectors with `$model` and `$version` placeholders, so any
 Prometheus works (point the selectors at the metrics your stack has). `PrometheusSource` asks Prometheus's HTTP
@@ -66,6 +67,7 @@ class VersionSignals:
     loss_sum: float = 0.0
     loss_squared_sum: float = 0.0
     live: dict[str, float] = field(default_factory=dict)  # the live metrics now (kubeloop_live_metric), rows included
+    estimated: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> {value, low, high}
 
     @property
     def error_rate(self) -> float | None:
@@ -90,6 +92,18 @@ class VersionSignals:
         """Each predicted class's share of the rows; None when no class was counted (not multiclass, no rows)."""
         total = sum(self.classes.values())
         return {label: count / total for label, count in self.classes.items()} if total > 0 else None
+
+
+BOUNDS = ("value", "low", "high")  # kubeloop_estimated_metric's `bound` label
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """A version's performance on ground truth now: the live metrics on its last labelled rows (`rows` included)
+    and the estimates without labels (metric -> {value, low, high})."""
+
+    live: dict[str, float] = field(default_factory=dict)
+    estimated: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -176,6 +190,7 @@ class Queries:
     loss: str = 'kubeloop_labelled_loss_total{model="$model",version="$version"}'
     loss_squared: str = 'kubeloop_labelled_loss_squared_total{model="$model",version="$version"}'
     live: str = 'kubeloop_live_metric{model="$model",version="$version"}'
+    estimated: str = 'kubeloop_estimated_metric{model="$model",version="$version"}'  # label bound=value|low|high
     # the mirror's paired answers (the embedded splitter; empty: not available, as behind a Gateway's RequestMirror)
     shadow_pairs: str = 'kubeloop_shadow_pairs_total{version="$version"}'  # label agree="true"|"false"
     shadow_distance: str = 'kubeloop_shadow_distance_total{version="$version"}'
@@ -197,6 +212,7 @@ class Queries:
             loss=f"kubeloop_labelled_loss_total{where}",
             loss_squared=f"kubeloop_labelled_loss_squared_total{where}",
             live=f"kubeloop_live_metric{where}",
+            estimated=f"kubeloop_estimated_metric{where}",
             shadow_pairs="",
             shadow_distance="",
             shadow_rows="",
@@ -212,6 +228,8 @@ class SignalSource(Protocol):
     def version_signals(self, model: str, version: int, window_s: float, namespace: str = "") -> VersionSignals: ...
 
     def paired_signals(self, model: str, version: int, window_s: float, namespace: str = "") -> PairedSignals: ...
+
+    def outcomes(self, model: str, version: int, namespace: str = "") -> Outcomes: ...
 
 
 class SignalError(RuntimeError):
@@ -249,7 +267,7 @@ class PrometheusSource:
 
         requests = increase(q.requests, q.code_label)
         drift = self.query(f"max({q.render(q.drift, model, version, namespace)})")
-        live = self.query(f"max by (metric) ({q.render(q.live, model, version, namespace)})")
+        outcomes = self.outcomes(model, version, namespace)
         return VersionSignals(
             version=version,
             requests=sum(_finite(value) for _, value in requests),
@@ -265,7 +283,21 @@ class PrometheusSource:
             labelled=total(q.labelled),
             loss_sum=total(q.loss),
             loss_squared_sum=total(q.loss_squared),
+            live=outcomes.live,
+            estimated=outcomes.estimated,
+        )
+
+    def outcomes(self, model: str, version: int, namespace: str = "") -> Outcomes:
+        """A version's live metrics and estimates without labels, as they are now (gauges: no window)."""
+        q = self.queries
+        live = self.query(f"max by (metric) ({q.render(q.live, model, version, namespace)})")
+        estimated: dict[str, dict[str, float]] = {}
+        for labels, value in self.query(f"max by (metric, bound) ({q.render(q.estimated, model, version, namespace)})"):
+            if math.isfinite(value):
+                estimated.setdefault(labels.get("metric", ""), {})[labels.get("bound", "value")] = value
+        return Outcomes(
             live={labels.get("metric", ""): value for labels, value in live if math.isfinite(value)},
+            estimated={metric: bounds for metric, bounds in estimated.items() if len(bounds) == len(BOUNDS)},
         )
 
     def paired_signals(self, model: str, version: int, window_s: float, namespace: str = "") -> PairedSignals:

@@ -387,10 +387,12 @@ class RejectedVersion(NamedTuple):
 
 
 def rejected_versions(spec: ModelDeploymentSpec, versions: Mapping[int, ModelVersion]) -> list[RejectedVersion]:
-    """The versions the spec names (stable, then canary) whose ModelVersion in ``versions`` is Rejected."""
+    """The versions the spec names (stable, canary, shadow) whose ModelVersion in ``versions`` is Rejected."""
     named = [("spec.version", spec.version)]
     if spec.canary is not None:
         named.append(("spec.canary.version", spec.canary.version))
+    if spec.shadow is not None:
+        named.append(("spec.shadow.version", spec.shadow.version))
     return [
         RejectedVersion(field, f"{spec.model}:{version}", mv.spec.stage_reason or "no reason recorded")
         for field, version in named

@@ -1,9 +1,10 @@
-"""What the operator's cluster tests share: the operator as a process, kubectl, the run head's environment, Events,
-and what the operator's server-side apply leaves on a child."""
+"""What the operator's cluster tests share: the operator as a process (plain, or analysing on a real Prometheus),
+kubectl, the run head's environment, Events, and what the operator's server-side apply leaves on a child."""
 
 from __future__ import annotations
 
 import base64
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 from kubernetes import client
 
 from kubeloop import in_cluster
+from kubeloop.analysis.prometheus import EmbeddedPrometheus
 from kubeloop.kube import RestKube, kind_of
 from operators import children
 from tests.support.clusterkit import Cluster
@@ -30,6 +32,31 @@ def running_operator(operator_kubeconfig: Path, tmp_path_factory: pytest.TempPat
     process.stop()
     errors = [line for line in process.log_path.read_text(errors="replace").splitlines() if "Traceback" in line]
     print(f"operator log: {process.log_path} ({len(errors)} tracebacks)")
+
+
+def real_prometheus() -> Iterator[EmbeddedPrometheus]:
+    """A Prometheus server (Debian's binary) scraping every second, for one test module."""
+    if shutil.which("prometheus") is None:
+        pytest.fail("these tests need a real Prometheus: apt-get install prometheus (./dev test installs it)")
+    server = EmbeddedPrometheus(scrape_interval="1s", rules=None)
+    server.start()
+    yield server
+    server.stop()
+
+
+def analysing_operator(
+    operator_kubeconfig: Path, prometheus: EmbeddedPrometheus, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """The operator under test reading its signals from ``prometheus``, its watch timer every second."""
+    process = OperatorProcess(
+        operator_kubeconfig,
+        tmp_path_factory.mktemp("loop-operator") / "operator.log",
+        {"KUBELOOP_PROMETHEUS_URL": prometheus.url, "KUBELOOP_ANALYSIS_TICK_SECONDS": "1"},
+    )
+    process.start()
+    process.wait_healthy()
+    yield process
+    process.stop()
 
 
 def kubectl(kubeconfig: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

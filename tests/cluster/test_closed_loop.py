@@ -1,4 +1,5 @@
-"""The closed loop in the cluster: drift -> retraining -> the gate -> canary analysis -> promotion or rollback.
+"""The closed loop in the cluster: drift (or live performance on labels) -> retraining -> the gate -> canary
+analysis -> promotion or rollback.
 
 Real: the kube-apiserver (dev control plane), the operator (``python -m operators`` as the chart's ServiceAccount,
 RBAC enforced, its default queries) and a Prometheus server (Debian's binary, started by
@@ -17,24 +18,22 @@ the run's side).
 from __future__ import annotations
 
 import copy
-import shutil
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from kubernetes import client
-from serving_exporter import Behaviour, ServingExporter, split_of
+from serving_exporter import Behaviour, ServingExporter, scraped, split_of
 
 from kubeloop.analysis.prometheus import EmbeddedPrometheus
 from operators import rayjob as rj
+from tests.cluster import operator_checks
 from tests.support.clusterkit import Cluster, wait_for
 from tests.support.operatorkit import (
     OperatorProcess,
     create,
-    free_port,
     kubeloop_obj,
     modelversion_doc,
     rayjob,
@@ -45,29 +44,8 @@ INTERVAL_S = 3
 ANALYSIS = {"steps": [10, 25, 50, 100], "interval": f"{INTERVAL_S}s", "maxFailedChecks": 2}
 
 
-@pytest.fixture(scope="module")
-def prometheus() -> Iterator[EmbeddedPrometheus]:
-    if shutil.which("prometheus") is None:
-        pytest.fail("these tests need a real Prometheus: apt-get install prometheus (./dev test installs it)")
-    server = EmbeddedPrometheus(scrape_interval="1s", rules=None)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def analysing_operator(
-    operator_kubeconfig: Path, prometheus: EmbeddedPrometheus, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(
-        operator_kubeconfig,
-        tmp_path_factory.mktemp("loop-operator") / "operator.log",
-        {"KUBELOOP_PROMETHEUS_URL": prometheus.url, "KUBELOOP_ANALYSIS_TICK_SECONDS": "1"},
-    )
-    process.start()
-    process.wait_healthy()
-    yield process
-    process.stop()
+prometheus = pytest.fixture(operator_checks.real_prometheus, scope="module", name="prometheus")
+analysing_operator = pytest.fixture(operator_checks.analysing_operator, scope="module", name="analysing_operator")
 
 
 @pytest.fixture
@@ -76,14 +54,7 @@ def exporter(
 ) -> Iterator[ServingExporter]:
     """The serving stack's metrics for deployment ``arrests``; its predictor pods (KServe's, on kwok nodes) mount
     ``kubeloop_home``, so they run and KServe reports a canary ready, which the route waits for."""
-    api = client.CustomObjectsApi(cluster.client())
-    served = ServingExporter("arrests", lambda: split_of(api, namespace, "arrests"))
-    url = served.start(free_port())
-    prometheus.scrape("serving", [url], labels={"namespace": namespace})
-    wait_for(
-        lambda: any(t["health"] == "up" and str(served.port) in t["scrapeUrl"] for t in prometheus.active_targets()),
-        30, "Prometheus scraping the exporter",
-    )  # fmt: skip
+    served = scraped(client.CustomObjectsApi(cluster.client()), prometheus, namespace)
     yield served
     served.stop()
 
@@ -248,3 +219,30 @@ def test_failing_metrics_roll_the_canary_back_within_two_intervals(
     assert "error rate" in v3["spec"]["stageReason"]
     wait_for(lambda: split_of(api, namespace, "arrests") == {1: 100}, 30, "100% back to v1")
     wait_for(lambda: "CanaryRolledBack" in reasons(core, namespace), 30, "the CanaryRolledBack Event")
+
+
+def test_live_performance_below_its_threshold_retrains(
+    analysing_operator: OperatorProcess, exporter: ServingExporter, api: client.CustomObjectsApi,
+    core: client.CoreV1Api, namespace: str,
+) -> None:  # fmt: skip
+    """spec.retrain.on performance: the stable version's live metric on labels (kubeloop_live_metric, read through
+    Prometheus), not its drift, starts the retraining."""
+    v1 = modelversion_doc(1)
+    v1["spec"]["stage"] = "Production"
+    create(api, namespace, v1)
+    create(api, namespace, sample("trainingjob"))
+    exporter.behaviour[1] = Behaviour(drift=True, live={"rows": 80.0, "rocAuc": 0.6})  # drifting: not the trigger
+    performance = {"metric": "rocAuc", "threshold": 0.7, "minLabels": 100}
+    retrain = {"enabled": True, "on": "performance", "performance": performance, "sustainedFor": "2s",
+               "minInterval": "1h", "trainingJob": "arrests-mlp"}  # fmt: skip
+    create(api, namespace, deployment(retrain=retrain))
+
+    wait_for(lambda: (md_of(api, namespace).get("status") or {}).get("drift", {}).get("state") == "Drift",
+             30, "status.drift Drift")  # fmt: skip
+    assert "retrain" not in md_of(api, namespace)["status"]  # 80 labelled rows: too few to trust the metric
+    exporter.behaviour[1].live = {"rows": 400.0, "rocAuc": 0.6}
+    wait_for(lambda: (md_of(api, namespace).get("status") or {}).get("retrain", {}).get("trainingJob"),
+             30, "a retraining TrainingJob")  # fmt: skip
+    (entry,) = [e for e in history(api, namespace) if e["action"] == "retrain"]
+    assert entry["reason"].startswith("live rocAuc 0.600 on 400 labelled rows is worse than 0.7 sustained for")
+    wait_for(lambda: {"RetrainTriggered", "Retraining"} <= reasons(core, namespace), 30, "the retrain Events")

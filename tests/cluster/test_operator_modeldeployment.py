@@ -168,9 +168,9 @@ def test_modeldeployment_is_served_by_kserve_and_its_canary_split_by_a_weighted_
         step(2, percent)
     table = kubectl(kubeconfig, "get", "modeldeployments", "-n", namespace).stdout
     header = table.splitlines()[0].split()
-    assert header == ["NAME", "MODEL", "STABLE", "CANARY", "TRAFFIC", "DRIFT", "READY", "URL"], table
+    assert header == ["NAME", "MODEL", "STABLE", "CANARY", "TRAFFIC", "SHADOW", "DRIFT", "READY", "URL"], table
     row = table.splitlines()[1].split()
-    assert row[:6] == ["arrests", "arrests", "1", "2", "50", "Unknown"], table
+    assert row[:6] == ["arrests", "arrests", "1", "2", "50", "Unknown"], table  # no shadow: an empty column
 
     # promoted: v2 is the stable, the canary goes
     api.patch_namespaced_custom_object(

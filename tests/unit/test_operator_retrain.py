@@ -1,7 +1,8 @@
-"""operators.retrain.tick: drift mirrored, retraining started, handed to a canary or recorded as failed.
+"""operators.retrain.tick: drift mirrored, retraining started (on drift, on live performance, or either), handed to a
+canary or recorded as failed.
 
-Against an in-memory API server (merge-patch semantics) and a signal source whose drift flag the test sets; the real
-apiserver and Prometheus run in tests/cluster/test_closed_loop.py.
+Against an in-memory API server (merge-patch semantics) and a signal source whose drift flag and live metrics the
+test sets; the real apiserver and Prometheus run in tests/cluster/test_closed_loop.py.
 """
 
 from __future__ import annotations
@@ -35,14 +36,13 @@ class Cluster(FakeKube):
 
 
 class Drift:
-    def __init__(self, flag: bool | None) -> None:
-        self.flag = flag
+    """The stable version's drift flag and live metrics (kubeloop_live_metric, `rows` included)."""
 
-    def tick(self) -> None:
-        pass
+    def __init__(self, flag: bool | None, live: dict[str, float] | None = None) -> None:
+        self.flag, self.live = flag, dict(live or {})
 
     def version_signals(self, model, version, window_s, namespace=""):
-        return VersionSignals(version, drift=self.flag)
+        return VersionSignals(version, drift=self.flag, live=dict(self.live))
 
 
 def deployment(**retrain_spec: Any) -> dict[str, Any]:
@@ -92,7 +92,8 @@ def test_drift_must_last_sustained_for_then_one_copy_on_fresh_data_is_started() 
     )
     assert status(kube)["retrain"]["trainingJob"] == job["metadata"]["name"]
     assert status(kube)["history"][-1]["action"] == "retrain"
-    assert [e[1] for e in events] == ["DriftDetected", "Retraining"]
+    assert [e[1] for e in events] == ["DriftDetected", "RetrainTriggered", "Retraining"]
+    assert events[1][2] == "v1: drift for 0s of the 60s required"
     for seconds in (62, 120, 4000):  # while it trains, nothing new starts
         assert tick(kube, source, seconds) is None
     assert len(kube.created) == 1
@@ -196,3 +197,51 @@ def test_a_version_that_failed_its_gate_is_not_rolled_out() -> None:
     assert "canary" not in kube.find("ModelDeployment", "arrests", "ns")["spec"]
     assert "v2 from TrainingJob" in status(kube)["history"][-1]["reason"]
     assert "rocAuc 0.61 < 0.65" in status(kube)["history"][-1]["reason"]
+
+
+# --- spec.retrain.on: performance, both -----------------------------------------------------------------------------
+
+PERFORMANCE = {"metric": "rocAuc", "threshold": 0.7, "minLabels": 100}
+POOR = {"rows": 500.0, "rocAuc": 0.61, "accuracy": 0.7}
+
+
+def test_live_performance_below_the_threshold_for_sustained_for_retrains_and_says_why() -> None:
+    kube, events = Cluster(deployment(on="performance", performance=PERFORMANCE), template()), []
+    source = Drift(False, POOR)
+    assert tick(kube, source, 0, events) is None
+    assert status(kube)["retrain"]["triggeredSince"] == "2026-01-01T00:00:00Z"
+    why = "live rocAuc 0.610 on 500 labelled rows is worse than 0.7"
+    assert ("Warning", "RetrainTriggered", f"v1: {why} for 0s of the 60s required") in events
+    assert tick(kube, source, 61, events) == "retrain"
+    entry = status(kube)["history"][-1]
+    assert entry["action"] == "retrain" and entry["reason"].startswith(f"{why} sustained for 61s (>= 60s): retraining")
+    assert events[-1][1] == "Retraining" and why in events[-1][2]
+
+
+def test_on_performance_ignores_drift_and_too_few_labels() -> None:
+    kube = Cluster(deployment(on="performance", performance=PERFORMANCE), template())
+    source = Drift(True, {"rows": 99.0, "rocAuc": 0.5})  # drifting, and too few labelled rows to trust the metric
+    assert tick(kube, source, 0) is None
+    assert status(kube)["drift"]["state"] == "Drift" and "retrain" not in status(kube)
+    assert tick(kube, source, 100) is None and not kube.created
+    source.live = {"rows": 400.0, "rocAuc": 0.9}  # enough labels, and good enough
+    assert tick(kube, source, 200) is None and not kube.created
+
+
+def test_on_drift_ignores_performance() -> None:
+    kube = Cluster(deployment(performance=PERFORMANCE), template())
+    source = Drift(False, POOR)
+    assert tick(kube, source, 0) is None
+    assert tick(kube, source, 100) is None and not kube.created
+
+
+def test_on_both_either_trigger_keeps_the_clock_running() -> None:
+    kube, events = Cluster(deployment(on="both", performance=PERFORMANCE), template()), []
+    source = Drift(True)
+    tick(kube, source, 0, events)
+    source.flag, source.live = False, dict(POOR)  # drift stops as performance falls: one unbroken trigger
+    assert tick(kube, source, 30, events) is None
+    assert status(kube)["retrain"]["triggeredSince"] == "2026-01-01T00:00:00Z"
+    assert tick(kube, source, 61, events) == "retrain"
+    assert "live rocAuc 0.610" in status(kube)["history"][-1]["reason"]
+    assert [e[1] for e in events].count("RetrainTriggered") == 1
