@@ -19,7 +19,28 @@ from prometheus_client.registry import Collector
 from kubeloop.api.modelversion import Feature, Task
 from kubeloop.histograms import value_buckets
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# fine between 10 and 50 ms, where a p99 ratio between two healthy versions is judged: coarse bounds there made the
+# interpolated ratio of two equal servers swing past 1.5
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.035,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 PREDICTION_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 Z_STEPS = (-3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 OTHER, NULL = "__other__", "__null__"

@@ -100,6 +100,9 @@ class Decision:
 def _judged(check: CheckResult) -> str:
     if check.status == "skip":
         return f"{check.name} skipped"
+    if check.name == "labelledLoss":  # a test, not a bound: the increase can exceed the threshold and still pass
+        verdict = "significantly >" if check.status == "fail" else "not significantly >"
+        return f"labelledLoss {_fmt(check.value)} {verdict} {_fmt(check.threshold)}"
     return f"{check.name} {_fmt(check.value)} {'>' if check.status == 'fail' else '<='} {_fmt(check.threshold)}"
 
 

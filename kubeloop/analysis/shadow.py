@@ -51,10 +51,11 @@ class ShadowDecision:
         }
 
 
-def agreement_check(analysis: ShadowAnalysis, paired: PairedSignals) -> CheckResult:
+def agreement_check(analysis: ShadowAnalysis, paired: PairedSignals, min_pairs: int = MIN_REQUESTS) -> CheckResult:
     agreement = paired.agreement
-    if agreement is None:
-        return CheckResult("agreement", "skip", None, analysis.min_agreement, "no paired answers to compare")
+    if agreement is None or paired.pairs < min_pairs:
+        why = f"only {paired.pairs:.0f} paired answers (need {min_pairs})"
+        return CheckResult("agreement", "skip", agreement, analysis.min_agreement, why)
     status = "fail" if agreement < analysis.min_agreement else "pass"
     why = f"agreed on {paired.agreed:.0f} of {paired.pairs:.0f} paired answers ({agreement:.1%})"
     if status == "fail":
@@ -97,7 +98,7 @@ def decide_shadow(
 ) -> ShadowDecision:
     """Judge the window that just ended: hold, promote the shadow to a canary, or reject it."""
     checks = run_checks(analysis.checks, stable, shadow, min_requests=min_requests, min_predictions=min_predictions)
-    checks.append(agreement_check(analysis, paired))
+    checks.append(agreement_check(analysis, paired, min_requests))
     failed = [c for c in checks if c.status == "fail"]
     v_shadow, v_stable = shadow.version, stable.version
     if failed:

@@ -135,6 +135,10 @@ def test_labelled_check_skips_below_min_labels_and_a_worse_candidate_is_rolled_b
     assert [d.action for d in decisions] == ["hold", "rollback"]
     assert "labelledLoss" not in [c.name for c in decisions[-1].checks if c.status != "fail"]
     assert "mean loss 0.7000 vs stable 0.4000" in decisions[-1].reason
+    assert "labelledLoss 0.3 significantly > 0" in decisions[-1].line()
+    # a passing window's line does not claim the increase was under the margin, only that it was not significant
+    noisy = walk(ANALYSIS, signals(1, losses=(0.0, 1.0) * 30), signals(2, losses=(0.1, 1.1) * 30), 1)
+    assert "labelledLoss 0.1 not significantly > 0" in noisy[0].line()
 
 
 def test_a_retrained_version_is_judged_on_labels_its_prediction_shift_only_recorded() -> None:
