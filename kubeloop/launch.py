@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kubeloop.api.modeldeployment import DriftMonitor, InputPolicy
+from kubeloop.api.modelversion import Task
 
 
 @dataclass(frozen=True)
@@ -73,14 +74,26 @@ def traffic_splitter(
     port: int,
     percent: int,
     stable: tuple[int, str],
-    candidate: tuple[int, str],
+    candidate: tuple[int, str] | None = None,
     candidate_fault_rate: float = 0.0,
+    shadow: tuple[int, str] | None = None,
+    shadow_percent: int = 100,
+    shadow_fault_rate: float = 0.0,
+    task: Task = "binary",
 ) -> Launch:
     """The embedded canary split: percent of requests to the candidate (version, url), the rest to the stable;
-    candidate_fault_rate > 0 makes the splitter fail that share of the candidate's requests (a rollback drill)."""
+    with a shadow (version, url), shadow_percent of the stable's inference requests mirrored to it and its answers
+    paired with the users' by the model's task. A fault rate > 0 makes the splitter fail that share of the
+    candidate's (shadow's) inference requests (a rollback drill)."""
     args = ["--host", host, "--port", str(port), "--percent", str(percent)]
     args += ["--stable", stable[1], "--stable-version", str(stable[0])]
-    args += ["--candidate", candidate[1], "--candidate-version", str(candidate[0])]
+    if candidate is not None:
+        args += ["--candidate", candidate[1], "--candidate-version", str(candidate[0])]
     if candidate_fault_rate:
         args += ["--candidate-fault-rate", str(candidate_fault_rate)]
+    if shadow is not None:
+        args += ["--shadow", shadow[1], "--shadow-version", str(shadow[0]), "--shadow-percent", str(shadow_percent)]
+        args += ["--task", task]
+    if shadow_fault_rate:
+        args += ["--shadow-fault-rate", str(shadow_fault_rate)]
     return Launch("serving.splitter", args, "/v2/health/ready")

@@ -103,7 +103,7 @@ class ProcessGroup:
     def start(
         self, name: str, module: str, args: list[str], health_url: str, timeout: float = STARTUP_TIMEOUT
     ) -> Child:
-        command = [sys.executable, "-m", module, *args]
+        command = self._command(module, args)
         child = Child(name, command, health_url, self._spawn(command), timeout=timeout)
         self.children.append(child)
         self._pump(child)
@@ -115,6 +115,16 @@ class ProcessGroup:
             self._watchers.append(watcher)
             watcher.start()
         return child
+
+    def set_command(self, name: str, module: str, args: list[str]) -> None:
+        """The command line the named child is restarted with from now on (the running process is left alone)."""
+        for child in self.children:
+            if child.name == name:
+                child.command = self._command(module, args)
+
+    @staticmethod
+    def _command(module: str, args: list[str]) -> list[str]:
+        return [sys.executable, "-m", module, *args]
 
     @staticmethod
     def _spawn(command: list[str]) -> subprocess.Popen:

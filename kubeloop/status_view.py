@@ -4,7 +4,9 @@ A `LocalDeployment` records its endpoints in $KUBELOOP_HOME/deployments/<name>.j
 (`record_deployment`; the file goes when it stops, and a file whose process is gone is ignored and removed), with
 its processes' pids and restarts (`record_processes`, again at every restart).
 `status_table` scrapes every endpoint twice, `interval` seconds apart, and prints one row per model version:
-traffic split, requests/s, error rate and p99 latency over that interval, and the drift sidecar's state; then a
+traffic split (a shadow's: the share mirrored to it), requests/s, error rate and p99 latency over that interval, the
+drift sidecar's state, and from its sidecar the rows labelled by feedback and a live metric on the latest of them
+(rocAuc, else accuracy, else rmse); then a line per shadow with its paired answers (the splitter's agreement), and a
 line per process that was restarted, as kubectl's RESTARTS column says it: `2 (14s ago)`.
 """
 
@@ -32,11 +34,12 @@ if TYPE_CHECKING:
 # the server's latency histogram: kubeloop's own request histogram when the server exports one, else kserve's
 # predict-time histogram (labelled by model name only: one version per server process)
 LATENCY_HISTOGRAMS = ("kubeloop_request_duration_seconds", "request_predict_seconds")
+LIVE_METRICS = ("rocAuc", "accuracy", "rmse")  # the one shown, the first the sidecar exports for the version
 
 
 @dataclass
 class DeploymentEndpoints:
-    """Where one running deployment answers: a model server per version, the drift sidecar, the splitter."""
+    """Where one running deployment answers: a model server per version, the drift sidecars, the splitter."""
 
     name: str
     model: str
@@ -45,7 +48,10 @@ class DeploymentEndpoints:
     url: str = ""
     canary: int | None = None
     canary_percent: int = 0
+    shadow: int | None = None
+    shadow_percent: int = 0
     sidecar: str | None = None
+    sidecars: dict[int, str] = field(default_factory=dict)  # per version its drift sidecar, where not `sidecar`
     splitter: str | None = None
     pid: int | None = None  # the process that runs it; its state file is stale once that is gone
     started: float = field(default_factory=time.time)
@@ -59,14 +65,20 @@ class DeploymentEndpoints:
     @classmethod
     def from_json(cls, text: str) -> DeploymentEndpoints:
         data = json.loads(text)
-        data["servers"] = {int(k): v for k, v in data["servers"].items()}
+        for key in ("servers", "sidecars"):
+            data[key] = {int(k): v for k, v in data.get(key, {}).items()}
         return cls(**data)
 
     def versions(self) -> list[tuple[int, str]]:
         out = [(self.stable, "stable")]
         if self.canary is not None:
             out.append((self.canary, "canary"))
+        if self.shadow is not None:
+            out.append((self.shadow, "shadow"))
         return out
+
+    def sidecar_of(self, version: int) -> str | None:
+        return self.sidecars.get(version, self.sidecar)
 
 
 # ---- the state files -------------------------------------------------------------------------------------------
@@ -80,15 +92,22 @@ def record_deployment(deployment: Any, endpoints: Any, processes: Sequence[Child
     """Write the state file of a started LocalDeployment (its ModelDeployment, `Endpoints` and processes);
     returns its path."""
     spec = deployment.spec
+    canary, shadow = spec.canary, spec.shadow
+    own = {canary.version: endpoints.canary_sidecar} if canary is not None else {}
+    if shadow is not None:
+        own[shadow.version] = endpoints.shadow_sidecar
     state = DeploymentEndpoints(
         name=deployment.metadata.name,
         model=spec.model,
         stable=spec.version,
         servers=dict(endpoints.servers),
         url=endpoints.url,
-        canary=spec.canary.version if spec.canary is not None else None,
-        canary_percent=spec.canary.traffic_percent if spec.canary is not None else 0,
+        canary=canary.version if canary is not None else None,
+        canary_percent=canary.traffic_percent if canary is not None else 0,
+        shadow=shadow.version if shadow is not None else None,
+        shadow_percent=shadow.percent if shadow is not None else 0,
         sidecar=endpoints.sidecar,
+        sidecars={version: url for version, url in own.items() if url is not None},
         splitter=endpoints.splitter,
         pid=os.getpid(),
     )
@@ -150,8 +169,8 @@ def running_deployments() -> list[DeploymentEndpoints]:
 def sidecar_for(model: str, version: int) -> str | None:
     """The drift sidecar of a running local deployment that serves this model version, if one does."""
     for state in running_deployments():
-        if state.model == model and state.sidecar and version in state.servers:
-            return state.sidecar
+        if state.model == model and version in state.servers and state.sidecar_of(version):
+            return state.sidecar_of(version)
     return None
 
 
@@ -191,6 +210,9 @@ class VersionRow:
     error_rate: float | None
     p99_ms: float | None
     drift: str
+    labelled: float | None = None  # rows joined to feedback labels, by its sidecar (None: no sidecar)
+    live: tuple[str, float] | None = None  # a live metric on the latest labelled rows
+    agreement: str | None = None  # a shadow's paired answers, as the splitter counted them
     since_start: bool = False  # no requests in the interval: error rate and p99 are over the server's lifetime
     down: str | None = None
 
@@ -226,7 +248,41 @@ def _drift_state(samples: list[Sample] | None, model: str, version: int) -> str:
     return f"{state} ({int(windows['drift'])}/{int(evaluated)} flagged)"
 
 
+def _outcomes(samples: list[Sample] | None, model: str, version: int) -> tuple[float | None, tuple[str, float] | None]:
+    """The rows labelled at the version's sidecar, and its first live metric of LIVE_METRICS."""
+    if samples is None:
+        return None, None
+    labels = {"model": model, "version": str(version)}
+    labelled = promtext.total(samples, "kubeloop_labelled_rows_total", **labels)
+    for metric in LIVE_METRICS:
+        found = promtext.select(samples, "kubeloop_live_metric", metric=metric, **labels)
+        if found:
+            return labelled, (metric, found[0].value)
+    return labelled, None
+
+
+def _agreement(splitter: list[Sample] | None, version: int) -> str | None:
+    if splitter is None:
+        return None
+    pairs = {
+        agree: promtext.total(splitter, "kubeloop_shadow_pairs_total", version=str(version), agree=agree)
+        for agree in ("true", "false")
+    }
+    paired = pairs["true"] + pairs["false"]
+    if paired == 0:
+        return "no paired answers yet"
+    rows = promtext.total(splitter, "kubeloop_shadow_rows_total", version=str(version))
+    distance = promtext.total(splitter, "kubeloop_shadow_distance_total", version=str(version))
+    text = f"agreed on {pairs['true']:.0f} of {paired:.0f} paired answers ({pairs['true'] / paired:.1%})"
+    return text + (f", mean distance {distance / rows:.3f}" if rows else "")
+
+
 def _traffic(state: DeploymentEndpoints, role: str, splitter: list[Sample] | None) -> str:
+    if role == "shadow":
+        percent = float(state.shadow_percent)
+        if splitter is not None and promtext.select(splitter, "kubeloop_splitter_shadow_percent"):
+            percent = promtext.total(splitter, "kubeloop_splitter_shadow_percent")
+        return f"mirror {percent:g}%"
     if state.canary is None:
         return "100%"
     percent = float(state.canary_percent)
@@ -240,20 +296,30 @@ def collect(
     deployments: Sequence[DeploymentEndpoints], interval: float = 1.0, timeout: float = 5.0
 ) -> list[VersionRow]:
     """Scrape every endpoint twice, `interval` seconds apart; one row per (deployment, model version)."""
-    urls = sorted({u for d in deployments for u in (*d.servers.values(), d.sidecar, d.splitter) if u is not None})
+    urls = sorted(
+        {
+            u
+            for d in deployments
+            for u in (*d.servers.values(), d.sidecar, *d.sidecars.values(), d.splitter)
+            if u is not None
+        }
+    )
     first = _scrape_all(urls, timeout)
     time.sleep(interval)
     second = _scrape_all(urls, timeout)
     rows = []
     for state in deployments:
-        sidecar = second[state.sidecar].samples if state.sidecar else None
         splitter = second[state.splitter].samples if state.splitter else None
         for version, role in state.versions():
-            url = state.servers.get(version)
-            drift = _drift_state(sidecar, state.model, version) if state.sidecar else "off"
+            url, sidecar_url = state.servers.get(version), state.sidecar_of(version)
+            sidecar = second[sidecar_url].samples if sidecar_url else None
+            drift = _drift_state(sidecar, state.model, version) if sidecar_url else "off"
             row = VersionRow(
                 state.name, state.model, version, role, _traffic(state, role, splitter), None, None, None, drift
             )
+            row.labelled, row.live = _outcomes(sidecar, state.model, version)
+            if role == "shadow":
+                row.agreement = _agreement(splitter, version)
             before, after = (first.get(url), second.get(url)) if url else (None, None)
             if after is None or after.samples is None or before is None or before.samples is None:
                 row.down = (after.error if after is not None else None) or "no server recorded"
@@ -308,7 +374,9 @@ def restart_lines(deployments: Sequence[DeploymentEndpoints], now: float | None 
 def render(rows: Sequence[VersionRow], interval: float, deployments: Sequence[DeploymentEndpoints] = ()) -> str:
     if not rows:
         return "no running deployments (start one: kubeloop quickstart, or kubeloop run -f modeldeployment.yaml)"
-    table = [("DEPLOYMENT", "MODEL", "VERSION", "ROLE", "TRAFFIC", "REQ/S", "ERRORS", "P99", "DRIFT")]
+    table = [
+        ("DEPLOYMENT", "MODEL", "VERSION", "ROLE", "TRAFFIC", "REQ/S", "ERRORS", "P99", "DRIFT", "LABELLED", "LIVE")
+    ]
     for row in rows:
         mark = "*" if row.since_start else ""
         if row.down:
@@ -319,13 +387,16 @@ def render(rows: Sequence[VersionRow], interval: float, deployments: Sequence[De
                 _fmt(None if row.error_rate is None else row.error_rate * 100, "{:.2f}%", mark),
                 _fmt(row.p99_ms, "{:.1f}ms", mark),
             )
-        table.append((row.deployment, row.model, f"v{row.version}", row.role, row.traffic, *measured, row.drift))
+        outcomes = (_fmt(row.labelled, "{:.0f}"), "-" if row.live is None else f"{row.live[0]}={row.live[1]:.3f}")
+        identity = (row.deployment, row.model, f"v{row.version}", row.role, row.traffic)
+        table.append((*identity, *measured, row.drift, *outcomes))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
     lines.append(f"requests/s, errors (non-2xx) and p99 over the last {interval:g}s")
     if any(row.since_start for row in rows):
         lines.append("*: no requests in that time: since the server started")
     lines += [f"{row.deployment} v{row.version}: {row.down}" for row in rows if row.down]
+    lines += [f"{row.deployment} v{row.version} (shadow): {row.agreement}" for row in rows if row.agreement]
     lines += restart_lines(deployments)
     return "\n".join(lines)
 

@@ -1,18 +1,33 @@
-"""`python -m serving.splitter`: the embedded mode's canary router in front of a stable and a candidate model server.
+"""`python -m serving.splitter`: the embedded mode's canary router in front of a stable and a candidate model server,
+with an optional shadow that gets copies of live requests and never answers a user.
 
 Every request path is forwarded to one of the two servers; the candidate gets `--percent` of the traffic,
 deterministically by request id: the `x-request-id` header when the client sends one (else a new UUID, passed on to
 the server), hashed (blake2b) to a bucket 0..99, candidate when the bucket is below the percentage. So a given id
 always lands on the same version for a given percentage, and raising the percentage only moves ids from stable to
-candidate. Responses carry `x-kubeloop-version` and `x-request-id`.
+candidate. Responses carry `x-kubeloop-version`, `x-request-id` and `ce-id`.
 
-The splitter's own routes: `GET /metrics` (kubeloop_splitter_*), `GET /admin/traffic` and
-`POST /admin/traffic {"percent": K}` to change the split at run time (the canary analysis walks its steps through
-it). It binds 127.0.0.1 by default; the admin route has no authentication, like the rest of the embedded mode.
+Ground truth: each request gets one event id, its `ce-id` (the client's when it sends a usable one, else the request
+id), sent to the server it is routed to (and to the shadow), whose payload logger puts it on the request's events.
+The splitter remembers which version served the newest `--remember` ids, so `POST /v1/models/NAME:feedback`
+(kubeloop/feedback.py) is split by id: each version's server gets the labels of the requests it answered (ids never
+seen go to the stable, whose sidecar counts them unknown), the shadow a copy of those it was mirrored. The answer is
+202 with the summed counts, or the first refusal of an upstream (its 400 names the field, as the client sent it).
 
-For rollback drills, `--candidate-fault-rate R` (`--stable-fault-rate R`) answers a random share R of the POST
-requests routed to that version with HTTP 500 instead of forwarding them, counted under the version like any other
-answer (as a failing pod behind a mesh would be). Off by default.
+Shadow: `--shadow URL --shadow-version V --shadow-percent P --task T` mirrors the POST inference requests the stable
+answers in the top P buckets: after the user's answer is sent, the same request (same ce-id) goes to the shadow in
+the background (at most serving.mirror.MAX_IN_FLIGHT at once; more are dropped and counted). Its answers are counted
+like any version's and paired with the user's (serving/mirror.py). It also runs without a candidate.
+
+The splitter's own routes: `GET /metrics` (kubeloop_splitter_*, kubeloop_shadow_*), `GET /admin/traffic` and
+`POST /admin/traffic` with `{"percent": K}` to change the split at run time (the canary analysis walks its steps
+through it), `{"shadowPercent": P}` to change the mirrored share (0: mirror nothing) and `{"promoteShadow": true}`
+to make the shadow the candidate (at `percent`, 0 unless given; its mirror stops). It binds 127.0.0.1 by default;
+the admin route has no authentication, like the rest of the embedded mode.
+
+For rollback drills, `--candidate-fault-rate R` (`--stable-fault-rate R`, `--shadow-fault-rate R`) answers a random
+share R of the POST inference requests routed (or mirrored) to that version with HTTP 500 instead of forwarding
+them, counted under the version like any other answer (as a failing pod behind a mesh would be). Off by default.
 """
 
 from __future__ import annotations
@@ -24,39 +39,31 @@ import hashlib
 import json
 import logging
 import random
-import ssl
 import sys
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, get_args
 
-import httptools
+import orjson
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, exposition
 
 from kubeloop import log as kubeloop_log
+from kubeloop.api.modelversion import Task
 from kubeloop.asgi import header, lifespan, read_body, respond
 from kubeloop.log import event
 from serving.metrics import LATENCY_BUCKETS
+from serving.mirror import Mirror, ShadowMetrics, check_share
 from serving.net import SignalGuard, bind, run, url_of
+from serving.payload_logger import event_id
+from serving.served_ids import FeedbackPart, ServedIds, split_feedback
+from serving.upstream import HOP_BY_HOP, Backend, Pool, UpstreamError
 
 log = logging.getLogger("kubeloop.serving.splitter")
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-        b"content-length",
-    }
-)
+ROUTING = frozenset({b"x-request-id", b"ce-id"})  # set by the splitter, whatever the client or upstream sent
+REMEMBER = 500_000  # event ids whose version is kept for feedback routing (~100 bytes each)
+JSON = [(b"content-type", b"application/json")]
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 
 
 def bucket(request_id: str) -> int:
@@ -65,141 +72,12 @@ def bucket(request_id: str) -> int:
     return int.from_bytes(digest, "big") % 100
 
 
-@dataclass
-class Backend:
-    version: str
-    url: str
-    fault_rate: float = 0.0  # share of POST requests answered 500 without forwarding (rollback drills)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.fault_rate <= 1.0:
-            raise ValueError(f"fault rate of v{self.version}: expected a share from 0 to 1, got {self.fault_rate:g}")
+def is_inference(path: str) -> bool:
+    return path.endswith(":predict") or path.endswith("/infer")
 
 
-class UpstreamError(Exception):
-    pass
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection to a model server; responses parsed by httptools (uvicorn's parser)."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.closed = False
-        self.got_data = False
-        self.head = False
-        self.future: asyncio.Future | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
-
-    def request(self, data: bytes, head: bool) -> asyncio.Future:
-        self.future = asyncio.get_running_loop().create_future()
-        self.headers, self.body, self.got_data, self.head = [], [], False, head
-        self.transport.write(data)
-        return self.future
-
-    # asyncio
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.got_data = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as error:
-            self._fail(UpstreamError(f"invalid HTTP from upstream: {error}"))
-            self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._fail(ConnectionError("upstream closed the connection"))
-
-    def _fail(self, error: Exception) -> None:
-        if self.future is not None and not self.future.done():
-            self.future.set_exception(error)
-
-    # httptools callbacks
-    def onheader(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        if self.head:  # no body follows the answer to a HEAD: done, and not reused
-            self.closed = True
-            self._done(False)
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        self._done(self.parser.should_keep_alive())
-
-    def _done(self, keep_alive: bool) -> None:
-        if self.future is not None and not self.future.done():
-            self.future.set_result((self.parser.get_status_code(), self.headers, b"".join(self.body), keep_alive))
-
-
-class _Pool:
-    """Idle keep-alive connections to one upstream; a request on a stale one is retried once on a new one."""
-
-    def __init__(self, url: str, timeout: float, keep: int = 64):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{url!r}: expected http://HOST:PORT")
-        self.host, self.tls = parts.hostname, parts.scheme == "https"
-        self.port = parts.port or (443 if self.tls else 80)
-        self.host_header = parts.netloc.encode()
-        self.prefix = (parts.path or "").rstrip("/")
-        self.timeout, self.keep = timeout, keep
-        self.idle: list[_Connection] = []
-
-    async def send(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple:
-        lines = [f"{method} {self.prefix}{target} HTTP/1.1\r\n".encode("latin-1"), b"host: ", self.host_header]
-        for name, value in headers:
-            lines += [b"\r\n", name, b": ", value]
-        lines.append(b"\r\ncontent-length: %d\r\n\r\n" % len(body))
-        lines.append(body)
-        data = b"".join(lines)
-        for attempt in (1, 2):
-            connection, reused = await self._acquire()
-            try:
-                status, answer_headers, answer, keep_alive = await asyncio.wait_for(
-                    connection.request(data, method == "HEAD"), self.timeout
-                )
-            except TimeoutError:
-                connection.transport.abort()
-                raise
-            except (ConnectionError, OSError):
-                connection.transport.close()
-                if reused and not connection.got_data and attempt == 1:
-                    continue  # the upstream had closed this idle connection: once more on a fresh one
-                raise
-            except BaseException:
-                connection.transport.abort()
-                raise
-            if keep_alive and not connection.closed and len(self.idle) < self.keep:
-                self.idle.append(connection)
-            else:
-                connection.transport.close()
-            return status, answer_headers, answer
-        raise AssertionError("unreachable")
-
-    async def _acquire(self) -> tuple[_Connection, bool]:
-        while self.idle:
-            connection = self.idle.pop()
-            if not connection.closed:
-                return connection, True
-        context = ssl.create_default_context() if self.tls else None
-        loop = asyncio.get_running_loop()
-        _, connection = await asyncio.wait_for(
-            loop.create_connection(_Connection, self.host, self.port, ssl=context), self.timeout
-        )
-        return connection, False
-
-    def close(self) -> None:
-        for connection in self.idle:
-            connection.transport.close()
-        self.idle.clear()
+def is_feedback(path: str) -> bool:
+    return path.startswith("/v1/models/") and path.endswith(":feedback")
 
 
 class SplitterMetrics:
@@ -208,7 +86,7 @@ class SplitterMetrics:
         self.registry = registry
         self.requests = Counter(
             "kubeloop_splitter_requests",
-            "Requests routed, by model version and HTTP status.",
+            "Requests routed (and mirrored), by model version and HTTP status.",
             ("version", "code"),
             registry=registry,
         )
@@ -230,6 +108,13 @@ class SplitterMetrics:
             ("role", "version"),
             registry=registry,
         )
+        self.feedback = Counter(
+            "kubeloop_splitter_feedback_requests",
+            "Feedback bodies (or their parts) passed on, by the version that got them and its HTTP status.",
+            ("version", "code"),
+            registry=registry,
+        )
+        self.shadow = ShadowMetrics(registry)
 
 
 class Splitter:
@@ -241,31 +126,53 @@ class Splitter:
         candidate: Backend | None,
         percent: int,
         *,
+        shadow: Backend | None = None,
+        shadow_percent: int = 0,
+        task: Task = "binary",
         timeout: float = 30.0,
         max_body_bytes: int = 16 << 20,
+        remember: int = REMEMBER,
         metrics: SplitterMetrics | None = None,
     ):
         self.stable, self.candidate = stable, candidate
         self.timeout, self.max_body_bytes = timeout, max_body_bytes
         self.metrics = metrics or SplitterMetrics()
+        backends = [b for b in (stable, candidate, shadow) if b is not None]
+        if len({b.version for b in backends}) < len(backends):
+            raise ValueError("the stable, candidate and shadow versions must differ")
+        self.mirror = Mirror(shadow, shadow_percent, task, self.metrics.shadow) if shadow is not None else None
         self.percent = 0
         self.set_percent(percent)
-        self.metrics.versions.labels("stable", stable.version).set(1)
-        if candidate is not None:
-            self.metrics.versions.labels("candidate", candidate.version).set(1)
-        self._pools = {b.version: _Pool(b.url, timeout) for b in (stable, candidate) if b}
-        self._children: dict[tuple[str, int], Any] = {}
-        self._latency = {b.version: self.metrics.latency.labels(b.version) for b in (stable, candidate) if b}
+        for role, backend in (("stable", stable), ("candidate", candidate), ("shadow", shadow)):
+            if backend is not None:
+                self.metrics.versions.labels(role, backend.version).set(1)
+        self.served = ServedIds(remember)
+        self._backends = {b.version: b for b in backends}
+        self._pools = {b.version: Pool(b.url, timeout) for b in backends}
+        self._children: dict[tuple[str, int], Any] = {  # the 200s exported from 0: exact increase() from the start
+            (b.version, 200): self.metrics.requests.labels(b.version, 200) for b in backends
+        }
+        self._latency = {b.version: self.metrics.latency.labels(b.version) for b in backends}
         self._faults = random.Random()
+        self._background: set[asyncio.Task] = set()  # feedback copies to shadows
 
     def set_percent(self, percent: Any) -> int:
-        if type(percent) is not int or not 0 <= percent <= 100:
-            raise ValueError(f"percent: expected an integer from 0 to 100, got {percent!r}")
+        percent = check_share("percent", percent)
         if percent and self.candidate is None:
             raise ValueError("percent: no candidate behind this splitter (start it with --candidate)")
         self.percent = percent
         self.metrics.percent.set(percent)
         return percent
+
+    def promote_shadow(self) -> None:
+        """The shadow becomes the candidate (at 0% until set_percent); nothing is mirrored any more."""
+        if self.mirror is None or self.candidate is not None:
+            raise ValueError("promoteShadow: needs a shadow and no candidate behind this splitter")
+        shadow = self.mirror.backend
+        self.metrics.versions.remove("shadow", shadow.version)
+        self.metrics.versions.labels("candidate", shadow.version).set(1)
+        self.mirror.set_percent(0)
+        self.candidate, self.mirror = shadow, None
 
     def choose(self, request_id: str) -> Backend:
         if self.candidate is not None and self.percent and bucket(request_id) < self.percent:
@@ -276,10 +183,17 @@ class Splitter:
         out = {"percent": self.percent, "stable": _describe(self.stable)}
         if self.candidate is not None:
             out["candidate"] = _describe(self.candidate)
+        if self.mirror is not None:
+            out["shadow"] = _describe(self.mirror.backend) | self.mirror.describe()
         return out
 
-    def _injects_fault(self, backend: Backend, method: str) -> bool:
-        return backend.fault_rate > 0 and method == "POST" and self._faults.random() < backend.fault_rate
+    def _injects_fault(self, backend: Backend, method: str, path: str) -> bool:
+        return (
+            backend.fault_rate > 0
+            and method == "POST"
+            and is_inference(path)
+            and self._faults.random() < backend.fault_rate
+        )
 
     # ---- ASGI
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -293,6 +207,8 @@ class Splitter:
             return await respond(send, 200, encoder(self.metrics.registry), content_type.encode())
         if path == "/admin/traffic":
             return await self._admin(scope, receive, send)
+        if scope["method"] == "POST" and is_feedback(path):
+            return await self._feedback(scope, receive, send)
         await self._forward(scope, receive, send)
 
     def _close_pools(self) -> None:
@@ -305,61 +221,157 @@ class Splitter:
         if scope["method"] != "POST":
             return await _json(send, 405, {"error": "admin/traffic: use GET or POST"})
         body = await read_body(receive, 4096)
+        keys = {"percent", "shadowPercent", "promoteShadow"}
         try:
             request = json.loads(body or b"null")
-            if not isinstance(request, dict) or "percent" not in request:
-                raise ValueError('body: expected {"percent": K}')
-            before = self.percent
-            self.set_percent(request["percent"])
+            if not isinstance(request, dict) or not request or not set(request) <= keys:
+                raise ValueError('body: expected {"percent": K}, {"shadowPercent": P} or {"promoteShadow": true}')
+            before = self.traffic()
+            self._change(request)
         except (ValueError, UnicodeDecodeError) as error:
             return await _json(send, 400, {"error": str(error)})
-        event(log, "traffic.changed", before=before, percent=self.percent)
+        event(log, "traffic.changed", before=before, after=self.traffic())
         await _json(send, 200, self.traffic())
+
+    def _change(self, request: dict) -> None:
+        """Apply an admin change, all of it or (ValueError) none of it."""
+        promote = request.get("promoteShadow")
+        if "promoteShadow" in request and promote is not True:
+            raise ValueError("promoteShadow: expected true")
+        if "shadowPercent" in request and (self.mirror is None or promote):
+            raise ValueError("shadowPercent: no shadow behind this splitter (start it with --shadow)")
+        shadow_percent = check_share("shadowPercent", request["shadowPercent"]) if "shadowPercent" in request else None
+        percent = check_share("percent", request.get("percent", self.percent))
+        if promote:
+            self.promote_shadow()  # or raises, changing nothing
+        self.set_percent(percent)  # raises only without a candidate, before anything changed
+        if shadow_percent is not None and self.mirror is not None:
+            self.mirror.set_percent(shadow_percent)
 
     async def _forward(self, scope: dict, receive: Any, send: Any) -> None:
         started = time.perf_counter()
         request_id = header(scope, b"x-request-id") or str(uuid.uuid4())
+        ce_id = event_id(header(scope, b"ce-id") or request_id)
         backend = self.choose(request_id)
-        headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP and k != b"x-request-id"]
-        headers.append((b"x-request-id", request_id.encode("latin-1")))
-        routing = [(b"x-kubeloop-version", backend.version.encode()), (b"x-request-id", request_id.encode("latin-1"))]
+        method, path = scope["method"], scope["path"]
+        headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP and k not in ROUTING]
+        headers += [(b"x-request-id", request_id.encode("latin-1")), (b"ce-id", ce_id.encode())]
+        routing = [
+            (b"x-kubeloop-version", backend.version.encode()),
+            (b"x-request-id", request_id.encode("latin-1")),
+            (b"ce-id", ce_id.encode()),
+        ]
         body = await read_body(receive, self.max_body_bytes)
         if body is None:
-            return await self._answer(send, backend, started, 413, b'{"error": "body: too large for the splitter"}')
-        if self._injects_fault(backend, scope["method"]):
-            message = f"injected fault: the splitter fails {backend.fault_rate:g} of v{backend.version}'s requests"
-            return await self._answer(send, backend, started, 500, _error(message))
-        target = scope["raw_path"].decode("latin-1")
-        if scope.get("query_string"):
-            target += "?" + scope["query_string"].decode("latin-1")
-        try:
-            status, upstream_headers, answer = await self._pools[backend.version].send(
-                scope["method"], target, headers, body
-            )
-        except TimeoutError:
-            message = f"upstream v{backend.version}: no answer within {self.timeout:g}s"
-            return await self._answer(send, backend, started, 504, _error(message))
-        except (OSError, ConnectionError, UpstreamError) as error:
-            message = f"upstream v{backend.version} ({backend.url}): {error}"
-            return await self._answer(send, backend, started, 502, _error(message))
-        answer_headers = [
-            (k, v) for k, v in upstream_headers if k.lower() not in HOP_BY_HOP and k.lower() != b"x-request-id"
-        ]
-        await self._answer(send, backend, started, status, answer, answer_headers + routing)
+            message = b'{"error": "body: too large for the splitter"}'
+            return await self._answer(send, backend, started, (413, JSON, message), routing)
+        inference = method == "POST" and is_inference(path)
+        mirror = self.mirror if inference and backend is self.stable else None
+        if mirror is not None and not mirror.mirrors(bucket(request_id)):
+            mirror = None
+        if inference:
+            self.served.remember(ce_id, backend.version, mirror.version if mirror is not None else None)
+        target = _target(scope)
+        answer = await self._call(backend, method, target, headers, body)
+        await self._answer(send, backend, started, answer, routing)
+        if mirror is not None:
+            copy = mirror  # the splitter's mirror may change while the copy waits
+            copy.submit(lambda: self._mirrored(copy, method, target, headers, body, answer))
 
-    async def _answer(
-        self, send: Any, backend: Backend, started: float, status: int, body: bytes, headers: list | None = None
+    async def _mirrored(
+        self, mirror: Mirror, method: str, target: str, headers: list, body: bytes, user: Answer
     ) -> None:
-        if headers is None:
-            headers = [(b"content-type", b"application/json"), (b"x-kubeloop-version", backend.version.encode())]
-        headers.append((b"content-length", str(len(body)).encode()))
+        started = time.perf_counter()
+        status, _, answer = await self._call(mirror.backend, method, target, headers, body)
+        self._count(mirror.backend, status, started)
+        mirror.pair(user[0], user[2], status, answer)
+
+    async def _call(self, backend: Backend, method: str, target: str, headers: list, body: bytes) -> Answer:
+        """The upstream's answer, or the splitter's own: 500 for an injected fault, 504 on timeout, 502 when down."""
+        if self._injects_fault(backend, method, target.partition("?")[0]):
+            message = f"injected fault: the splitter fails {backend.fault_rate:g} of v{backend.version}'s requests"
+            return 500, JSON, _error(message)
+        try:
+            status, upstream_headers, answer = await self._pools[backend.version].send(method, target, headers, body)
+        except TimeoutError:
+            return 504, JSON, _error(f"upstream v{backend.version}: no answer within {self.timeout:g}s")
+        except (OSError, ConnectionError, UpstreamError) as error:
+            return 502, JSON, _error(f"upstream v{backend.version} ({backend.url}): {error}")
+        kept = [(k, v) for k, v in upstream_headers if k.lower() not in HOP_BY_HOP and k.lower() not in ROUTING]
+        return status, kept, answer
+
+    async def _answer(self, send: Any, backend: Backend, started: float, answer: Answer, routing: list) -> None:
+        status, headers, body = answer
+        headers = [*headers, *routing, (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+        self._count(backend, status, started)
+
+    def _count(self, backend: Backend, status: int, started: float) -> None:
         child = self._children.get((backend.version, status))
         if child is None:
             child = self._children[(backend.version, status)] = self.metrics.requests.labels(backend.version, status)
         child.inc()
         self._latency[backend.version].observe(time.perf_counter() - started)
+
+    # ---- feedback
+    async def _feedback(self, scope: dict, receive: Any, send: Any) -> None:
+        body = await read_body(receive, self.max_body_bytes)
+        if body is None:
+            return await _json(
+                send, 413, {"error": f"body: over {self.max_body_bytes} bytes: send fewer labels a body"}
+            )
+        target = _target(scope)
+        parts = split_feedback(body, self.served, self.stable.version)
+        if parts is None:  # not entries with ids: the stable's server says what is wrong
+            status, headers, answer = await self._pass_feedback(self.stable, target, body)
+            return await respond(send, status, answer, dict(headers).get(b"content-type", b"application/json"))
+        by_version, by_shadow = parts
+        for version, part in by_shadow.items():
+            if version in self._backends:
+                task = asyncio.get_running_loop().create_task(
+                    self._shadow_feedback(self._backends[version], target, part)
+                )
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        versions = list(by_version)
+        answers = await asyncio.gather(
+            *(self._pass_feedback(self._backends.get(v, self.stable), target, by_version[v].body()) for v in versions)
+        )
+        accepted = labels = 0
+        for version, (status, _, answer) in zip(versions, answers, strict=True):
+            if not 200 <= status < 300:
+                return await _json(send, status, _refusal(answer, by_version[version]))
+            counts = orjson.loads(answer)
+            accepted, labels = accepted + counts.get("accepted", 0), labels + counts.get("labels", 0)
+        await _json(send, 202, {"accepted": accepted, "labels": labels})
+
+    async def _pass_feedback(self, backend: Backend, target: str, body: bytes) -> Answer:
+        answer = await self._call(backend, "POST", target, JSON, body)
+        self.metrics.feedback.labels(backend.version, answer[0]).inc()
+        return answer
+
+    async def _shadow_feedback(self, backend: Backend, target: str, part: FeedbackPart) -> None:
+        status, _, answer = await self._pass_feedback(backend, target, part.body())
+        if not 200 <= status < 300:
+            message = answer.decode(errors="replace")[:300]
+            event(log, "feedback.shadow_refused", level=logging.WARNING, version=backend.version, error=message)
+
+
+def _refusal(answer: bytes, part: FeedbackPart) -> dict:
+    """An upstream's refusal of a feedback part, its field named as in the client's body."""
+    try:
+        message = str(orjson.loads(answer).get("error", ""))
+    except (orjson.JSONDecodeError, AttributeError):
+        message = answer.decode(errors="replace")
+    return {"error": part.in_client_terms(message)}
+
+
+def _target(scope: dict) -> str:
+    target = scope["raw_path"].decode("latin-1")
+    if scope.get("query_string"):
+        target += "?" + scope["query_string"].decode("latin-1")
+    return target
 
 
 def _describe(backend: Backend) -> dict:
@@ -377,6 +389,10 @@ async def _json(send: Any, status: int, payload: Any) -> None:
     await respond(send, status, json.dumps(payload).encode(), b"application/json")
 
 
+def _backend(url: str, version: str, fault_rate: float) -> Backend:
+    return Backend(str(version).removeprefix("v"), url.rstrip("/"), fault_rate)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving.splitter", description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -386,14 +402,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate", metavar="URL", help="the candidate model server")
     p.add_argument("--candidate-version", help="its model version")
     p.add_argument("--percent", type=int, default=0, help="share of traffic for the candidate, 0..100")
+    p.add_argument("--shadow", metavar="URL", help="the shadow model server: gets copies, never answers a user")
+    p.add_argument("--shadow-version", help="its model version")
+    p.add_argument("--shadow-percent", type=int, default=100, help="share of requests mirrored to it (default 100)")
+    p.add_argument("--task", choices=get_args(Task), help="the model's task, to pair answers (with --shadow)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an upstream answer")
-    for role in ("stable", "candidate"):
+    p.add_argument("--remember", type=int, default=REMEMBER, help=f"event ids kept for feedback (default {REMEMBER})")
+    for role in ("stable", "candidate", "shadow"):
         p.add_argument(
             f"--{role}-fault-rate",
             type=float,
             default=0.0,
             metavar="R",
-            help=f"answer this share (0..1) of the POST requests routed to the {role} with HTTP 500 (default 0)",
+            help=f"answer this share (0..1) of the POST inference requests sent to the {role} with HTTP 500",
         )
     p.add_argument("--verbose", action="store_true")
     return p
@@ -407,19 +428,32 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = logging.getLogger("kubeloop").handlers
         logging.getLogger(name).propagate = False
-    if bool(args.candidate) != bool(args.candidate_version):
-        print("error: --candidate and --candidate-version go together", file=sys.stderr)
-        return 2
-    if args.candidate_fault_rate and not args.candidate:
-        print("error: --candidate-fault-rate needs --candidate", file=sys.stderr)
+    for role in ("candidate", "shadow"):
+        if bool(getattr(args, role)) != bool(getattr(args, f"{role}_version")):
+            print(f"error: --{role} and --{role}-version go together", file=sys.stderr)
+            return 2
+        if getattr(args, f"{role}_fault_rate") and not getattr(args, role):
+            print(f"error: --{role}-fault-rate needs --{role}", file=sys.stderr)
+            return 2
+    if args.shadow and not args.task:
+        print("error: --shadow needs --task (binary, multiclass or regression): how to pair answers", file=sys.stderr)
         return 2
     try:
-        stable = Backend(str(args.stable_version).removeprefix("v"), args.stable.rstrip("/"), args.stable_fault_rate)
-        candidate = None
-        if args.candidate:
-            version, url = str(args.candidate_version).removeprefix("v"), args.candidate.rstrip("/")
-            candidate = Backend(version, url, args.candidate_fault_rate)
-        splitter = Splitter(stable, candidate, args.percent, timeout=args.timeout)
+        stable = _backend(args.stable, args.stable_version, args.stable_fault_rate)
+        candidate = (
+            _backend(args.candidate, args.candidate_version, args.candidate_fault_rate) if args.candidate else None
+        )
+        shadow = _backend(args.shadow, args.shadow_version, args.shadow_fault_rate) if args.shadow else None
+        splitter = Splitter(
+            stable,
+            candidate,
+            args.percent,
+            shadow=shadow,
+            shadow_percent=args.shadow_percent if shadow else 0,
+            task=args.task or "binary",
+            timeout=args.timeout,
+            remember=args.remember,
+        )
         sock = bind(args.host, args.port)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -440,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
             shares = f"v{stable.version} {100 - splitter.percent}%"
             if candidate is not None:
                 shares += f", v{candidate.version} {splitter.percent}%"
+            if shadow is not None:
+                shares += f"; v{shadow.version} mirrors {args.shadow_percent}%"
             event(log, "splitter.ready", url=url, percent=splitter.percent)
             print(f"splitting on {url} ({shares})", flush=True)
         await task

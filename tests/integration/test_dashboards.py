@@ -166,7 +166,9 @@ def test_status_prints_the_live_table(running: Running, kubeloop_home: Path, mon
         sender.join(60)
     print(table)
     lines = table.splitlines()
-    assert lines[0].split() == ["DEPLOYMENT", "MODEL", "VERSION", "ROLE", "TRAFFIC", "REQ/S", "ERRORS", "P99", "DRIFT"]
+    assert lines[0].split() == [
+        *("DEPLOYMENT", "MODEL", "VERSION", "ROLE", "TRAFFIC", "REQ/S", "ERRORS", "P99", "DRIFT", "LABELLED", "LIVE")
+    ]
     stable, canary = lines[1].split(), lines[2].split()
     assert stable[:5] == ["arrests", "arrests", f"v{state.stable}", "stable", f"{100 - CANARY_PERCENT}%"]
     assert canary[:5] == ["arrests", "arrests", f"v{state.canary}", "canary", f"{CANARY_PERCENT}%"]

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from kubeloop.api import ModelDeployment
-from kubeloop.api.modeldeployment import Canary
+from kubeloop.api.modeldeployment import Canary, Shadow
 from kubeloop.errors import SpecError
 from kubeloop.local_deployment import Endpoints, LocalDeployment
 from kubeloop.processes import RestartPolicy
@@ -263,5 +263,67 @@ def test_a_canary_added_to_a_running_deployment(tmp_path_factory: pytest.TempPat
         assert answered() == {("1", 200), ("2", 500)}  # 40 requests at 50%: both versions, but for 2**-39
         local.set_canary_percent(0)
         assert answered() == {("1", 200)}
+        (splitter,) = [child for child in local.processes.children if child.name == "splitter"]
+        assert splitter.command[splitter.command.index("--percent") + 1] == "0"  # a restart keeps the split
         with pytest.raises(SpecError, match="add_canary needs a started deployment without a canary"):
             local.add_canary(Canary(version=2))
+
+
+def test_a_shadow_in_the_spec_becomes_the_canary_and_a_restarted_splitter_stays_promoted(
+    tmp_path_factory: pytest.TempPathFactory, kubeloop_home: Path
+) -> None:
+    """spec.shadow: v2's server with a drift sidecar of its own, the splitter mirroring to it (users answered by v1
+    only); promote_shadow makes it the canary at its percentage without a new splitter, and the splitter's command
+    line follows: killed, it comes back promoted."""
+    register_shared(shared_home(tmp_path_factory), versions=(1, 2))
+    spec = {"model": "arrests", "version": 1, "drift": {"window": 50}, "shadow": {"version": 2, "percent": 100}}
+    deployment = ModelDeployment.model_validate({"metadata": {"name": "shadow"}, "spec": spec})
+    body = {"instances": rows(arrests_frame(), 1)}
+
+    def versions(url: str, n: int = 20) -> set[str]:
+        with httpx.Client(timeout=30) as client:
+            answers = [client.post(f"{url}/v1/models/arrests:predict", json=body) for _ in range(n)]
+        assert {answer.status_code for answer in answers} == {200}
+        return {answer.headers["x-kubeloop-version"] for answer in answers}
+
+    with LocalDeployment(deployment, Registry(), restart=BACKOFF) as local:
+        endpoints = local.start()
+        names = sorted(child.name for child in local.processes.children)
+        assert names == ["drift-sidecar", "drift-sidecar-shadow", "server-v1", "server-v2", "splitter"]
+        assert endpoints.url == endpoints.splitter and endpoints.shadow_sidecar not in (None, endpoints.sidecar)
+        assert local.state_file is not None
+        state = DeploymentEndpoints.from_json(local.state_file.read_text())
+        assert (state.shadow, state.shadow_percent, state.sidecars) == (2, 100, {2: endpoints.shadow_sidecar})
+        assert versions(endpoints.url) == {"1"}
+
+        def mirrored() -> float:
+            text = httpx.get(f"{endpoints.splitter}/metrics").text
+            return scrape(text, "kubeloop_splitter_requests_total", version="2", code="200")
+
+        wait_for(lambda: mirrored() == 20, 30, "the 20 copies answered by the shadow")
+
+        promoted = local.promote_shadow(Canary(version=2, traffic_percent=100))
+        assert (promoted.url, promoted.canary_sidecar, promoted.shadow_sidecar) == (
+            endpoints.url,
+            endpoints.shadow_sidecar,
+            None,
+        )
+        assert versions(promoted.url) == {"2"}
+        traffic = httpx.get(f"{promoted.splitter}/admin/traffic").json()
+        assert (traffic["percent"], traffic["candidate"]["version"], "shadow" in traffic) == (100, "2", False)
+        state = DeploymentEndpoints.from_json(local.state_file.read_text())
+        assert (state.canary, state.canary_percent, state.shadow, state.sidecars) == (
+            2,
+            100,
+            None,
+            {2: endpoints.shadow_sidecar},
+        )
+        with pytest.raises(SpecError, match="add_shadow needs a started deployment without a canary or a shadow"):
+            local.add_shadow(Shadow(version=2))
+
+        (splitter,) = [child for child in local.processes.children if child.name == "splitter"]
+        assert "--shadow" not in splitter.command and "--candidate-version" in splitter.command
+        os.kill(splitter.process.pid, signal.SIGKILL)
+        wait_for(lambda: splitter.restarts == 1, 30, "the splitter restarted")
+        wait_for(lambda: answers(f"{promoted.splitter}/v2/health/ready"), 60, "the restarted splitter")
+        assert versions(promoted.url) == {"2"}

@@ -1,8 +1,10 @@
-"""The local traffic splitter over real HTTP, in front of two real model servers (v1 stable, v2 candidate)."""
+"""The local traffic splitter over real HTTP, in front of two real model servers (v1 stable, v2 candidate); and
+feedback through it reaching the drift sidecar of the version that served each request."""
 
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -11,12 +13,18 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kubeloop.api import ModelDeployment
+from kubeloop.api.modeldeployment import Canary
+from kubeloop.local_deployment import LocalDeployment
+from kubeloop.registry import Registry
+from tests.support.clusterkit import wait_for
 from tests.support.serving_fixtures import (
     Process,
     arrests_frame,
     http_many,
     launch_server,
     record_path,
+    register_shared,
     rows,
     scrape,
     shared_home,
@@ -185,3 +193,84 @@ def test_a_fault_rate_outside_0_to_1_is_refused():
         timeout=60,
     )
     assert refused.returncode == 2 and "expected a share from 0 to 1, got 1.5" in refused.stderr
+
+
+def test_feedback_through_the_splitter_joins_at_the_sidecar_of_the_version_that_served(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """v1 and a canary v2 at 50%, each with a drift sidecar of its own: every request gets one ce-id (the client's,
+    else its request id), and labels posted to the splitter in mixed, shuffled batches join at the right sidecar,
+    none unknown; a label of the wrong type is refused naming the entry as the client sent it."""
+    register_shared(shared_home(tmp_path_factory), versions=(1, 2))
+    deployment = ModelDeployment.model_validate(
+        {"metadata": {"name": "feedback-split"}, "spec": {"model": "arrests", "version": 1, "drift": {"window": 50}}}
+    )
+    frame = arrests_frame().sample(160, random_state=7)
+    labels = frame.pop("released").tolist()
+    with LocalDeployment(deployment, Registry(), restart=None) as local:
+        local.start()
+        endpoints = local.add_canary(Canary(version=2, traffic_percent=50))
+        sidecars = {"1": endpoints.sidecar, "2": endpoints.canary_sidecar}
+        served: dict[str, tuple[str, str]] = {}  # ce-id -> (version, label)
+        with httpx.Client(timeout=30) as client:
+            for i, row in enumerate(frame.to_dict("records")):
+                headers = {"ce-id": f"client-{i}"} if i % 2 else {"x-request-id": f"request-{i}"}
+                answer = client.post(
+                    f"{endpoints.url}/v1/models/arrests:predict", json={"instances": [row]}, headers=headers
+                )
+                assert answer.status_code == 200, answer.text
+                assert answer.headers["ce-id"] == (f"client-{i}" if i % 2 else f"request-{i}")
+                served[answer.headers["ce-id"]] = (answer.headers["x-kubeloop-version"], labels[i])
+            counts = Counter(version for version, _ in served.values())
+            assert set(counts) == {"1", "2"}
+
+            def status(version: str) -> dict:
+                return client.get(f"{sidecars[version]}/status").json()
+
+            for version in ("1", "2"):
+                wait_for(
+                    lambda v=version: status(v)["versions"][v]["events"]["response"] == counts[v],
+                    60,
+                    f"v{version}'s {counts[version]} responses at its sidecar",
+                )
+            ids = list(served)
+            random.Random(3).shuffle(ids)
+            for start_at in range(0, len(ids), 50):
+                batch = [{"id": rid, "label": served[rid][1]} for rid in ids[start_at : start_at + 50]]
+                answer = client.post(f"{endpoints.url}/v1/models/arrests:feedback", json={"feedback": batch})
+                assert answer.status_code == 202, answer.text
+                assert answer.json() == {"accepted": len(batch), "labels": len(batch)}
+            for version in ("1", "2"):
+                wait_for(
+                    lambda v=version: status(v)["feedback"].get("joined", 0) == counts[v],
+                    60,
+                    f"v{version}'s labels joined",
+                )
+                found = status(version)
+                assert found["feedback"] == {"joined": counts[version]}, found["feedback"]
+                assert found["versions"][version]["outcomes"]["labelledTotal"] == counts[version]
+
+            one, two = ([rid for rid in ids if served[rid][0] == v] for v in ("1", "2"))
+            wrong = {
+                "feedback": [
+                    {"id": one[0], "label": "Yes"},
+                    {"id": two[0], "label": "No"},
+                    {"id": one[1], "labels": [0.5]},
+                ]
+            }
+            refused = client.post(f"{endpoints.url}/v1/models/arrests:feedback", json=wrong)
+            assert refused.status_code == 400 and refused.json()["error"].startswith("feedback[2].labels[0]: 0.5")
+            not_feedback = client.post(f"{endpoints.url}/v1/models/arrests:feedback", json={"labels": []})
+            assert not_feedback.status_code == 400 and "feedback" in not_feedback.json()["error"]
+            unknown = client.post(
+                f"{endpoints.url}/v1/models/arrests:feedback",
+                json={"feedback": [{"id": "never-served", "label": "No"}]},
+            )
+            assert unknown.status_code == 202
+            wait_for(
+                lambda: status("1")["feedback"].get("unknown", 0) == 1,
+                30,
+                "the unknown id counted at the stable's sidecar",
+            )
+        metrics = httpx.get(f"{endpoints.splitter}/metrics").text
+        assert scrape(metrics, "kubeloop_splitter_feedback_requests_total", version="1", code="202") >= 4

@@ -1,36 +1,20 @@
-"""The report's parts without training or model servers: Prometheus text and histogram buckets, the status table
-against small real HTTP endpoints, the deployments' state files, the plots, and a report whose snapshot and
-artifact are elsewhere.
+"""The report's parts without training or model servers: Prometheus text and histogram buckets, the plots, and a
+report whose snapshot and artifact are elsewhere (the status table and the state files: test_status_view.py).
 """
 
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 import threading
-from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
 
 from kubeloop.report import promtext
-from kubeloop.status_view import (
-    DeploymentEndpoints,
-    collect,
-    record_deployment,
-    render,
-    running_deployments,
-    sidecar_for,
-    status_table,
-)
 from tests.support.html_structure import structure_of
-from tests.support.metrics_endpoint import MetricsEndpoint
 
 REPO = Path(__file__).resolve().parents[2]
 SECTIONS = ("summary", "data", "training", "evaluation", "slices", "gate", "comparison", "history", "rollout", "drift")
@@ -72,125 +56,6 @@ def test_histogram_buckets_are_summed_over_labels_and_subtracted() -> None:
         (float("inf"), 6.0),
     ]
     assert promtext.subtract(after, [(0.01, 1.0), (float("inf"), 2.0)]) == [(0.01, 3.0), (float("inf"), 8.0)]
-
-
-# ---- kubeloop status -----------------------------------------------------------------------------------------------
-
-
-def _server(version: int, per_scrape: int, failing: int) -> Callable[[int], str]:
-    """A model server: `per_scrape` more requests (of which `failing` answered 500) at every scrape, all fast."""
-
-    def text(n: int) -> str:
-        ok, failed = n * (per_scrape - failing), n * failing
-        labels = f'model="arrests",version="{version}"'
-        return (
-            "# TYPE kubeloop_requests_total counter\n"
-            f'kubeloop_requests_total{{{labels},protocol="v1",code="200"}} {ok}\n'
-            f'kubeloop_requests_total{{{labels},protocol="v1",code="500"}} {failed}\n'
-            "# TYPE request_predict_seconds histogram\n"
-            f'request_predict_seconds_bucket{{model_name="arrests",le="0.005"}} {n * per_scrape * 0.5}\n'
-            f'request_predict_seconds_bucket{{model_name="arrests",le="0.01"}} {n * per_scrape}\n'
-            f'request_predict_seconds_bucket{{model_name="arrests",le="+Inf"}} {n * per_scrape}\n'
-            f'request_predict_seconds_count{{model_name="arrests"}} {n * per_scrape}\n'
-        )
-
-    return text
-
-
-def _sidecar(_: int) -> str:
-    return (
-        "# TYPE kubeloop_drift_detected gauge\n"
-        'kubeloop_drift_detected{model="arrests",version="1"} 0\n'
-        'kubeloop_drift_detected{model="arrests",version="2"} 1\n'
-        "# TYPE kubeloop_drift_windows_total counter\n"
-        'kubeloop_drift_windows_total{model="arrests",version="1",result="drift"} 1\n'
-        'kubeloop_drift_windows_total{model="arrests",version="1",result="no_drift"} 7\n'
-        'kubeloop_drift_windows_total{model="arrests",version="2",result="drift"} 3\n'
-        'kubeloop_drift_windows_total{model="arrests",version="2",result="no_drift"} 1\n'
-    )
-
-
-@pytest.fixture
-def live() -> Iterator[dict[str, MetricsEndpoint]]:
-    endpoints = {
-        "v1": MetricsEndpoint(_server(1, per_scrape=50, failing=5)),
-        "v2": MetricsEndpoint(_server(2, per_scrape=20, failing=0)),
-        "sidecar": MetricsEndpoint(_sidecar),
-        "splitter": MetricsEndpoint(
-            lambda _: "# TYPE kubeloop_splitter_candidate_percent gauge\nkubeloop_splitter_candidate_percent 25\n"
-        ),
-    }
-    yield endpoints
-    for endpoint in endpoints.values():
-        endpoint.close()
-
-
-def test_status_table_reads_rates_errors_p99_traffic_and_drift(live: dict[str, MetricsEndpoint]) -> None:
-    state = DeploymentEndpoints(
-        name="arrests",
-        model="arrests",
-        stable=1,
-        canary=2,
-        canary_percent=10,  # declared at start; the splitter's gauge (25) is what it does now
-        servers={1: live["v1"].url, 2: live["v2"].url},
-        sidecar=live["sidecar"].url,
-        splitter=live["splitter"].url,
-    )
-    stable, canary = collect([state], interval=0.2)
-    assert (stable.version, stable.role, stable.traffic) == (1, "stable", "75%")
-    assert (canary.version, canary.role, canary.traffic) == (2, "canary", "25%")
-    assert stable.error_rate == pytest.approx(0.1) and canary.error_rate == 0
-    assert 0 < stable.requests_per_s <= 50 / 0.2 and 0 < canary.requests_per_s <= 20 / 0.2
-    assert stable.p99_ms == pytest.approx(5 + 5 * (0.99 - 0.5) / 0.5)  # ms: inside the (5, 10] ms bucket
-    assert stable.drift == "NoDrift (1/8 flagged)" and canary.drift == "Drift (3/4 flagged)"
-    text = render([stable, canary], 0.2)
-    header, first, second = text.splitlines()[:3]
-    assert header.split() == ["DEPLOYMENT", "MODEL", "VERSION", "ROLE", "TRAFFIC", "REQ/S", "ERRORS", "P99", "DRIFT"]
-    assert first.split()[:5] == ["arrests", "arrests", "v1", "stable", "75%"] and "10.00%" in first
-    assert "Drift (3/4 flagged)" in second and "9.9ms" in first
-
-
-def test_status_table_marks_a_server_that_is_down(live: dict[str, MetricsEndpoint]) -> None:
-    url = live["v1"].url
-    live["v1"].close()
-    state = DeploymentEndpoints(name="solo", model="arrests", stable=1, servers={1: url})
-    (row,) = collect([state], interval=0.05, timeout=1)
-    assert row.down and row.drift == "off"
-    assert "down" in render([row], 0.05).splitlines()[1]
-    with MetricsEndpoint(lambda _: "not a sample line at all {\n") as garbage:
-        state = DeploymentEndpoints(name="odd", model="arrests", stable=1, servers={1: garbage.url})
-        (row,) = collect([state], interval=0.05, timeout=1)
-    assert row.down and row.down.startswith(f"GET {garbage.url}/metrics: not the Prometheus text format: ")
-
-
-def test_deployment_state_files(kubeloop_home: Path) -> None:
-    assert status_table([]).startswith("no running deployments")
-    deployment = SimpleNamespace(
-        metadata=SimpleNamespace(name="arrests"),
-        spec=SimpleNamespace(model="arrests", version=1, canary=SimpleNamespace(version=2, traffic_percent=10)),
-    )
-    endpoints = SimpleNamespace(
-        url="http://127.0.0.1:1",
-        servers={1: "http://127.0.0.1:2", 2: "http://127.0.0.1:3"},
-        sidecar="http://127.0.0.1:4",
-        splitter=None,
-    )
-    path = record_deployment(deployment, endpoints)
-    assert path == kubeloop_home / "deployments" / "arrests.json"
-    (state,) = running_deployments()
-    assert (state.name, state.stable, state.canary, state.canary_percent, state.pid) == (
-        "arrests",
-        1,
-        2,
-        10,
-        os.getpid(),
-    )
-    assert state.servers == {1: "http://127.0.0.1:2", 2: "http://127.0.0.1:3"}
-    assert sidecar_for("arrests", 2) == "http://127.0.0.1:4" and sidecar_for("arrests", 3) is None
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = state.to_json().replace(f'"pid": {os.getpid()}', f'"pid": {int(dead.stdout)}')
-    path.write_text(stale)
-    assert running_deployments() == [] and not path.exists()  # its process is gone: ignored and removed
 
 
 # ---- plots and the report ------------------------------------------------------------------------------------------
