@@ -134,9 +134,12 @@ def parser() -> argparse.ArgumentParser:
     quick.add_argument("--workers", type=int, default=2)
     quick.add_argument("--loop", action="store_true", help="close the loop: drift -> retrain -> gate -> canary")
     quick.add_argument(
-        "--break", dest="break_candidate", choices=["errors", "garbage"], help="with --loop: a broken candidate"
+        "--break",
+        dest="break_candidate",
+        choices=["errors", "garbage", "worse"],
+        help="with --loop: a broken candidate (errors, garbage) or one worse on labels but not broken (worse)",
     )
-    quick.add_argument("--interval", default="5s", help="with --loop: the canary analysis interval")
+    quick.add_argument("--interval", default="10s", help="with --loop: the canary analysis interval")
     quick.set_defaults(handler=_quickstart)
 
     manifests = commands.add_parser("manifests", help="generate or check the CRDs made from kubeloop/api")

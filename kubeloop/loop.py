@@ -1,9 +1,12 @@
 """`kubeloop quickstart --loop`: the closed loop on this machine, no cluster.
 
-serve v1 (KServe model server + drift sidecar) -> shifted traffic -> the detector flags drift -> the retrain policy
-fires once drift is sustained -> a TrainingJob on the shifted data -> the evaluation gate -> v2 as a canary behind
-the traffic splitter -> the analysis engine walks the steps (10 -> 25 -> 50 -> 100) on Prometheus signals ->
-v2 Production; or, with a broken candidate (`break_candidate="errors"|"garbage"`), rolled back within
+serve v1 (KServe model server + drift sidecar) -> shifted traffic, with its labels sent back for half the requests
+(ground-truth feedback) -> the detector flags drift (or the live ROC AUC falls) -> the retrain policy fires once
+that is sustained -> a TrainingJob on the shifted data -> the evaluation gate -> v2 as a canary behind the traffic
+splitter -> the analysis engine walks the steps (10 -> 25 -> 50 -> 100) on Prometheus signals with the API's
+default checks for a retrained version (errors, p99 latency ratio, drift, and the labelled loss against the
+stable's: a Welch test; the prediction shift recorded) -> v2 Production; or, with a broken candidate
+(`break_candidate="errors"|"garbage"`) or one worse on labels but not broken (`"worse"`), rolled back within
 maxFailedChecks intervals and marked Rejected (never deleted). Every decision is printed with its reason.
 
 The processes are a `LocalDeployment` (what `kubeloop run -f modeldeployment.yaml` starts), the canary added to it
@@ -19,6 +22,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,10 +40,11 @@ from kubeloop.analysis import (
     decide,
     decide_retrain,
     duration_seconds,
+    underperforming,
 )
 from kubeloop.analysis.prometheus import Scraped
 from kubeloop.api import ModelDeployment, TrainingJob
-from kubeloop.api.modeldeployment import Canary, CanaryAnalysis, CanaryChecks, Retrain
+from kubeloop.api.modeldeployment import Canary, CanaryAnalysis, PerformanceTrigger, Retrain, RetrainAnalysis
 from kubeloop.api.modelversion import ModelVersion
 from kubeloop.data.snapshot import load_snapshot, read_frame
 from kubeloop.errors import KubeloopError
@@ -50,8 +55,13 @@ from kubeloop.registry import Registry
 from kubeloop.traffic import TrafficPump, shifted
 
 log = logging.getLogger(__name__)
-Broken = Literal["errors", "garbage"]
+Broken = Literal["errors", "garbage", "worse"]
 FAULT_RATE = 0.5  # the `errors` candidate: the splitter answers this share of its requests with HTTP 500
+LABEL_SHARE = 0.5  # share of the requests whose labels the traffic sends back
+# the canary analysis interval: at 10% the candidate then gets ~150 requests (its p99 is not one slow request) and
+# ~800 labelled rows (the labelled check needs 50) an interval, measured on a 2-core machine at ~160 requests/s
+INTERVAL = "10s"
+RETRAIN_AUC_DROP = 0.05  # retrain also when the stable's live ROC AUC falls this far below its evaluated one
 
 
 @dataclass
@@ -67,31 +77,70 @@ class LoopResult:
     seconds_to_rollback: float | None = None  # candidate serving -> rolled back
     intervals_to_rollback: int | None = None
     backend: str = ""
+    feedback_sent: int = 0  # requests whose labels the traffic sent back (accepted by the feedback endpoint)
+    feedback_failed: int = 0
+    live: dict[int, dict[str, float]] = field(default_factory=dict)  # per version, at the last decision
 
 
 # ---- the broken candidate -----------------------------------------------------------------------------------------
 
 
 def garbage_record(record: ModelVersion, directory: Path, seed: int = 0) -> Path:
-    """The `garbage` broken candidate: a copy of the version's artifact with its weights scrambled and its output
-    layer zeroed with a bias of -8 (every prediction ~0.0003, whatever the input), and a ModelVersion record
-    pointing at it; the registry's copy is left intact."""
+    """The `garbage` broken candidate: the version's weights scrambled and its output layer zeroed with a bias of -8
+    (every prediction ~0.0003, whatever the input)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def scramble(state: dict, weight: str, bias: str) -> None:
+        for key, value in state.items():
+            if value.is_floating_point():
+                state[key] = torch.randn(value.shape, generator=generator) * 4
+        state[weight], state[bias] = torch.zeros_like(state[weight]), torch.full_like(state[bias], -8.0)
+
+    return _rewritten_record(record, directory, scramble)
+
+
+def worse_record(record: ModelVersion, directory: Path, rows: pd.DataFrame) -> Path:
+    """The `worse` candidate, worse on labels but not broken: the version's output logit mirrored around its median
+    on `rows` (the last layer's w' = -w, b' = 2m - b), so it answers as fast, without errors, with predictions
+    spread much as before, but ranked backwards (ROC AUC -> 1 - AUC). Binary models only."""
+    import torch
+
+    from kubeloop.artifact import ModelArtifact
+
+    if record.spec.signature.task != "binary":
+        raise KubeloopError(f"{record.metadata.name}: the worse candidate mirrors a binary model's logit")
+    artifact = ModelArtifact.load(record.spec.artifact_uri)
+    transform = artifact.transform
+    features = torch.from_numpy(transform.transform_columns(transform.frame_columns(rows)))
+    with torch.inference_mode():
+        median = float(artifact.model(features).median())
+
+    def mirror(state: dict, weight: str, bias: str) -> None:
+        state[weight], state[bias] = -state[weight], 2 * median - state[bias]
+
+    return _rewritten_record(record, directory, mirror)
+
+
+def _rewritten_record(record: ModelVersion, directory: Path, rewrite: Callable[[dict, str, str], None]) -> Path:
+    """A copy of the version's artifact with its weights rewritten in place (`rewrite(state, output weight, output
+    bias)`, the names of the last layer's parameters), and a ModelVersion record pointing at it; the registry's copy
+    is left intact."""
     import torch
 
     from kubeloop.artifact import WEIGHTS, local_path
 
     artifact = directory / "artifact"
     shutil.copytree(local_path(record.spec.artifact_uri), artifact)
-    generator = torch.Generator().manual_seed(seed)
     state = torch.load(artifact / WEIGHTS, weights_only=True)
-    state = {k: torch.randn(v.shape, generator=generator) * 4 if v.is_floating_point() else v for k, v in state.items()}
     weight, bias = [k for k in state if k.endswith(".weight")][-1], [k for k in state if k.endswith(".bias")][-1]
-    state[weight], state[bias] = torch.zeros_like(state[weight]), torch.full_like(state[bias], -8.0)  # p ~ 0.0003
+    rewrite(state, weight, bias)
     torch.save(state, artifact / WEIGHTS)
-    broken = record.model_copy(deep=True)
-    broken.spec.artifact_uri = str(artifact)
+    changed = record.model_copy(deep=True)
+    changed.spec.artifact_uri = str(artifact)
     path = directory / "modelversion.yaml"
-    path.write_text(yaml.safe_dump(broken.to_manifest(), sort_keys=False))
+    path.write_text(yaml.safe_dump(changed.to_manifest(), sort_keys=False))
     return path
 
 
@@ -103,13 +152,9 @@ def _say(text: str) -> None:
 
 
 def loop_analysis(interval: str, steps: list[int] | None = None, max_failed_checks: int = 2) -> CanaryAnalysis:
-    """The loop's canary analysis: the API defaults, with thresholds that tolerate a loaded laptop's latency noise."""
-    return CanaryAnalysis(
-        steps=steps or [10, 25, 50, 100],
-        interval=interval,
-        max_failed_checks=max_failed_checks,
-        checks=CanaryChecks(max_error_rate=0.05, max_p99_latency_ratio=4.0, max_prediction_shift=0.5),
-    )
+    """The loop's canary analysis: the API's defaults for a retrained version (judged on labelled performance, its
+    prediction shift recorded)."""
+    return RetrainAnalysis(steps=steps or [10, 25, 50, 100], interval=interval, max_failed_checks=max_failed_checks)
 
 
 @dataclass
@@ -151,6 +196,7 @@ class Loop:
 
     def stop(self) -> None:
         self.pump.stop()
+        self.result.feedback_sent, self.result.feedback_failed = self.pump.feedback_sent, self.pump.feedback_failed
         self.local.stop()
         self.scraped.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -169,10 +215,27 @@ def prepare(registry: Registry, job: TrainingJob, stable: ModelVersion, analysis
         }
     )
     data = read_frame(load_snapshot(stable.spec.lineage.dataset_digest))
-    pump = TrafficPump(model, data[[f.name for f in stable.spec.signature.inputs]])
+    inputs = [f.name for f in stable.spec.signature.inputs]
+    pump = TrafficPump(model, data[inputs], data[job.spec.dataset.label], label_share=LABEL_SHARE)
     scraped = Scraped()
     result.backend = scraped.backend
     return Loop(registry, job, data, analysis, result, LocalDeployment(deployment, registry), pump, scraped)
+
+
+def retrain_policy(job: TrainingJob, stable: ModelVersion, sustained_for: str) -> Retrain:
+    """Retrain on sustained drift or on the stable's live ROC AUC (on the labels the traffic sends back) falling
+    RETRAIN_AUC_DROP below the one it was evaluated with, whichever comes first."""
+    evaluated = stable.spec.metrics.overall.roc_auc
+    if evaluated is None:
+        raise KubeloopError(f"{stable.metadata.name} has no evaluated ROC AUC: the loop's model must be binary")
+    return Retrain(
+        enabled=True,
+        on="both",
+        performance=PerformanceTrigger(metric="rocAuc", threshold=round(evaluated - RETRAIN_AUC_DROP, 3)),
+        sustained_for=sustained_for,
+        min_interval="10m",
+        training_job=job.metadata.name,
+    )
 
 
 # ---- the phases -------------------------------------------------------------------------------------------------
@@ -219,14 +282,16 @@ def watch_for_drift(loop: Loop, policy: Retrain, max_wait: float) -> bool:
     loop.pump.shift()
     state, deadline = RetrainState(), time.monotonic() + max_wait
     while True:
-        drifting = bool(loop.signals(v1, 30).drift)
+        signals = loop.signals(v1, 30)
+        drifting = bool(signals.drift)
         if drifting and result.seconds_drift_to_detected is None and loop.pump.first_shifted:
             result.seconds_drift_to_detected = time.monotonic() - loop.pump.first_shifted
             _say(f"[loop] drift detected on v{v1} {result.seconds_drift_to_detected:.1f}s after the shift")
-        retrain = decide_retrain(policy, state, drifting, datetime.now(UTC))
+        performance = underperforming(policy, signals.live)
+        retrain = decide_retrain(policy, state, drifting, datetime.now(UTC), performance=performance)
         state = retrain.state
         if retrain.start:
-            loop.record("retrain", retrain.reason, stable=v1)
+            loop.record("retrain", retrain.reason, stable=v1, live=signals.live)
             return True
         if time.monotonic() > deadline:
             loop.record("retrainFailed", f"no sustained drift within {max_wait:.0f}s", stable=v1)
@@ -238,7 +303,9 @@ def retrain(loop: Loop) -> ModelVersion | None:
     """A copy of the TrainingJob on fresh shifted data; the candidate when it passed the gate, else None."""
     from kubeloop.training.job import run_training_job
 
-    fresh = shifted(loop.data, seed=2)
+    # a seed of its own per stable version: the stable's data may be shifted data already, and the same seed would
+    # pick the same rows to flip again (unemployment would not rise, so the candidate's own detector would flag it)
+    fresh = shifted(loop.data, seed=2 * loop.result.stable)
     data_path = loop.workdir / "arrests-shifted.csv"
     fresh.to_csv(data_path, index=False)
     job = loop.job.model_copy(deep=True)
@@ -265,6 +332,10 @@ def start_canary(loop: Loop, candidate: ModelVersion, broken: Broken | None) -> 
     if broken == "garbage":
         record = garbage_record(candidate, loop.workdir / "broken")
         _say(f"[loop] BROKEN CANDIDATE: v{v2} is served with scrambled weights (garbage predictions)")
+    if broken == "worse":
+        rows = read_frame(load_snapshot(candidate.spec.lineage.dataset_digest))
+        record = worse_record(candidate, loop.workdir / "worse", rows)
+        _say(f"[loop] WORSE CANDIDATE: v{v2} is served with its output logit mirrored around its median (AUC -> 1-AUC)")
     if broken == "errors":
         fault_rate = FAULT_RATE
         _say(f"[loop] BROKEN CANDIDATE: the splitter answers {fault_rate:.0%} of v{v2}'s requests with HTTP 500")
@@ -297,7 +368,9 @@ def promote_or_rollback(loop: Loop, canary_started: float) -> None:
     state = AnalysisState()
     while True:
         time.sleep(interval_s)
-        decision = decide(analysis, state, loop.signals(v1, interval_s), loop.signals(v2, interval_s))
+        stable, candidate = loop.signals(v1, interval_s), loop.signals(v2, interval_s)
+        result.live = {v1: stable.live, v2: candidate.live}
+        decision = decide(analysis, state, stable, candidate)
         state = decision.state
         result.decisions.append(decision)
         loop.keep(decision.record())
@@ -324,7 +397,7 @@ def run_loop(
     epochs: int = 2,
     workers: int = 2,
     *,
-    interval: str = "5s",
+    interval: str = INTERVAL,
     steps: list[int] | None = None,
     break_candidate: Broken | None = None,
     sustained_for: str = "3s",
@@ -340,12 +413,12 @@ def run_loop(
     job = sample("trainingjob.yaml")
     assert isinstance(job, TrainingJob)
     job.spec.hyperparameters.epochs, job.spec.workers.replicas = epochs, workers
-    policy = Retrain(enabled=True, sustained_for=sustained_for, min_interval="10m", training_job=job.metadata.name)
     # one Ray for both trainings: starting a second one next to the serving processes is slow on a small machine
     ray_started = ray_runner.connect(workers)
     loop: Loop | None = None
     try:
         stable = train_stable(job, registry, reuse_production)
+        policy = retrain_policy(job, stable, sustained_for)
         loop = prepare(registry, job, stable, loop_analysis(interval, steps), drift_window)
         deploy_stable(loop)
         if watch_for_drift(loop, policy, max_drift_wait):
@@ -369,8 +442,20 @@ def report(result: LoopResult) -> str:
         lines.append(f"drift        detected {result.seconds_drift_to_detected:.1f}s after the first drifted request")
     if result.candidate is not None:
         lines.append(f"candidate    v{result.candidate} (retrained on the shifted data)")
+    if result.feedback_sent or result.feedback_failed:
+        lines.append(
+            f"labels       sent back for {result.feedback_sent} requests ({result.feedback_failed} failed), "
+            f"{LABEL_SHARE:.0%} of those answered"
+        )
     for decision in result.decisions:
         lines.append(f"  {decision.line()}")
+        lines.extend(f"      labelledLoss {c.status}: {c.reason}" for c in decision.checks if c.name == "labelledLoss")
+    for version, live in result.live.items():
+        if "rocAuc" in live:
+            lines.append(
+                f"live         v{version}: ROC AUC {live['rocAuc']:.3f}, accuracy {live.get('accuracy', 0):.3f} on its "
+                f"last {live.get('rows', 0):.0f} labelled rows"
+            )
     lines.append(f"outcome      {result.outcome}")
     if result.history_path is not None:
         lines.append(f"history      {result.history_path} ({len(result.history)} decisions)")
@@ -387,7 +472,9 @@ def report(result: LoopResult) -> str:
     return "\n".join(lines)
 
 
-def main_loop(epochs: int = 2, workers: int = 2, interval: str = "5s", break_candidate: Broken | None = None) -> int:
+def main_loop(
+    epochs: int = 2, workers: int = 2, interval: str = INTERVAL, break_candidate: Broken | None = None
+) -> int:
     """The CLI entry: run the loop, print the report; 0 when the outcome is the expected one."""
     result = run_loop(epochs, workers, interval=interval, break_candidate=break_candidate)
     print(report(result), flush=True)

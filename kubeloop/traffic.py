@@ -1,8 +1,10 @@
 """Traffic for the embedded mode: rows of a dataset sent to a model server's v1 endpoint (`send`: a batch, measured;
-`TrafficPump`: in the background, for the closed loop), and a realistic shift."""
+`TrafficPump`: in the background, for the closed loop, with ground-truth feedback for part of it), and a realistic
+shift."""
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -12,6 +14,10 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 import pandas as pd
+
+from kubeloop.log import event
+
+log = logging.getLogger(__name__)
 
 
 def shifted(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
@@ -71,16 +77,38 @@ def send(url: str, model: str, rows: pd.DataFrame, batch: int = 10, concurrency:
 
 class TrafficPump:
     """Background traffic: batches of rows POSTed to `url` by a few threads once started; the rows switch from the
-    training distribution to the shifted one on `shift()`, which records the time of the first drifted request."""
+    training distribution to the shifted one on `shift()`, which records the time of the first drifted request.
 
-    def __init__(self, model: str, data: pd.DataFrame, batch: int = 10, threads: int = 3) -> None:
+    Ground truth comes back for a `label_share` of the requests answered: their rows' true labels (the label
+    column's raw values, decoded by the server as training decodes them) under the id the server answered with
+    (`ce-id`), posted to the feedback endpoint in batches every `feedback_every` seconds."""
+
+    def __init__(
+        self,
+        model: str,
+        data: pd.DataFrame,
+        labels: pd.Series,
+        label_share: float = 0.5,
+        batch: int = 10,
+        threads: int = 3,
+        feedback_every: float = 0.5,
+    ) -> None:
+        if len(labels) != len(data) or not 0 <= label_share <= 1:
+            raise ValueError(
+                f"labels: {len(labels)} for {len(data)} rows with label_share {label_share}: one label per row, "
+                "and a share between 0 and 1"
+            )
         self.url, self.model, self.data, self.batch = "", model, data, batch
+        self.labels, self.label_share, self.feedback_every = labels, label_share, feedback_every
         self.shifted_data: pd.DataFrame | None = None
         self.first_shifted: float | None = None
         self.sent = self.failed = 0
+        self.feedback_sent = self.feedback_failed = 0  # feedback entries (one per labelled request)
+        self._feedback: list[dict] = []  # entries waiting for the next batch
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)]
+        self._threads.append(threading.Thread(target=self._send_feedback, daemon=True))
 
     def start(self, url: str) -> None:
         self.url = url
@@ -95,18 +123,45 @@ class TrafficPump:
         with httpx.Client(timeout=30) as client:
             while not self._stop.is_set():
                 frame = self.shifted_data if self.shifted_data is not None else self.data
-                body = payload(frame.iloc[rng.sample(range(len(frame)), self.batch)])  # iid rows: the file is ordered
+                rows = rng.sample(range(len(frame)), self.batch)  # iid rows: the file is ordered
+                labelled = rng.random() < self.label_share
                 if frame is self.shifted_data and self.first_shifted is None:
                     with self._lock:
                         self.first_shifted = self.first_shifted or time.monotonic()
+                request_id = None
                 try:
-                    code = client.post(f"{self.url}/v1/models/{self.model}:predict", json=body).status_code
+                    response = client.post(f"{self.url}/v1/models/{self.model}:predict", json=payload(frame.iloc[rows]))
+                    code, request_id = response.status_code, response.headers.get("ce-id")
                 except httpx.HTTPError:
                     code = 0
                 with self._lock:
                     self.sent += 1
                     self.failed += code != 200
+                    if labelled and code == 200 and request_id:
+                        self._feedback.append({"id": request_id, "labels": self.labels.iloc[rows].tolist()})
                 time.sleep(0.01)
+
+    def _send_feedback(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.wait(self.feedback_every):
+                with self._lock:
+                    entries, self._feedback = self._feedback, []
+                if not entries:
+                    continue
+                try:
+                    response = client.post(f"{self.url}/v1/models/{self.model}:feedback", json={"feedback": entries})
+                    code, detail = response.status_code, response.text[:200]
+                except httpx.HTTPError as error:
+                    code, detail = 0, str(error)
+                with self._lock:
+                    if code == 202:
+                        self.feedback_sent += len(entries)
+                    else:
+                        self.feedback_failed += len(entries)
+                if code != 202:
+                    event(
+                        log, "traffic.feedback_failed", logging.WARNING, entries=len(entries), code=code, detail=detail
+                    )
 
     def stop(self) -> None:
         self._stop.set()

@@ -174,10 +174,22 @@ class OutcomeMetrics:
         labelled = CounterMetricFamily(
             "kubeloop_labelled_rows", "Served rows joined to their labels", labels=["model", "version"]
         )
+        loss = CounterMetricFamily(
+            "kubeloop_labelled_loss",
+            "Sum of the labelled rows' loss: log loss (binary, multiclass; probabilities clipped to [1e-7, 1-1e-7]), "
+            "squared error (regression)",
+            labels=["model", "version"],
+        )
+        loss_squared = CounterMetricFamily(
+            "kubeloop_labelled_loss_squared",
+            "Sum of the squares of the labelled rows' loss (with the sum and the rows: its variance over an interval)",
+            labels=["model", "version"],
+        )
         live = GaugeMetricFamily(
             "kubeloop_live_metric",
-            "Each version's performance on its last labelled rows: rocAuc, accuracy, calibrationError, positiveRate "
-            "(binary); accuracy, rocAuc, calibrationError, labelShare.CLASS (multiclass); mae, rmse, labelMean",
+            "Each version's performance on its last labelled rows (rows: how many): rocAuc, accuracy, "
+            "calibrationError, positiveRate (binary); accuracy, rocAuc, calibrationError, labelShare.CLASS "
+            "(multiclass); mae, rmse, labelMean (regression)",
             labels=["model", "version", "metric"],
         )
         estimated = GaugeMetricFamily(
@@ -187,11 +199,14 @@ class OutcomeMetrics:
             labels=["model", "version", "metric", "bound"],
         )
         for labels, version in self.versions:
-            labelled.add_metric(list(labels), self.join.version(version).labelled_total)
+            rows, loss_sum, loss_squared_sum = self.join.totals(version)
+            labelled.add_metric(list(labels), rows)
+            loss.add_metric(list(labels), loss_sum)
+            loss_squared.add_metric(list(labels), loss_squared_sum)
             for name, value in self.join.live(version).items():
-                if name != "rows" and value is not None:
+                if value is not None:
                     live.add_metric([*labels, name], value)
             for name, found in self.join.estimate(version).items():
                 for bound in ("value", "low", "high"):
                     estimated.add_metric([*labels, name, bound], getattr(found, bound))
-        yield from (results, labelled, live, estimated)
+        yield from (results, labelled, loss, loss_squared, live, estimated)

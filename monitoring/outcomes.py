@@ -3,7 +3,10 @@
 A served prediction waits, by its request id (the id KServe's logger gives the request and response events), for
 its labels, which may come hours later, in batches and out of order. The join keeps a bounded number of waiting
 requests (the oldest is dropped and counted as expired); a label for an id it never saw, or saw labelled already,
-is counted, not an error. Each version's live metrics are computed on its last ``window`` labelled rows.
+is counted, not an error. Each version's live metrics are computed on its last ``window`` labelled rows; each
+labelled row's loss (log loss for classifiers, squared error for regression) is summed per version as it joins,
+with its square, so the canary analysis can compare two versions' mean loss over any interval (a Welch test on
+the counters' increase).
 
 Where labels never arrive, the model's own probabilities say what performance to expect if they are calibrated
 (confidence-based performance estimation): labels drawn from the predicted probabilities, the metric computed on
@@ -31,6 +34,7 @@ DEFAULT_CAPACITY = 100_000  # requests waiting for labels, per sidecar
 DEFAULT_WINDOW = 500  # labelled rows per version the live metrics are computed on
 ESTIMATE_DRAWS = 200
 CALIBRATION_BINS = 10
+PROBABILITY_CLIP = 1e-7  # log loss of a probability of 0 or 1 is clipped to a finite value, as sklearn's was
 
 
 @dataclass
@@ -49,6 +53,8 @@ class VersionOutcomes:
     labels: deque[float] = field(init=False)
     served: deque[Prediction] = field(init=False)
     labelled_total: int = 0
+    loss_sum: float = 0.0  # over every labelled row, not only the window: counters for the canary analysis
+    loss_squared_sum: float = 0.0
 
     def __post_init__(self) -> None:
         self.predictions = deque(maxlen=self.window)
@@ -106,9 +112,18 @@ class OutcomeJoin:
                 outcomes.predictions.extend(served[1])
                 outcomes.labels.extend(labels)
                 outcomes.labelled_total += len(labels)
+                loss = row_loss(self.task, served[1], labels)
+                outcomes.loss_sum += float(loss.sum())
+                outcomes.loss_squared_sum += float(np.square(loss).sum())
                 result = "joined"
             self.results[result] += 1
             return result
+
+    def totals(self, version: int) -> tuple[int, float, float]:
+        """The version's labelled rows, and the sums of their loss and squared loss, read together."""
+        with self._lock:
+            outcomes = self.version(version)
+            return outcomes.labelled_total, outcomes.loss_sum, outcomes.loss_squared_sum
 
     def live(self, version: int) -> dict[str, float | None]:
         """The version's metrics on its last ``window`` labelled rows (None where a metric is undefined yet)."""
@@ -139,6 +154,21 @@ class OutcomeJoin:
             "live": self.live(version),
             "estimated": {name: vars(e) for name, e in self.estimate(version).items()},
         }
+
+
+def row_loss(task: Task, predictions: Sequence[Prediction], labels: Sequence[float]) -> np.ndarray:
+    """Each labelled row's loss: binary log loss of the score, multiclass -log of the true class's probability
+    (probabilities clipped to [PROBABILITY_CLIP, 1 - PROBABILITY_CLIP]), regression the squared error."""
+    truth = np.asarray(labels, dtype=np.float64)
+    if task == "regression":
+        return np.square(np.asarray(predictions, dtype=np.float64) - truth)
+    if task == "multiclass":
+        probabilities = np.asarray(predictions, dtype=np.float64)
+        p = probabilities[np.arange(len(truth)), truth.astype(np.int64)]
+    else:
+        scores = np.asarray(predictions, dtype=np.float64)
+        p = np.where(truth == 1, scores, 1 - scores)
+    return -np.log(np.clip(p, PROBABILITY_CLIP, 1 - PROBABILITY_CLIP))
 
 
 def performance(

@@ -1,7 +1,8 @@
 """Ground truth end to end on real processes: an arrests model served by the model server with its drift sidecar
 (a LocalDeployment), requests answered with the id their events carry, labels posted to the server's feedback
 endpoint hours-later style (in batches, out of order, some twice, some for ids never served, some never), and the
-sidecar's live metrics equal to a direct computation on the same joined rows, in /status and in /metrics."""
+sidecar's live metrics and summed loss equal to a direct computation on the same joined rows, in /status and in
+/metrics; and the closed loop's traffic pump labelling its share of the requests by the ids the server answered."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from kubeloop.api import ModelDeployment
 from kubeloop.local_deployment import Endpoints, LocalDeployment
 from kubeloop.registry import Registry
 from kubeloop.report.model_card import render
+from kubeloop.traffic import TrafficPump
 from tests.support.serving_fixtures import arrests_frame, home_with_shared_models, scrape
 
 pytestmark = pytest.mark.integration
@@ -117,6 +119,16 @@ def test_labels_posted_later_are_joined_and_the_live_metrics_match_a_direct_comp
         outcomes["live"]["rocAuc"]
     )
     assert scrape(text, "kubeloop_feedback_labels_total", model="arrests", result="joined") == len(labelled)
+    assert scrape(text, "kubeloop_live_metric", model="arrests", version="1", metric="rows") == WINDOW
+    # every labelled row's log loss summed (the canary analysis's Welch test reads these counters' increase)
+    every = np.clip([answered[rid][0] for rid in labelled], 1e-7, 1 - 1e-7)
+    every_truth = np.array([answered[rid][1] == "Yes" for rid in labelled], dtype=float)
+    per_row = -(every_truth * np.log(every) + (1 - every_truth) * np.log(1 - every))
+    version = {"model": "arrests", "version": "1"}
+    assert scrape(text, "kubeloop_labelled_rows_total", **version) == len(labelled)
+    loss_total = scrape(text, "kubeloop_labelled_loss_total", **version)
+    assert loss_total == pytest.approx(skm.log_loss(every_truth, every) * len(labelled))
+    assert scrape(text, "kubeloop_labelled_loss_squared_total", **version) == pytest.approx(np.sum(per_row**2))
     # the estimate without labels, refreshed with each drift window (REQUESTS = 4 windows): an interval
     estimated = outcomes["estimated"]["accuracy"]
     assert 0 <= estimated["low"] <= estimated["value"] <= estimated["high"] <= 1
@@ -137,3 +149,28 @@ def test_a_body_that_is_no_feedback_is_refused_saying_what_was_expected(served: 
     assert not_json.status_code == 400 and "body: not JSON" in not_json.json()["error"]
     empty = httpx.post(f"{server}/v1/models/arrests:feedback", json={"labels": [1]}, timeout=10)
     assert empty.status_code == 400 and empty.json()["error"].startswith("feedback: expected")
+
+
+def test_the_traffic_pump_labels_its_share_of_requests_by_the_id_the_server_answered(served: Served) -> None:
+    before = _sidecar_status(served)
+    joined_before = before["feedback"].get("joined", 0)
+    responses_before = before["versions"]["1"]["events"]["response"]
+    frame = arrests_frame()
+    pump = TrafficPump("arrests", frame.drop(columns="released"), frame["released"], label_share=0.5)
+    pump.start(served.endpoints.servers[1])
+    time.sleep(4)
+    pump.stop()
+    assert pump.sent > 20 and pump.failed == 0
+    assert pump.feedback_failed == 0 and 0.3 * pump.sent < pump.feedback_sent < 0.7 * pump.sent
+
+    def joined() -> bool:
+        return _sidecar_status(served)["feedback"].get("joined", 0) - joined_before == pump.feedback_sent
+
+    _wait_for(joined, 30, "the pump's feedback joined")
+    status = _sidecar_status(served)
+    assert status["versions"]["1"]["events"]["response"] - responses_before == pump.sent
+    assert status["feedback"].get("unknown", 0) == before["feedback"].get("unknown", 0)  # every id was one served
+    assert (
+        status["versions"]["1"]["outcomes"]["labelledTotal"] - before["versions"]["1"]["outcomes"]["labelledTotal"]
+        == pump.feedback_sent * pump.batch
+    )

@@ -1,6 +1,7 @@
 """Ground truth joined to served predictions (monitoring/outcomes.py): label decoding per task, the join under
 late, partial, out-of-order, duplicated and unknown feedback, the live metrics against a direct computation on
-the same joined rows, and the estimate without labels against the labels it stands in for."""
+the same joined rows, each version's summed loss against sklearn on the same rows, and the estimate without labels
+against the labels it stands in for."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from monitoring.outcomes import OutcomeJoin, estimate_without_labels
+from monitoring.outcomes import PROBABILITY_CLIP, OutcomeJoin, estimate_without_labels
 
 
 def _served(join: OutcomeJoin, rng: np.random.Generator, requests: int) -> dict[str, tuple[list[float], list[float]]]:
@@ -70,6 +71,58 @@ def test_multiclass_and_regression_live_metrics() -> None:
     reg.served("r", 1, [1.0, 2.0])
     reg.label("r", [2.0, 2.0])
     assert reg.live(1) == {"rows": 2, "mae": 0.5, "rmse": pytest.approx(np.sqrt(0.5)), "labelMean": 2.0}
+
+
+def _task_rows(task: str, rng: np.random.Generator, n: int) -> tuple[list, list[float]]:
+    """n served predictions of the task and their labels (as the feedback decoding gives them)."""
+    if task == "binary":
+        scores = rng.uniform(0.02, 0.98, n)
+        return scores.tolist(), (rng.random(n) < scores).astype(float).tolist()
+    if task == "multiclass":
+        probabilities = rng.dirichlet([2.0, 2.0, 2.0], n)
+        return probabilities.tolist(), [float(rng.choice(3, p=p)) for p in probabilities]
+    values = rng.normal(0, 1, n)
+    return values.tolist(), (values + rng.normal(0.3, 0.5, n)).tolist()
+
+
+def _sklearn_loss(task: str, predictions: list, labels: list[float]) -> float:
+    if task == "regression":
+        return skm.mean_squared_error(labels, predictions)
+    if task == "multiclass":
+        return skm.log_loss(labels, predictions, labels=[0.0, 1.0, 2.0])
+    return skm.log_loss(labels, predictions, labels=[0.0, 1.0])
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass", "regression"])
+def test_the_summed_loss_of_the_joined_rows_equals_sklearn_on_the_same_rows(task: str) -> None:
+    rng = np.random.default_rng(11)
+    join = OutcomeJoin(task, ["a", "b", "c"] if task == "multiclass" else [], window=50)  # loss counts every row
+    requests = [_task_rows(task, rng, int(rng.integers(1, 4))) for _ in range(300)]
+    for i, (predictions, _) in enumerate(requests):
+        join.served(f"r{i}", 1, predictions)
+    labelled = [i for i in range(len(requests)) if i % 3]  # a third never labelled: no loss counted for them
+    for i in reversed(labelled):
+        join.label(f"r{i}", requests[i][1])
+    join.label(f"r{labelled[0]}", requests[labelled[0]][1])  # a duplicate counts nothing twice
+    predictions = [p for i in labelled for p in requests[i][0]]
+    labels = [y for i in labelled for y in requests[i][1]]
+    per_row = [_sklearn_loss(task, [p], [y]) for p, y in zip(predictions, labels, strict=True)]
+    rows, loss_sum, loss_squared_sum = join.totals(1)
+    assert rows == len(labels) > 50
+    assert loss_sum == pytest.approx(_sklearn_loss(task, predictions, labels) * rows)
+    assert loss_squared_sum == pytest.approx(np.sum(np.square(per_row)))
+    assert join.totals(2) == (0, 0.0, 0.0)
+
+
+def test_a_confident_wrong_probability_costs_the_clipped_log_loss() -> None:
+    join = OutcomeJoin("binary")
+    join.served("sure", 1, [1.0, 0.0])
+    join.label("sure", [0.0, 1.0])
+    multiclass = OutcomeJoin("multiclass", ["a", "b"])
+    multiclass.served("sure", 1, [[1.0, 0.0]])
+    multiclass.label("sure", [1.0])
+    assert join.totals(1)[1] == pytest.approx(-2 * np.log(PROBABILITY_CLIP))
+    assert multiclass.totals(1)[1] == pytest.approx(-np.log(PROBABILITY_CLIP))
 
 
 def test_the_estimate_without_labels_brackets_the_performance_of_calibrated_scores_and_not_of_a_broken_model() -> None:
