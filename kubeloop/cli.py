@@ -29,10 +29,14 @@ def _quickstart(args: argparse.Namespace) -> int:
         from kubeloop.loop import main_loop
 
         return main_loop(
-            epochs=args.epochs, workers=args.workers, interval=args.interval, break_candidate=args.break_candidate
+            epochs=args.epochs,
+            workers=args.workers,
+            interval=args.interval,
+            break_candidate=args.break_candidate,
+            shadow=args.shadow,
         )
-    if args.break_candidate:
-        raise SpecError("--break needs --loop")
+    if args.break_candidate or args.shadow:
+        raise SpecError("--break and --shadow need --loop")
     from kubeloop.quickstart import quickstart
 
     return quickstart(epochs=args.epochs, workers=args.workers)
@@ -138,6 +142,11 @@ def parser() -> argparse.ArgumentParser:
         dest="break_candidate",
         choices=["errors", "garbage", "worse"],
         help="with --loop: a broken candidate (errors, garbage) or one worse on labels but not broken (worse)",
+    )
+    quick.add_argument(
+        "--shadow",
+        action="store_true",
+        help="with --loop: the candidate is a shadow (mirrored traffic) first",
     )
     quick.add_argument("--interval", default="10s", help="with --loop: the canary analysis interval")
     quick.set_defaults(handler=_quickstart)

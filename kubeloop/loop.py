@@ -7,7 +7,9 @@ splitter -> the analysis engine walks the steps (10 -> 25 -> 50 -> 100) on Prome
 default checks for a retrained version (errors, p99 latency ratio, drift, and the labelled loss against the
 stable's: a Welch test; the prediction shift recorded) -> v2 Production; or, with a broken candidate
 (`break_candidate="errors"|"garbage"`) or one worse on labels but not broken (`"worse"`), rolled back within
-maxFailedChecks intervals and marked Rejected (never deleted). Every decision is printed with its reason.
+maxFailedChecks intervals and marked Rejected (never deleted). With `shadow=True` v2 is a shadow first (every request
+mirrored to it, its answers paired with the users' and never returned) and becomes the canary only after
+SHADOW_WINDOWS passing windows, or is Rejected as a shadow. Every decision is printed with its reason.
 
 The processes are a `LocalDeployment` (what `kubeloop run -f modeldeployment.yaml` starts), the canary added to it
 at run time; the `errors` candidate is the splitter's injected fault rate. Signals come from a real Prometheus
@@ -22,14 +24,12 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 import pandas as pd
-import yaml
 
 from kubeloop import config
 from kubeloop.analysis import (
@@ -43,9 +43,19 @@ from kubeloop.analysis import (
     underperforming,
 )
 from kubeloop.analysis.prometheus import Scraped
+from kubeloop.analysis.shadow import ShadowDecision, ShadowState, decide_shadow
 from kubeloop.api import ModelDeployment, TrainingJob
-from kubeloop.api.modeldeployment import Canary, CanaryAnalysis, PerformanceTrigger, Retrain, RetrainAnalysis
+from kubeloop.api.modeldeployment import (
+    Canary,
+    CanaryAnalysis,
+    PerformanceTrigger,
+    Retrain,
+    RetrainAnalysis,
+    Shadow,
+    ShadowAnalysis,
+)
 from kubeloop.api.modelversion import ModelVersion
+from kubeloop.broken_candidates import garbage_record, worse_record
 from kubeloop.data.snapshot import load_snapshot, read_frame
 from kubeloop.errors import KubeloopError
 from kubeloop.local_deployment import LocalDeployment
@@ -61,15 +71,17 @@ LABEL_SHARE = 0.5  # share of the requests whose labels the traffic sends back
 # the canary analysis interval: at 10% the candidate then gets ~150 requests (its p99 is not one slow request) and
 # ~800 labelled rows (the labelled check needs 50) an interval, measured on a 2-core machine at ~160 requests/s
 INTERVAL = "10s"
+SHADOW_WINDOWS = 2  # passing windows before a shadow becomes the canary (the API's default is 3 of 30s)
 RETRAIN_AUC_DROP = 0.05  # retrain also when the stable's live ROC AUC falls this far below its evaluated one
 
 
 @dataclass
 class LoopResult:
-    outcome: Literal["promoted", "rolled-back", "no-drift", "gate-failed"]
+    outcome: Literal["promoted", "rolled-back", "rejected-as-shadow", "no-drift", "gate-failed"]
     stable: int
     candidate: int | None = None
     decisions: list[Decision] = field(default_factory=list)
+    shadow_decisions: list[ShadowDecision] = field(default_factory=list)  # with --shadow, before the canary
     history: list[dict] = field(default_factory=list)  # the status.history entries a cluster would hold
     history_path: Path | None = None  # where they were written as they happened (JSON Lines)
     seconds_drift_to_full: float | None = None  # first drifted request -> candidate at 100%
@@ -79,69 +91,9 @@ class LoopResult:
     backend: str = ""
     feedback_sent: int = 0  # requests whose labels the traffic sent back (accepted by the feedback endpoint)
     feedback_failed: int = 0
+    requests_sent: int = 0  # by the traffic, and those a user got an error for
+    requests_failed: int = 0
     live: dict[int, dict[str, float]] = field(default_factory=dict)  # per version, at the last decision
-
-
-# ---- the broken candidate -----------------------------------------------------------------------------------------
-
-
-def garbage_record(record: ModelVersion, directory: Path, seed: int = 0) -> Path:
-    """The `garbage` broken candidate: the version's weights scrambled and its output layer zeroed with a bias of -8
-    (every prediction ~0.0003, whatever the input)."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-
-    def scramble(state: dict, weight: str, bias: str) -> None:
-        for key, value in state.items():
-            if value.is_floating_point():
-                state[key] = torch.randn(value.shape, generator=generator) * 4
-        state[weight], state[bias] = torch.zeros_like(state[weight]), torch.full_like(state[bias], -8.0)
-
-    return _rewritten_record(record, directory, scramble)
-
-
-def worse_record(record: ModelVersion, directory: Path, rows: pd.DataFrame) -> Path:
-    """The `worse` candidate, worse on labels but not broken: the version's output logit mirrored around its median
-    on `rows` (the last layer's w' = -w, b' = 2m - b), so it answers as fast, without errors, with predictions
-    spread much as before, but ranked backwards (ROC AUC -> 1 - AUC). Binary models only."""
-    import torch
-
-    from kubeloop.artifact import ModelArtifact
-
-    if record.spec.signature.task != "binary":
-        raise KubeloopError(f"{record.metadata.name}: the worse candidate mirrors a binary model's logit")
-    artifact = ModelArtifact.load(record.spec.artifact_uri)
-    transform = artifact.transform
-    features = torch.from_numpy(transform.transform_columns(transform.frame_columns(rows)))
-    with torch.inference_mode():
-        median = float(artifact.model(features).median())
-
-    def mirror(state: dict, weight: str, bias: str) -> None:
-        state[weight], state[bias] = -state[weight], 2 * median - state[bias]
-
-    return _rewritten_record(record, directory, mirror)
-
-
-def _rewritten_record(record: ModelVersion, directory: Path, rewrite: Callable[[dict, str, str], None]) -> Path:
-    """A copy of the version's artifact with its weights rewritten in place (`rewrite(state, output weight, output
-    bias)`, the names of the last layer's parameters), and a ModelVersion record pointing at it; the registry's copy
-    is left intact."""
-    import torch
-
-    from kubeloop.artifact import WEIGHTS, local_path
-
-    artifact = directory / "artifact"
-    shutil.copytree(local_path(record.spec.artifact_uri), artifact)
-    state = torch.load(artifact / WEIGHTS, weights_only=True)
-    weight, bias = [k for k in state if k.endswith(".weight")][-1], [k for k in state if k.endswith(".bias")][-1]
-    rewrite(state, weight, bias)
-    torch.save(state, artifact / WEIGHTS)
-    changed = record.model_copy(deep=True)
-    changed.spec.artifact_uri = str(artifact)
-    path = directory / "modelversion.yaml"
-    path.write_text(yaml.safe_dump(changed.to_manifest(), sort_keys=False))
-    return path
 
 
 def _say(text: str) -> None:
@@ -197,6 +149,7 @@ class Loop:
     def stop(self) -> None:
         self.pump.stop()
         self.result.feedback_sent, self.result.feedback_failed = self.pump.feedback_sent, self.pump.feedback_failed
+        self.result.requests_sent, self.result.requests_failed = self.pump.sent, self.pump.failed
         self.local.stop()
         self.scraped.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -325,20 +278,27 @@ def retrain(loop: Loop) -> ModelVersion | None:
     return candidate
 
 
+def served_candidate(loop: Loop, candidate: ModelVersion, broken: Broken | None) -> tuple[Path | None, float]:
+    """What the candidate is served from (None: the registry's record, else a broken copy) and the splitter's
+    fault rate for it."""
+    v2 = candidate.spec.version
+    if broken == "garbage":
+        _say(f"[loop] BROKEN CANDIDATE: v{v2} is served with scrambled weights (garbage predictions)")
+        return garbage_record(candidate, loop.workdir / "broken"), 0.0
+    if broken == "worse":
+        rows = read_frame(load_snapshot(candidate.spec.lineage.dataset_digest))
+        _say(f"[loop] WORSE CANDIDATE: v{v2} is served with its output logit mirrored around its median (AUC -> 1-AUC)")
+        return worse_record(candidate, loop.workdir / "worse", rows), 0.0
+    if broken == "errors":
+        _say(f"[loop] BROKEN CANDIDATE: the splitter answers {FAULT_RATE:.0%} of v{v2}'s requests with HTTP 500")
+        return None, FAULT_RATE
+    return None, 0.0
+
+
 def start_canary(loop: Loop, candidate: ModelVersion, broken: Broken | None) -> float:
     """The candidate as a canary at the first step behind the splitter, the traffic moved there; when it started."""
     v1, v2, percent = loop.result.stable, candidate.spec.version, loop.analysis.steps[0]
-    record, fault_rate = None, 0.0
-    if broken == "garbage":
-        record = garbage_record(candidate, loop.workdir / "broken")
-        _say(f"[loop] BROKEN CANDIDATE: v{v2} is served with scrambled weights (garbage predictions)")
-    if broken == "worse":
-        rows = read_frame(load_snapshot(candidate.spec.lineage.dataset_digest))
-        record = worse_record(candidate, loop.workdir / "worse", rows)
-        _say(f"[loop] WORSE CANDIDATE: v{v2} is served with its output logit mirrored around its median (AUC -> 1-AUC)")
-    if broken == "errors":
-        fault_rate = FAULT_RATE
-        _say(f"[loop] BROKEN CANDIDATE: the splitter answers {fault_rate:.0%} of v{v2}'s requests with HTTP 500")
+    record, fault_rate = served_candidate(loop, candidate, broken)
     canary = Canary(version=v2, traffic_percent=percent, analysis=loop.analysis)
     endpoints = loop.local.add_canary(canary, record, fault_rate)
     loop.scrape("canary", endpoints.servers[v2], endpoints.canary_sidecar, endpoints.splitter)
@@ -347,6 +307,41 @@ def start_canary(loop: Loop, candidate: ModelVersion, broken: Broken | None) -> 
     loop.record("start", f"canary v{v2} at {percent}% behind {endpoints.url}", candidate=v2, stable=v1)
     _wait_scraped(loop, v2)
     return started
+
+
+def shadow_first(loop: Loop, candidate: ModelVersion, broken: Broken | None) -> float | None:
+    """The candidate as a shadow (every request the stable answers mirrored to it, its answers paired with the
+    users'), judged window by window by the shadow analysis: when it passes, it becomes the canary at the first
+    step and this returns when; when it fails, it is Rejected (kept in the registry) and this returns None."""
+    result, model = loop.result, loop.model
+    v1, v2 = result.stable, candidate.spec.version
+    record, fault_rate = served_candidate(loop, candidate, broken)
+    analysis = ShadowAnalysis(interval=loop.analysis.interval, windows=SHADOW_WINDOWS, canary=loop.analysis)
+    endpoints = loop.local.add_shadow(Shadow(version=v2, percent=100, analysis=analysis), record, fault_rate)
+    loop.scrape("shadow", endpoints.servers[v2], endpoints.shadow_sidecar, endpoints.splitter)
+    loop.pump.url = endpoints.url
+    loop.record("shadowStart", f"shadow v{v2} mirrored every request v{v1} answers", candidate=v2, stable=v1)
+    _wait_scraped(loop, v2)
+    interval_s, state = duration_seconds(analysis.interval), ShadowState()
+    while True:
+        time.sleep(interval_s)
+        paired = loop.scraped.source.paired_signals(model, v2, interval_s)
+        decision = decide_shadow(analysis, state, loop.signals(v1, interval_s), loop.signals(v2, interval_s), paired)
+        state = decision.state
+        result.shadow_decisions.append(decision)
+        loop.keep(decision.record())
+        _say(f"[loop] {decision.action:13} v{v2}: {decision.reason}")
+        if decision.action == "shadowPromote":
+            percent = loop.analysis.steps[0]
+            loop.local.promote_shadow(Canary(version=v2, traffic_percent=percent, analysis=loop.analysis))
+            loop.record("start", f"canary v{v2} (was the shadow) at {percent}%", candidate=v2, stable=v1)
+            return time.monotonic()
+        if decision.action == "shadowReject":
+            loop.local.remove_shadow()
+            loop.registry.reject(model, v2, decision.reason)
+            result.outcome = "rejected-as-shadow"
+            _say(f"[loop] v{v2} Rejected as a shadow (kept in the registry); no user got one of its answers")
+            return None
 
 
 def _wait_scraped(loop: Loop, version: int, timeout: float = 30) -> None:
@@ -400,6 +395,7 @@ def run_loop(
     interval: str = INTERVAL,
     steps: list[int] | None = None,
     break_candidate: Broken | None = None,
+    shadow: bool = False,
     sustained_for: str = "3s",
     reuse_production: bool = False,
     drift_window: int = 100,
@@ -423,7 +419,11 @@ def run_loop(
         deploy_stable(loop)
         if watch_for_drift(loop, policy, max_drift_wait):
             candidate = retrain(loop)
-            if candidate is not None:
+            if candidate is not None and shadow:
+                started = shadow_first(loop, candidate, break_candidate)
+                if started is not None:
+                    promote_or_rollback(loop, started)
+            elif candidate is not None:
                 promote_or_rollback(loop, start_canary(loop, candidate, break_candidate))
         return loop.result
     finally:
@@ -447,6 +447,14 @@ def report(result: LoopResult) -> str:
             f"labels       sent back for {result.feedback_sent} requests ({result.feedback_failed} failed), "
             f"{LABEL_SHARE:.0%} of those answered"
         )
+    for shadow in result.shadow_decisions:
+        lines.append(f"  [shadow] {shadow.action.upper():13} v{shadow.shadow}: {shadow.reason}")
+        paired, agreement = shadow.report, shadow.report.get("agreement")
+        if agreement is not None:
+            lines.append(
+                f"      paired: {paired['mirrored']} mirrored, the users' answer agreed on {agreement:.1%}, mean "
+                f"score distance {paired.get('predictionDistance', 0):.3f}"
+            )
     for decision in result.decisions:
         lines.append(f"  {decision.line()}")
         lines.extend(f"      labelledLoss {c.status}: {c.reason}" for c in decision.checks if c.name == "labelledLoss")
@@ -473,10 +481,15 @@ def report(result: LoopResult) -> str:
 
 
 def main_loop(
-    epochs: int = 2, workers: int = 2, interval: str = INTERVAL, break_candidate: Broken | None = None
+    epochs: int = 2,
+    workers: int = 2,
+    interval: str = INTERVAL,
+    break_candidate: Broken | None = None,
+    shadow: bool = False,
 ) -> int:
-    """The CLI entry: run the loop, print the report; 0 when the outcome is the expected one."""
-    result = run_loop(epochs, workers, interval=interval, break_candidate=break_candidate)
+    """The CLI entry: run the loop, print the report; 0 when the outcome is the expected one (a broken candidate
+    stopped where it was first judged: as a shadow, or as a canary)."""
+    result = run_loop(epochs, workers, interval=interval, break_candidate=break_candidate, shadow=shadow)
     print(report(result), flush=True)
-    expected = "rolled-back" if break_candidate else "promoted"
+    expected = ("rejected-as-shadow" if shadow else "rolled-back") if break_candidate else "promoted"
     return 0 if result.outcome == expected else 1

@@ -1,7 +1,9 @@
 """The closed loop on this machine with real processes and short intervals (kubeloop.loop): drift on v1 ->
 retraining on the shifted data -> the gate -> canary 10 -> 25 -> 50 -> 100 -> v2 Production, judged with the API's
 default checks for a retrained version on the labels the traffic sends back; a broken candidate, and one worse on
-labels but not broken, rolled back within two intervals, marked Rejected and kept in the registry.
+labels but not broken, rolled back within two intervals, marked Rejected and kept in the registry. With a shadow
+first: the healthy v2 passes its shadow windows and walks the canary; a failing one is rejected as a shadow while no
+user gets an error.
 
 The processes are a LocalDeployment with the canary added at run time; signals come from a real Prometheus
 (`prometheus` on PATH, Debian's package).
@@ -15,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from kubeloop.analysis import CheckResult, Decision
-from kubeloop.loop import INTERVAL, report, run_loop
+from kubeloop.analysis.shadow import ShadowDecision
+from kubeloop.loop import INTERVAL, SHADOW_WINDOWS, report, run_loop
 from kubeloop.registry import Registry
 
 pytestmark = [pytest.mark.timeout(1200)]
@@ -33,7 +36,7 @@ def registry(loop_home: Path, monkeypatch: pytest.MonkeyPatch, ray_cluster: None
     return Registry()
 
 
-def _check(decision: Decision, name: str) -> CheckResult:
+def _check(decision: Decision | ShadowDecision, name: str) -> CheckResult:
     return next(c for c in decision.checks if c.name == name)
 
 
@@ -96,3 +99,42 @@ def test_a_candidate_worse_on_labels_is_rolled_back_where_the_prediction_shift_w
     live = result.live
     assert live[result.candidate]["rocAuc"] < 0.5 < live[result.stable]["rocAuc"], report(result)  # ranked backwards
     assert registry.get("arrests", result.candidate).spec.stage == "Rejected"
+
+
+def test_a_shadow_first_then_the_canary_then_production(registry: Registry) -> None:
+    result = run_loop(epochs=1, workers=2, interval=INTERVAL, registry=registry, reuse_production=True, shadow=True)
+    print(report(result))
+    assert result.outcome == "promoted", report(result)
+    actions = [d.action for d in result.shadow_decisions]
+    assert actions == ["shadowHold"] * (SHADOW_WINDOWS - 1) + ["shadowPromote"], report(result)
+    promoting = result.shadow_decisions[-1]
+    # judged on the pairs the mirror made and on the labels sent back for mirrored requests
+    assert promoting.report["mirrored"] > 100 and promoting.report["agreement"] > 0.5, promoting.report
+    assert _check(promoting, "labelledLoss").status == "pass", promoting.reason
+    steps = [(d.action, d.percent) for d in result.decisions if d.action != "hold"]
+    assert steps == [("advance", 10), ("advance", 25), ("advance", 50), ("promote", 100)]
+    history = [entry["action"] for entry in result.history]
+    assert history[:2] == ["retrain", "shadowStart"] and history[-1] == "promote"
+    assert history.index("shadowPromote") < history.index("start") < history.index("advance")
+    assert registry.get("arrests", result.candidate).spec.stage == "Production"
+
+
+def test_a_failing_shadow_is_rejected_and_no_user_got_an_error(registry: Registry) -> None:
+    result = run_loop(
+        epochs=1,
+        workers=2,
+        interval=INTERVAL,
+        registry=registry,
+        reuse_production=True,
+        break_candidate="errors",
+        shadow=True,
+    )
+    print(report(result))
+    assert result.outcome == "rejected-as-shadow", report(result)
+    final = result.shadow_decisions[-1]
+    assert final.action == "shadowReject" and _check(final, "errorRate").status == "fail", final.reason
+    assert "error rate" in final.reason and final.report["errorRate"] > 0.3
+    assert not result.decisions  # never a canary
+    assert result.requests_sent > 1000 and result.requests_failed == 0  # the mirror's 500s never reached a user
+    assert registry.get("arrests", result.candidate).spec.stage == "Rejected"
+    assert registry.production("arrests").spec.version == result.stable

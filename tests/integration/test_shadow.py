@@ -15,8 +15,8 @@ from kubeloop.analysis.prometheus import Scraped
 from kubeloop.analysis.shadow import ShadowState, decide_shadow
 from kubeloop.api import ModelDeployment
 from kubeloop.api.modeldeployment import Shadow, ShadowAnalysis
+from kubeloop.broken_candidates import garbage_record
 from kubeloop.local_deployment import LocalDeployment
-from kubeloop.loop import garbage_record
 from kubeloop.registry import Registry
 from kubeloop.status_view import status_table
 from tests.support.clusterkit import wait_for
