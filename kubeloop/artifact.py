@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from kubeloop import storage
 from kubeloop.errors import KubeloopError
 from kubeloop.training import tasks
 from kubeloop.training.models import build_model
@@ -22,10 +23,14 @@ WEIGHTS, MODEL_CONFIG, TRANSFORM = "model.pt", "model.json", "transform.json"
 
 
 def local_path(uri: str) -> Path:
+    """The artifact's directory on this machine: a local path or file:// URI as it is, an s3:// one fetched once
+    into the cache (kubeloop.storage)."""
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         return Path(parsed.path if parsed.scheme else uri)
-    raise KubeloopError(f"artifact URI {uri!r}: only local paths and file:// URIs are supported here")
+    if parsed.scheme == "s3":
+        return storage.fetch_artifact(uri)
+    raise KubeloopError(f"artifact URI {uri!r}: kubeloop reads local paths, file:// and s3:// URIs")
 
 
 class ModelArtifact:

@@ -56,9 +56,10 @@ def metrics_line(metrics: Metrics, task: str = "binary") -> str:
 
 def detail(mv: ModelVersion) -> str:
     spec, lineage = mv.spec, mv.spec.lineage
+    remote = spec.artifact_uri.startswith("s3://")  # shown as it is: not fetched to be listed
     lines = [
         f"{mv.metadata.name}  stage={spec.stage}" + (f" ({spec.stage_reason})" if spec.stage_reason else ""),
-        f"  artifact:   {local_path(spec.artifact_uri)}",
+        f"  artifact:   {spec.artifact_uri if remote else local_path(spec.artifact_uri)}",
         f"  dataset:    {lineage.dataset_uri} {lineage.dataset_digest} rows={lineage.dataset_rows}",
         f"  trained by: {lineage.training_job} ({lineage.workers} workers, {lineage.backend})",
         f"  code:       {lineage.code_version}",

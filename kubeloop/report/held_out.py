@@ -50,7 +50,7 @@ def held_out(record: ModelVersion) -> HeldOut:
 
     spec = record.spec
     lineage = spec.lineage
-    local_path(spec.artifact_uri)  # an artifact elsewhere (s3://...): say so before reading anything
+    local_path(spec.artifact_uri)  # fetched (s3://) or refused (another scheme) before reading anything
     frame = read_frame(load_snapshot(lineage.dataset_digest))
     from kubeloop.artifact import ModelArtifact  # torch from here on
 

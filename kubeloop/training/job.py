@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 import kubeloop
-from kubeloop import config
+from kubeloop import config, storage
 from kubeloop.api.modelversion import (
     Evaluation,
     Feature,
@@ -365,7 +365,7 @@ def register_model(
         ModelVersionSpec(
             model=spec.model.name,
             version=version,
-            artifact_uri=(directory / "artifact").resolve().as_uri(),
+            artifact_uri=storage.store_artifact(directory / "artifact"),
             lineage=Lineage(
                 dataset_uri=spec.dataset.uri,
                 dataset_digest=snapshot.digest,
