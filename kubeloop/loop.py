@@ -24,7 +24,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -35,6 +35,7 @@ from kubeloop import config
 from kubeloop.analysis import (
     AnalysisState,
     Decision,
+    PrometheusSource,
     RetrainState,
     VersionSignals,
     decide,
@@ -71,6 +72,9 @@ LABEL_SHARE = 0.5  # share of the requests whose labels the traffic sends back
 # the canary analysis interval: at 10% the candidate then gets ~150 requests (its p99 is not one slow request) and
 # ~800 labelled rows (the labelled check needs 50) an interval, measured on a 2-core machine at ~160 requests/s
 INTERVAL = "10s"
+# A shadow's latency as each server times it (as in a cluster): the mirror's copies go out after the users' answers,
+# in bursts when the shadow lags, so the splitter's clock for them counts a queue users never wait in
+SERVED_LATENCY = 'kubeloop_request_duration_seconds_bucket{model="$model",version="$version"}'
 SHADOW_WINDOWS = 2  # passing windows before a shadow becomes the canary (the API's default is 3 of 30s)
 RETRAIN_AUC_DROP = 0.05  # retrain also when the stable's live ROC AUC falls this far below its evaluated one
 
@@ -322,11 +326,12 @@ def shadow_first(loop: Loop, candidate: ModelVersion, broken: Broken | None) -> 
     loop.pump.url = endpoints.url
     loop.record("shadowStart", f"shadow v{v2} mirrored every request v{v1} answers", candidate=v2, stable=v1)
     _wait_scraped(loop, v2)
-    interval_s, state = duration_seconds(analysis.interval), ShadowState()
+    interval_s, state, scraped = duration_seconds(analysis.interval), ShadowState(), loop.scraped.source
+    source = PrometheusSource(scraped.url, replace(scraped.queries, latency_buckets=SERVED_LATENCY))
     while True:
         time.sleep(interval_s)
-        paired = loop.scraped.source.paired_signals(model, v2, interval_s)
-        decision = decide_shadow(analysis, state, loop.signals(v1, interval_s), loop.signals(v2, interval_s), paired)
+        stable, shadow = (source.version_signals(model, v, interval_s) for v in (v1, v2))
+        decision = decide_shadow(analysis, state, stable, shadow, source.paired_signals(model, v2, interval_s))
         state = decision.state
         result.shadow_decisions.append(decision)
         loop.keep(decision.record())

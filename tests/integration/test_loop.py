@@ -106,8 +106,11 @@ def test_a_shadow_first_then_the_canary_then_production(registry: Registry) -> N
     print(report(result))
     assert result.outcome == "promoted", report(result)
     actions = [d.action for d in result.shadow_decisions]
-    assert actions == ["shadowHold"] * (SHADOW_WINDOWS - 1) + ["shadowPromote"], report(result)
+    assert actions[-1] == "shadowPromote" and set(actions[:-1]) <= {"shadowHold"}, report(result)
     promoting = result.shadow_decisions[-1]
+    # SHADOW_WINDOWS passing windows; a failing one is tolerated (maxFailedWindows 2): on a loaded 2-core machine the
+    # mirror's bursts now and then push the shadow's p99 past 1.5x the stable's for a window
+    assert promoting.state.passed_windows == SHADOW_WINDOWS and promoting.state.failed_windows <= 1
     # judged on the pairs the mirror made and on the labels sent back for mirrored requests
     assert promoting.report["mirrored"] > 100 and promoting.report["agreement"] > 0.5, promoting.report
     assert _check(promoting, "labelledLoss").status == "pass", promoting.reason
