@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Creates the kind cluster of kind-config.yaml on a machine that reaches no image registry: the node image of
+# images.sh, the additions of local_config.py (no kindnetd, the local etcd/CoreDNS tags, cgroup v1), then the pod
+# network kindnetd would have made: a ptp + host-local CNI config per node on its podCIDR (Debian's plugins) and a
+# route on every node to every other node's podCIDR. A user with internet runs `kind create cluster --config
+# kind-config.yaml` instead; platform/up.sh does one or the other.
+# Usage: create.sh [--name NAME]   (default: KIND_CLUSTER or kubeloop). Prints the kubeconfig's path last.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+CLUSTER=${KIND_CLUSTER:-kubeloop}
+[ "${1:-}" != "--name" ] || CLUSTER=$2
+while IFS='=' read -r key value; do
+    case "$key" in ''|'#'*) continue ;; esac
+    [ -n "${!key:-}" ] || export "$key=$value"
+done < <(cat "$HERE/versions.env" "$HERE/../dev-controlplane/versions.env")
+CACHE=${KUBELOOP_CACHE:-$HOME/.cache/kubeloop}
+BIN="$CACHE/kind-$K8S_VERSION/bin"
+KIND="$BIN/kind-$KIND_VERSION"
+KUBECONFIG_FILE="$CACHE/kind-$K8S_VERSION/kubeconfig-$CLUSTER"
+PYTHON=${PYTHON:-python3}
+START=$SECONDS
+say() { echo "create.sh: $* ($((SECONDS - START)) s)"; }
+
+bash "$HERE/images.sh"
+NODE_IMAGE=$(bash "$HERE/images.sh" --print-node-image)
+kubectl() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
+
+if "$KIND" get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
+    say "cluster $CLUSTER exists"
+else
+    config=$(mktemp --suffix .yaml)
+    "$PYTHON" "$HERE/local_config.py" "$ROOT/kind-config.yaml" "${ETCD_VERSION#v}-0" "$COREDNS_VERSION" >"$config"
+    say "creating cluster $CLUSTER from kind-config.yaml with $NODE_IMAGE"
+    "$KIND" create cluster --name "$CLUSTER" --config "$config" --image "$NODE_IMAGE" \
+        --kubeconfig "$KUBECONFIG_FILE" ${KIND_RETAIN:+--retain}
+    rm -f "$config"
+fi
+
+# the pod network: every node's CNI config on its own podCIDR, and routes to the others' through their node IPs
+nodes=$(kubectl get nodes -o jsonpath='{range .items[*]}{.metadata.name} {.spec.podCIDR} {.status.addresses[?(@.type=="InternalIP")].address}{"\n"}{end}')
+while read -r name cidr _; do
+    [ -n "$cidr" ] || { echo "create.sh: node $name has no podCIDR" >&2; exit 1; }
+    docker exec -i "$name" sh -c 'mkdir -p /etc/cni/net.d && cat >/etc/cni/net.d/10-kubeloop.conflist' <<JSON
+{"cniVersion": "0.3.1", "name": "kubeloop", "plugins": [
+  {"type": "ptp", "ipMasq": false, "mtu": 1500,
+   "ipam": {"type": "host-local", "dataDir": "/run/cni-ipam-state", "routes": [{"dst": "0.0.0.0/0"}],
+            "ranges": [[{"subnet": "$cidr"}]]}},
+  {"type": "portmap", "capabilities": {"portMappings": true}}]}
+JSON
+    while read -r other other_cidr other_ip; do
+        [ "$other" = "$name" ] || docker exec "$name" ip route replace "$other_cidr" via "$other_ip"
+    done <<<"$nodes"
+done <<<"$nodes"
+say "pod network: $(echo "$nodes" | wc -l) nodes, $(echo "$nodes" | awk '{print $1 "=" $2}' | tr '\n' ' ')"
+
+kubectl wait --for=condition=Ready nodes --all --timeout=180s >/dev/null
+kubectl -n kube-system rollout status deployment/coredns --timeout=180s >/dev/null
+say "cluster $CLUSTER ready: $(kubectl get nodes --no-headers | wc -l) nodes Ready, CoreDNS available"
+echo "$KUBECONFIG_FILE"
