@@ -6,6 +6,7 @@
 #     kubelet kubeadm kubectl kube-proxy        the same Kubernetes release as the control plane (k8s.io/kubernetes)
 #     coredns-<v>                               github.com/coredns/coredns
 #     pause                                     build/pause/linux/pause.c of the same Kubernetes module, static
+#     local-path-provisioner-<v>                github.com/rancher/local-path-provisioner (kind's default storage)
 # The control plane's own binaries (kube-apiserver, etcd, the KServe and KubeRay controllers) come from
 # platform/dev-controlplane/build.sh, which this runs first. Images and the node image: platform/kind/images.sh.
 # Usage: build.sh [--print-bin-dir]    (versions: versions.env here and in platform/dev-controlplane/; env wins)
@@ -20,7 +21,7 @@ CACHE=${KUBELOOP_CACHE:-$HOME/.cache/kubeloop}
 if [ "${1:-}" = "--print-bin-dir" ]; then echo "$CACHE/kind-$K8S_VERSION/bin"; exit 0; fi
 bash "$HERE/../dev-controlplane/build.sh"
 
-NAME=kind/build.sh OUT="$CACHE/kind-$K8S_VERSION" STEPS=7
+NAME=kind/build.sh OUT="$CACHE/kind-$K8S_VERSION" STEPS=8
 # shellcheck source=../gobuild.sh
 source "$HERE/../gobuild.sh"
 total_start=$SECONDS
@@ -42,4 +43,7 @@ build_pause() {
         && strip "$BIN/.pause.tmp" && mv "$BIN/.pause.tmp" "$BIN/pause"
 }
 run_step pause build_pause
+run_step "local-path-provisioner-$LOCAL_PATH_PROVISIONER_VERSION" build_install \
+    "local-path-provisioner-$LOCAL_PATH_PROVISIONER_VERSION" \
+    "github.com/rancher/local-path-provisioner@$LOCAL_PATH_PROVISIONER_VERSION" "-s -w" local-path-provisioner
 echo "kind/build.sh: done in $((SECONDS - total_start))s: $BIN"

@@ -13,7 +13,7 @@ CLUSTER=${KIND_CLUSTER:-kubeloop}
 while IFS='=' read -r key value; do
     case "$key" in ''|'#'*) continue ;; esac
     [ -n "${!key:-}" ] || export "$key=$value"
-done < <(cat "$HERE/versions.env" "$HERE/../dev-controlplane/versions.env")
+done < <(cat "$HERE/versions.env" "$HERE/../dev-controlplane/versions.env" "$HERE/../versions.env")
 CACHE=${KUBELOOP_CACHE:-$HOME/.cache/kubeloop}
 BIN="$CACHE/kind-$K8S_VERSION/bin"
 KIND="$BIN/kind-$KIND_VERSION"
@@ -54,7 +54,17 @@ JSON
 done <<<"$nodes"
 say "pod network: $(echo "$nodes" | wc -l) nodes, $(echo "$nodes" | awk '{print $1 "=" $2}' | tr '\n' ' ')"
 
+# kind's default storage as its node image would install it: rancher's local-path provisioner (its own manifest,
+# our images), the default StorageClass; kind's fallback "standard" class has no provisioner running
+manifest="$CACHE/go/mod/github.com/rancher/local-path-provisioner@$LOCAL_PATH_PROVISIONER_VERSION/deploy/local-path-storage.yaml"
+[ -f "$manifest" ] || { echo "create.sh: $manifest missing (platform/kind/build.sh downloads it)" >&2; exit 1; }
+kubectl delete storageclass standard --ignore-not-found >/dev/null
+sed -e "s#image: rancher/local-path-provisioner:.*#image: $(bash "$HERE/images.sh" --print-provisioner-image)#" \
+    -e "s#image: busybox#image: $(bash "$HERE/images.sh" --print-base-image)#" "$manifest" | kubectl apply -f - >/dev/null
+kubectl annotate --overwrite storageclass local-path storageclass.kubernetes.io/is-default-class=true >/dev/null
+
 kubectl wait --for=condition=Ready nodes --all --timeout=180s >/dev/null
 kubectl -n kube-system rollout status deployment/coredns --timeout=180s >/dev/null
-say "cluster $CLUSTER ready: $(kubectl get nodes --no-headers | wc -l) nodes Ready, CoreDNS available"
+kubectl -n local-path-storage rollout status deployment/local-path-provisioner --timeout=180s >/dev/null
+say "cluster $CLUSTER ready: $(kubectl get nodes --no-headers | wc -l) nodes Ready, CoreDNS and local-path storage available"
 echo "$KUBECONFIG_FILE"

@@ -8,18 +8,26 @@
 #                                           kube-proxy,etcd,coredns/coredns,pause} built from Go modules and C
 # The binaries come from platform/kind/build.sh (which this runs); an image already in Docker is kept, so a second
 # run builds nothing (REBUILD=1 rebuilds them all). The debootstrap root is cached in ~/.cache/kubeloop.
-# Usage: images.sh [--print-node-image]
+#   kubeloop.local/local-path-provisioner:<v>, kubeloop.local/kuberay-operator:<v>   the storage and KubeRay builds
+# Usage: images.sh [--print-node-image | --print-base-image | --print-provisioner-image | --print-kuberay-image]
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 while IFS='=' read -r key value; do
     case "$key" in ''|'#'*) continue ;; esac
     [ -n "${!key:-}" ] || export "$key=$value"
-done < <(cat "$HERE/versions.env" "$HERE/../dev-controlplane/versions.env")
+done < <(cat "$HERE/versions.env" "$HERE/../dev-controlplane/versions.env" "$HERE/../versions.env")
 CACHE=${KUBELOOP_CACHE:-$HOME/.cache/kubeloop}
 OUT="$CACHE/kind-$K8S_VERSION"
 BASE_IMAGE=kubeloop.local/debian:bookworm
 NODE_IMAGE="kubeloop.local/kind-node:$K8S_VERSION"
-if [ "${1:-}" = "--print-node-image" ]; then echo "$NODE_IMAGE"; exit 0; fi
+PROVISIONER_IMAGE="kubeloop.local/local-path-provisioner:$LOCAL_PATH_PROVISIONER_VERSION"
+KUBERAY_IMAGE="kubeloop.local/kuberay-operator:v$KUBERAY_VERSION"
+case "${1:-}" in   # the names the cluster scripts use
+    --print-node-image) echo "$NODE_IMAGE"; exit 0 ;;
+    --print-base-image) echo "$BASE_IMAGE"; exit 0 ;;
+    --print-provisioner-image) echo "$PROVISIONER_IMAGE"; exit 0 ;;
+    --print-kuberay-image) echo "$KUBERAY_IMAGE"; exit 0 ;;
+esac
 
 bash "$HERE/docker.sh"
 bash "$HERE/build.sh" >/dev/null
@@ -55,17 +63,16 @@ if ! have "$BASE_IMAGE"; then
 fi
 
 # --- the control-plane images kubeadm runs as static pods, and the add-ons: one static binary each -------------
-binary_image() {  # binary_image IMAGE BINARY [ENTRYPOINT]: an image holding only BINARY at /usr/local/bin
-    local image=$1 binary=$2 dir
+binary_image() {  # binary_image IMAGE BINARY [NAME]: an image holding only BINARY, as /usr/local/bin/NAME, its entrypoint
+    local image=$1 binary=$2 name=${3:-$(basename "$2")} dir
     have "$image" && return 0
     dir=$(mktemp -d)
     mkdir -p "$dir/usr/local/bin" "$dir/tmp" "$dir/etc"
     chmod 1777 "$dir/tmp"
-    cp "$binary" "$dir/usr/local/bin/"
+    cp "$binary" "$dir/usr/local/bin/$name"
     echo "root:x:0:0:root:/root:/usr/local/bin/nologin" >"$dir/etc/passwd"
-    local entry="${3:-/usr/local/bin/$(basename "$binary")}"
     tar -C "$dir" -c . | docker import --change 'ENV PATH=/usr/local/bin' \
-        --change "ENTRYPOINT [\"$entry\"]" - "$image" >/dev/null
+        --change "ENTRYPOINT [\"/usr/local/bin/$name\"]" - "$image" >/dev/null
     rm -rf "$dir"
     say "$image"
 }
@@ -74,9 +81,11 @@ binary_image "registry.k8s.io/kube-controller-manager:$K8S_VERSION" "$CP_BIN/kub
 binary_image "registry.k8s.io/kube-scheduler:$K8S_VERSION" "$CP_BIN/kube-scheduler"
 binary_image "registry.k8s.io/etcd:$ETCD_TAG" "$CP_BIN/etcd"
 binary_image "registry.k8s.io/pause:$PAUSE_VERSION" "$BIN/pause"
-# CoreDNS's Deployment passes only args: its entrypoint is the binary, named as upstream's image names it
-cp "$BIN/coredns-$COREDNS_VERSION" "$OUT/src/coredns"
-binary_image "registry.k8s.io/coredns/coredns:$COREDNS_VERSION" "$OUT/src/coredns"
+# CoreDNS's Deployment passes only args: its entrypoint is the binary
+binary_image "registry.k8s.io/coredns/coredns:$COREDNS_VERSION" "$BIN/coredns-$COREDNS_VERSION" coredns
+# kind's default storage (local-path; its helper pods run the base image) and the KubeRay operator
+binary_image "$PROVISIONER_IMAGE" "$BIN/local-path-provisioner-$LOCAL_PATH_PROVISIONER_VERSION" local-path-provisioner
+binary_image "$KUBERAY_IMAGE" "$CP_BIN/kuberay-operator-v$KUBERAY_VERSION" kuberay-operator
 
 # kube-proxy programs iptables: the base plus Debian's iptables and conntrack
 if ! have "registry.k8s.io/kube-proxy:$K8S_VERSION"; then
@@ -110,7 +119,7 @@ if ! have "$NODE_IMAGE"; then
     images="registry.k8s.io/kube-apiserver:$K8S_VERSION registry.k8s.io/kube-controller-manager:$K8S_VERSION"
     images="$images registry.k8s.io/kube-scheduler:$K8S_VERSION registry.k8s.io/kube-proxy:$K8S_VERSION"
     images="$images registry.k8s.io/etcd:$ETCD_TAG registry.k8s.io/pause:$PAUSE_VERSION"
-    images="$images registry.k8s.io/coredns/coredns:$COREDNS_VERSION"
+    images="$images registry.k8s.io/coredns/coredns:$COREDNS_VERSION $PROVISIONER_IMAGE $BASE_IMAGE"
     builder=$(docker run -d --entrypoint=sleep --security-opt seccomp=unconfined "$NODE_IMAGE-base" infinity)
     trap 'docker rm -f -v "$builder" >/dev/null 2>&1 || true' EXIT
     docker exec "$builder" bash -c 'nohup containerd >/dev/null 2>&1 & for i in $(seq 30); do
