@@ -6,9 +6,13 @@
 #   platform/up.sh                      # everything
 #   SKIP="kfp prometheus" platform/up.sh
 #   KUBELOOP=1 platform/up.sh           # also helm install helm/kubeloop (images built and `kind load`ed first)
+#   LOCAL=1 KUBELOOP=1 platform/up.sh   # on a machine that reaches no image registry (./dev e2e does this)
+#   HELM_ARGS="--set ray.head.cpu=500m" ...  # more arguments for kubeloop's helm install
 #
-# Needs docker, kind, kubectl and helm. Idempotent: re-running upgrades in place. Not runnable where there is no
-# Docker engine (the project's CI uses the dev control plane of platform/dev-controlplane/ instead).
+# Needs docker, kind, kubectl and helm; idempotent: re-running upgrades in place. LOCAL=1 needs none of them
+# beforehand: the same stack from what platform/kind/ and platform/dev-controlplane/ build (Docker engine, kind,
+# the node image, the KubeRay operator's image, kubectl and helm), in the same order. What is not built locally yet
+# is said and skipped.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -17,17 +21,37 @@ ROOT=$(dirname "$HERE")
 source "$HERE/versions.env"
 CLUSTER=${KIND_CLUSTER:-kubeloop}
 SKIP=${SKIP:-}
+LOCAL=${LOCAL:-0}
+START=$SECONDS
 
 need() { command -v "$1" >/dev/null || { echo "up.sh: $1 is required" >&2; exit 1; }; }
 wanted() { [[ " $SKIP " != *" $1 "* ]]; }
-step() { printf '\n== %s\n' "$*"; }
-for tool in docker kind kubectl helm; do need "$tool"; done
+step() { printf '\n== %s (%d s)\n' "$*" "$((SECONDS - START))"; }
+if [ "$LOCAL" = 1 ]; then   # not built for registry-less machines yet
+    echo "up.sh: LOCAL=1 has no local build of cert-manager, the Gateway, KServe, Prometheus, KFP yet: skipped"
+    SKIP="$SKIP cert-manager gateway kserve prometheus kfp"
+fi
 
 step "kind cluster $CLUSTER"
-if ! kind get clusters | grep -qx "$CLUSTER"; then
-    kind create cluster --name "$CLUSTER" --config "$ROOT/kind-config.yaml" --wait 120s
+if [ "$LOCAL" = 1 ]; then
+    KUBECONFIG=$(bash "$HERE/kind/create.sh" --name "$CLUSTER" | tail -1)
+    export KUBECONFIG
+    PATH="$(bash "$HERE/kind/build.sh" --print-bin-dir):$(bash "$HERE/dev-controlplane/build.sh" --print-bin-dir):$PATH"
+    kubectl() { "$(bash "$HERE/kind/build.sh" --print-bin-dir)/kubectl" "$@"; }
+    # shellcheck source=kind/versions.env
+    source "$HERE/kind/versions.env"
+    kind="$(bash "$HERE/kind/build.sh" --print-bin-dir)/kind-$KIND_VERSION"
+    # onto the nodes that run workloads only: a training image is gigabytes, and the disk here is shared
+    kind_load() { "$kind" load docker-image --name "$CLUSTER" \
+        --nodes "$("$kind" get nodes --name "$CLUSTER" | grep -v control-plane | paste -sd,)" "$@"; }
+else
+    for tool in docker kind kubectl helm; do need "$tool"; done
+    if ! kind get clusters | grep -qx "$CLUSTER"; then
+        kind create cluster --name "$CLUSTER" --config "$ROOT/kind-config.yaml" --wait 120s
+    fi
+    kubectl config use-context "kind-$CLUSTER"
+    kind_load() { kind load docker-image --name "$CLUSTER" "$@"; }
 fi
-kubectl config use-context "kind-$CLUSTER"
 
 if wanted cert-manager; then
     step "cert-manager $CERT_MANAGER_VERSION"
@@ -56,7 +80,17 @@ if wanted kserve; then
         --wait --timeout 10m
 fi
 
-if wanted kuberay; then
+if wanted kuberay && [ "$LOCAL" = 1 ]; then
+    step "KubeRay operator $KUBERAY_VERSION (built from Go modules: platform/kind/kuberay-operator.yaml)"
+    upstream="$(dirname "$(bash "$HERE/dev-controlplane/build.sh" --print-bin-dir)")/upstream/kuberay-v$KUBERAY_VERSION"
+    kubectl apply --server-side --force-conflicts -f "$upstream/config/crd/bases" >/dev/null
+    kubectl apply -f "$upstream/config/rbac/role.yaml" >/dev/null
+    kubectl create namespace ray-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+    image=$(bash "$HERE/kind/images.sh" --print-kuberay-image)
+    kind_load "$image" >/dev/null
+    sed "s#image: KUBERAY_IMAGE#image: $image#" "$HERE/kind/kuberay-operator.yaml" | kubectl apply -f - >/dev/null
+    kubectl -n ray-system rollout status deployment/kuberay-operator --timeout=180s
+elif wanted kuberay; then
     step "KubeRay operator $KUBERAY_VERSION"
     helm upgrade --install kuberay-operator kuberay-operator --repo https://ray-project.github.io/kuberay-helm/ \
         --version "$KUBERAY_VERSION" --namespace ray-system --create-namespace --wait --timeout 10m
@@ -82,17 +116,34 @@ if wanted kfp; then
 fi
 
 if [[ "${KUBELOOP:-0}" == 1 ]]; then
+    step "kubeloop images (images/build.sh), loaded into the cluster's nodes"
+    registry=${REGISTRY:-ghcr.io/kubeloop}
+    tag=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$ROOT/helm/kubeloop/Chart.yaml")
+    images=${IMAGES:-operator serving drift training}
+    # shellcheck disable=SC2086
+    if [ "$LOCAL" = 1 ]; then
+        PYTHON_IMAGE=$(bash "$HERE/kind/images.sh" --print-base-image) REGISTRY=$registry bash "$ROOT/images/build.sh" $images
+    else
+        REGISTRY=$registry bash "$ROOT/images/build.sh" $images
+    fi
+    for name in $images; do kind_load "$registry/$name:$tag"; done
+
     step "kubeloop (helm/kubeloop) and KUBELOOP_HOME in namespace default"
     helm upgrade --install kubeloop "$ROOT/helm/kubeloop" --namespace kubeloop-system --create-namespace \
+        --set image.repository="$registry/operator" \
+        --set workloadImages.training.repository="$registry/training" \
+        --set workloadImages.serving.repository="$registry/serving" \
+        --set workloadImages.drift.repository="$registry/drift" \
         --set metrics.serviceMonitor.enabled="$(wanted prometheus && echo true || echo false)" \
         --set metrics.prometheusRule.enabled="$(wanted prometheus && echo true || echo false)" \
         --set predictor.podMonitor.enabled="$(wanted prometheus && echo true || echo false)" \
         --set webhook.enabled="$(wanted cert-manager && echo true || echo false)" \
-        --wait --timeout 5m
+        ${HELM_ARGS:-} --wait --timeout 5m
     kubectl apply -n default -f "$HERE/kubeloop-home.yaml"
 fi
 
 step "done"
+[ "$LOCAL" != 1 ] || echo "kubeconfig: $KUBECONFIG"
 cat <<TXT
 KServe:  kubectl get inferenceservices -A     KubeRay: kubectl get rayjobs -A
 KFP UI:  kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80

@@ -4,12 +4,13 @@
 # network kindnetd would have made: a ptp + host-local CNI config per node on its podCIDR (Debian's plugins) and a
 # route on every node to every other node's podCIDR. A user with internet runs `kind create cluster --config
 # kind-config.yaml` instead; platform/up.sh does one or the other.
-# Usage: create.sh [--name NAME]   (default: KIND_CLUSTER or kubeloop). Prints the kubeconfig's path last.
+# Usage: create.sh [--name NAME] [--print-kubeconfig]   (default name: KIND_CLUSTER or kubeloop). Prints the
+# kubeconfig's path last; --print-kubeconfig only prints it.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 CLUSTER=${KIND_CLUSTER:-kubeloop}
-[ "${1:-}" != "--name" ] || CLUSTER=$2
+[ "${1:-}" != "--name" ] || { CLUSTER=$2; shift 2; }
 while IFS='=' read -r key value; do
     case "$key" in ''|'#'*) continue ;; esac
     [ -n "${!key:-}" ] || export "$key=$value"
@@ -18,6 +19,7 @@ CACHE=${KUBELOOP_CACHE:-$HOME/.cache/kubeloop}
 BIN="$CACHE/kind-$K8S_VERSION/bin"
 KIND="$BIN/kind-$KIND_VERSION"
 KUBECONFIG_FILE="$CACHE/kind-$K8S_VERSION/kubeconfig-$CLUSTER"
+[ "${1:-}" != "--print-kubeconfig" ] || { echo "$KUBECONFIG_FILE"; exit 0; }
 PYTHON=${PYTHON:-python3}
 START=$SECONDS
 say() { echo "create.sh: $* ($((SECONDS - START)) s)"; }
