@@ -53,13 +53,20 @@ if ! have "$BASE_IMAGE"; then
         debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm \
             "$OUT/rootfs/debian" "$mirror" >"$OUT/logs/debootstrap.log" 2>&1 \
             || { tail -20 "$OUT/logs/debootstrap.log" >&2; exit 1; }
-        # the host's pip configuration and CA bundle, so `pip install` inside a build reaches the same index
-        [ ! -f /etc/pip.conf ] || cp /etc/pip.conf "$OUT/rootfs/debian/etc/pip.conf"
         tar -C "$OUT/rootfs/debian" -cf "$rootfs.tmp" . && mv "$rootfs.tmp" "$rootfs" && rm -rf "$OUT/rootfs/debian"
     fi
     docker import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-        --change 'CMD ["/bin/bash"]' "$rootfs" "$BASE_IMAGE" >/dev/null
-    say "$BASE_IMAGE imported"
+        --change 'CMD ["/bin/bash"]' "$rootfs" "$BASE_IMAGE-rootfs" >/dev/null
+    # this machine's CA bundle and pip configuration, so that pip and uv in image builds reach the package index
+    # the host reaches (through whatever TLS proxy the host trusts); uv reads SSL_CERT_FILE
+    ctx=$(mktemp -d)
+    cp /etc/ssl/certs/ca-certificates.crt "$ctx/"
+    if [ -f /etc/pip.conf ]; then cp /etc/pip.conf "$ctx/"; else touch "$ctx/pip.conf"; fi
+    printf '%s\n' "FROM $BASE_IMAGE-rootfs" "COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt" \
+        "COPY pip.conf /etc/pip.conf" "ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt" >"$ctx/Dockerfile"
+    docker build -q -t "$BASE_IMAGE" "$ctx" >/dev/null
+    rm -rf "$ctx"
+    say "$BASE_IMAGE imported (with this machine's CA bundle and pip configuration)"
 fi
 
 # --- the control-plane images kubeadm runs as static pods, and the add-ons: one static binary each -------------
