@@ -2,10 +2,13 @@
 # Creates the kind cluster of kind-config.yaml on a machine that reaches no image registry: the node image of
 # images.sh, the additions of local_config.py (no kindnetd, the local etcd/CoreDNS tags, cgroup v1), then the pod
 # network kindnetd would have made: a ptp + host-local CNI config per node on its podCIDR (Debian's plugins) and a
-# route on every node to every other node's podCIDR. A user with internet runs `kind create cluster --config
+# route on every node to every other node's podCIDR; and a local image registry (distribution, as a container on
+# kind's network, 127.0.0.1:5001 on the host, localhost:5001 in the nodes) that up.sh pushes kubeloop's images to:
+# the nodes pull what they run, once per node, instead of `kind load` copying gigabytes into every node.
+# A user with internet runs `kind create cluster --config
 # kind-config.yaml` instead; platform/up.sh does one or the other.
 # Usage: create.sh [--name NAME] [--print-kubeconfig]   (default name: KIND_CLUSTER or kubeloop). Prints the
-# kubeconfig's path last; --print-kubeconfig only prints it.
+# kubeconfig's path last; --print-kubeconfig only prints it, --print-registry the registry pods name images by.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -19,7 +22,9 @@ CACHE=${KUBELOOP_CACHE:-$HOME/.cache/kubeloop}
 BIN="$CACHE/kind-$K8S_VERSION/bin"
 KIND="$BIN/kind-$KIND_VERSION"
 KUBECONFIG_FILE="$CACHE/kind-$K8S_VERSION/kubeconfig-$CLUSTER"
+REGISTRY_NAME=kubeloop-registry REGISTRY_PORT=5001
 [ "${1:-}" != "--print-kubeconfig" ] || { echo "$KUBECONFIG_FILE"; exit 0; }
+[ "${1:-}" != "--print-registry" ] || { echo "localhost:$REGISTRY_PORT"; exit 0; }
 PYTHON=${PYTHON:-python3}
 START=$SECONDS
 say() { echo "create.sh: $* ($((SECONDS - START)) s)"; }
@@ -53,6 +58,20 @@ JSON
     while read -r other other_cidr other_ip; do
         [ "$other" = "$name" ] || docker exec "$name" ip route replace "$other_cidr" via "$other_ip"
     done <<<"$nodes"
+done <<<"$nodes"
+# the registry, on kind's network so the nodes reach it by name
+if [ -z "$(docker ps -q --filter "name=^$REGISTRY_NAME\$")" ]; then
+    docker rm -f "$REGISTRY_NAME" >/dev/null 2>&1 || true
+    mkdir -p "$CACHE/kind-$K8S_VERSION/registry"
+    docker run -d --restart=always --name "$REGISTRY_NAME" -p "127.0.0.1:$REGISTRY_PORT:5000" \
+        -v "$CACHE/kind-$K8S_VERSION/registry:/var/lib/registry" -v "$HERE/registry.yml:/etc/distribution/config.yml:ro" \
+        "$(bash "$HERE/images.sh" --print-registry-image)" serve /etc/distribution/config.yml >/dev/null
+fi
+docker network connect kind "$REGISTRY_NAME" 2>/dev/null || true
+while read -r name _; do
+    docker exec "$name" mkdir -p "/etc/containerd/certs.d/localhost:$REGISTRY_PORT"
+    printf '[host."http://%s:5000"]\n' "$REGISTRY_NAME" \
+        | docker exec -i "$name" tee "/etc/containerd/certs.d/localhost:$REGISTRY_PORT/hosts.toml" >/dev/null
 done <<<"$nodes"
 say "pod network: $(echo "$nodes" | wc -l) nodes, $(echo "$nodes" | awk '{print $1 "=" $2}' | tr '\n' ' ')"
 

@@ -8,8 +8,9 @@
 #                                           kube-proxy,etcd,coredns/coredns,pause} built from Go modules and C
 # The binaries come from platform/kind/build.sh (which this runs); an image already in Docker is kept, so a second
 # run builds nothing (REBUILD=1 rebuilds them all). The debootstrap root is cached in ~/.cache/kubeloop.
-#   kubeloop.local/local-path-provisioner:<v>, kubeloop.local/kuberay-operator:<v>   the storage and KubeRay builds
-# Usage: images.sh [--print-node-image | --print-base-image | --print-provisioner-image | --print-kuberay-image]
+#   kubeloop.local/{local-path-provisioner,kuberay-operator,registry}:<v>   kind's storage, KubeRay, the registry
+# Usage: images.sh [--print-node-image | --print-base-image | --print-provisioner-image | --print-kuberay-image |
+#                   --print-registry-image]
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 while IFS='=' read -r key value; do
@@ -22,11 +23,13 @@ BASE_IMAGE=kubeloop.local/debian:bookworm
 NODE_IMAGE="kubeloop.local/kind-node:$K8S_VERSION"
 PROVISIONER_IMAGE="kubeloop.local/local-path-provisioner:$LOCAL_PATH_PROVISIONER_VERSION"
 KUBERAY_IMAGE="kubeloop.local/kuberay-operator:v$KUBERAY_VERSION"
+REGISTRY_IMAGE="kubeloop.local/registry:$REGISTRY_VERSION"
 case "${1:-}" in   # the names the cluster scripts use
     --print-node-image) echo "$NODE_IMAGE"; exit 0 ;;
     --print-base-image) echo "$BASE_IMAGE"; exit 0 ;;
     --print-provisioner-image) echo "$PROVISIONER_IMAGE"; exit 0 ;;
     --print-kuberay-image) echo "$KUBERAY_IMAGE"; exit 0 ;;
+    --print-registry-image) echo "$REGISTRY_IMAGE"; exit 0 ;;
 esac
 
 bash "$HERE/docker.sh"
@@ -53,6 +56,7 @@ if ! have "$BASE_IMAGE"; then
         debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm \
             "$OUT/rootfs/debian" "$mirror" >"$OUT/logs/debootstrap.log" 2>&1 \
             || { tail -20 "$OUT/logs/debootstrap.log" >&2; exit 1; }
+        rm -rf "$OUT/rootfs/debian/var/cache/apt/archives/"*.deb "$OUT/rootfs/debian/var/lib/apt/lists/"*
         tar -C "$OUT/rootfs/debian" -cf "$rootfs.tmp" . && mv "$rootfs.tmp" "$rootfs" && rm -rf "$OUT/rootfs/debian"
     fi
     docker import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
@@ -93,6 +97,7 @@ binary_image "registry.k8s.io/coredns/coredns:$COREDNS_VERSION" "$BIN/coredns-$C
 # kind's default storage (local-path; its helper pods run the base image) and the KubeRay operator
 binary_image "$PROVISIONER_IMAGE" "$BIN/local-path-provisioner-$LOCAL_PATH_PROVISIONER_VERSION" local-path-provisioner
 binary_image "$KUBERAY_IMAGE" "$CP_BIN/kuberay-operator-v$KUBERAY_VERSION" kuberay-operator
+binary_image "$REGISTRY_IMAGE" "$BIN/registry-$REGISTRY_VERSION" registry
 
 # kube-proxy programs iptables: the base plus Debian's iptables and conntrack
 if ! have "registry.k8s.io/kube-proxy:$K8S_VERSION"; then

@@ -4,7 +4,9 @@ The user's file stays the user's: this adds, never rewrites, and only
 - ``networking.disableDefaultCNI``: kind's kindnetd image is not buildable here; create.sh wires the pod network
   with Debian's CNI plugins instead;
 - kubeadm image tags for the etcd and CoreDNS that build.sh compiles (kubeadm's defaults name other releases);
-- on a cgroup v1 host, the kubelet's ``failCgroupV1: false`` (1.35+ refuses cgroup v1 unless told).
+- on a cgroup v1 host, the kubelet's ``failCgroupV1: false`` (1.35+ refuses cgroup v1 unless told);
+- containerd's registry ``config_path``, where create.sh points ``localhost:5001`` at the local registry (kind's
+  documented local-registry set-up).
 
 Usage: python3 local_config.py KIND_CONFIG ETCD_TAG COREDNS_TAG
 """
@@ -37,6 +39,10 @@ def local_config(config: dict, etcd_tag: str, coredns_tag: str, cgroup_v1: bool)
     if cgroup_v1:
         patches.append(yaml.safe_dump({"kind": "KubeletConfiguration", "failCgroupV1": False}))
     derived["kubeadmConfigPatches"] = patches
+    derived["containerdConfigPatches"] = [
+        *(derived.get("containerdConfigPatches") or []),
+        '[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "/etc/containerd/certs.d"\n',
+    ]
     return derived
 
 
