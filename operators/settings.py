@@ -62,9 +62,10 @@ class Settings(BaseSettings):
     ray_version: str = "2.60.0"  # the Ray in the training image (KubeRay picks the submit command by it)
     ray_ttl_seconds: int = 0  # keep the finished Ray cluster this long (0: delete it at once)
 
-    # the Ray head: runs the driver (`kubeloop run -f …`: data loading, evaluation), no training workers
+    # the Ray head: runs the driver (`kubeloop run -f …`: data loading, evaluation), Ray Train's controller, the GCS
+    # and the dashboard KubeRay submits to, no training workers; at 2Gi Ray's memory monitor killed the sample's run
     ray_head_cpu: str = "1"
-    ray_head_memory: str = "2Gi"
+    ray_head_memory: str = "4Gi"
     # nodes for GPU pods (Ray workers and predictors asking for nvidia.com/gpu): a node selector and a toleration
     gpu_node_selector: Annotated[dict[str, str], NoDecode, BeforeValidator(_json_map)] = Field(
         default_factory=lambda: {"nvidia.com/gpu.present": "true"}

@@ -40,17 +40,17 @@ if [ "$LOCAL" = 1 ]; then
     kubectl() { "$(bash "$HERE/kind/build.sh" --print-bin-dir)/kubectl" "$@"; }
     # shellcheck source=kind/versions.env
     source "$HERE/kind/versions.env"
-    kind="$(bash "$HERE/kind/build.sh" --print-bin-dir)/kind-$KIND_VERSION"
-    # onto the nodes that run workloads only: a training image is gigabytes, and the disk here is shared
-    kind_load() { "$kind" load docker-image --name "$CLUSTER" \
-        --nodes "$("$kind" get nodes --name "$CLUSTER" | grep -v control-plane | paste -sd,)" "$@"; }
+    # images go to the cluster's local registry (create.sh), which every node pulls from: `kind load` would copy
+    # each gigabyte-sized image whole into every node
+    REGISTRY=${REGISTRY:-$(bash "$HERE/kind/create.sh" --print-registry)/kubeloop}
+    publish() { docker tag "$1" "$2" && docker push -q "$2" >/dev/null; }   # publish IMAGE NAME: as NAME, pulled
 else
     for tool in docker kind kubectl helm; do need "$tool"; done
     if ! kind get clusters | grep -qx "$CLUSTER"; then
         kind create cluster --name "$CLUSTER" --config "$ROOT/kind-config.yaml" --wait 120s
     fi
     kubectl config use-context "kind-$CLUSTER"
-    kind_load() { kind load docker-image --name "$CLUSTER" "$@"; }
+    publish() { docker tag "$1" "$2" && kind load docker-image --name "$CLUSTER" "$2"; }   # publish IMAGE NAME
 fi
 
 if wanted cert-manager; then
@@ -86,8 +86,8 @@ if wanted kuberay && [ "$LOCAL" = 1 ]; then
     kubectl apply --server-side --force-conflicts -f "$upstream/config/crd/bases" >/dev/null
     kubectl apply -f "$upstream/config/rbac/role.yaml" >/dev/null
     kubectl create namespace ray-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-    image=$(bash "$HERE/kind/images.sh" --print-kuberay-image)
-    kind_load "$image" >/dev/null
+    image="${REGISTRY%/*}/kuberay-operator:v$KUBERAY_VERSION"
+    publish "$(bash "$HERE/kind/images.sh" --print-kuberay-image)" "$image"
     sed "s#image: KUBERAY_IMAGE#image: $image#" "$HERE/kind/kuberay-operator.yaml" | kubectl apply -f - >/dev/null
     kubectl -n ray-system rollout status deployment/kuberay-operator --timeout=180s
 elif wanted kuberay; then
@@ -116,7 +116,7 @@ if wanted kfp; then
 fi
 
 if [[ "${KUBELOOP:-0}" == 1 ]]; then
-    step "kubeloop images (images/build.sh), loaded into the cluster's nodes"
+    step "kubeloop images (images/build.sh), published to the cluster's nodes"
     registry=${REGISTRY:-ghcr.io/kubeloop}
     tag=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$ROOT/helm/kubeloop/Chart.yaml")
     images=${IMAGES:-operator serving drift training}
@@ -126,14 +126,24 @@ if [[ "${KUBELOOP:-0}" == 1 ]]; then
     else
         REGISTRY=$registry bash "$ROOT/images/build.sh" $images
     fi
-    for name in $images; do kind_load "$registry/$name:$tag"; done
+    # each published under a tag naming its content, so that a rebuilt image reaches nodes that hold an older one
+    tags=()
+    for name in $images; do
+        id=$(docker image inspect --format '{{.Id}}' "$registry/$name:$tag")
+        id=${id#sha256:}
+        publish "$registry/$name:$tag" "$registry/$name:$tag-${id:0:12}"
+        case "$name" in
+            operator) tags+=(--set "image.tag=$tag-${id:0:12}") ;;
+            *) tags+=(--set "workloadImages.$name.tag=$tag-${id:0:12}") ;;
+        esac
+    done
 
     step "kubeloop (helm/kubeloop) and KUBELOOP_HOME in namespace default"
     helm upgrade --install kubeloop "$ROOT/helm/kubeloop" --namespace kubeloop-system --create-namespace \
         --set image.repository="$registry/operator" \
         --set workloadImages.training.repository="$registry/training" \
         --set workloadImages.serving.repository="$registry/serving" \
-        --set workloadImages.drift.repository="$registry/drift" \
+        --set workloadImages.drift.repository="$registry/drift" "${tags[@]}" \
         --set metrics.serviceMonitor.enabled="$(wanted prometheus && echo true || echo false)" \
         --set metrics.prometheusRule.enabled="$(wanted prometheus && echo true || echo false)" \
         --set predictor.podMonitor.enabled="$(wanted prometheus && echo true || echo false)" \

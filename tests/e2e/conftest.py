@@ -35,6 +35,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.e2e)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[_FAILED] = report.failed
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
 @pytest.fixture(scope="session")
 def kubeconfig() -> Path:
     path = os.environ.get(EXTERNAL_ENV)
@@ -72,15 +83,45 @@ def chart_values(kubeconfig: Path) -> dict[str, Any]:
 
 
 @pytest.fixture
-def namespace(core: client.CoreV1Api, chart_values: dict[str, Any]) -> Iterator[str]:
+def namespace(
+    request: pytest.FixtureRequest, core: client.CoreV1Api, api: client.CustomObjectsApi, chart_values: dict[str, Any]
+) -> Iterator[str]:
     name = f"e2e-{uuid.uuid4().hex[:6]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     claim = yaml.safe_load((REPO / "platform/kubeloop-home.yaml").read_text())
     claim["metadata"]["name"] = chart_values["storage"]["pvcName"]
     core.create_namespaced_persistent_volume_claim(name, claim)
     yield name
+    if request.node.stash.get(_FAILED, False):
+        print(_diagnostics(core, api, name))
     core.delete_namespace(name)
     wait_for(lambda: _gone(core, name), 300, f"namespace {name} deleted")
+
+
+def _diagnostics(core: client.CoreV1Api, api: client.CustomObjectsApi, namespace: str) -> str:
+    """What a failed test's namespace held, before it is deleted: kubeloop's and KubeRay's statuses, the events,
+    and the end of every pod's log."""
+    lines = [f"\n--- e2e diagnostics for namespace {namespace}"]
+    for group, version, plural in (
+        ("kubeloop.dev", "v1alpha1", "trainingjobs"),
+        ("kubeloop.dev", "v1alpha1", "modeldeployments"),
+        ("ray.io", "v1", "rayjobs"),
+    ):
+        for obj in api.list_namespaced_custom_object(group, version, namespace, plural)["items"]:
+            status = json.dumps(obj.get("status") or {}, indent=1)
+            lines.append(f"{plural}/{obj['metadata']['name']} status:\n{status[-6000:]}")
+    for event in core.list_namespaced_event(namespace).items:
+        lines.append(f"event {event.involved_object.kind}/{event.involved_object.name}: {event.reason} {event.message}")
+    for pod in core.list_namespaced_pod(namespace).items:
+        for container in pod.spec.containers:
+            try:
+                log = core.read_namespaced_pod_log(
+                    pod.metadata.name, namespace, container=container.name, tail_lines=120
+                )
+            except client.ApiException as error:
+                log = f"(no log: {error.reason})"
+            lines.append(f"--- log of {pod.metadata.name}/{container.name} ({pod.status.phase}):\n{log}")
+    return "\n".join(lines)
 
 
 def _gone(core: client.CoreV1Api, name: str) -> bool:
