@@ -18,10 +18,9 @@
 # the Go module proxy. Set GOMAXPROCS / run under nice to share a machine.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-while IFS='=' read -r key value; do
-    case "$key" in ''|'#'*) continue ;; esac
-    [ -n "${!key:-}" ] || export "$key=$value"     # the environment wins over versions.env
-done < <(cat "$HERE/versions.env" "$HERE/../versions.env")
+# shellcheck source=../versions.sh
+source "$HERE/../versions.sh"
+load_versions "$HERE/versions.env" "$HERE/../versions.env"
 
 CACHE=${KUBELOOP_CACHE:-$HOME/.cache/kubeloop}
 CP="$CACHE/controlplane-$K8S_VERSION"

@@ -13,10 +13,9 @@
 # Usage: build.sh [--print-bin-dir]    (versions: versions.env here and in platform/dev-controlplane/; env wins)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-while IFS='=' read -r key value; do
-    case "$key" in ''|'#'*) continue ;; esac
-    [ -n "${!key:-}" ] || export "$key=$value"
-done < <(cat "$HERE/versions.env" "$HERE/../dev-controlplane/versions.env" "$HERE/../versions.env")
+# shellcheck source=../versions.sh
+source "$HERE/../versions.sh"
+load_versions "$HERE/versions.env" "$HERE/../dev-controlplane/versions.env" "$HERE/../versions.env"
 
 CACHE=${KUBELOOP_CACHE:-$HOME/.cache/kubeloop}
 if [ "${1:-}" = "--print-bin-dir" ]; then echo "$CACHE/kind-$K8S_VERSION/bin"; exit 0; fi

@@ -14,10 +14,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 CLUSTER=${KIND_CLUSTER:-kubeloop}
 [ "${1:-}" != "--name" ] || { CLUSTER=$2; shift 2; }
-while IFS='=' read -r key value; do
-    case "$key" in ''|'#'*) continue ;; esac
-    [ -n "${!key:-}" ] || export "$key=$value"
-done < <(cat "$HERE/versions.env" "$HERE/../dev-controlplane/versions.env" "$HERE/../versions.env")
+# shellcheck source=../versions.sh
+source "$HERE/../versions.sh"
+load_versions "$HERE/versions.env" "$HERE/../dev-controlplane/versions.env" "$HERE/../versions.env"
 CACHE=${KUBELOOP_CACHE:-$HOME/.cache/kubeloop}
 BIN="$CACHE/kind-$K8S_VERSION/bin"
 KIND="$BIN/kind-$KIND_VERSION"

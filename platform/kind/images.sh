@@ -13,10 +13,9 @@
 #                   --print-registry-image]
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-while IFS='=' read -r key value; do
-    case "$key" in ''|'#'*) continue ;; esac
-    [ -n "${!key:-}" ] || export "$key=$value"
-done < <(cat "$HERE/versions.env" "$HERE/../dev-controlplane/versions.env" "$HERE/../versions.env")
+# shellcheck source=../versions.sh
+source "$HERE/../versions.sh"
+load_versions "$HERE/versions.env" "$HERE/../dev-controlplane/versions.env" "$HERE/../versions.env"
 CACHE=${KUBELOOP_CACHE:-$HOME/.cache/kubeloop}
 OUT="$CACHE/kind-$K8S_VERSION"
 BASE_IMAGE=kubeloop.local/debian:bookworm
