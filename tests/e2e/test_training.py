@@ -3,7 +3,9 @@ Ray Train runs DDP over gloo in them, and the run registers its ModelVersion."""
 
 from __future__ import annotations
 
+import re
 import time
+from collections import Counter
 from typing import Any
 
 from kubernetes import client
@@ -61,4 +63,55 @@ def test_the_sample_trainingjob_trains_on_ray_pods_and_registers_its_modelversio
         f"\ne2e training: Ray pods Running {pods_up:.0f} s after the TrainingJob, Succeeded after "
         f"{time.monotonic() - started:.0f} s; {version} rocAuc {roc_auc:.3f}, "
         f"pods on {sorted({p.spec.node_name for p in seen.values()})}"
+    )
+
+
+def test_a_worker_pod_deleted_mid_training_resumes_from_its_checkpoint(
+    api: client.CustomObjectsApi, core: client.CoreV1Api, namespace: str
+) -> None:
+    # 300 epochs of ~0.5 s each (a checkpoint each) leave time to delete a worker pod inside the run; the driver's
+    # progress lines reach the submitter Job's log, which is where this test reads them
+    doc = sample("trainingjob")
+    doc["metadata"]["name"] = name = "arrests-resume"
+    doc["spec"]["workers"]["cpu"] = WORKER_CPU
+    doc["spec"]["hyperparameters"]["epochs"] = epochs = 300
+    create(api, namespace, doc)
+    cluster_name = wait_for(
+        lambda: ((rayjob(api, namespace, name) or {}).get("status") or {}).get("rayClusterName"),
+        120, "KubeRay to create the RayJob's RayCluster",
+    )  # fmt: skip
+
+    def driver_log() -> str:
+        pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
+        logs = []
+        for pod in pods:
+            try:
+                logs.append(core.read_namespaced_pod_log(pod.metadata.name, namespace))
+            except client.ApiException:
+                continue
+        return "\n".join(logs)
+
+    wait_for(lambda: f"train.epoch epoch=10/{epochs}" in driver_log(), 600, "10 epochs trained", 2)
+    victim = core.list_namespaced_pod(
+        namespace, label_selector=f"ray.io/cluster={cluster_name},ray.io/node-type=worker"
+    ).items[0]
+    core.delete_namespaced_pod(victim.metadata.name, namespace, grace_period_seconds=0)
+    killed_after = max(int(e) for e in re.findall(rf"train\.epoch epoch=(\d+)/{epochs}", driver_log()))
+
+    def finished() -> dict[str, Any] | None:
+        status = (kubeloop_obj(api, "trainingjobs", namespace, name) or {}).get("status") or {}
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    status = wait_for(finished, 900, "the TrainingJob Succeeded or Failed", 5)
+    log = driver_log()  # the submitter Job stays with its RayJob when the finished RayCluster goes
+    assert status["phase"] == "Succeeded", status
+    starts = [int(n) for n in re.findall(r"train\.workers .*resumed_from_epoch=(\d+)", log)]
+    assert len(starts) == 2 and starts[0] == 0, f"one restart of the worker group expected, saw {starts}"
+    assert killed_after - 1 <= starts[1] <= killed_after + 5, (starts, killed_after)
+    executed = Counter(int(e) for e in re.findall(rf"train\.epoch epoch=(\d+)/{epochs}", log))
+    assert sorted(executed) == list(range(1, epochs + 1))
+    assert sum(count - 1 for count in executed.values()) <= 1, {e: c for e, c in executed.items() if c > 1}
+    print(
+        f"\ne2e resume: worker pod {victim.metadata.name} deleted after epoch {killed_after}, the group resumed "
+        f"from epoch {starts[1]}, {epochs} epochs, Succeeded"
     )
