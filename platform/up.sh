@@ -28,8 +28,8 @@ need() { command -v "$1" >/dev/null || { echo "up.sh: $1 is required" >&2; exit 
 wanted() { [[ " $SKIP " != *" $1 "* ]]; }
 step() { printf '\n== %s (%d s)\n' "$*" "$((SECONDS - START))"; }
 if [ "$LOCAL" = 1 ]; then   # not built for registry-less machines yet
-    echo "up.sh: LOCAL=1 has no local build of cert-manager, the Gateway, KServe, Prometheus, KFP yet: skipped"
-    SKIP="$SKIP cert-manager gateway kserve prometheus kfp"
+    echo "up.sh: LOCAL=1 has no local build of cert-manager, the Gateway, Prometheus, KFP yet: skipped"
+    SKIP="$SKIP cert-manager gateway prometheus kfp"
 fi
 
 step "kind cluster $CLUSTER"
@@ -40,6 +40,7 @@ if [ "$LOCAL" = 1 ]; then
     kubectl() { "$(bash "$HERE/kind/build.sh" --print-bin-dir)/kubectl" "$@"; }
     # shellcheck source=kind/versions.env
     source "$HERE/kind/versions.env"
+    PYTHON=${PYTHON:-python3}   # with PyYAML (./dev e2e passes the project's)
     # images go to the cluster's local registry (create.sh), which every node pulls from: `kind load` would copy
     # each gigabyte-sized image whole into every node
     REGISTRY=${REGISTRY:-$(bash "$HERE/kind/create.sh" --print-registry)/kubeloop}
@@ -68,7 +69,19 @@ if wanted gateway; then
     kubectl apply -f "$HERE/gateway.yaml"
 fi
 
-if wanted kserve; then
+if wanted kserve && [ "$LOCAL" = 1 ]; then
+    step "KServe $KSERVE_VERSION controller, Standard mode (built from Go modules: platform/kind/kserve.py)"
+    bin_dir=$(bash "$HERE/dev-controlplane/build.sh" --print-bin-dir)
+    # shellcheck disable=SC2046
+    kubectl apply --server-side --force-conflicts $(printf -- '-f %s ' $("$PYTHON" "$HERE/kind/kserve.py" "$bin_dir" crds)) >/dev/null
+    kubectl create namespace kserve --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+    image="${REGISTRY%/*}/kserve-manager:$KSERVE_VERSION" agent="${REGISTRY%/*}/kserve-agent:$KSERVE_VERSION"
+    publish "$(bash "$HERE/kind/images.sh" --print-kserve-image)" "$image"
+    publish "$(bash "$HERE/kind/images.sh" --print-agent-image)" "$agent"
+    "$PYTHON" "$HERE/kind/kserve.py" "$bin_dir" controller "$image" "$agent" | kubectl apply -f - >/dev/null
+    kubectl -n kserve rollout status deployment/kserve-controller-manager --timeout=180s
+    "$PYTHON" "$HERE/kind/kserve.py" "$bin_dir" webhooks | kubectl apply -f - >/dev/null
+elif wanted kserve; then
     step "KServe $KSERVE_VERSION, Standard mode, Gateway API"
     helm upgrade --install kserve-crd oci://ghcr.io/kserve/charts/kserve-crd --version "$KSERVE_VERSION" \
         --namespace kserve --create-namespace --wait

@@ -82,6 +82,55 @@ def crd_files(bin_dir: Path) -> list[Path]:
     return files
 
 
+def kserve_config(kserve_dir: Path, gateway_api: bool = False) -> dict[str, Any]:
+    """KServe's own inferenceservice-config, in Standard mode; without gateway_api, with Ingress objects (no
+    Gateway API route of KServe's: kubeloop's HTTPRoute carries the split)."""
+    configmap = yaml.safe_load((kserve_dir / "config/configmap/inferenceservice.yaml").read_text())
+    data = configmap["data"]
+    data.pop("_example", None)
+    data["deploy"] = json.dumps({"defaultDeploymentMode": "Standard"})
+    ingress = json.loads(data["ingress"])
+    ingress["enableGatewayApi"] = gateway_api
+    data["ingress"] = json.dumps(ingress)
+    configmap["metadata"] = {"name": KSERVE_CONFIGMAP, "namespace": KSERVE_NAMESPACE}
+    return configmap
+
+
+def webhook_certificate(pki: Path, san: str, out: Path) -> bytes:
+    """A CA and a serving certificate for ``san`` (``IP:…`` or ``DNS:…``), what cert-manager makes on a cluster:
+    tls.crt and tls.key written into ``out``; returns the CA certificate (PEM)."""
+    pki.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (pki / "san.ext").write_text(f"subjectAltName={san}\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    ca_key, ca_crt, csr = str(pki / "ca.key"), str(pki / "ca.crt"), str(pki / "tls.csr")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=kubeloop-dev-webhook-ca", "-keyout", ca_key, "-out", ca_crt)  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={san.split(':', 1)[1]}",
+            "-keyout", str(out / "tls.key"), "-out", csr)  # fmt: skip
+    openssl("x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key, "-CAcreateserial", "-days", "2",
+            "-extfile", str(pki / "san.ext"), "-out", str(out / "tls.crt"))  # fmt: skip
+    return (pki / "ca.crt").read_bytes()
+
+
+def kserve_webhooks(kserve_dir: Path, ca: bytes, client_config: Any) -> list[dict[str, Any]]:
+    """KServe's webhook configurations as released, each hook's clientConfig replaced by ``client_config(path)``
+    (a URL or a Service) with ``ca`` as its caBundle."""
+    bundle = base64.b64encode(ca).decode()
+    configs = []
+    for doc in yaml.safe_load_all((kserve_dir / "config/webhook/manifests.yaml").read_text()):
+        if not doc:
+            continue
+        config = copy.deepcopy(doc)
+        for hook in config.get("webhooks") or []:
+            hook["clientConfig"] = client_config(hook["clientConfig"]["service"]["path"]) | {"caBundle": bundle}
+        configs.append(config)
+    return configs
+
+
 class UpstreamError(RuntimeError):
     pass
 
@@ -148,7 +197,7 @@ class Upstream:
     # --- KServe --------------------------------------------------------------------------------------------
     def _start_kserve(self, deadline: float) -> None:
         self._create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kserve"}})
-        self._create(f"/api/v1/namespaces/{KSERVE_NAMESPACE}/configmaps", self._kserve_config())
+        self._create(f"/api/v1/namespaces/{KSERVE_NAMESPACE}/configmaps", kserve_config(self.dirs["kserve"]))
         ca = self._webhook_certificate()
         self.plane._start(
             self.kserve_bin,
@@ -168,51 +217,16 @@ class Upstream:
         self._wait_ready("KServe manager", self.ports["kserve-probe"], deadline)
         self._register_webhooks(ca)
 
-    def _kserve_config(self) -> dict[str, Any]:
-        """KServe's own inferenceservice-config, in Standard mode with Ingress objects (no Gateway API route of
-        KServe's: kubeloop's HTTPRoute carries the split, and no gateway controller runs here to accept one)."""
-        configmap = yaml.safe_load((self.dirs["kserve"] / "config/configmap/inferenceservice.yaml").read_text())
-        data = configmap["data"]
-        data.pop("_example", None)
-        data["deploy"] = json.dumps({"defaultDeploymentMode": "Standard"})
-        ingress = json.loads(data["ingress"])
-        ingress["enableGatewayApi"] = False
-        data["ingress"] = json.dumps(ingress)
-        configmap["metadata"] = {"name": KSERVE_CONFIGMAP, "namespace": KSERVE_NAMESPACE}
-        return configmap
-
     def _webhook_certificate(self) -> bytes:
-        """A CA and a serving certificate for 127.0.0.1 (what cert-manager makes on a cluster); returns the CA."""
+        """A CA and a serving certificate for 127.0.0.1 where the manager reads them; returns the CA."""
         certs = self.workdir / "kserve-tmp" / "k8s-webhook-server" / "serving-certs"
-        certs.mkdir(parents=True, exist_ok=True)
-        pki = self.workdir / "pki"
-        pki.mkdir(exist_ok=True)
-        (pki / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-
-        def openssl(*args: str) -> None:
-            subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-        ca_key, ca_crt, csr = str(pki / "ca.key"), str(pki / "ca.crt"), str(pki / "tls.csr")
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                "-subj", "/CN=kubeloop-dev-webhook-ca", "-keyout", ca_key, "-out", ca_crt)  # fmt: skip
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-                "-keyout", str(certs / "tls.key"), "-out", csr)  # fmt: skip
-        openssl("x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key, "-CAcreateserial", "-days", "2",
-                "-extfile", str(pki / "san.ext"), "-out", str(certs / "tls.crt"))  # fmt: skip
-        return (pki / "ca.crt").read_bytes()
+        return webhook_certificate(self.workdir / "pki", "IP:127.0.0.1", certs)
 
     def _register_webhooks(self, ca: bytes) -> None:
         """KServe's webhook configurations as released, each pointed at the manager on 127.0.0.1."""
-        bundle = base64.b64encode(ca).decode()
         base = f"https://127.0.0.1:{self.ports['kserve-webhook']}"
-        for doc in yaml.safe_load_all((self.dirs["kserve"] / "config/webhook/manifests.yaml").read_text()):
-            if not doc:
-                continue
-            config = copy.deepcopy(doc)
-            for hook in config.get("webhooks") or []:
-                path = hook["clientConfig"]["service"]["path"]
-                hook["clientConfig"] = {"url": base + path, "caBundle": bundle}
-            plural = f"{doc['kind'].lower()}s"  # mutatingwebhookconfigurations, validatingwebhookconfigurations
+        for config in kserve_webhooks(self.dirs["kserve"], ca, lambda path: {"url": base + path}):
+            plural = f"{config['kind'].lower()}s"  # mutatingwebhookconfigurations, validatingwebhookconfigurations
             self._create(f"/apis/admissionregistration.k8s.io/v1/{plural}", config)
 
     # --- helpers -------------------------------------------------------------------------------------------

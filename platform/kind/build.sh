@@ -8,6 +8,7 @@
 #     pause                                     build/pause/linux/pause.c of the same Kubernetes module, static
 #     local-path-provisioner-<v>                github.com/rancher/local-path-provisioner (kind's default storage)
 #     registry-<v>                              github.com/distribution/distribution (the nodes' image registry)
+#     kserve-agent-<v>                          github.com/kserve/kserve/cmd/agent (the predictor's payload logger)
 # The control plane's own binaries (kube-apiserver, etcd, the KServe and KubeRay controllers) come from
 # platform/dev-controlplane/build.sh, which this runs first. Images and the node image: platform/kind/images.sh.
 # Usage: build.sh [--print-bin-dir]    (versions: versions.env here and in platform/dev-controlplane/; env wins)
@@ -21,7 +22,7 @@ CACHE=${KUBELOOP_CACHE:-$HOME/.cache/kubeloop}
 if [ "${1:-}" = "--print-bin-dir" ]; then echo "$CACHE/kind-$K8S_VERSION/bin"; exit 0; fi
 bash "$HERE/../dev-controlplane/build.sh"
 
-NAME=kind/build.sh OUT="$CACHE/kind-$K8S_VERSION" STEPS=9
+NAME=kind/build.sh OUT="$CACHE/kind-$K8S_VERSION" STEPS=10
 # shellcheck source=../gobuild.sh
 source "$HERE/../gobuild.sh"
 total_start=$SECONDS
@@ -49,4 +50,6 @@ run_step "local-path-provisioner-$LOCAL_PATH_PROVISIONER_VERSION" build_install 
 run_step "registry-$REGISTRY_VERSION" build_install "registry-$REGISTRY_VERSION" \
     "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION" \
     "-s -w -X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION" registry
+run_step "kserve-agent-$KSERVE_VERSION" build_wrapped "kserve-agent-$KSERVE_VERSION" \
+    github.com/kserve/kserve "$KSERVE_VERSION" github.com/kserve/kserve/cmd/agent
 echo "kind/build.sh: done in $((SECONDS - total_start))s: $BIN"

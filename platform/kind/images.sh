@@ -8,9 +8,9 @@
 #                                           kube-proxy,etcd,coredns/coredns,pause} built from Go modules and C
 # The binaries come from platform/kind/build.sh (which this runs); an image already in Docker is kept, so a second
 # run builds nothing (REBUILD=1 rebuilds them all). The debootstrap root is cached in ~/.cache/kubeloop.
-#   kubeloop.local/{local-path-provisioner,kuberay-operator,registry}:<v>   kind's storage, KubeRay, the registry
+#   kubeloop.local/{local-path-provisioner,kuberay-operator,kserve-manager,kserve-agent,registry}:<v>   the stack's own builds
 # Usage: images.sh [--print-node-image | --print-base-image | --print-provisioner-image | --print-kuberay-image |
-#                   --print-registry-image]
+#                   --print-registry-image | --print-kserve-image | --print-agent-image]
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../versions.sh
@@ -23,12 +23,16 @@ NODE_IMAGE="kubeloop.local/kind-node:$K8S_VERSION"
 PROVISIONER_IMAGE="kubeloop.local/local-path-provisioner:$LOCAL_PATH_PROVISIONER_VERSION"
 KUBERAY_IMAGE="kubeloop.local/kuberay-operator:v$KUBERAY_VERSION"
 REGISTRY_IMAGE="kubeloop.local/registry:$REGISTRY_VERSION"
+KSERVE_IMAGE="kubeloop.local/kserve-manager:$KSERVE_VERSION"
+AGENT_IMAGE="kubeloop.local/kserve-agent:$KSERVE_VERSION"
 case "${1:-}" in   # the names the cluster scripts use
     --print-node-image) echo "$NODE_IMAGE"; exit 0 ;;
     --print-base-image) echo "$BASE_IMAGE"; exit 0 ;;
     --print-provisioner-image) echo "$PROVISIONER_IMAGE"; exit 0 ;;
     --print-kuberay-image) echo "$KUBERAY_IMAGE"; exit 0 ;;
     --print-registry-image) echo "$REGISTRY_IMAGE"; exit 0 ;;
+    --print-kserve-image) echo "$KSERVE_IMAGE"; exit 0 ;;
+    --print-agent-image) echo "$AGENT_IMAGE"; exit 0 ;;
 esac
 
 bash "$HERE/docker.sh"
@@ -97,6 +101,8 @@ binary_image "registry.k8s.io/coredns/coredns:$COREDNS_VERSION" "$BIN/coredns-$C
 binary_image "$PROVISIONER_IMAGE" "$BIN/local-path-provisioner-$LOCAL_PATH_PROVISIONER_VERSION" local-path-provisioner
 binary_image "$KUBERAY_IMAGE" "$CP_BIN/kuberay-operator-v$KUBERAY_VERSION" kuberay-operator
 binary_image "$REGISTRY_IMAGE" "$BIN/registry-$REGISTRY_VERSION" registry
+binary_image "$KSERVE_IMAGE" "$CP_BIN/kserve-manager-$KSERVE_VERSION" manager
+binary_image "$AGENT_IMAGE" "$BIN/kserve-agent-$KSERVE_VERSION" agent
 
 # kube-proxy programs iptables: the base plus Debian's iptables and conntrack
 if ! have "registry.k8s.io/kube-proxy:$K8S_VERSION"; then

@@ -107,7 +107,9 @@ def test_a_worker_pod_deleted_mid_training_resumes_from_its_checkpoint(
     assert status["phase"] == "Succeeded", status
     starts = [int(n) for n in re.findall(r"train\.workers .*resumed_from_epoch=(\d+)", log)]
     assert len(starts) == 2 and starts[0] == 0, f"one restart of the worker group expected, saw {starts}"
-    assert killed_after - 1 <= starts[1] <= killed_after + 5, (starts, killed_after)
+    # not from scratch: from the last checkpoint before Ray noticed the pod gone (epochs go on for the seconds that
+    # takes, so it can be past the epoch this test saw when it deleted the pod)
+    assert starts[1] >= killed_after - 1, (starts, killed_after)
     executed = Counter(int(e) for e in re.findall(rf"train\.epoch epoch=(\d+)/{epochs}", log))
     assert sorted(executed) == list(range(1, epochs + 1))
     assert sum(count - 1 for count in executed.values()) <= 1, {e: c for e, c in executed.items() if c > 1}
