@@ -237,6 +237,13 @@ def _sidecar(md: ModelDeployment, version: int, settings: Settings) -> dict[str,
         container["ports"] = [
             {"name": SIDECAR_METRICS_PORT_NAME, "containerPort": settings.sidecar_metrics_port, "protocol": "TCP"}
         ]
+        # the pod is not Ready (no traffic) until the detector listens: the payload logger drops the events it
+        # cannot deliver, and loading the detector takes tens of seconds on a small node
+        container["readinessProbe"] = {
+            "httpGet": {"path": "/healthz", "port": settings.sidecar_metrics_port},
+            "periodSeconds": 2,
+            "failureThreshold": 3,
+        }
     return container
 
 
