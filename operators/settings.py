@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     sidecar_port: int = 8090
     sidecar_metrics_port: int = 8091
     sidecar_cpu: str = "250m"
-    sidecar_memory: str = "512Mi"
+    # importing the detector (alibi-detect, torch) alone takes ~0.95 GB: at 512Mi real pods were OOMKilled
+    sidecar_memory: str = "2Gi"
 
     # Standard-mode traffic: an HTTPRoute per ModelDeployment (stable and canary weights) attached to this Gateway,
     # "namespace/name" ("name": a Gateway in the deployment's namespace; empty: no HTTPRoute, and a canary gets no
