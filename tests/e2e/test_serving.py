@@ -80,7 +80,8 @@ def test_the_sample_modeldeployment_serves_v1_and_v2_with_its_drift_sidecar(
         lambda: (p := core.read_namespaced_pod("client", namespace).status.phase) in ("Succeeded", "Failed") and p,
         300, "the client pod to finish", 1,
     )  # fmt: skip
-    log = core.read_namespaced_pod_log("client", namespace)
+    # raw bytes: the client parses a log that is one JSON document into a dict and returns its repr
+    log = core.read_namespaced_pod_log("client", namespace, _preload_content=False).data.decode()
     assert phase == "Succeeded", log
     out = json.loads(log.strip().splitlines()[-1])
     assert len(out["v1"]["predictions"]) == 1, out["v1"]
