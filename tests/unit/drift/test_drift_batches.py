@@ -137,20 +137,16 @@ def test_a_window_counts_the_events_that_begin_in_it_batched_or_not(schema, refe
 
 
 def test_ingesting_batches_keeps_up_with_a_busy_model_server(schema, reference, frame) -> None:
-    """20,000 one-row events (10,000 requests and their responses) in batches of 256 through the ASGI app: the bench
-    sends ~3,000 events/s. Measured on the 2-core development machine: 0.10-0.11 s (~5 µs an event, the ASGI call
-    and the JSON included); the bound is 3x that."""
+    """20,000 one-row events (10,000 requests and their responses) in batches of 256 through the ASGI app, against
+    a baseline measured in the same run (this machine's speed varies several-fold between runs): parsing the same
+    bodies with json.loads alone, the least any ingestion must do. Measured on the 2-core development machine:
+    ingestion 0.10-0.11 s (~5 µs an event), 2.3-3.0 times the baseline; the bound leaves room for noise."""
     import time
 
     from monitoring.app import DriftSidecar
     from monitoring.config import SidecarConfig
     from monitoring.versions import VersionMonitor
 
-    config = SidecarConfig(window=200, detection_queue=100)
-    monitor = VersionMonitor(
-        "arrests", 1, schema, reference, detectors.FeatureWiseDrift(reference), detectors.DriftTracker(), 200, deque()
-    )
-    app = DriftSidecar([monitor], config, default_version=1)  # not started: ingestion alone is measured
     rows = traffic.records(traffic.in_distribution(frame, 10_000, np.random.default_rng(3)), FEATURES)
     events = []
     for i, row in enumerate(rows):
@@ -158,12 +154,37 @@ def test_ingesting_batches_keeps_up_with_a_busy_model_server(schema, reference, 
         events.append(_event("response", str(i), {"predictions": [0.5]}, version=1))
     bodies = [_batch(events[i : i + 256]) for i in range(0, len(events), 256)]
     headers = [(b"content-type", BATCH.encode())]
-    started = time.perf_counter()
-    answers = [asgi_call(app, "POST", "/", headers, [body]) for body in bodies]
-    seconds = time.perf_counter() - started
-    assert {status for status, _ in answers} == {200}
-    assert app.status()["versions"]["1"]["rows"] == 10_000 and app.status()["events"]["malformed"] == {}
-    assert seconds < 0.35, f"{len(events)} events took {seconds:.2f} s"
+
+    def ingest() -> float:
+        config = SidecarConfig(window=200, detection_queue=100)
+        monitor = VersionMonitor(
+            "arrests",
+            1,
+            schema,
+            reference,
+            detectors.FeatureWiseDrift(reference),
+            detectors.DriftTracker(),
+            200,
+            deque(),
+        )
+        app = DriftSidecar([monitor], config, default_version=1)  # not started: ingestion alone is measured
+        started = time.perf_counter()
+        answers = [asgi_call(app, "POST", "/", headers, [body]) for body in bodies]
+        seconds = time.perf_counter() - started
+        assert {status for status, _ in answers} == {200}
+        assert app.status()["versions"]["1"]["rows"] == 10_000 and app.status()["events"]["malformed"] == {}
+        return seconds
+
+    def parse() -> float:
+        started = time.perf_counter()
+        for body in bodies:
+            json.loads(body)
+        return time.perf_counter() - started
+
+    ingested = min(ingest() for _ in range(3))  # the least disturbed of three runs, each way
+    parsed = min(parse() for _ in range(3))
+    print(f"ingest {ingested:.3f} s, json.loads alone {parsed:.3f} s, ratio {ingested / parsed:.1f}")
+    assert ingested < 6 * parsed, f"{len(events)} events took {ingested:.2f} s, parsing them {parsed:.3f} s"
 
 
 CLASSES = ("Adelie", "Chinstrap", "Gentoo")
