@@ -100,10 +100,11 @@ module_dir() {  # module_dir MODULE@VERSION -> the unpacked module in GOMODCACHE
     (cd "$OUT/src" && GOFLAGS=-mod=mod "$GO" mod download -json "$1") | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p'
 }
 
-build_wrapped() {  # build_wrapped NAME MODULE VERSION PACKAGE [LDFLAGS]: a wrapper module that requires MODULE@VERSION
-    # a module whose go.mod has replaces (KServe's pin k8s.io/* and controller-runtime) cannot be `go install`ed:
-    # the wrapper repeats its replaces and excludes, and builds PACKAGE as a tool of its own
-    local name=$1 module=$2 version=$3 package=$4 ldflags="-s -w ${5:-}" dir="$OUT/src/$1" src
+build_wrapped() {  # build_wrapped NAME MODULE VERSION PACKAGE [LDFLAGS] [REPLACES]: a wrapper module that requires
+    # MODULE@VERSION. A module whose go.mod has replaces (KServe's pin k8s.io/* and controller-runtime) cannot be
+    # `go install`ed: the wrapper repeats its replaces and excludes, and builds PACKAGE as a tool of its own.
+    # REPLACES: "OLD=NEW" words (NEW a path or MODULE@VERSION) that take the place of MODULE's own replace of OLD.
+    local name=$1 module=$2 version=$3 package=$4 ldflags="-s -w ${5:-}" dir="$OUT/src/$1" src pair
     src=$(module_dir "$module@$version")
     [ -d "$src" ] || { echo "could not download $module@$version"; return 1; }
     mkdir -p "$dir"
@@ -115,8 +116,11 @@ build_wrapped() {  # build_wrapped NAME MODULE VERSION PACKAGE [LDFLAGS]: a wrap
         echo
         echo "require $module $version"
         echo
-        awk '/^replace \($/ {block=1; print; next} block {print; if ($0 == ")") block=0; next}
-             /^replace / {print}' "$src/go.mod"
+        # a replace by a relative path (Traefik's own submodule) points into the unpacked module
+        awk '/^replace \($/ {block=1; next} block {if ($0 == ")") block=0; else if ($1 !~ /^(\/\/|$)/) print "replace " $0; next}
+             /^replace / {print}' "$src/go.mod" | sed -E "s#^replace[[:space:]]+#replace #; s#=> \./#=> $src/#" \
+            | grep -v -E "^replace ($(for pair in ${6:-}; do printf '%s|' "${pair%%=*}"; done)^)[[:space:]]" || true
+        for pair in ${6:-}; do echo "replace ${pair%%=*} => $(echo "${pair#*=}" | tr @ ' ')"; done
         grep -E '^exclude ' "$src/go.mod" || true
         echo
         echo "tool $package"

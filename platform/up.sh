@@ -11,8 +11,8 @@
 #
 # Needs docker, kind, kubectl and helm; idempotent: re-running upgrades in place. LOCAL=1 needs none of them
 # beforehand: the same stack from what platform/kind/ and platform/dev-controlplane/ build (Docker engine, kind,
-# the node image, the KubeRay operator's image, kubectl and helm), in the same order. What is not built locally yet
-# is said and skipped.
+# the node image, kubectl and helm; Traefik as the Gateway, KServe's and KubeRay's controllers, Prometheus with
+# plain scrape jobs), in the same order. What is not built locally yet is said and skipped.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -28,8 +28,8 @@ need() { command -v "$1" >/dev/null || { echo "up.sh: $1 is required" >&2; exit 
 wanted() { [[ " $SKIP " != *" $1 "* ]]; }
 step() { printf '\n== %s (%d s)\n' "$*" "$((SECONDS - START))"; }
 if [ "$LOCAL" = 1 ]; then   # not built for registry-less machines yet
-    echo "up.sh: LOCAL=1 has no local build of cert-manager, the Gateway, Prometheus, KFP yet: skipped"
-    SKIP="$SKIP cert-manager gateway prometheus kfp"
+    echo "up.sh: LOCAL=1 has no local build of cert-manager and KFP yet: skipped"
+    SKIP="$SKIP cert-manager kfp"
 fi
 
 step "kind cluster $CLUSTER"
@@ -61,7 +61,17 @@ if wanted cert-manager; then
         --set crds.enabled=true --wait --timeout 10m
 fi
 
-if wanted gateway; then
+if wanted gateway && [ "$LOCAL" = 1 ]; then
+    step "Traefik $TRAEFIK_VERSION, the Gateway (built from Go modules: platform/kind/traefik.yaml)"
+    upstream="$(dirname "$(bash "$HERE/dev-controlplane/build.sh" --print-bin-dir)")/upstream/gateway-api-$GATEWAY_API_VERSION"
+    kubectl apply --server-side --force-conflicts \
+        $(printf -- '-f %s ' "$upstream"/config/crd/standard/gateway.networking.k8s.io_*.yaml) >/dev/null
+    kubectl create namespace kserve --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+    image="${REGISTRY%/*}/traefik:$TRAEFIK_VERSION"
+    publish "$(bash "$HERE/kind/images.sh" --print-traefik-image)" "$image"
+    sed "s#image: TRAEFIK_IMAGE#image: $image#" "$HERE/kind/traefik.yaml" | kubectl apply -f - >/dev/null
+    kubectl -n traefik rollout status deployment/traefik --timeout=180s
+elif wanted gateway; then
     step "Envoy Gateway $ENVOY_GATEWAY_VERSION (and the Gateway API CRDs)"
     helm upgrade --install eg oci://docker.io/envoyproxy/gateway-helm --version "$ENVOY_GATEWAY_VERSION" \
         --namespace envoy-gateway-system --create-namespace --wait --timeout 10m
@@ -109,7 +119,14 @@ elif wanted kuberay; then
         --version "$KUBERAY_VERSION" --namespace ray-system --create-namespace --wait --timeout 10m
 fi
 
-if wanted prometheus; then
+if wanted prometheus && [ "$LOCAL" = 1 ]; then
+    step "Prometheus $PROMETHEUS_VERSION (built from Go modules: platform/kind/prometheus.yaml)"
+    image="${REGISTRY%/*}/prometheus:$PROMETHEUS_VERSION"
+    publish "$(bash "$HERE/kind/images.sh" --print-prometheus-image)" "$image"
+    sed "s#image: PROMETHEUS_IMAGE#image: $image#" "$HERE/kind/prometheus.yaml" | kubectl apply -f - >/dev/null
+    kubectl -n monitoring rollout status deployment/prometheus --timeout=180s
+    prometheus_url=http://prometheus.monitoring:9090
+elif wanted prometheus; then
     step "kube-prometheus-stack $KUBE_PROMETHEUS_STACK_VERSION"
     # pick up every ServiceMonitor/PodMonitor/PrometheusRule, not only the chart's own
     helm upgrade --install kube-prometheus-stack kube-prometheus-stack \
@@ -119,6 +136,7 @@ if wanted prometheus; then
         --set prometheus.prometheusSpec.podMonitorSelectorNilUsesHelmValues=false \
         --set prometheus.prometheusSpec.ruleSelectorNilUsesHelmValues=false \
         --wait --timeout 15m
+    prometheus_url=http://prometheus-operated.monitoring:9090
 fi
 
 if wanted kfp; then
@@ -152,14 +170,17 @@ if [[ "${KUBELOOP:-0}" == 1 ]]; then
     done
 
     step "kubeloop (helm/kubeloop) and KUBELOOP_HOME in namespace default"
+    # prometheus-operator's monitors where kube-prometheus-stack runs; the local Prometheus has scrape jobs instead
+    monitors=false
+    if wanted prometheus && [ "$LOCAL" != 1 ]; then monitors=true; fi
     helm upgrade --install kubeloop "$ROOT/helm/kubeloop" --namespace kubeloop-system --create-namespace \
         --set image.repository="$registry/operator" \
         --set workloadImages.training.repository="$registry/training" \
         --set workloadImages.serving.repository="$registry/serving" \
         --set workloadImages.drift.repository="$registry/drift" "${tags[@]}" \
-        --set metrics.serviceMonitor.enabled="$(wanted prometheus && echo true || echo false)" \
-        --set metrics.prometheusRule.enabled="$(wanted prometheus && echo true || echo false)" \
-        --set predictor.podMonitor.enabled="$(wanted prometheus && echo true || echo false)" \
+        --set analysis.prometheusUrl="${prometheus_url:-}" \
+        --set metrics.serviceMonitor.enabled="$monitors" --set metrics.prometheusRule.enabled="$monitors" \
+        --set predictor.podMonitor.enabled="$monitors" \
         --set webhook.enabled="$(wanted cert-manager && echo true || echo false)" \
         ${HELM_ARGS:-} --wait --timeout 5m
     kubectl apply -n default -f "$HERE/kubeloop-home.yaml"

@@ -9,6 +9,8 @@
 #     local-path-provisioner-<v>                github.com/rancher/local-path-provisioner (kind's default storage)
 #     registry-<v>                              github.com/distribution/distribution (the nodes' image registry)
 #     kserve-agent-<v>                          github.com/kserve/kserve/cmd/agent (the predictor's payload logger)
+#     traefik-<v>                               github.com/traefik/traefik/v3 (the Gateway API implementation)
+#     prometheus-<v>                            github.com/prometheus/prometheus (Debian's has no Kubernetes discovery)
 # The control plane's own binaries (kube-apiserver, etcd, the KServe and KubeRay controllers) come from
 # platform/dev-controlplane/build.sh, which this runs first. Images and the node image: platform/kind/images.sh.
 # Usage: build.sh [--print-bin-dir]    (versions: versions.env here and in platform/dev-controlplane/; env wins)
@@ -22,7 +24,7 @@ CACHE=${KUBELOOP_CACHE:-$HOME/.cache/kubeloop}
 if [ "${1:-}" = "--print-bin-dir" ]; then echo "$CACHE/kind-$K8S_VERSION/bin"; exit 0; fi
 bash "$HERE/../dev-controlplane/build.sh"
 
-NAME=kind/build.sh OUT="$CACHE/kind-$K8S_VERSION" STEPS=10
+NAME=kind/build.sh OUT="$CACHE/kind-$K8S_VERSION" STEPS=12
 # shellcheck source=../gobuild.sh
 source "$HERE/../gobuild.sh"
 total_start=$SECONDS
@@ -52,4 +54,62 @@ run_step "registry-$REGISTRY_VERSION" build_install "registry-$REGISTRY_VERSION"
     "-s -w -X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION" registry
 run_step "kserve-agent-$KSERVE_VERSION" build_wrapped "kserve-agent-$KSERVE_VERSION" \
     github.com/kserve/kserve "$KSERVE_VERSION" github.com/kserve/kserve/cmd/agent
+
+# Traefik's own dynamic/ext module is not in its zip (a nested module). Its ACME DNS-challenge providers (lego) need 14 modules the proxy here refuses, and its basic-auth fork's
+# newest commit is refused too: the wrapper takes lego with its provider registry emptied (a cluster on kind gets
+# no ACME certificates) and the fork's previous commit, whose API Traefik's middlewares use unchanged.
+lego_without_dns_providers() {  # -> the path of a copy of lego whose providers/dns registers no provider
+    local src copy="$OUT/src/lego-$LEGO_VERSION-no-dns-providers"
+    if [ ! -f "$copy/.ready" ]; then
+        src=$(module_dir "github.com/go-acme/lego/v5@$LEGO_VERSION")
+        rm -rf "$copy" && cp -r "$src" "$copy" && chmod -R u+w "$copy"
+        rm -f "$copy"/providers/dns/*.go
+        cat >"$copy/providers/dns/providers.go" <<'GO'
+// Package dns is emptied by kubeloop's platform/kind/build.sh: this Traefik build has no ACME DNS providers.
+package dns
+
+import (
+	"fmt"
+
+	"github.com/go-acme/lego/v5/challenge"
+)
+
+// NewDNSChallengeProviderByName refuses every name.
+func NewDNSChallengeProviderByName(name string) (challenge.Provider, error) {
+	return nil, fmt.Errorf("DNS provider %q: this Traefik build (kubeloop, kind) has no ACME DNS providers", name)
+}
+GO
+        touch "$copy/.ready"
+    fi
+    echo "$copy"
+}
+traefik_dynamic_ext() {  # -> Traefik's dynamic/ext: a nested module (absent from the zip), two empty types
+    local dir="$OUT/src/traefik-dynamic-ext"
+    mkdir -p "$dir"
+    printf 'module github.com/traefik/traefik/dynamic/ext\n\ngo 1.24.0\n' >"$dir/go.mod"
+    cat >"$dir/ext.go" <<'GO'
+// Package ext is where Traefik's builds add fields to its dynamic configuration; this build adds none.
+package ext
+
+// HTTP adds nothing to dynamic.HTTPConfiguration.
+type HTTP struct{}
+
+// Router adds nothing to dynamic.Router.
+type Router struct{}
+GO
+    echo "$dir"
+}
+build_traefik() {
+    build_wrapped "traefik-$TRAEFIK_VERSION" github.com/traefik/traefik/v3 "$TRAEFIK_VERSION" \
+        github.com/traefik/traefik/v3/cmd/traefik "-X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION" \
+        "github.com/traefik/traefik/dynamic/ext=$(traefik_dynamic_ext)
+         github.com/go-acme/lego/v5=$(lego_without_dns_providers)
+         github.com/abbot/go-http-auth=github.com/containous/go-http-auth@$GO_HTTP_AUTH_VERSION"
+}
+run_step "traefik-$TRAEFIK_VERSION" build_traefik
+# module v0.X.Y is Prometheus 3.X.Y; its web UI is not in the module (built with npm): the API and /metrics serve
+prometheus_release="3.$(echo "$PROMETHEUS_VERSION" | cut -d. -f2 | sed 's/^3//').$(echo "$PROMETHEUS_VERSION" | cut -d. -f3)"
+run_step "prometheus-$PROMETHEUS_VERSION" build_install "prometheus-$PROMETHEUS_VERSION" \
+    "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_VERSION" \
+    "-s -w -X github.com/prometheus/common/version.Version=$prometheus_release" prometheus
 echo "kind/build.sh: done in $((SECONDS - total_start))s: $BIN"

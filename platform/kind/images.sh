@@ -8,9 +8,11 @@
 #                                           kube-proxy,etcd,coredns/coredns,pause} built from Go modules and C
 # The binaries come from platform/kind/build.sh (which this runs); an image already in Docker is kept, so a second
 # run builds nothing (REBUILD=1 rebuilds them all). The debootstrap root is cached in ~/.cache/kubeloop.
-#   kubeloop.local/{local-path-provisioner,kuberay-operator,kserve-manager,kserve-agent,registry}:<v>   the stack's own builds
+#   kubeloop.local/{local-path-provisioner,kuberay-operator,kserve-manager,kserve-agent,registry,traefik,
+#                   prometheus}:<v>         the stack's own builds, one static binary each
 # Usage: images.sh [--print-node-image | --print-base-image | --print-provisioner-image | --print-kuberay-image |
-#                   --print-registry-image | --print-kserve-image | --print-agent-image]
+#                   --print-registry-image | --print-kserve-image | --print-agent-image | --print-traefik-image |
+#                   --print-prometheus-image]
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../versions.sh
@@ -25,6 +27,8 @@ KUBERAY_IMAGE="kubeloop.local/kuberay-operator:v$KUBERAY_VERSION"
 REGISTRY_IMAGE="kubeloop.local/registry:$REGISTRY_VERSION"
 KSERVE_IMAGE="kubeloop.local/kserve-manager:$KSERVE_VERSION"
 AGENT_IMAGE="kubeloop.local/kserve-agent:$KSERVE_VERSION"
+TRAEFIK_IMAGE="kubeloop.local/traefik:$TRAEFIK_VERSION"
+PROMETHEUS_IMAGE="kubeloop.local/prometheus:$PROMETHEUS_VERSION"
 case "${1:-}" in   # the names the cluster scripts use
     --print-node-image) echo "$NODE_IMAGE"; exit 0 ;;
     --print-base-image) echo "$BASE_IMAGE"; exit 0 ;;
@@ -33,6 +37,8 @@ case "${1:-}" in   # the names the cluster scripts use
     --print-registry-image) echo "$REGISTRY_IMAGE"; exit 0 ;;
     --print-kserve-image) echo "$KSERVE_IMAGE"; exit 0 ;;
     --print-agent-image) echo "$AGENT_IMAGE"; exit 0 ;;
+    --print-traefik-image) echo "$TRAEFIK_IMAGE"; exit 0 ;;
+    --print-prometheus-image) echo "$PROMETHEUS_IMAGE"; exit 0 ;;
 esac
 
 bash "$HERE/docker.sh"
@@ -103,6 +109,8 @@ binary_image "$KUBERAY_IMAGE" "$CP_BIN/kuberay-operator-v$KUBERAY_VERSION" kuber
 binary_image "$REGISTRY_IMAGE" "$BIN/registry-$REGISTRY_VERSION" registry
 binary_image "$KSERVE_IMAGE" "$CP_BIN/kserve-manager-$KSERVE_VERSION" manager
 binary_image "$AGENT_IMAGE" "$BIN/kserve-agent-$KSERVE_VERSION" agent
+binary_image "$TRAEFIK_IMAGE" "$BIN/traefik-$TRAEFIK_VERSION" traefik
+binary_image "$PROMETHEUS_IMAGE" "$BIN/prometheus-$PROMETHEUS_VERSION" prometheus
 
 # kube-proxy programs iptables: the base plus Debian's iptables and conntrack
 if ! have "registry.k8s.io/kube-proxy:$K8S_VERSION"; then

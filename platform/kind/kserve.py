@@ -7,7 +7,7 @@ Usage: python3 kserve.py BIN_DIR crds                       # the CRD files (KSe
                                                                           # Deployment
        python3 kserve.py BIN_DIR webhooks                   # the webhook configurations (once the manager is up)
 The last two print one YAML stream for ``kubectl apply -f -``. Gateway API stays off in KServe's config: kubeloop's own
-HTTPRoutes carry the traffic split, and no Gateway implementation is built locally yet.
+HTTPRoutes (on Traefik, platform/kind/traefik.yaml) carry the traffic, KServe's own route would add nothing.
 """
 
 import importlib.util

@@ -10,20 +10,15 @@ from typing import Any
 
 from kubernetes import client
 
+from tests.e2e.workloads import finished_training, trainingjob
 from tests.support.clusterkit import wait_for
-from tests.support.operatorkit import create, kubeloop_obj, rayjob, sample
-
-# Two cores per node here: the sample's workers ask for 1 CPU each, the head for 1 (chart value ray.head.cpu); the
-# e2e sizes them to half a CPU (Ray still counts each worker pod as one CPU) so the head and both workers fit on
-# the one node their ReadWriteOnce KUBELOOP_HOME volume is on.
-WORKER_CPU = "500m"
+from tests.support.operatorkit import create, kubeloop_obj, rayjob
 
 
 def test_the_sample_trainingjob_trains_on_ray_pods_and_registers_its_modelversion(
     api: client.CustomObjectsApi, core: client.CoreV1Api, namespace: str
 ) -> None:
-    doc = sample("trainingjob")
-    doc["spec"]["workers"]["cpu"] = WORKER_CPU
+    doc = trainingjob()
     started = time.monotonic()
     create(api, namespace, doc)
     name, replicas = doc["metadata"]["name"], doc["spec"]["workers"]["replicas"]
@@ -46,11 +41,7 @@ def test_the_sample_trainingjob_trains_on_ray_pods_and_registers_its_modelversio
     kinds = sorted(p.metadata.labels.get("ray.io/node-type", "?") for p in seen.values())
     assert kinds == ["head"] + ["worker"] * replicas, kinds
 
-    def finished() -> dict[str, Any] | None:
-        status = (kubeloop_obj(api, "trainingjobs", namespace, name) or {}).get("status") or {}
-        return status if status.get("phase") in ("Succeeded", "Failed") else None
-
-    status = wait_for(finished, 900, "the TrainingJob Succeeded or Failed", 5)
+    status = finished_training(api, namespace, name)
     assert status["phase"] == "Succeeded", status
     version = status["modelVersion"]
     mv = kubeloop_obj(api, "modelversions", namespace, version)
@@ -71,10 +62,9 @@ def test_a_worker_pod_deleted_mid_training_resumes_from_its_checkpoint(
 ) -> None:
     # 300 epochs of ~0.5 s each (a checkpoint each) leave time to delete a worker pod inside the run; the driver's
     # progress lines reach the submitter Job's log, which is where this test reads them
-    doc = sample("trainingjob")
-    doc["metadata"]["name"] = name = "arrests-resume"
-    doc["spec"]["workers"]["cpu"] = WORKER_CPU
-    doc["spec"]["hyperparameters"]["epochs"] = epochs = 300
+    epochs = 300
+    doc = trainingjob("arrests-resume", epochs=epochs)
+    name = doc["metadata"]["name"]
     create(api, namespace, doc)
     cluster_name = wait_for(
         lambda: ((rayjob(api, namespace, name) or {}).get("status") or {}).get("rayClusterName"),
@@ -98,11 +88,7 @@ def test_a_worker_pod_deleted_mid_training_resumes_from_its_checkpoint(
     core.delete_namespaced_pod(victim.metadata.name, namespace, grace_period_seconds=0)
     killed_after = max(int(e) for e in re.findall(rf"train\.epoch epoch=(\d+)/{epochs}", driver_log()))
 
-    def finished() -> dict[str, Any] | None:
-        status = (kubeloop_obj(api, "trainingjobs", namespace, name) or {}).get("status") or {}
-        return status if status.get("phase") in ("Succeeded", "Failed") else None
-
-    status = wait_for(finished, 900, "the TrainingJob Succeeded or Failed", 5)
+    status = finished_training(api, namespace, name)
     log = driver_log()  # the submitter Job stays with its RayJob when the finished RayCluster goes
     assert status["phase"] == "Succeeded", status
     starts = [int(n) for n in re.findall(r"train\.workers .*resumed_from_epoch=(\d+)", log)]
