@@ -9,6 +9,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+import pytest
 from kubernetes import client
 
 from operators.settings import Settings
@@ -17,6 +18,7 @@ from tests.support.clusterkit import wait_for
 from tests.support.operatorkit import GROUP, VERSION, create, kubeloop_obj, sample
 from tests.support.serving_requests import GOOD, v2_body
 
+pytestmark = pytest.mark.timeout(1800)  # two trainings, two predictors, the analysis' intervals
 INTERVAL_S = 20
 # each judged interval is judged on itself: latency and prediction shift are loose on a 2-core machine running the
 # whole cluster; the split is what this test measures

@@ -71,8 +71,14 @@ def start_client(core: client.CoreV1Api, namespace: str, name: str, image: str, 
 
 
 def client_log(core: client.CoreV1Api, namespace: str, name: str) -> str:
-    # raw bytes: the client parses a log that is one JSON document into a dict and returns its repr
-    return core.read_namespaced_pod_log(name, namespace, _preload_content=False).data.decode()
+    """The client pod's log so far; empty while its container is not started (the API answers 400 then)."""
+    try:
+        # raw bytes: the client parses a log that is one JSON document into a dict and returns its repr
+        return core.read_namespaced_pod_log(name, namespace, _preload_content=False).data.decode()
+    except client.ApiException as error:
+        if error.status == 400:
+            return ""
+        raise
 
 
 def finished_client(core: client.CoreV1Api, namespace: str, name: str, timeout: float = 300) -> str:
