@@ -16,6 +16,7 @@ from operators.settings import Settings
 from tests.e2e.workloads import (
     GATEWAY,
     finished_client,
+    image,
     prometheus,
     ready_predictor,
     start_client,
@@ -57,9 +58,8 @@ def test_the_sample_modeldeployment_serves_v1_and_v2_through_the_gateway_with_it
     settings = Settings()
     host = f"arrests.{namespace}.{settings.gateway_domain}"  # the operator's HTTPRoute (operators/httproute.py)
     status = f"http://{pod.status.pod_ip}:{settings.sidecar_metrics_port}/status"
-    image = f"{chart_values['image']['repository']}:{chart_values['image']['tag']}"
     body_v1, body_v2 = json.dumps(v1()), json.dumps(v2_body([GOOD, GOOD]))
-    start_client(core, namespace, "client", image, PROBE, GATEWAY, host, body_v1, body_v2, status)
+    start_client(core, namespace, "client", image(chart_values), PROBE, GATEWAY, host, body_v1, body_v2, status)
     out = json.loads(finished_client(core, namespace, "client").strip().splitlines()[-1])
     assert len(out["v1"]["predictions"]) == 1, out["v1"]
     assert out["v2"]["outputs"][0]["shape"][0] == 2 and out["v2"]["model_version"] == "1", out["v2"]

@@ -19,6 +19,13 @@ GATEWAY = "http://traefik.traefik"  # platform/kind/traefik.yaml's Service: the 
 PROMETHEUS = ("monitoring", "prometheus:9090")  # platform/kind/prometheus.yaml's Service
 
 
+def image(chart_values: dict[str, Any], component: str = "operator") -> str:
+    """The installed release's image of a component: operator (python and kubeloop, light), or one of the
+    workloads' (training, serving, drift)."""
+    values = chart_values["image"] if component == "operator" else chart_values["workloadImages"][component]
+    return f"{values['repository']}:{values['tag']}"
+
+
 def trainingjob(name: str | None = None, **hyperparameters: Any) -> dict[str, Any]:
     """The sample TrainingJob sized for this cluster, renamed and with hyperparameters changed when asked."""
     doc = sample("trainingjob")
