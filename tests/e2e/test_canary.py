@@ -2,7 +2,8 @@
 operator's HTTPRoute), the operator's analysis judging each interval from Prometheus. A good candidate: every step's
 share as the client measured it within 5 points of the step, then promoted, every request answered by version 2. A
 broken one (its weights scrambled, kubeloop.broken_candidates): rolled back within two judged intervals, its
-ModelVersion Rejected and kept, every request answered by version 1 again."""
+ModelVersion Rejected and kept, every request answered by version 1 again. The loop: drifted traffic, status.drift
+Drift, the operator's retraining TrainingJob, its version rolled out as the canary and promoted."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tests.e2e.workloads import (
     GATEWAY,
     client_log,
     finished_client,
+    finished_training,
     image,
     ready_predictor,
     start_client,
@@ -83,29 +85,42 @@ def _md(api: client.CustomObjectsApi, namespace: str) -> dict[str, Any]:
     return kubeloop_obj(api, "modeldeployments", namespace, "arrests") or {}
 
 
-def _serve_v1_with_traffic(core: client.CoreV1Api, api: client.CustomObjectsApi, namespace: str, image: str) -> None:
-    """The sample ModelDeployment at version 1, and the traffic pod sending v2 requests through the Gateway."""
+def _analysis(checks: dict[str, Any]) -> dict[str, Any]:
+    return {"steps": STEPS, "interval": f"{INTERVAL_S}s", "maxFailedChecks": 2, "checks": checks}
+
+
+def _serve_v1_with_traffic(
+    core: client.CoreV1Api, api: client.CustomObjectsApi, namespace: str, image: str, row: dict[str, Any] = GOOD,
+    **spec: Any,
+) -> None:  # fmt: skip
+    """The sample ModelDeployment at version 1 (spec fields replaced by ``spec``), and the traffic pod sending v2
+    requests of ``row`` through the Gateway."""
     doc = sample("modeldeployment")
     # both predictors mount the ReadWriteOnce KUBELOOP_HOME, so share one 2-core node: a quarter CPU each server
     doc["spec"]["resources"]["cpu"] = "250m"
+    doc["spec"].update(spec)
     create(api, namespace, doc)
     ready_predictor(core, namespace, "serving.kserve.io/inferenceservice=arrests")
     host = f"arrests.{namespace}.{Settings().gateway_domain}"
     url = f"{GATEWAY}/v2/models/arrests/infer"
-    start_client(core, namespace, "traffic", image, TRAFFIC, url, host, json.dumps(v2_body([GOOD])), "1200")
+    start_client(core, namespace, "traffic", image, TRAFFIC, url, host, json.dumps(v2_body([row])), "1800")
     wait_for(lambda: len(_seconds(client_log(core, namespace, "traffic"))) >= 3, 300, "the traffic pod's first seconds")
 
 
-def _canary_to_the_end(api: client.CustomObjectsApi, namespace: str, checks: dict[str, Any]) -> dict[str, Any]:
-    """Set version 2 as the canary and return the ModelDeployment's status once Promoted or RolledBack."""
-    analysis = {"steps": STEPS, "interval": f"{INTERVAL_S}s", "maxFailedChecks": 2, "checks": checks}
-    patch = {"spec": {"canary": {"version": 2, "trafficPercent": STEPS[0], "analysis": analysis}}}
-    api.patch_namespaced_custom_object(GROUP, VERSION, namespace, "modeldeployments", "arrests", patch)
+def _rolled_out(api: client.CustomObjectsApi, namespace: str) -> dict[str, Any]:
+    """The ModelDeployment's status once its canary is Promoted or RolledBack."""
     return wait_for(
         lambda: (_md(api, namespace).get("status") or {}).get("canaryPhase") in ("Promoted", "RolledBack")
         and _md(api, namespace)["status"],
         900, "the canary Promoted or RolledBack", 5,
     )  # fmt: skip
+
+
+def _canary_to_the_end(api: client.CustomObjectsApi, namespace: str, checks: dict[str, Any]) -> dict[str, Any]:
+    """Set version 2 as the canary and return the ModelDeployment's status once Promoted or RolledBack."""
+    patch = {"spec": {"canary": {"version": 2, "trafficPercent": STEPS[0], "analysis": _analysis(checks)}}}
+    api.patch_namespaced_custom_object(GROUP, VERSION, namespace, "modeldeployments", "arrests", patch)
+    return _rolled_out(api, namespace)
 
 
 def _all_answered_by(core: client.CoreV1Api, namespace: str, version: str) -> None:
@@ -122,6 +137,8 @@ def _judged(history: list[dict[str, Any]], seconds: list[dict[str, Any]]) -> lis
     start = next(e for e in history if e["action"] == "start" and e["candidate"] == 2)
     out = []
     for entry in history[history.index(start) + 1 :]:
+        if entry["action"] not in ("hold", "advance", "promote", "rollback"):
+            continue  # not the canary analysis' (drift, retraining)
         end = _time(entry["time"])
         # the interval judged ends at the entry; its first and last seconds can straddle a change of weights
         window = [s for s in seconds if end - INTERVAL_S + 2 <= s["t"] <= end - 2]
@@ -132,6 +149,8 @@ def _judged(history: list[dict[str, Any]], seconds: list[dict[str, Any]]) -> lis
             continue
         assert v1 + v2 >= 100 and failed == 0, (entry["time"], v1, v2, failed)
         out.append((entry, v1, v2))
+        if entry["action"] in ("promote", "rollback"):
+            break
     return out
 
 
@@ -219,4 +238,48 @@ def test_a_broken_canary_is_rolled_back_within_two_intervals_and_rejected(
     print(
         f"\ne2e rollback: {[(e['action'], e['trafficPercent'], v2) for e, _, v2 in judged]} (action, %, v2 "
         f"requests); rolled back and every request on version 1 {back:.0f} s after the canary was set"
+    )
+
+
+def test_drifted_traffic_retrains_and_the_retrained_version_is_rolled_out(
+    api: client.CustomObjectsApi, core: client.CoreV1Api, namespace: str, chart_values: dict[str, Any]
+) -> None:
+    # the retraining's Ray pods start beside the serving predictor, on the node of KUBELOOP_HOME: a quarter CPU per
+    # worker (the copy keeps arrests-mlp's spec) leaves room for both on its 2 cores
+    assert train(api, namespace, trainingjob(cpu="250m"))["spec"]["version"] == 1
+    retrain = {"enabled": True, "sustainedFor": "20s", "minInterval": "1h", "trainingJob": "arrests-mlp",
+               "analysis": _analysis(LOOSE)}  # fmt: skip
+    shifted = {**GOOD, "age": GOOD["age"] + 25}  # every request 25 years older than its training row
+    _serve_v1_with_traffic(core, api, namespace, image(chart_values), shifted, retrain=retrain)
+    first = time.time()
+
+    def status() -> dict[str, Any]:
+        return _md(api, namespace).get("status") or {}
+
+    wait_for(lambda: (status().get("drift") or {}).get("state") == "Drift", 300, "status.drift Drift", 2)
+    drifted = time.time() - first
+    retraining = wait_for(lambda: (status().get("retrain") or {}).get("trainingJob"), 300, "the retraining job", 2)
+    triggered = time.time() - first
+    trained = finished_training(api, namespace, retraining)
+    assert trained["phase"] == "Succeeded", trained
+    assert kubeloop_obj(api, "modelversions", namespace, trained["modelVersion"])["spec"]["version"] == 2
+    retrained = time.time() - first
+    final = _rolled_out(api, namespace)
+    assert final["canaryPhase"] == "Promoted", json.dumps(final.get("history"), indent=1)
+    promoted = time.time() - first
+    _all_answered_by(core, namespace, "v2")
+    at_100 = time.time() - first
+    seconds = _seconds(client_log(core, namespace, "traffic"))
+    core.delete_namespaced_pod("traffic", namespace, grace_period_seconds=0)
+
+    measured = []
+    for entry, v1, v2 in _judged(final["history"], seconds):
+        share = 100 * v2 / (v1 + v2)
+        measured.append((entry["trafficPercent"], round(share, 1)))
+        assert abs(share - entry["trafficPercent"]) <= 5, (entry, v1, v2)
+    assert {20, 50} <= {m[0] for m in measured}, measured
+    print(
+        f"\ne2e loop, seconds from the first drifted request: status.drift Drift {drifted:.0f}, retraining job "
+        f"{retraining} created {triggered:.0f}, version 2 registered {retrained:.0f}, promoted {promoted:.0f}, "
+        f"every request on version 2 {at_100:.0f}; steps (%, measured %) {measured}"
     )

@@ -26,10 +26,10 @@ def image(chart_values: dict[str, Any], component: str = "operator") -> str:
     return f"{values['repository']}:{values['tag']}"
 
 
-def trainingjob(name: str | None = None, **hyperparameters: Any) -> dict[str, Any]:
+def trainingjob(name: str | None = None, cpu: str = WORKER_CPU, **hyperparameters: Any) -> dict[str, Any]:
     """The sample TrainingJob sized for this cluster, renamed and with hyperparameters changed when asked."""
     doc = sample("trainingjob")
-    doc["spec"]["workers"]["cpu"] = WORKER_CPU
+    doc["spec"]["workers"]["cpu"] = cpu
     if name:
         doc["metadata"]["name"] = name
     doc["spec"]["hyperparameters"].update(hyperparameters)
