@@ -154,6 +154,20 @@ def _judged(history: list[dict[str, Any]], seconds: list[dict[str, Any]]) -> lis
     return out
 
 
+def _split_within_5_points(
+    history: list[dict[str, Any]], seconds: list[dict[str, Any]]
+) -> list[tuple[int, float, int]]:
+    """(step %, share % the client measured, requests) of each judged interval, each share within 5 points of its
+    step, and every step below 100 judged on measured traffic."""
+    measured = []
+    for entry, v1, v2 in _judged(history, seconds):
+        share = 100 * v2 / (v1 + v2)
+        measured.append((entry["trafficPercent"], round(share, 1), v1 + v2))
+        assert abs(share - entry["trafficPercent"]) <= 5, (entry, v1, v2)
+    assert set(STEPS[:-1]) <= {m[0] for m in measured}, measured
+    return measured
+
+
 def test_a_canary_moves_through_its_steps_at_the_measured_split_and_is_promoted(
     api: client.CustomObjectsApi, core: client.CoreV1Api, namespace: str, chart_values: dict[str, Any]
 ) -> None:
@@ -172,12 +186,7 @@ def test_a_canary_moves_through_its_steps_at_the_measured_split_and_is_promoted(
     seconds = _seconds(client_log(core, namespace, "traffic"))
     core.delete_namespaced_pod("traffic", namespace, grace_period_seconds=0)
 
-    measured = []
-    for entry, v1, v2 in _judged(status["history"], seconds):
-        share = 100 * v2 / (v1 + v2)
-        measured.append((entry["trafficPercent"], round(share, 1), v1 + v2))
-        assert abs(share - entry["trafficPercent"]) <= 5, (entry, v1, v2)
-    assert {20, 50} <= {m[0] for m in measured}, measured  # every step below 100 judged on traffic measured
+    measured = _split_within_5_points(status["history"], seconds)
     spec = _md(api, namespace)["spec"]
     assert spec["version"] == 2 and "canary" not in spec, spec
     print(
@@ -272,14 +281,9 @@ def test_drifted_traffic_retrains_and_the_retrained_version_is_rolled_out(
     seconds = _seconds(client_log(core, namespace, "traffic"))
     core.delete_namespaced_pod("traffic", namespace, grace_period_seconds=0)
 
-    measured = []
-    for entry, v1, v2 in _judged(final["history"], seconds):
-        share = 100 * v2 / (v1 + v2)
-        measured.append((entry["trafficPercent"], round(share, 1)))
-        assert abs(share - entry["trafficPercent"]) <= 5, (entry, v1, v2)
-    assert {20, 50} <= {m[0] for m in measured}, measured
+    measured = _split_within_5_points(final["history"], seconds)
     print(
         f"\ne2e loop, seconds from the first drifted request: status.drift Drift {drifted:.0f}, retraining job "
         f"{retraining} created {triggered:.0f}, version 2 registered {retrained:.0f}, promoted {promoted:.0f}, "
-        f"every request on version 2 {at_100:.0f}; steps (%, measured %) {measured}"
+        f"every request on version 2 {at_100:.0f}; (step %, measured %, requests) {measured}"
     )
