@@ -188,9 +188,12 @@ fi
 
 step "done"
 [ "$LOCAL" != 1 ] || echo "kubeconfig: $KUBECONFIG"
-cat <<TXT
-KServe:  kubectl get inferenceservices -A     KubeRay: kubectl get rayjobs -A
-KFP UI:  kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80
-Grafana: kubectl -n monitoring port-forward svc/kube-prometheus-stack-grafana 3000:80
-kubeloop samples: kubectl apply -f manifests/samples/trainingjob.yaml
-TXT
+echo "KServe:  kubectl get inferenceservices -A     KubeRay: kubectl get rayjobs -A"
+if [ "$LOCAL" = 1 ]; then
+    echo "Prometheus: kubectl -n monitoring port-forward svc/prometheus 9090   (API only: no web UI in this build)"
+    echo "Gateway: http://traefik.traefik in the cluster, Host <deployment>.<namespace>.example.com"
+else
+    echo "KFP UI:  kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80"
+    echo "Grafana: kubectl -n monitoring port-forward svc/kube-prometheus-stack-grafana 3000:80"
+fi
+echo "kubeloop samples: kubectl apply -f manifests/samples/trainingjob.yaml"
