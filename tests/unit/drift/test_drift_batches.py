@@ -140,7 +140,8 @@ def test_ingesting_batches_keeps_up_with_a_busy_model_server(schema, reference, 
     """20,000 one-row events (10,000 requests and their responses) in batches of 256 through the ASGI app, against
     a baseline measured in the same run (this machine's speed varies several-fold between runs): parsing the same
     bodies with json.loads alone, the least any ingestion must do. Measured on the 2-core development machine:
-    ingestion 0.10-0.11 s (~5 µs an event), 2.3-3.0 times the baseline; the bound leaves room for noise."""
+    ingestion 0.11-0.15 s (~5-7 µs an event), 2.3-3.0 times the baseline (4.8 beside a running kind cluster); at
+    the bound, 10 times, it still takes >40,000 events/s where the bench sends ~3,000."""
     import time
 
     from monitoring.app import DriftSidecar
@@ -181,10 +182,10 @@ def test_ingesting_batches_keeps_up_with_a_busy_model_server(schema, reference, 
             json.loads(body)
         return time.perf_counter() - started
 
-    ingested = min(ingest() for _ in range(3))  # the least disturbed of three runs, each way
-    parsed = min(parse() for _ in range(3))
+    runs = [(ingest(), parse()) for _ in range(3)]  # interleaved: a slow spell hits both; the least disturbed of each
+    ingested, parsed = min(i for i, _ in runs), min(p for _, p in runs)
     print(f"ingest {ingested:.3f} s, json.loads alone {parsed:.3f} s, ratio {ingested / parsed:.1f}")
-    assert ingested < 6 * parsed, f"{len(events)} events took {ingested:.2f} s, parsing them {parsed:.3f} s"
+    assert ingested < 10 * parsed, f"{len(events)} events took {ingested:.2f} s, parsing them {parsed:.3f} s"
 
 
 CLASSES = ("Adelie", "Chinstrap", "Gentoo")
