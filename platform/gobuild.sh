@@ -117,7 +117,8 @@ build_wrapped() {  # build_wrapped NAME MODULE VERSION PACKAGE [LDFLAGS] [REPLAC
         echo "require $module $version"
         echo
         # a replace by a relative path (Traefik's own submodule) points into the unpacked module
-        awk '/^replace \($/ {block=1; next} block {if ($0 == ")") block=0; else if ($1 !~ /^(\/\/|$)/) print "replace " $0; next}
+        awk '/^replace \($/ {block=1; next}
+             block {if ($0 == ")") block=0; else if ($1 !~ /^(\/\/|$)/) print "replace " $0; next}
              /^replace / {print}' "$src/go.mod" | sed -E "s#^replace[[:space:]]+#replace #; s#=> \./#=> $src/#" \
             | grep -v -E "^replace ($(for pair in ${6:-}; do printf '%s|' "${pair%%=*}"; done)^)[[:space:]]" || true
         for pair in ${6:-}; do echo "replace ${pair%%=*} => $(echo "${pair#*=}" | tr @ ' ')"; done

@@ -55,9 +55,10 @@ run_step "registry-$REGISTRY_VERSION" build_install "registry-$REGISTRY_VERSION"
 run_step "kserve-agent-$KSERVE_VERSION" build_wrapped "kserve-agent-$KSERVE_VERSION" \
     github.com/kserve/kserve "$KSERVE_VERSION" github.com/kserve/kserve/cmd/agent
 
-# Traefik's own dynamic/ext module is not in its zip (a nested module). Its ACME DNS-challenge providers (lego) need 14 modules the proxy here refuses, and its basic-auth fork's
-# newest commit is refused too: the wrapper takes lego with its provider registry emptied (a cluster on kind gets
-# no ACME certificates) and the fork's previous commit, whose API Traefik's middlewares use unchanged.
+# Traefik's own dynamic/ext module is not in its zip (a nested module). Its ACME DNS-challenge providers (lego) need
+# 14 modules the proxy here refuses, and its basic-auth fork's newest commit is refused too: the wrapper takes lego
+# with its provider registry emptied (a cluster on kind gets no ACME certificates) and the fork's previous commit,
+# whose API Traefik's middlewares use unchanged.
 lego_without_dns_providers() {  # -> the path of a copy of lego whose providers/dns registers no provider
     local src copy="$OUT/src/lego-$LEGO_VERSION-no-dns-providers"
     if [ ! -f "$copy/.ready" ]; then
@@ -101,14 +102,15 @@ GO
 }
 build_traefik() {
     build_wrapped "traefik-$TRAEFIK_VERSION" github.com/traefik/traefik/v3 "$TRAEFIK_VERSION" \
-        github.com/traefik/traefik/v3/cmd/traefik "-X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION" \
+        github.com/traefik/traefik/v3/cmd/traefik \
+        "-X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION" \
         "github.com/traefik/traefik/dynamic/ext=$(traefik_dynamic_ext)
          github.com/go-acme/lego/v5=$(lego_without_dns_providers)
          github.com/abbot/go-http-auth=github.com/containous/go-http-auth@$GO_HTTP_AUTH_VERSION"
 }
 run_step "traefik-$TRAEFIK_VERSION" build_traefik
-# module v0.X.Y is Prometheus 3.X.Y; its web UI is not in the module (built with npm): the API and /metrics serve
-prometheus_release="3.$(echo "$PROMETHEUS_VERSION" | cut -d. -f2 | sed 's/^3//').$(echo "$PROMETHEUS_VERSION" | cut -d. -f3)"
+# module v0.3XX.Y is Prometheus 3.XX.Y; its web UI is not in the module (built with npm): the API and /metrics serve
+prometheus_release="3.${PROMETHEUS_VERSION#v0.3}"
 run_step "prometheus-$PROMETHEUS_VERSION" build_install "prometheus-$PROMETHEUS_VERSION" \
     "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_VERSION" \
     "-s -w -X github.com/prometheus/common/version.Version=$prometheus_release" prometheus
